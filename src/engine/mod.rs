@@ -1,0 +1,1 @@
+//! The only bollard code (to be written).

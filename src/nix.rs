@@ -1,0 +1,1 @@
+//! nix (to be written).

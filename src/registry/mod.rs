@@ -1,0 +1,1 @@
+//! The only oci-client code (to be written).

@@ -1,0 +1,208 @@
+//! Settings resolved once: command-line flags win over the environment, which wins over
+//! `nixctr.toml` at the project root, which wins over the defaults. The rest of the program
+//! reads only [`Settings`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use crate::cli::{Cli, PullPolicy};
+
+pub const DEFAULT_NIX_IMAGE: &str = "nixos/nix:2.33.3";
+pub const DEFAULT_TAG_TEMPLATE: &str = "v{version}-{sha}-nix";
+pub const CONFIG_FILE: &str = "nixctr.toml";
+
+/// `nixctr.toml`. Unknown keys are errors, so a typo never silently does nothing.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub nix_image: Option<String>,
+    pub nixpkgs: Option<String>,
+    pub engine: Option<String>,
+    pub pull: Option<PullPolicy>,
+    pub registry: Option<String>,
+    pub namespace: Option<String>,
+    pub tag: Option<String>,
+    /// Registries reached over plain http (host or host:port).
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
+    /// Container name -> nixpkgs attribute, for `nixctr version`.
+    #[serde(default)]
+    pub packages: BTreeMap<String, String>,
+}
+
+/// Where nixpkgs comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Nixpkgs {
+    /// A flake reference, resolved inside the container (`nixpkgs`, `github:NixOS/nixpkgs/…`).
+    Flake(String),
+    /// A directory on this machine, uploaded with the project.
+    Local(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The project root, when one was found (push needs none).
+    pub root: Option<PathBuf>,
+    /// An explicit engine address; `None` means probe the usual places.
+    pub engine: Option<String>,
+    pub nix_image: String,
+    pub pull: PullPolicy,
+    pub nixpkgs: Nixpkgs,
+    pub no_cache: bool,
+    pub quiet: bool,
+    pub verbose: bool,
+    pub registry: Option<String>,
+    pub namespace: Option<String>,
+    pub tag_template: String,
+    pub insecure_registries: Vec<String>,
+    pub packages: BTreeMap<String, String>,
+}
+
+impl Settings {
+    pub fn resolve(cli: &Cli) -> Result<Settings> {
+        let root = match &cli.directory {
+            Some(dir) => {
+                if !dir.is_dir() {
+                    bail!(
+                        "-C {}: not a directory (pass the project root, the folder holding containers/)",
+                        dir.display()
+                    );
+                }
+                Some(dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?)
+            }
+            None => find_root(&std::env::current_dir().context("cannot read the working directory")?),
+        };
+        let file = match &root {
+            Some(root) => load_config(&root.join(CONFIG_FILE))?,
+            None => FileConfig::default(),
+        };
+        let nixpkgs = match cli.nixpkgs.clone().or(file.nixpkgs.clone()) {
+            None => Nixpkgs::Flake("nixpkgs".to_string()),
+            // A directory given in nixctr.toml is relative to the project root, on the
+            // command line relative to the working directory.
+            Some(value) => {
+                let base = if cli.nixpkgs.is_some() { None } else { root.as_deref() };
+                parse_nixpkgs(&value, base)?
+            }
+        };
+        let engine = cli
+            .engine
+            .clone()
+            .or_else(|| non_empty_env("DOCKER_HOST"))
+            .or_else(|| non_empty_env("CONTAINER_HOST"))
+            .or(file.engine);
+        Ok(Settings {
+            root,
+            engine,
+            nix_image: cli.nix_image.clone().or(file.nix_image).unwrap_or_else(|| DEFAULT_NIX_IMAGE.to_string()),
+            pull: cli.pull.or(file.pull).unwrap_or(PullPolicy::Missing),
+            nixpkgs,
+            no_cache: cli.no_cache,
+            quiet: cli.quiet,
+            verbose: cli.verbose,
+            registry: file.registry,
+            namespace: file.namespace,
+            tag_template: file.tag.unwrap_or_else(|| DEFAULT_TAG_TEMPLATE.to_string()),
+            insecure_registries: file.insecure_registries,
+            packages: file.packages,
+        })
+    }
+
+    /// The project root, or an error that says how to name one.
+    pub fn project_root(&self) -> Result<&Path> {
+        match &self.root {
+            Some(root) => Ok(root),
+            None => bail!(
+                "no project found: no {CONFIG_FILE} or .git in the working directory or its parents (pass -C DIR)"
+            ),
+        }
+    }
+}
+
+fn non_empty_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// The nearest ancestor of `start` holding `nixctr.toml` or `.git`.
+pub fn find_root(start: &Path) -> Option<PathBuf> {
+    start
+        .ancestors()
+        .find(|dir| dir.join(CONFIG_FILE).is_file() || dir.join(".git").exists())
+        .map(Path::to_path_buf)
+}
+
+pub fn load_config(path: &Path) -> Result<FileConfig> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(FileConfig::default()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    parse_config(&text).map_err(|e| anyhow::anyhow!("{}:{e}", path.display()))
+}
+
+/// Parses `nixctr.toml` text; the error names the line and column.
+pub fn parse_config(text: &str) -> std::result::Result<FileConfig, String> {
+    toml::from_str(text).map_err(|e| {
+        let (line, col) = e
+            .span()
+            .map(|span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                (line, col)
+            })
+            .unwrap_or((1, 1));
+        format!("{line}:{col}: {}", e.message())
+    })
+}
+
+/// A value that names an existing directory (or starts with `/`, `./`, `../`) is a local
+/// nixpkgs; anything else is a flake reference.
+pub fn parse_nixpkgs(value: &str, base: Option<&Path>) -> Result<Nixpkgs> {
+    let looks_local = value.starts_with('/') || value.starts_with("./") || value.starts_with("../") || value == ".";
+    let path = match base {
+        Some(base) => base.join(value),
+        None => PathBuf::from(value),
+    };
+    if path.is_dir() {
+        let path = path.canonicalize().with_context(|| format!("cannot resolve nixpkgs directory {}", path.display()))?;
+        return Ok(Nixpkgs::Local(path));
+    }
+    if looks_local {
+        bail!("nixpkgs {value:?}: no such directory (give a flake reference or an existing directory)");
+    }
+    Ok(Nixpkgs::Flake(value.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let err = parse_config("nix-image = \"x\"\nregistyr = \"r\"\n").unwrap_err();
+        assert!(err.starts_with("2:1:"), "{err}");
+        assert!(err.contains("registyr"), "{err}");
+    }
+
+    #[test]
+    fn packages_table_parses() {
+        let cfg = parse_config("[packages]\nntfy = \"ntfy-sh\"\n").unwrap();
+        assert_eq!(cfg.packages["ntfy"], "ntfy-sh");
+    }
+
+    #[test]
+    fn malformed_value_is_an_error() {
+        let err = parse_config("pull = \"sometimes\"\n").unwrap_err();
+        assert!(err.starts_with("1:"), "{err}");
+    }
+
+    #[test]
+    fn flake_refs_stay_refs() {
+        assert_eq!(parse_nixpkgs("github:NixOS/nixpkgs/nixos-24.11", None).unwrap(), Nixpkgs::Flake("github:NixOS/nixpkgs/nixos-24.11".into()));
+        assert!(parse_nixpkgs("./no/such/dir", None).is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! version_sources (to be written).
