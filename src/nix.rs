@@ -1,1 +1,256 @@
-//! nix (to be written).
+//! What runs inside the nix container: starting it with the store volume and the uploaded
+//! sources, resolving nixpkgs as the CI this replaces did (`nix flake metadata`, then
+//! `NIX_PATH=nixpkgs=<its store path>`), `nix-build`, and evaluating package versions.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::context::{self, Source};
+use crate::engine::{ContainerGuard, ContainerSpec, Engine, OutputMode};
+use crate::progress::Progress;
+use crate::settings::{Nixpkgs, Settings};
+
+/// Where the project lands in the container.
+pub const WORKSPACE: &str = "/workspace";
+/// Where a local nixpkgs directory lands.
+pub const NIXPKGS_DIR: &str = "/nixctr/nixpkgs";
+/// nix's download cache lives in the store volume, so a warm build fetches nothing.
+const CACHE_HOME: &str = "/nix/var/nixctr/cache";
+
+/// The stock image enables neither; every nix call gets them.
+fn nix_cmd(args: &[&str]) -> Vec<String> {
+    let mut cmd = vec!["nix".to_string(), "--extra-experimental-features".to_string(), "nix-command flakes".to_string()];
+    cmd.extend(args.iter().map(|s| s.to_string()));
+    cmd
+}
+
+/// nixpkgs after resolution: the reference asked for and the store path it became.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResolvedNixpkgs {
+    #[serde(rename = "ref")]
+    pub reference: String,
+    pub path: String,
+}
+
+/// A running nix container.
+pub struct NixContainer {
+    guard: ContainerGuard,
+    pub nixpkgs: ResolvedNixpkgs,
+    progress: Progress,
+}
+
+/// What to put in the container besides nix.
+pub struct Inputs<'a> {
+    /// The project root, uploaded to /workspace (builds need it; version lookups do not).
+    pub project: Option<&'a std::path::Path>,
+    pub role: &'static str,
+}
+
+impl NixContainer {
+    /// Pulls the image if needed, starts the container on the store volume, uploads the
+    /// inputs and resolves nixpkgs.
+    pub async fn start(engine: &Engine, settings: &Settings, inputs: Inputs<'_>, progress: &Progress) -> Result<NixContainer> {
+        let image_id = engine.ensure_image(&settings.nix_image, settings.pull, progress).await?;
+        let mut volumes = Vec::new();
+        let mut env = Vec::new();
+        if !settings.no_cache {
+            let volume = engine.store_volume(&image_id).await?;
+            progress.debug(format!("nix store: volume {volume}"));
+            volumes.push((volume, "/nix".to_string()));
+            env.push(format!("XDG_CACHE_HOME={CACHE_HOME}"));
+        }
+        let spec = ContainerSpec { image: settings.nix_image.clone(), role: inputs.role, volumes, env };
+        let guard = ContainerGuard::start(engine, spec).await?;
+
+        let mut sources = Vec::new();
+        if let Some(project) = inputs.project {
+            sources.push(Source { dir: project.to_path_buf(), prefix: WORKSPACE.trim_start_matches('/').to_string() });
+        }
+        // (what nix resolves, what the user is shown)
+        let (reference, shown) = match &settings.nixpkgs {
+            Nixpkgs::Flake(reference) => (reference.clone(), reference.clone()),
+            Nixpkgs::Local(dir) => {
+                sources.push(Source { dir: dir.clone(), prefix: NIXPKGS_DIR.trim_start_matches('/').to_string() });
+                (format!("path:{NIXPKGS_DIR}"), dir.display().to_string())
+            }
+        };
+        if !sources.is_empty() {
+            let started = std::time::Instant::now();
+            let (body, walk) = context::tar_stream(sources);
+            let sent = guard.upload(body).await;
+            let stats = walk.await.map_err(|e| anyhow!("the upload thread failed: {e}"))?.context("cannot send the project")?;
+            sent?;
+            progress.debug(format!(
+                "context: {} files, {} bytes in {:.2}s",
+                stats.files,
+                stats.bytes,
+                started.elapsed().as_secs_f64()
+            ));
+        }
+        let path = resolve_nixpkgs(&guard, &reference, &shown, progress).await?;
+        let nixpkgs = ResolvedNixpkgs { reference: shown, path };
+        Ok(NixContainer { guard, nixpkgs, progress: progress.clone() })
+    }
+
+    fn env(&self) -> Vec<String> {
+        vec![format!("NIX_PATH=nixpkgs={}", self.nixpkgs.path)]
+    }
+
+    /// `nix-build containers/NAME/default.nix`; nix's log goes to stderr live. Returns the
+    /// output's store path (a real path: `--no-out-link` prints it, not the `result` link).
+    pub async fn build(&self, name: &str) -> Result<String> {
+        let file = format!("containers/{name}/default.nix");
+        self.progress.info(format!("building {file}"));
+        let mut cmd = vec!["nix-build".to_string(), "--extra-experimental-features".to_string(), "nix-command flakes".to_string()];
+        cmd.extend([file.clone(), "--no-out-link".to_string()]);
+        let mode = if self.progress.quiet() { OutputMode::Captured } else { OutputMode::Live };
+        let out = self.guard.exec(&cmd, &self.env(), Some(WORKSPACE), mode).await?;
+        if out.exit_code != 0 {
+            bail!("nix-build {file} failed (exit code {}):\n{}", out.exit_code, error_excerpt(&out.stderr_tail));
+        }
+        out.stdout
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| l.starts_with("/nix/store/"))
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("nix-build {file} succeeded but printed no store path"))
+    }
+
+    /// The `version` of each nixpkgs attribute, in one evaluation.
+    pub async fn versions(&self, attrs: &[String]) -> Result<Vec<AttrVersion>> {
+        let expr = versions_expr(&self.nixpkgs.path, attrs)?;
+        let cmd = nix_cmd(&["eval", "--impure", "--json", "--expr", &expr]);
+        let out = self.guard.exec(&cmd, &[], None, OutputMode::Captured).await?;
+        if out.exit_code != 0 {
+            bail!("nix eval failed (exit code {}):\n{}", out.exit_code, error_excerpt(&out.stderr_tail));
+        }
+        let found: Vec<AttrVersion> =
+            serde_json::from_str(out.stdout.trim()).with_context(|| format!("nix eval printed something unexpected: {:?}", out.stdout))?;
+        if found.len() != attrs.len() {
+            bail!("nix eval answered {} values for {} names", found.len(), attrs.len());
+        }
+        Ok(found)
+    }
+
+    /// Copies a store path's file out of the container.
+    pub async fn copy_out<W: tokio::io::AsyncWrite + Unpin>(&self, store_path: &str, dest: &mut W) -> Result<u64> {
+        self.guard.copy_file_out(store_path, dest).await
+    }
+
+    /// Removes the container.
+    pub async fn finish(self) -> Result<()> {
+        self.guard.remove().await
+    }
+}
+
+/// The store path nixpkgs `reference` resolves to (`shown` is what the user named).
+async fn resolve_nixpkgs(guard: &ContainerGuard, reference: &str, shown: &str, progress: &Progress) -> Result<String> {
+    progress.debug(format!("resolving nixpkgs {shown}"));
+    let cmd = nix_cmd(&["flake", "metadata", reference, "--json"]);
+    let out = guard.exec(&cmd, &[], None, OutputMode::Captured).await?;
+    if out.exit_code != 0 {
+        bail!(
+            "cannot resolve nixpkgs {shown:?} (nix flake metadata exit code {}):\n{}\n  \
+             offline? point --nixpkgs (or `nixpkgs` in nixctr.toml) at a local nixpkgs directory",
+            out.exit_code,
+            error_excerpt(&out.stderr_tail)
+        );
+    }
+    let path = parse_flake_path(&out.stdout).with_context(|| format!("cannot read nix flake metadata for {shown:?}"))?;
+    progress.debug(format!("nixpkgs: {path}"));
+    Ok(path)
+}
+
+#[derive(Deserialize)]
+struct FlakeMetadata {
+    path: String,
+}
+
+/// The store path in `nix flake metadata --json` output.
+pub fn parse_flake_path(json: &str) -> Result<String> {
+    let meta: FlakeMetadata = serde_json::from_str(json.trim())?;
+    if !meta.path.starts_with("/nix/store/") {
+        bail!("path {:?} is not in /nix/store", meta.path);
+    }
+    Ok(meta.path)
+}
+
+/// One attribute's answer: whether nixpkgs has it, and its version if it is a string.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct AttrVersion {
+    pub exists: bool,
+    pub version: Option<String>,
+}
+
+/// A nix expression giving `[{exists, version}]` for each attribute path, evaluated against
+/// the flake's `legacyPackages` (what `nix eval nixpkgs#PKG.version` reads), or its
+/// `default.nix` for a flake without them.
+pub fn versions_expr(nixpkgs_path: &str, attrs: &[String]) -> Result<String> {
+    let mut items = String::new();
+    for attr in attrs {
+        let selector = attr_selector(attr)?;
+        items.push_str(&format!(
+            "(let r = builtins.tryEval (let v = pkgs.{selector}.version or null; in if builtins.isString v then v else null); \
+             in {{ exists = pkgs ? {selector}; version = if r.success then r.value else null; }}) "
+        ));
+    }
+    Ok(format!(
+        "let flake = builtins.getFlake \"path:{nixpkgs_path}\"; \
+         pkgs = if flake ? legacyPackages then flake.legacyPackages.${{builtins.currentSystem}} else import flake.outPath {{ }}; \
+         in [ {items}]"
+    ))
+}
+
+/// `python3Packages.requests` -> `"python3Packages"."requests"`; refuses what cannot be an
+/// attribute path, so nothing the user typed becomes nix code.
+fn attr_selector(attr: &str) -> Result<String> {
+    let ok = !attr.is_empty()
+        && attr.split('.').all(|part| {
+            !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '\'' | '+'))
+        });
+    if !ok {
+        bail!("{attr:?} is not a nixpkgs attribute name (letters, digits, _ - ' + and dots)");
+    }
+    Ok(attr.split('.').map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join("."))
+}
+
+/// The part of nix's stderr worth repeating in an error: from the last `error:` line on,
+/// else the last lines.
+pub fn error_excerpt(tail: &[String]) -> String {
+    let start = tail.iter().rposition(|l| l.trim_start().starts_with("error:")).unwrap_or(0);
+    let lines: Vec<&str> = tail[start..].iter().map(String::as_str).filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return "    (nix printed nothing on stderr)".to_string();
+    }
+    lines.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flake_metadata_path_is_read() {
+        let json = r#"{"description":"x","lastModified":1,"locked":{"path":"/nixctr/nixpkgs","type":"path"},"path":"/nix/store/abc-source","url":"path:/nixctr/nixpkgs"}"#;
+        assert_eq!(parse_flake_path(json).unwrap(), "/nix/store/abc-source");
+        assert!(parse_flake_path(r#"{"path":"/tmp/x"}"#).is_err());
+        assert!(parse_flake_path("not json").is_err());
+    }
+
+    #[test]
+    fn attribute_names_are_quoted_and_checked() {
+        assert_eq!(attr_selector("ntfy-sh").unwrap(), "\"ntfy-sh\"");
+        assert_eq!(attr_selector("python3Packages.requests").unwrap(), "\"python3Packages\".\"requests\"");
+        assert!(attr_selector("a\"; builtins.exec").is_err());
+        assert!(attr_selector("a..b").is_err());
+        assert!(attr_selector("${x}").is_err());
+    }
+
+    #[test]
+    fn excerpt_starts_at_the_last_error() {
+        let tail: Vec<String> = ["building", "error: first", "more", "error: builder failed", "  detail"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(error_excerpt(&tail), "    error: builder failed\n      detail");
+        assert_eq!(error_excerpt(&[]), "    (nix printed nothing on stderr)");
+    }
+}

@@ -1,3 +1,45 @@
-//! `nixctr cache`.
-use crate::{cli::CacheCommand, settings::Settings};
-pub async fn run(_settings: &Settings, _args: CacheCommand) -> anyhow::Result<()> { anyhow::bail!("not yet") }
+//! `nixctr cache ls|rm`: the nix store volumes, one per nix image. nixctr never prunes them
+//! on its own.
+
+use anyhow::{anyhow, bail, Result};
+
+use crate::cli::CacheCommand;
+use crate::engine::Engine;
+use crate::progress::Progress;
+use crate::settings::Settings;
+
+pub async fn run(settings: &Settings, command: CacheCommand) -> Result<()> {
+    let progress = Progress::new(settings.quiet, settings.verbose);
+    let engine = Engine::connect(settings.engine.as_deref(), &progress).await?;
+    let volumes = engine.store_volumes().await?;
+    match command {
+        CacheCommand::Ls => {
+            for (name, image) in &volumes {
+                println!("{name}\t{image}");
+            }
+        }
+        CacheCommand::Rm { all } => {
+            let doomed: Vec<&String> = if all {
+                volumes.iter().map(|(name, _)| name).collect()
+            } else {
+                let id = image_id(&engine, &settings.nix_image).await?;
+                volumes.iter().filter(|(_, image)| *image == id).map(|(name, _)| name).collect()
+            };
+            if doomed.is_empty() && !all {
+                bail!("no store volume for {} (see `nixctr cache ls`; --all removes every one)", settings.nix_image);
+            }
+            for name in doomed {
+                engine.remove_volume(name).await?;
+                println!("{name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn image_id(engine: &Engine, image: &str) -> Result<String> {
+    engine
+        .image_id(image)
+        .await?
+        .ok_or_else(|| anyhow!("image {image} is not in the engine, so its store volume is unknown (use --all, or name it in `nixctr cache ls`)"))
+}

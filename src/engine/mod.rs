@@ -1,1 +1,392 @@
-//! The only bollard code (to be written).
+//! The engine: the only module that talks to Docker or Podman (through bollard).
+//!
+//! It finds an engine that answers, negotiates the API version (Docker 20.10's 1.41 up to
+//! current, Podman's Docker-compatible service), pulls images, manages the nix store volumes,
+//! loads archives, and owns every container nixctr creates through [`ContainerGuard`].
+//! Everything nixctr creates carries the label [`LABEL`], so `nixctr gc` can find leftovers.
+
+mod container;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use bollard::query_parameters::{
+    CreateImageOptionsBuilder, ImportImageOptionsBuilder, ListContainersOptionsBuilder,
+    ListVolumesOptionsBuilder, RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder,
+};
+use bollard::Docker;
+use futures::StreamExt;
+
+pub use container::{ContainerGuard, ContainerSpec, ExecOutput, OutputMode};
+
+use crate::cli::PullPolicy;
+use crate::progress::Progress;
+
+/// The label on everything nixctr creates.
+pub const LABEL: &str = "dev.nixctr";
+/// The label naming what a store volume belongs to (the nix image's ID).
+pub const LABEL_IMAGE: &str = "dev.nixctr.image";
+/// The label saying what a resource is for (`store`, `build`, `version`).
+pub const LABEL_ROLE: &str = "dev.nixctr.role";
+
+/// Long: a cold nix build streams its log through one request for many minutes.
+const REQUEST_TIMEOUT_SECS: u64 = 24 * 3600;
+const PING_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    Docker,
+    Podman,
+}
+
+/// A connected engine.
+#[derive(Clone)]
+pub struct Engine {
+    docker: Docker,
+    /// The address it was reached at (`unix:///var/run/docker.sock`), to reconnect from a
+    /// cleanup thread that has no runtime of its own.
+    address: String,
+    flavor: Flavor,
+    api_version: String,
+}
+
+impl Engine {
+    /// Connects to `explicit` when given (flag, `DOCKER_HOST`, `CONTAINER_HOST`, nixctr.toml),
+    /// else to the first of the usual sockets that answers.
+    pub async fn connect(explicit: Option<&str>, progress: &Progress) -> Result<Engine> {
+        let candidates = match explicit {
+            Some(address) => vec![address.to_string()],
+            None => default_candidates(),
+        };
+        let mut tried = Vec::new();
+        for address in &candidates {
+            match Self::connect_to(address).await {
+                Ok(engine) => {
+                    progress.debug(format!(
+                        "engine: {} at {} (API {})",
+                        engine.flavor_name(),
+                        address,
+                        engine.api_version
+                    ));
+                    return Ok(engine);
+                }
+                Err(e) => tried.push(format!("{address} ({})", first_line(&format!("{e:#}")))),
+            }
+        }
+        bail!(
+            "no Docker or Podman engine answered; tried:\n    {}\n  start one (Docker: `sudo systemctl start docker` or `dockerd &`; \
+             Podman: `podman system service --time=0 unix:///run/podman/podman.sock &`), \
+             or name it with --engine URL or DOCKER_HOST",
+            tried.join("\n    ")
+        )
+    }
+
+    /// Connects to one address and checks that it answers.
+    pub async fn connect_to(address: &str) -> Result<Engine> {
+        let docker = client_for(address)?;
+        tokio::time::timeout(PING_TIMEOUT, docker.ping())
+            .await
+            .map_err(|_| anyhow!("no answer within {}s", PING_TIMEOUT.as_secs()))?
+            .map_err(|e| anyhow!("{}", engine_error_text(&e)))?;
+        let docker = docker.negotiate_version().await.context("cannot negotiate the API version")?;
+        let version = docker.version().await.context("cannot read the engine's version")?;
+        let is_podman = version
+            .components
+            .iter()
+            .flatten()
+            .any(|c| c.name.to_ascii_lowercase().contains("podman"));
+        let api_version = docker.client_version().to_string();
+        Ok(Engine {
+            docker,
+            address: address.to_string(),
+            flavor: if is_podman { Flavor::Podman } else { Flavor::Docker },
+            api_version,
+        })
+    }
+
+    pub fn flavor(&self) -> Flavor {
+        self.flavor
+    }
+
+    pub fn flavor_name(&self) -> &'static str {
+        match self.flavor {
+            Flavor::Docker => "Docker",
+            Flavor::Podman => "Podman",
+        }
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    pub(crate) fn client(&self) -> &Docker {
+        &self.docker
+    }
+
+    /// The ID of `image` if the engine has it.
+    pub async fn image_id(&self, image: &str) -> Result<Option<String>> {
+        match self.docker.inspect_image(image).await {
+            Ok(info) => Ok(info.id),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(anyhow!("{}", engine_error_text(&e))).context(format!("cannot inspect image {image:?}")),
+        }
+    }
+
+    /// Makes sure `image` is present according to `policy`, and returns its ID.
+    pub async fn ensure_image(&self, image: &str, policy: PullPolicy, progress: &Progress) -> Result<String> {
+        let present = self.image_id(image).await?;
+        match (policy, present) {
+            (PullPolicy::Never, None) => bail!(
+                "image {image:?} is not in the engine and --pull never forbids pulling it \
+                 (pull it, or drop --pull never)"
+            ),
+            (PullPolicy::Missing | PullPolicy::Never, Some(id)) => return Ok(id),
+            _ => {}
+        }
+        self.pull(image, progress).await?;
+        let info = self.docker.inspect_image(image).await.with_context(|| format!("cannot inspect image {image:?} after pulling it"))?;
+        info.id.ok_or_else(|| anyhow!("the engine reports no ID for image {image:?}"))
+    }
+
+    async fn pull(&self, image: &str, progress: &Progress) -> Result<()> {
+        let (name, tag) = split_image_tag(image);
+        progress.info(format!("pulling {image}"));
+        let options = CreateImageOptionsBuilder::default().from_image(name).tag(tag).build();
+        let mut stream = self.docker.create_image(Some(options), None, None);
+        let bar = progress.bar("pull", None);
+        let mut layers: HashMap<String, (i64, i64)> = HashMap::new();
+        let result: Result<()> = async {
+            while let Some(item) = stream.next().await {
+                let info = item.map_err(|e| anyhow!("{}", engine_error_text(&e)))?;
+                if let (Some(id), Some(detail)) = (&info.id, &info.progress_detail) {
+                    if let (Some(cur), Some(total)) = (detail.current, detail.total) {
+                        layers.insert(id.clone(), (cur, total));
+                        bar.set_position(layers.values().map(|(c, _)| *c as u64).sum());
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        bar.finish_and_clear();
+        result.with_context(|| {
+            format!(
+                "cannot pull image {image:?} (offline, or no such tag?): name another with --nix-image, \
+                 or use one already in the engine with --pull never"
+            )
+        })
+    }
+
+    /// Creates the store volume for `image_id` if it is missing, and returns its name.
+    /// The volume is tied to the image: a store made from another image would hide this
+    /// image's own nix.
+    pub async fn store_volume(&self, image_id: &str) -> Result<String> {
+        let short: String = image_id.trim_start_matches("sha256:").chars().take(12).collect();
+        let name = format!("nixctr-store-{short}");
+        let labels = HashMap::from([
+            (LABEL.to_string(), "true".to_string()),
+            (LABEL_ROLE.to_string(), "store".to_string()),
+            (LABEL_IMAGE.to_string(), image_id.to_string()),
+        ]);
+        let request = bollard::models::VolumeCreateRequest {
+            name: Some(name.clone()),
+            labels: Some(labels),
+            ..Default::default()
+        };
+        match self.docker.inspect_volume(&name).await {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {
+                // Creating a volume that a concurrent run just created returns it (Docker) or
+                // fails with a conflict (Podman): both mean it exists now.
+                if let Err(e) = self.docker.create_volume(request).await {
+                    if !is_conflict(&e) {
+                        return Err(anyhow!("{}", engine_error_text(&e))).context(format!("cannot create volume {name}"));
+                    }
+                }
+            }
+            Err(e) => return Err(anyhow!("{}", engine_error_text(&e))).context(format!("cannot inspect volume {name}")),
+        }
+        Ok(name)
+    }
+
+    /// The store volumes: (name, image ID it belongs to).
+    pub async fn store_volumes(&self) -> Result<Vec<(String, String)>> {
+        let filters = HashMap::from([("label", vec![format!("{LABEL_ROLE}=store")])]);
+        let options = ListVolumesOptionsBuilder::default().filters(&filters).build();
+        let list = self
+            .docker
+            .list_volumes(Some(options))
+            .await
+            .map_err(|e| anyhow!("{}", engine_error_text(&e)))
+            .context("cannot list volumes")?;
+        let mut volumes: Vec<(String, String)> = list
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| {
+                let image = v.labels.get(LABEL_IMAGE).cloned().unwrap_or_default();
+                (v.name, image)
+            })
+            .collect();
+        volumes.sort();
+        Ok(volumes)
+    }
+
+    pub async fn remove_volume(&self, name: &str) -> Result<()> {
+        let options = RemoveVolumeOptionsBuilder::default().force(true).build();
+        self.docker
+            .remove_volume(name, Some(options))
+            .await
+            .map_err(|e| anyhow!("{}", engine_error_text(&e)))
+            .with_context(|| format!("cannot remove volume {name} (is a nixctr run using it?)"))
+    }
+
+    /// IDs of the containers labelled [`LABEL`], running or not.
+    pub async fn labelled_containers(&self) -> Result<Vec<String>> {
+        let filters = HashMap::from([("label", vec![LABEL.to_string()])]);
+        let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
+        let list = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| anyhow!("{}", engine_error_text(&e)))
+            .context("cannot list containers")?;
+        Ok(list.into_iter().filter_map(|c| c.id).collect())
+    }
+
+    pub async fn remove_container(&self, id: &str) -> Result<()> {
+        let options = RemoveContainerOptionsBuilder::default().force(true).v(true).build();
+        match self.docker.remove_container(id, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(anyhow!("{}", engine_error_text(&e))).with_context(|| format!("cannot remove container {id}")),
+        }
+    }
+
+    /// Loads a docker-archive (plain or gzip) into the engine, streaming the file, and
+    /// returns the names of the images it loaded.
+    pub async fn load_archive(&self, path: &Path) -> Result<Vec<String>> {
+        let file = tokio::fs::File::open(path).await.with_context(|| format!("cannot open {}", path.display()))?;
+        let body = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
+        let options = ImportImageOptionsBuilder::default().quiet(true).build();
+        let mut stream = self.docker.import_image_stream(options, body, None);
+        let mut loaded = Vec::new();
+        while let Some(item) = stream.next().await {
+            let info = item.map_err(|e| anyhow!("{}", engine_error_text(&e))).with_context(|| format!("cannot load {} into the engine", path.display()))?;
+            // Docker says "Loaded image: NAME" (or "Loaded image ID: …"); Podman says
+            // "Loaded image: NAME" or "Loaded image(s): NAME,…".
+            for text in [info.stream.as_deref(), info.status.as_deref()].into_iter().flatten() {
+                for line in text.lines() {
+                    if let Some((_, names)) = line.split_once(": ") {
+                        if line.starts_with("Loaded image") {
+                            loaded.extend(names.split(',').map(|n| n.trim().to_string()).filter(|n| !n.is_empty()));
+                        }
+                    }
+                }
+            }
+        }
+        if loaded.is_empty() {
+            bail!("the engine loaded {} but named no image", path.display());
+        }
+        Ok(loaded)
+    }
+}
+
+/// The usual places an engine listens, in the order tried.
+pub fn default_candidates() -> Vec<String> {
+    let mut paths: Vec<PathBuf> = vec![PathBuf::from("/var/run/docker.sock")];
+    if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR") {
+        let runtime = PathBuf::from(runtime);
+        paths.push(runtime.join("docker.sock"));
+        paths.push(runtime.join("podman/podman.sock"));
+    }
+    paths.push(PathBuf::from("/run/podman/podman.sock"));
+    if let Some(home) = dirs::home_dir() {
+        paths.push(home.join(".docker/run/docker.sock"));
+        paths.push(home.join(".colima/default/docker.sock"));
+        paths.push(home.join(".colima/docker.sock"));
+        paths.push(home.join(".orbstack/run/docker.sock"));
+        paths.push(home.join(".rd/docker.sock"));
+    }
+    let mut seen = Vec::new();
+    for p in paths {
+        let url = format!("unix://{}", p.display());
+        if !seen.contains(&url) {
+            seen.push(url);
+        }
+    }
+    seen
+}
+
+fn client_for(address: &str) -> Result<Docker> {
+    let version = bollard::API_DEFAULT_VERSION;
+    if let Some(path) = address.strip_prefix("unix://") {
+        if !Path::new(path).exists() {
+            bail!("no socket there");
+        }
+        return Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECS, version).map_err(|e| anyhow!("{e}"));
+    }
+    if address.starts_with("tcp://") || address.starts_with("http://") {
+        return Docker::connect_with_http(address, REQUEST_TIMEOUT_SECS, version).map_err(|e| anyhow!("{e}"));
+    }
+    if address.starts_with('/') {
+        return client_for(&format!("unix://{address}"));
+    }
+    bail!("engine address {address:?} is not unix://PATH, tcp://HOST:PORT or http://HOST:PORT")
+}
+
+pub(crate) fn is_not_found(e: &bollard::errors::Error) -> bool {
+    matches!(e, bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })
+}
+
+fn is_conflict(e: &bollard::errors::Error) -> bool {
+    matches!(e, bollard::errors::Error::DockerResponseServerError { status_code: 409 | 500, message } if message.contains("exist"))
+}
+
+/// The engine's own message, without bollard's wrapping.
+pub(crate) fn engine_error_text(e: &bollard::errors::Error) -> String {
+    match e {
+        bollard::errors::Error::DockerResponseServerError { status_code, message } => {
+            format!("{} (HTTP {status_code})", message.trim())
+        }
+        bollard::errors::Error::DockerStreamError { error } => error.trim().to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+/// `registry:5000/a/b:tag` -> (`registry:5000/a/b`, `tag`); a digest or no tag -> `latest`
+/// only when neither is given.
+pub fn split_image_tag(image: &str) -> (&str, &str) {
+    if let Some((name, digest)) = image.split_once('@') {
+        return (name, digest);
+    }
+    match image.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => (name, tag),
+        _ => (image, "latest"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_tags_split_at_the_last_colon_after_the_last_slash() {
+        assert_eq!(split_image_tag("nixos/nix:2.33.3"), ("nixos/nix", "2.33.3"));
+        assert_eq!(split_image_tag("localhost:5000/nixos/nix"), ("localhost:5000/nixos/nix", "latest"));
+        assert_eq!(split_image_tag("localhost:5000/nix:1"), ("localhost:5000/nix", "1"));
+    }
+
+    #[test]
+    fn candidates_start_with_the_docker_socket_and_hold_podman() {
+        let c = default_candidates();
+        assert_eq!(c[0], "unix:///var/run/docker.sock");
+        assert!(c.iter().any(|a| a == "unix:///run/podman/podman.sock"));
+    }
+}

@@ -1,0 +1,327 @@
+//! [`ContainerGuard`]: the one value that owns a container nixctr created. Removing it is the
+//! guard's job: `remove()` on the normal path, `Drop` as the backstop for errors, panics and
+//! Ctrl-C (the interrupted command's future is dropped, and the guard with it).
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+
+use anyhow::{anyhow, Context, Result};
+use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, DownloadFromContainerOptionsBuilder, UploadToContainerOptionsBuilder,
+};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+
+use super::{engine_error_text, Engine, LABEL, LABEL_ROLE};
+
+/// What to run: the image, what the container is for, volumes to mount.
+pub struct ContainerSpec {
+    pub image: String,
+    /// `build` or `version`: shows in `docker ps` labels, for people and for `nixctr gc`.
+    pub role: &'static str,
+    /// (volume name, mount point)
+    pub volumes: Vec<(String, String)>,
+    pub env: Vec<String>,
+}
+
+/// What happens to an exec's stderr while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputMode {
+    /// Copied to our stderr as it comes (nix's build log).
+    Live,
+    /// Kept only (the tail is still returned).
+    Captured,
+}
+
+pub struct ExecOutput {
+    pub exit_code: i64,
+    pub stdout: String,
+    /// The last lines of stderr, for error messages.
+    pub stderr_tail: Vec<String>,
+}
+
+const STDERR_TAIL_LINES: usize = 25;
+
+pub struct ContainerGuard {
+    engine: Engine,
+    id: String,
+    removed: bool,
+}
+
+impl ContainerGuard {
+    /// Creates and starts a container that idles until removed; work runs in it through
+    /// exec. It is never privileged and runs as the image's own user.
+    pub async fn start(engine: &Engine, spec: ContainerSpec) -> Result<ContainerGuard> {
+        let labels = HashMap::from([
+            (LABEL.to_string(), "true".to_string()),
+            (LABEL_ROLE.to_string(), spec.role.to_string()),
+        ]);
+        let mounts = spec
+            .volumes
+            .iter()
+            .map(|(name, target)| Mount {
+                typ: Some(MountType::VOLUME),
+                source: Some(name.clone()),
+                target: Some(target.clone()),
+                ..Default::default()
+            })
+            .collect::<Vec<_>>();
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            entrypoint: Some(vec!["sleep".to_string()]),
+            cmd: Some(vec!["2147483647".to_string()]),
+            env: Some(spec.env.clone()),
+            labels: Some(labels),
+            // `sleep` as PID 1 ignores SIGTERM: stopping it any other way waits for a timeout.
+            stop_signal: Some("SIGKILL".to_string()),
+            network_disabled: None,
+            host_config: Some(HostConfig {
+                mounts: (!mounts.is_empty()).then_some(mounts),
+                privileged: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let name = format!("nixctr-{}-{}-{}", spec.role, std::process::id(), unique_suffix());
+        let options = CreateContainerOptionsBuilder::default().name(&name).build();
+        let created = engine
+            .client()
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| anyhow!("{}", engine_error_text(&e)))
+            .with_context(|| format!("cannot create a container from {}", spec.image))?;
+        let guard = ContainerGuard {
+            engine: engine.clone(),
+            id: created.id,
+            removed: false,
+        };
+        engine
+            .client()
+            .start_container(&guard.id, None::<bollard::query_parameters::StartContainerOptions>)
+            .await
+            .map_err(|e| anyhow!("{}", engine_error_text(&e)))
+            .with_context(|| format!("cannot start a container from {}", spec.image))?;
+        Ok(guard)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Streams a tar archive into the container, unpacked at `/`.
+    pub async fn upload<S>(&self, tar: S) -> Result<()>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    {
+        let options = UploadToContainerOptionsBuilder::default().path("/").build();
+        self.engine
+            .client()
+            .upload_to_container(&self.id, Some(options), bollard::body_try_stream(tar))
+            .await
+            .map_err(|e| anyhow!("{}", engine_error_text(&e)))
+            .context("cannot upload the project into the container")
+    }
+
+    /// A tar stream of `path` in the container. A symlink comes back as a symlink, so
+    /// callers pass resolved paths.
+    pub fn download(&self, path: &str) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+        let options = DownloadFromContainerOptionsBuilder::default().path(path).build();
+        let path = path.to_string();
+        self.engine
+            .client()
+            .download_from_container(&self.id, Some(options))
+            .map(move |chunk| {
+                chunk.map_err(|e| std::io::Error::other(format!("cannot copy {path} out of the container: {}", engine_error_text(&e))))
+            })
+    }
+
+    /// Copies one regular file out of the container into `dest`, streaming. The engine sends
+    /// a tar; this reads its headers itself so nothing waits on a blocking thread.
+    pub async fn copy_file_out<W>(&self, path: &str, dest: &mut W) -> Result<u64>
+    where
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut reader = tokio_util::io::StreamReader::new(Box::pin(self.download(path)));
+        let mut block = [0u8; 512];
+        loop {
+            reader.read_exact(&mut block).await.with_context(|| format!("cannot copy {path} out of the container"))?;
+            if block.iter().all(|&b| b == 0) {
+                anyhow::bail!("{path} in the container is not a file");
+            }
+            let header = tar::Header::from_byte_slice(&block);
+            let size = header.entry_size().with_context(|| format!("bad tar header copying {path}"))?;
+            match header.entry_type() {
+                tar::EntryType::Regular | tar::EntryType::Continuous => {
+                    let copied = tokio::io::copy(&mut (&mut reader).take(size), dest)
+                        .await
+                        .with_context(|| format!("cannot copy {path} out of the container"))?;
+                    if copied != size {
+                        anyhow::bail!("copying {path} out of the container stopped after {copied} of {size} bytes");
+                    }
+                    dest.flush().await?;
+                    return Ok(size);
+                }
+                // PAX and GNU long-name records describe the next entry: skip their data.
+                tar::EntryType::XHeader | tar::EntryType::XGlobalHeader | tar::EntryType::GNULongName | tar::EntryType::GNULongLink => {
+                    let padded = size.div_ceil(512) * 512;
+                    tokio::io::copy(&mut (&mut reader).take(padded), &mut tokio::io::sink()).await?;
+                }
+                other => anyhow::bail!("{path} in the container is not a regular file ({other:?})"),
+            }
+        }
+    }
+
+    /// Runs `cmd` in the container and waits for it. stdout is collected; stderr is shown
+    /// live or kept, per `mode`. The exit code comes from the engine, not from the end of
+    /// the output stream.
+    pub async fn exec(&self, cmd: &[String], env: &[String], workdir: Option<&str>, mode: OutputMode) -> Result<ExecOutput> {
+        let docker = self.engine.client();
+        let options = CreateExecOptions::<String> {
+            cmd: Some(cmd.to_vec()),
+            env: Some(env.to_vec()),
+            working_dir: workdir.map(str::to_string),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            ..Default::default()
+        };
+        let what = cmd.first().cloned().unwrap_or_default();
+        let created = docker
+            .create_exec(&self.id, options)
+            .await
+            .map_err(|e| anyhow!("{}", engine_error_text(&e)))
+            .with_context(|| format!("cannot run {what} in the container"))?;
+        let started = docker
+            .start_exec(&created.id, Some(StartExecOptions { detach: false, tty: false, output_capacity: None }))
+            .await
+            .map_err(|e| anyhow!("{}", engine_error_text(&e)))
+            .with_context(|| format!("cannot run {what} in the container"))?;
+        let mut stdout = Vec::new();
+        let mut tail = LineTail::new(STDERR_TAIL_LINES);
+        if let StartExecResults::Attached { mut output, .. } = started {
+            let mut err = std::io::stderr();
+            while let Some(item) = output.next().await {
+                let item = item.map_err(|e| anyhow!("{}", engine_error_text(&e))).with_context(|| format!("lost the output of {what}"))?;
+                match item {
+                    bollard::container::LogOutput::StdOut { message } => stdout.extend_from_slice(&message),
+                    bollard::container::LogOutput::StdErr { message } => {
+                        if mode == OutputMode::Live {
+                            let _ = err.write_all(&message);
+                        }
+                        tail.push(&message);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // The stream can end a moment before the engine records the exit code.
+        let mut delay = std::time::Duration::from_millis(5);
+        let exit_code = loop {
+            let info = docker
+                .inspect_exec(&created.id)
+                .await
+                .map_err(|e| anyhow!("{}", engine_error_text(&e)))
+                .with_context(|| format!("cannot read the exit code of {what}"))?;
+            match (info.running, info.exit_code) {
+                (Some(true), _) | (_, None) => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_millis(200));
+                }
+                (_, Some(code)) => break code,
+            }
+        };
+        Ok(ExecOutput {
+            exit_code,
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr_tail: tail.finish(),
+        })
+    }
+
+    /// Removes the container (killing what runs in it). Errors are reported: the caller
+    /// has finished its work and would rather know.
+    pub async fn remove(mut self) -> Result<()> {
+        self.removed = true;
+        self.engine.remove_container(&self.id).await
+    }
+}
+
+impl Drop for ContainerGuard {
+    fn drop(&mut self) {
+        if self.removed {
+            return;
+        }
+        // The runtime this guard was made on may be stopping (Ctrl-C), so the removal gets a
+        // thread and a connection of its own.
+        let address = self.engine.address().to_string();
+        let id = self.id.clone();
+        let cleanup = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            runtime.block_on(async {
+                if let Ok(engine) = Engine::connect_to(&address).await {
+                    if let Err(e) = engine.remove_container(&id).await {
+                        eprintln!("warning: {e:#} (`nixctr gc` removes it later)");
+                    }
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+fn unique_suffix() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    format!("{nanos:08x}")
+}
+
+/// The last `max` lines of a byte stream.
+struct LineTail {
+    max: usize,
+    lines: VecDeque<String>,
+    partial: Vec<u8>,
+}
+
+impl LineTail {
+    fn new(max: usize) -> LineTail {
+        LineTail { max, lines: VecDeque::new(), partial: Vec::new() }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if b == b'\n' {
+                let line = String::from_utf8_lossy(&self.partial).trim_end().to_string();
+                self.partial.clear();
+                self.lines.push_back(line);
+                if self.lines.len() > self.max {
+                    self.lines.pop_front();
+                }
+            } else {
+                self.partial.push(b);
+            }
+        }
+    }
+
+    fn finish(mut self) -> Vec<String> {
+        if !self.partial.is_empty() {
+            self.push(b"\n");
+        }
+        self.lines.into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_the_last_lines_across_chunks() {
+        let mut t = LineTail::new(2);
+        t.push(b"one\ntw");
+        t.push(b"o\nthree");
+        assert_eq!(t.finish(), vec!["two", "three"]);
+    }
+}
