@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "nixctr", version, about = "Build nix container images with only a Docker or Podman engine, and push them to OCI registries")]
+#[command(
+    name = "nixctr",
+    version,
+    about = "Build nix container images with only a Docker or Podman engine, and push them to OCI registries"
+)]
 pub struct Cli {
     /// Project root (default: nearest ancestor holding nixctr.toml or .git)
     #[arg(short = 'C', long = "directory", global = true, value_name = "DIR")]

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use futures::Stream;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// A directory on this machine and where it lands in the container (`workspace`).
@@ -23,28 +22,12 @@ pub struct Stats {
     pub bytes: u64,
 }
 
-const CHUNK: usize = 256 * 1024;
-/// Chunks in flight between the walker and the socket: bounds memory at ~2 MiB.
-const CHANNEL_DEPTH: usize = 8;
-
 /// Starts walking `sources` on a blocking thread and returns the tar stream, plus the walk's
 /// outcome: when the upload fails, the walk's error (if any) is the real cause.
-pub fn tar_stream(sources: Vec<Source>) -> (impl Stream<Item = std::io::Result<Bytes>> + Send + 'static, JoinHandle<Result<Stats>>) {
-    let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(CHANNEL_DEPTH);
-    let walker = tokio::task::spawn_blocking(move || {
-        let mut writer = ChannelWriter { tx: tx.clone(), buf: Vec::with_capacity(CHUNK) };
-        let result = write_tar(&sources, &mut writer);
-        if let Err(e) = &result {
-            // Fail the body so the engine does not unpack half a project.
-            let _ = tx.blocking_send(Err(std::io::Error::other(format!("{e:#}"))));
-        }
-        result
-    });
-    (tokio_stream_from(rx), walker)
-}
-
-fn tokio_stream_from(mut rx: mpsc::Receiver<std::io::Result<Bytes>>) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+pub fn tar_stream(
+    sources: Vec<Source>,
+) -> (impl Stream<Item = std::io::Result<Bytes>> + Send + 'static, JoinHandle<Result<Stats>>) {
+    crate::pipe::spawn_writer(move |out| write_tar(&sources, out))
 }
 
 /// Writes the whole tar into `out` (also used by the benchmark and tests through `tar_stream`).
@@ -55,7 +38,8 @@ fn write_tar<W: Write>(sources: &[Source], out: W) -> Result<Stats> {
     for source in sources {
         append_dir_header(&mut tar, &source.dir, &source.prefix)?;
         for entry in walker(&source.dir) {
-            let entry = entry.with_context(|| format!("cannot read the project tree under {}", source.dir.display()))?;
+            let entry =
+                entry.with_context(|| format!("cannot read the project tree under {}", source.dir.display()))?;
             let path = entry.path();
             let Ok(rel) = path.strip_prefix(&source.dir) else { continue };
             if rel.as_os_str().is_empty() {
@@ -69,7 +53,8 @@ fn write_tar<W: Write>(sources: &[Source], out: W) -> Result<Stats> {
             if ft.is_dir() {
                 tar.append_data(&mut header, &name, std::io::empty())
             } else if ft.is_symlink() {
-                let target = std::fs::read_link(path).with_context(|| format!("cannot read link {}", path.display()))?;
+                let target =
+                    std::fs::read_link(path).with_context(|| format!("cannot read link {}", path.display()))?;
                 tar.append_link(&mut header, &name, &target)
             } else if ft.is_file() {
                 let file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -107,40 +92,6 @@ pub fn walker(dir: &Path) -> ignore::Walk {
         .filter_entry(|e| e.file_name() != ".git")
         .sort_by_file_name(|a, b| a.cmp(b))
         .build()
-}
-
-/// A `Write` that hands full chunks to the async side; blocks when the socket is behind.
-struct ChannelWriter {
-    tx: mpsc::Sender<std::io::Result<Bytes>>,
-    buf: Vec<u8>,
-}
-
-impl ChannelWriter {
-    fn send(&mut self) -> std::io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
-        self.tx
-            .blocking_send(Ok(chunk))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the engine stopped reading the upload"))
-    }
-}
-
-impl Write for ChannelWriter {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        let room = CHUNK - self.buf.len();
-        let n = data.len().min(room);
-        self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() >= CHUNK {
-            self.send()?;
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.send()
-    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod context;
 pub mod engine;
 pub mod exit;
 pub mod nix;
+pub mod pipe;
 pub mod progress;
 pub mod project;
 pub mod registry;
@@ -24,9 +25,7 @@ use exit::Interrupted;
 /// Runs one command to completion. Ctrl-C and SIGTERM abort the command's future, whose
 /// guards (containers, temporary files) clean up as they drop, and end in [`Interrupted`].
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let settings = settings::Settings::resolve(&cli)?;
         let work = async {

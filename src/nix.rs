@@ -19,7 +19,8 @@ const CACHE_HOME: &str = "/nix/var/nixctr/cache";
 
 /// The stock image enables neither; every nix call gets them.
 fn nix_cmd(args: &[&str]) -> Vec<String> {
-    let mut cmd = vec!["nix".to_string(), "--extra-experimental-features".to_string(), "nix-command flakes".to_string()];
+    let mut cmd =
+        vec!["nix".to_string(), "--extra-experimental-features".to_string(), "nix-command flakes".to_string()];
     cmd.extend(args.iter().map(|s| s.to_string()));
     cmd
 }
@@ -49,7 +50,12 @@ pub struct Inputs<'a> {
 impl NixContainer {
     /// Pulls the image if needed, starts the container on the store volume, uploads the
     /// inputs and resolves nixpkgs.
-    pub async fn start(engine: &Engine, settings: &Settings, inputs: Inputs<'_>, progress: &Progress) -> Result<NixContainer> {
+    pub async fn start(
+        engine: &Engine,
+        settings: &Settings,
+        inputs: Inputs<'_>,
+        progress: &Progress,
+    ) -> Result<NixContainer> {
         let image_id = engine.ensure_image(&settings.nix_image, settings.pull, progress).await?;
         let mut volumes = Vec::new();
         let mut env = Vec::new();
@@ -78,7 +84,8 @@ impl NixContainer {
             let started = std::time::Instant::now();
             let (body, walk) = context::tar_stream(sources);
             let sent = guard.upload(body).await;
-            let stats = walk.await.map_err(|e| anyhow!("the upload thread failed: {e}"))?.context("cannot send the project")?;
+            let stats =
+                walk.await.map_err(|e| anyhow!("the upload thread failed: {e}"))?.context("cannot send the project")?;
             sent?;
             progress.debug(format!(
                 "context: {} files, {} bytes in {:.2}s",
@@ -101,7 +108,11 @@ impl NixContainer {
     pub async fn build(&self, name: &str) -> Result<String> {
         let file = format!("containers/{name}/default.nix");
         self.progress.info(format!("building {file}"));
-        let mut cmd = vec!["nix-build".to_string(), "--extra-experimental-features".to_string(), "nix-command flakes".to_string()];
+        let mut cmd = vec![
+            "nix-build".to_string(),
+            "--extra-experimental-features".to_string(),
+            "nix-command flakes".to_string(),
+        ];
         cmd.extend([file.clone(), "--no-out-link".to_string()]);
         let mode = if self.progress.quiet() { OutputMode::Captured } else { OutputMode::Live };
         let out = self.guard.exec(&cmd, &self.env(), Some(WORKSPACE), mode).await?;
@@ -125,8 +136,8 @@ impl NixContainer {
         if out.exit_code != 0 {
             bail!("nix eval failed (exit code {}):\n{}", out.exit_code, error_excerpt(&out.stderr_tail));
         }
-        let found: Vec<AttrVersion> =
-            serde_json::from_str(out.stdout.trim()).with_context(|| format!("nix eval printed something unexpected: {:?}", out.stdout))?;
+        let found: Vec<AttrVersion> = serde_json::from_str(out.stdout.trim())
+            .with_context(|| format!("nix eval printed something unexpected: {:?}", out.stdout))?;
         if found.len() != attrs.len() {
             bail!("nix eval answered {} values for {} names", found.len(), attrs.len());
         }
@@ -157,7 +168,8 @@ async fn resolve_nixpkgs(guard: &ContainerGuard, reference: &str, shown: &str, p
             error_excerpt(&out.stderr_tail)
         );
     }
-    let path = parse_flake_path(&out.stdout).with_context(|| format!("cannot read nix flake metadata for {shown:?}"))?;
+    let path =
+        parse_flake_path(&out.stdout).with_context(|| format!("cannot read nix flake metadata for {shown:?}"))?;
     progress.debug(format!("nixpkgs: {path}"));
     Ok(path)
 }
@@ -215,10 +227,18 @@ fn attr_selector(attr: &str) -> Result<String> {
     Ok(attr.split('.').map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join("."))
 }
 
-/// The part of nix's stderr worth repeating in an error: from the last `error:` line on,
-/// else the last lines.
+/// The part of nix's stderr worth repeating in an error: from the first `error:` line on,
+/// with the few lines a failing builder printed just before it; else the last lines.
 pub fn error_excerpt(tail: &[String]) -> String {
-    let start = tail.iter().rposition(|l| l.trim_start().starts_with("error:")).unwrap_or(0);
+    const CONTEXT: usize = 5;
+    let start = match tail.iter().position(|l| l.trim_start().starts_with("error:")) {
+        Some(first) => {
+            // Builder output sits between nix's last `building '…'` line and the error.
+            let floor = tail[..first].iter().rposition(|l| l.starts_with("building '")).map_or(0, |i| i + 1);
+            first.saturating_sub(CONTEXT).max(floor)
+        }
+        None => 0,
+    };
     let lines: Vec<&str> = tail[start..].iter().map(String::as_str).filter(|l| !l.trim().is_empty()).collect();
     if lines.is_empty() {
         return "    (nix printed nothing on stderr)".to_string();
@@ -248,9 +268,20 @@ mod tests {
     }
 
     #[test]
-    fn excerpt_starts_at_the_last_error() {
-        let tail: Vec<String> = ["building", "error: first", "more", "error: builder failed", "  detail"].iter().map(|s| s.to_string()).collect();
-        assert_eq!(error_excerpt(&tail), "    error: builder failed\n      detail");
+    fn excerpt_holds_the_builder_output_and_every_error() {
+        let tail: Vec<String> = [
+            "these 2 derivations will be built:",
+            "building '/nix/store/x-step.drv'...",
+            "step: this fails on purpose",
+            "error: builder for '/nix/store/x-step.drv' failed with exit code 1",
+            "error: 1 dependencies of derivation failed to build",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let excerpt = error_excerpt(&tail);
+        assert!(excerpt.starts_with("    step: this fails on purpose\n"), "{excerpt}");
+        assert!(excerpt.ends_with("failed to build"), "{excerpt}");
         assert_eq!(error_excerpt(&[]), "    (nix printed nothing on stderr)");
     }
 }

@@ -50,7 +50,8 @@ pub fn git_dir(root: &Path) -> Result<PathBuf> {
             return Ok(dot_git);
         }
         if dot_git.is_file() {
-            let text = std::fs::read_to_string(&dot_git).with_context(|| format!("cannot read {}", dot_git.display()))?;
+            let text =
+                std::fs::read_to_string(&dot_git).with_context(|| format!("cannot read {}", dot_git.display()))?;
             let Some(target) = text.trim().strip_prefix("gitdir:") else {
                 bail!("{} is not a gitdir link", dot_git.display());
             };
@@ -63,7 +64,8 @@ pub fn git_dir(root: &Path) -> Result<PathBuf> {
 /// The full commit id HEAD points at, read from the repository's files.
 pub fn head_commit(root: &Path) -> Result<String> {
     let git = git_dir(root)?;
-    let head = std::fs::read_to_string(git.join("HEAD")).with_context(|| format!("cannot read {}", git.join("HEAD").display()))?;
+    let head = std::fs::read_to_string(git.join("HEAD"))
+        .with_context(|| format!("cannot read {}", git.join("HEAD").display()))?;
     let head = head.trim();
     let Some(reference) = head.strip_prefix("ref:") else {
         return check_commit_id(head); // detached HEAD

@@ -128,10 +128,7 @@ fn non_empty_env(name: &str) -> Option<String> {
 
 /// The nearest ancestor of `start` holding `nixctr.toml` or `.git`.
 pub fn find_root(start: &Path) -> Option<PathBuf> {
-    start
-        .ancestors()
-        .find(|dir| dir.join(CONFIG_FILE).is_file() || dir.join(".git").exists())
-        .map(Path::to_path_buf)
+    start.ancestors().find(|dir| dir.join(CONFIG_FILE).is_file() || dir.join(".git").exists()).map(Path::to_path_buf)
 }
 
 pub fn load_config(path: &Path) -> Result<FileConfig> {
@@ -168,7 +165,8 @@ pub fn parse_nixpkgs(value: &str, base: Option<&Path>) -> Result<Nixpkgs> {
         None => PathBuf::from(value),
     };
     if path.is_dir() {
-        let path = path.canonicalize().with_context(|| format!("cannot resolve nixpkgs directory {}", path.display()))?;
+        let path =
+            path.canonicalize().with_context(|| format!("cannot resolve nixpkgs directory {}", path.display()))?;
         return Ok(Nixpkgs::Local(path));
     }
     if looks_local {
@@ -202,7 +200,10 @@ mod tests {
 
     #[test]
     fn flake_refs_stay_refs() {
-        assert_eq!(parse_nixpkgs("github:NixOS/nixpkgs/nixos-24.11", None).unwrap(), Nixpkgs::Flake("github:NixOS/nixpkgs/nixos-24.11".into()));
+        assert_eq!(
+            parse_nixpkgs("github:NixOS/nixpkgs/nixos-24.11", None).unwrap(),
+            Nixpkgs::Flake("github:NixOS/nixpkgs/nixos-24.11".into())
+        );
         assert!(parse_nixpkgs("./no/such/dir", None).is_err());
     }
 }

@@ -48,10 +48,7 @@ pub fn from_default_nix(text: &str) -> Found {
 /// consulted, so the version always comes from the declaration a reader sees first.
 pub fn from_dockerfile(text: &str) -> Found {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let lines: Vec<&str> = text
-        .split('\n')
-        .map(|line| line.strip_suffix('\r').unwrap_or(line))
-        .collect();
+    let lines: Vec<&str> = text.split('\n').map(|line| line.strip_suffix('\r').unwrap_or(line)).collect();
 
     // Parser directives only count before any other line.
     let mut escape = '\\';
@@ -98,10 +95,7 @@ pub fn from_dockerfile(text: &str) -> Found {
             if let Some(found) = arg_default(args, escape, line_no) {
                 return found;
             }
-        } else if ["RUN", "COPY", "ADD"]
-            .iter()
-            .any(|k| keyword.eq_ignore_ascii_case(k))
-        {
+        } else if ["RUN", "COPY", "ADD"].iter().any(|k| keyword.eq_ignore_ascii_case(k)) {
             // A heredoc body is file content or a script, not Dockerfile instructions.
             i = skip_heredocs(&lines, i, args);
         }
@@ -178,10 +172,7 @@ fn binding_value(lexer: &mut NixLexer, line: usize) -> Found {
     };
     match value.kind {
         Kind::Str(NixStr::Plain(text)) => match lexer.next_token() {
-            Some(Token {
-                kind: Kind::Punct(";"),
-                ..
-            }) => {
+            Some(Token { kind: Kind::Punct(";"), .. }) => {
                 if text.is_empty() {
                     unusable("is an empty string")
                 } else {
@@ -191,12 +182,10 @@ fn binding_value(lexer: &mut NixLexer, line: usize) -> Found {
             Some(_) => unusable("is bound to an expression, not a string literal"),
             None => unusable("binding is not closed by `;`"),
         },
-        Kind::Str(NixStr::Interpolated) => unusable(
-            "is bound to a string with an antiquotation (`${…}`), not a plain string literal",
-        ),
-        Kind::Str(NixStr::Indented) => {
-            unusable("is bound to an indented string (`''…''`), not a plain string literal")
+        Kind::Str(NixStr::Interpolated) => {
+            unusable("is bound to a string with an antiquotation (`${…}`), not a plain string literal")
         }
+        Kind::Str(NixStr::Indented) => unusable("is bound to an indented string (`''…''`), not a plain string literal"),
         Kind::Str(NixStr::Unterminated) => unusable("is bound to an unterminated string"),
         _ => unusable("is bound to an expression, not a string literal"),
     }
@@ -212,12 +201,7 @@ struct NixLexer<'a> {
 
 impl<'a> NixLexer<'a> {
     fn new(src: &'a str) -> Self {
-        NixLexer {
-            src,
-            pos: 0,
-            line: 1,
-            depth: 0,
-        }
+        NixLexer { src, pos: 0, line: 1, depth: 0 }
     }
 
     fn peek(&self, ahead: usize) -> Option<u8> {
@@ -248,9 +232,7 @@ impl<'a> NixLexer<'a> {
                 (Some(b'#'), _) => self.skip_while(|b| b != b'\n'),
                 (Some(b'/'), Some(b'*')) => {
                     self.pos += 2;
-                    while self.peek(0).is_some()
-                        && (self.peek(0), self.peek(1)) != (Some(b'*'), Some(b'/'))
-                    {
+                    while self.peek(0).is_some() && (self.peek(0), self.peek(1)) != (Some(b'*'), Some(b'/')) {
                         self.bump();
                     }
                     // Past `*/`, or harmlessly past the end of an unterminated comment.
@@ -311,17 +293,11 @@ impl<'a> NixLexer<'a> {
         let bytes = self.src.as_bytes();
         let start = self.pos;
         let mut end = start;
-        while bytes
-            .get(end)
-            .is_some_and(|&b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
-        {
+        while bytes.get(end).is_some_and(|&b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.')) {
             end += 1;
         }
         let scheme_ok = bytes.get(start).is_some_and(u8::is_ascii_alphabetic);
-        if scheme_ok
-            && bytes.get(end) == Some(&b':')
-            && bytes.get(end + 1).is_some_and(|&b| is_uri_char(b))
-        {
+        if scheme_ok && bytes.get(end) == Some(&b':') && bytes.get(end + 1).is_some_and(|&b| is_uri_char(b)) {
             self.pos = end + 1;
             self.skip_while(is_uri_char);
             return Kind::Other;
@@ -449,8 +425,8 @@ fn parser_directive(line: &str) -> Option<(&str, &str)> {
     let rest = line.trim().strip_prefix('#')?.trim_start();
     let (key, value) = rest.split_once('=')?;
     let key = key.trim_end();
-    let well_formed = key.starts_with(|c: char| c.is_ascii_alphabetic())
-        && key.chars().all(|c| c.is_ascii_alphanumeric());
+    let well_formed =
+        key.starts_with(|c: char| c.is_ascii_alphabetic()) && key.chars().all(|c| c.is_ascii_alphanumeric());
     well_formed.then_some((key, value.trim()))
 }
 
@@ -523,8 +499,7 @@ fn arg_default(args: &[String], escape: char, line: usize) -> Option<Found> {
 fn unquote(raw: &str, escape: char) -> Result<String, &'static str> {
     const UNTERMINATED: &str = "default has an unterminated quote";
     const VARIABLE: &str = "default refers to a build variable (`$…`), not a literal";
-    let starts_variable =
-        |next: Option<&char>| next.is_some_and(|&c| c == '{' || c == '_' || c.is_alphanumeric());
+    let starts_variable = |next: Option<&char>| next.is_some_and(|&c| c == '{' || c == '_' || c.is_alphanumeric());
 
     let mut out = String::new();
     let mut chars = raw.chars().peekable();
@@ -570,11 +545,7 @@ fn skip_heredocs(lines: &[&str], mut i: usize, args: &[String]) -> usize {
     for (name, strip_tabs) in args.iter().filter_map(|word| heredoc(word)) {
         while let Some(&line) = lines.get(i) {
             i += 1;
-            let line = if strip_tabs {
-                line.trim_start_matches('\t')
-            } else {
-                line
-            };
+            let line = if strip_tabs { line.trim_start_matches('\t') } else { line };
             if line == name {
                 break;
             }
@@ -586,9 +557,7 @@ fn skip_heredocs(lines: &[&str], mut i: usize, args: &[String]) -> usize {
 /// The terminator a word such as `<<EOF`, `<<-'EOF'` or `3<<EOF` opens a heredoc with, and
 /// whether its body's leading tabs are stripped.
 fn heredoc(word: &str) -> Option<(&str, bool)> {
-    let rest = word
-        .trim_start_matches(|c: char| c.is_ascii_digit())
-        .strip_prefix("<<")?;
+    let rest = word.trim_start_matches(|c: char| c.is_ascii_digit()).strip_prefix("<<")?;
     let (rest, strip_tabs) = match rest.strip_prefix('-') {
         Some(rest) => (rest, true),
         None => (rest, false),
@@ -777,26 +746,18 @@ stdenv.mkDerivation {
         let text = "{\n\n  version = ''1.0'';\n}";
         assert_eq!(
             from_default_nix(text),
-            unusable(
-                "`version` is bound to an indented string (`''…''`), not a plain string literal (line 3)"
-            )
+            unusable("`version` is bound to an indented string (`''…''`), not a plain string literal (line 3)")
         );
     }
 
     #[test]
     fn nix_empty_string_value() {
-        assert_eq!(
-            from_default_nix("{ version = \"\"; }"),
-            unusable("`version` is an empty string (line 1)")
-        );
+        assert_eq!(from_default_nix("{ version = \"\"; }"), unusable("`version` is an empty string (line 1)"));
     }
 
     #[test]
     fn nix_truncated_bindings() {
-        assert_eq!(
-            from_default_nix("{ version ="),
-            unusable("`version` has no value (line 1)")
-        );
+        assert_eq!(from_default_nix("{ version ="), unusable("`version` has no value (line 1)"));
         assert_eq!(
             from_default_nix("{ version = \"1.0\""),
             unusable("`version` binding is not closed by `;` (line 1)")
@@ -874,18 +835,13 @@ stdenv.mkDerivation { pname = "x"; inherit version; }"#;
     fn nix_quoted_attribute_name() {
         assert_eq!(from_default_nix("{ \"version\" = \"1\"; }"), version("1"));
         // A dynamic name is only known after evaluation.
-        assert_eq!(
-            from_default_nix("{ \"${\"version\"}\" = \"1\"; ${\"version\"} = \"2\"; }"),
-            Found::Absent
-        );
+        assert_eq!(from_default_nix("{ \"${\"version\"}\" = \"1\"; ${\"version\"} = \"2\"; }"), Found::Absent);
     }
 
     #[test]
     fn nix_rec_set() {
         assert_eq!(
-            from_default_nix(
-                "rec { pname = \"a\"; version = \"0.3\"; name = \"${pname}-${version}\"; }"
-            ),
+            from_default_nix("rec { pname = \"a\"; version = \"0.3\"; name = \"${pname}-${version}\"; }"),
             version("0.3")
         );
     }
@@ -912,19 +868,10 @@ stdenv.mkDerivation { pname = "x"; inherit version; }"#;
 
     #[test]
     fn nix_string_escapes_are_unescaped() {
-        assert_eq!(
-            from_default_nix(r#"{ version = "1.0\"beta\\\$x"; }"#),
-            version("1.0\"beta\\$x")
-        );
-        assert_eq!(
-            from_default_nix(r#"{ version = "1.0\n"; }"#),
-            version("1.0\n")
-        );
+        assert_eq!(from_default_nix(r#"{ version = "1.0\"beta\\\$x"; }"#), version("1.0\"beta\\$x"));
+        assert_eq!(from_default_nix(r#"{ version = "1.0\n"; }"#), version("1.0\n"));
         // `$${` is literal text in Nix, not an antiquotation.
-        assert_eq!(
-            from_default_nix(r#"{ version = "1.0$${x}"; }"#),
-            version("1.0$${x}")
-        );
+        assert_eq!(from_default_nix(r#"{ version = "1.0$${x}"; }"#), version("1.0$${x}"));
     }
 
     #[test]
@@ -972,49 +919,28 @@ stdenv.mkDerivation { pname = "x"; inherit version; }"#;
 
     #[test]
     fn docker_quoted_defaults() {
-        assert_eq!(
-            from_dockerfile("ARG CONTAINER_APP_VERSION=\"2.17.0\""),
-            version("2.17.0")
-        );
-        assert_eq!(
-            from_dockerfile("ARG CONTAINER_APP_VERSION='2.17.0'"),
-            version("2.17.0")
-        );
-        assert_eq!(
-            from_dockerfile(r#"ARG CONTAINER_APP_VERSION="2.0\"x""#),
-            version("2.0\"x")
-        );
+        assert_eq!(from_dockerfile("ARG CONTAINER_APP_VERSION=\"2.17.0\""), version("2.17.0"));
+        assert_eq!(from_dockerfile("ARG CONTAINER_APP_VERSION='2.17.0'"), version("2.17.0"));
+        assert_eq!(from_dockerfile(r#"ARG CONTAINER_APP_VERSION="2.0\"x""#), version("2.0\"x"));
         // Single quotes keep `$` literal.
-        assert_eq!(
-            from_dockerfile("ARG CONTAINER_APP_VERSION='1$x'"),
-            version("1$x")
-        );
+        assert_eq!(from_dockerfile("ARG CONTAINER_APP_VERSION='1$x'"), version("1$x"));
     }
 
     #[test]
     fn docker_leading_v_is_kept() {
-        assert_eq!(
-            from_dockerfile("ARG CONTAINER_APP_VERSION=v2.17.0"),
-            version("v2.17.0")
-        );
+        assert_eq!(from_dockerfile("ARG CONTAINER_APP_VERSION=v2.17.0"), version("v2.17.0"));
     }
 
     #[test]
     fn docker_without_default() {
         let text = "FROM alpine\n\nARG CONTAINER_APP_VERSION\n";
-        assert_eq!(
-            from_dockerfile(text),
-            unusable("`ARG CONTAINER_APP_VERSION` has no default (line 3)")
-        );
+        assert_eq!(from_dockerfile(text), unusable("`ARG CONTAINER_APP_VERSION` has no default (line 3)"));
     }
 
     #[test]
     fn docker_first_arg_is_decisive() {
         let text = "ARG CONTAINER_APP_VERSION\nFROM alpine\nARG CONTAINER_APP_VERSION=1.0\n";
-        assert_eq!(
-            from_dockerfile(text),
-            unusable("`ARG CONTAINER_APP_VERSION` has no default (line 1)")
-        );
+        assert_eq!(from_dockerfile(text), unusable("`ARG CONTAINER_APP_VERSION` has no default (line 1)"));
         let text = "ARG CONTAINER_APP_VERSION=1.0\nFROM alpine\nARG CONTAINER_APP_VERSION=2.0\n";
         assert_eq!(from_dockerfile(text), version("1.0"));
     }
@@ -1059,30 +985,18 @@ stdenv.mkDerivation { pname = "x"; inherit version; }"#;
 
     #[test]
     fn docker_lower_case_instruction_and_indentation() {
-        assert_eq!(
-            from_dockerfile("FROM alpine\n  arg CONTAINER_APP_VERSION=3.0\n"),
-            version("3.0")
-        );
-        assert_eq!(
-            from_dockerfile("\tArg CONTAINER_APP_VERSION=3.1"),
-            version("3.1")
-        );
+        assert_eq!(from_dockerfile("FROM alpine\n  arg CONTAINER_APP_VERSION=3.0\n"), version("3.0"));
+        assert_eq!(from_dockerfile("\tArg CONTAINER_APP_VERSION=3.1"), version("3.1"));
     }
 
     #[test]
     fn docker_argument_name_is_case_sensitive() {
-        assert_eq!(
-            from_dockerfile("ARG container_app_version=1.0"),
-            Found::Absent
-        );
+        assert_eq!(from_dockerfile("ARG container_app_version=1.0"), Found::Absent);
     }
 
     #[test]
     fn docker_several_args_in_one_instruction() {
-        assert_eq!(
-            from_dockerfile("ARG A=1 CONTAINER_APP_VERSION=2 B"),
-            version("2")
-        );
+        assert_eq!(from_dockerfile("ARG A=1 CONTAINER_APP_VERSION=2 B"), version("2"));
         assert_eq!(
             from_dockerfile("ARG A=\"x y\" CONTAINER_APP_VERSION"),
             unusable("`ARG CONTAINER_APP_VERSION` has no default (line 1)")
@@ -1104,12 +1018,8 @@ stdenv.mkDerivation { pname = "x"; inherit version; }"#;
 
     #[test]
     fn docker_continuation_lines() {
-        let text =
-            "FROM alpine\nARG A=1 \\\n    # a comment\n\n    CONTAINER_APP_VERSION \\  \n    B=2\n";
-        assert_eq!(
-            from_dockerfile(text),
-            unusable("`ARG CONTAINER_APP_VERSION` has no default (line 2)")
-        );
+        let text = "FROM alpine\nARG A=1 \\\n    # a comment\n\n    CONTAINER_APP_VERSION \\  \n    B=2\n";
+        assert_eq!(from_dockerfile(text), unusable("`ARG CONTAINER_APP_VERSION` has no default (line 2)"));
         let text = "ARG \\\n  CONTAINER_APP_VERSION=4.0\n";
         assert_eq!(from_dockerfile(text), version("4.0"));
         // Docker joins continued lines as they are, without a space.
@@ -1145,10 +1055,7 @@ stdenv.mkDerivation { pname = "x"; inherit version; }"#;
 
     #[test]
     fn docker_onbuild_arg_is_not_this_build() {
-        assert_eq!(
-            from_dockerfile("ONBUILD ARG CONTAINER_APP_VERSION=1.0"),
-            Found::Absent
-        );
+        assert_eq!(from_dockerfile("ONBUILD ARG CONTAINER_APP_VERSION=1.0"), Found::Absent);
     }
 
     #[test]
@@ -1158,19 +1065,13 @@ stdenv.mkDerivation { pname = "x"; inherit version; }"#;
         let text = "FROM alpine\r\nARG A=1 \\\r\n  CONTAINER_APP_VERSION=\"8.1\"\r\n";
         assert_eq!(from_dockerfile(text), version("8.1"));
         let text = "FROM alpine\r\n\r\nARG CONTAINER_APP_VERSION\r\n";
-        assert_eq!(
-            from_dockerfile(text),
-            unusable("`ARG CONTAINER_APP_VERSION` has no default (line 3)")
-        );
+        assert_eq!(from_dockerfile(text), unusable("`ARG CONTAINER_APP_VERSION` has no default (line 3)"));
     }
 
     #[test]
     fn docker_absent() {
         assert_eq!(from_dockerfile(""), Found::Absent);
-        assert_eq!(
-            from_dockerfile("FROM alpine\nARG\nARG OTHER=1\n"),
-            Found::Absent
-        );
+        assert_eq!(from_dockerfile("FROM alpine\nARG\nARG OTHER=1\n"), Found::Absent);
     }
 
     // --- validate ----------------------------------------------------------------------------
@@ -1189,25 +1090,13 @@ stdenv.mkDerivation { pname = "x"; inherit version; }"#;
 
     #[test]
     fn validate_rejects_whitespace() {
-        assert_eq!(
-            validate("2.17 .0"),
-            Err("version \"2.17 .0\" holds whitespace".to_string())
-        );
-        assert_eq!(
-            validate("1.0\n"),
-            Err("version \"1.0\\n\" holds whitespace".to_string())
-        );
-        assert_eq!(
-            validate("1.0\u{a0}"),
-            Err("version \"1.0\\u{a0}\" holds whitespace".to_string())
-        );
+        assert_eq!(validate("2.17 .0"), Err("version \"2.17 .0\" holds whitespace".to_string()));
+        assert_eq!(validate("1.0\n"), Err("version \"1.0\\n\" holds whitespace".to_string()));
+        assert_eq!(validate("1.0\u{a0}"), Err("version \"1.0\\u{a0}\" holds whitespace".to_string()));
     }
 
     #[test]
     fn validate_rejects_control_characters() {
-        assert_eq!(
-            validate("1.0\u{1b}[31m"),
-            Err("version \"1.0\\u{1b}[31m\" holds a control character".to_string())
-        );
+        assert_eq!(validate("1.0\u{1b}[31m"), Err("version \"1.0\\u{1b}[31m\" holds a control character".to_string()));
     }
 }

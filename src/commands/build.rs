@@ -74,7 +74,12 @@ pub fn plan(settings: &Settings, names: &[String], output: Option<&Path>, load: 
 }
 
 /// Builds each name in one container; returns the files written (stdout output is not).
-pub async fn build(engine: &Engine, settings: &Settings, outputs: &[(String, Output)], progress: &Progress) -> Result<Vec<Built>> {
+pub async fn build(
+    engine: &Engine,
+    settings: &Settings,
+    outputs: &[(String, Output)],
+    progress: &Progress,
+) -> Result<Vec<Built>> {
     let root = settings.project_root()?;
     let nix = NixContainer::start(engine, settings, Inputs { project: Some(root), role: "build" }, progress).await?;
     let result = async {
@@ -120,7 +125,8 @@ impl AtomicFile {
             .suffix(".part")
             .tempfile_in(&dir)
             .with_context(|| format!("cannot write in {}", dir.display()))?;
-        let file = tokio::fs::File::from_std(temp.reopen().with_context(|| format!("cannot write in {}", dir.display()))?);
+        let file =
+            tokio::fs::File::from_std(temp.reopen().with_context(|| format!("cannot write in {}", dir.display()))?);
         Ok(AtomicFile { path: path.to_path_buf(), temp, file })
     }
 

@@ -49,11 +49,13 @@ pub async fn run(settings: &Settings, args: VersionArgs) -> Result<()> {
 }
 
 /// Every name's version, in the order given, or the first error.
-pub async fn versions(settings: &Settings, names: &[String], from: VersionFrom, progress: &Progress) -> Result<Vec<Answer>> {
-    let lookups = names
-        .iter()
-        .map(|name| from_files(settings, name, from, progress))
-        .collect::<Result<Vec<_>>>()?;
+pub async fn versions(
+    settings: &Settings,
+    names: &[String],
+    from: VersionFrom,
+    progress: &Progress,
+) -> Result<Vec<Answer>> {
+    let lookups = names.iter().map(|name| from_files(settings, name, from, progress)).collect::<Result<Vec<_>>>()?;
     let attrs: Vec<String> = lookups
         .iter()
         .filter_map(|l| match l {
@@ -128,7 +130,13 @@ fn from_files(settings: &Settings, name: &str, from: VersionFrom, progress: &Pro
                 match read(&text) {
                     Found::Version(version) => {
                         checked(name, &version, &shown)?;
-                        return Ok(Lookup::Found(Answer { name: name.to_string(), version, source, file: Some(shown), nixpkgs: None }));
+                        return Ok(Lookup::Found(Answer {
+                            name: name.to_string(),
+                            version,
+                            source,
+                            file: Some(shown),
+                            nixpkgs: None,
+                        }));
                     }
                     Found::Unusable(why) => {
                         progress.debug(format!("{shown}: {why}; trying the next source"));

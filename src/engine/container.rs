@@ -14,7 +14,7 @@ use bollard::query_parameters::{
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
-use super::{engine_error_text, Engine, LABEL, LABEL_ROLE};
+use super::{engine_error_text, Engine, LABEL, LABEL_PID, LABEL_ROLE};
 
 /// What to run: the image, what the container is for, volumes to mount.
 pub struct ContainerSpec {
@@ -57,6 +57,7 @@ impl ContainerGuard {
         let labels = HashMap::from([
             (LABEL.to_string(), "true".to_string()),
             (LABEL_ROLE.to_string(), spec.role.to_string()),
+            (LABEL_PID.to_string(), std::process::id().to_string()),
         ]);
         let mounts = spec
             .volumes
@@ -92,11 +93,7 @@ impl ContainerGuard {
             .await
             .map_err(|e| anyhow!("{}", engine_error_text(&e)))
             .with_context(|| format!("cannot create a container from {}", spec.image))?;
-        let guard = ContainerGuard {
-            engine: engine.clone(),
-            id: created.id,
-            removed: false,
-        };
+        let guard = ContainerGuard { engine: engine.clone(), id: created.id, removed: false };
         engine
             .client()
             .start_container(&guard.id, None::<bollard::query_parameters::StartContainerOptions>)
@@ -129,12 +126,11 @@ impl ContainerGuard {
     pub fn download(&self, path: &str) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
         let options = DownloadFromContainerOptionsBuilder::default().path(path).build();
         let path = path.to_string();
-        self.engine
-            .client()
-            .download_from_container(&self.id, Some(options))
-            .map(move |chunk| {
-                chunk.map_err(|e| std::io::Error::other(format!("cannot copy {path} out of the container: {}", engine_error_text(&e))))
+        self.engine.client().download_from_container(&self.id, Some(options)).map(move |chunk| {
+            chunk.map_err(|e| {
+                std::io::Error::other(format!("cannot copy {path} out of the container: {}", engine_error_text(&e)))
             })
+        })
     }
 
     /// Copies one regular file out of the container into `dest`, streaming. The engine sends
@@ -165,7 +161,10 @@ impl ContainerGuard {
                     return Ok(size);
                 }
                 // PAX and GNU long-name records describe the next entry: skip their data.
-                tar::EntryType::XHeader | tar::EntryType::XGlobalHeader | tar::EntryType::GNULongName | tar::EntryType::GNULongLink => {
+                tar::EntryType::XHeader
+                | tar::EntryType::XGlobalHeader
+                | tar::EntryType::GNULongName
+                | tar::EntryType::GNULongLink => {
                     let padded = size.div_ceil(512) * 512;
                     tokio::io::copy(&mut (&mut reader).take(padded), &mut tokio::io::sink()).await?;
                 }
@@ -177,7 +176,13 @@ impl ContainerGuard {
     /// Runs `cmd` in the container and waits for it. stdout is collected; stderr is shown
     /// live or kept, per `mode`. The exit code comes from the engine, not from the end of
     /// the output stream.
-    pub async fn exec(&self, cmd: &[String], env: &[String], workdir: Option<&str>, mode: OutputMode) -> Result<ExecOutput> {
+    pub async fn exec(
+        &self,
+        cmd: &[String],
+        env: &[String],
+        workdir: Option<&str>,
+        mode: OutputMode,
+    ) -> Result<ExecOutput> {
         let docker = self.engine.client();
         let options = CreateExecOptions::<String> {
             cmd: Some(cmd.to_vec()),
@@ -203,7 +208,9 @@ impl ContainerGuard {
         if let StartExecResults::Attached { mut output, .. } = started {
             let mut err = std::io::stderr();
             while let Some(item) = output.next().await {
-                let item = item.map_err(|e| anyhow!("{}", engine_error_text(&e))).with_context(|| format!("lost the output of {what}"))?;
+                let item = item
+                    .map_err(|e| anyhow!("{}", engine_error_text(&e)))
+                    .with_context(|| format!("lost the output of {what}"))?;
                 match item {
                     bollard::container::LogOutput::StdOut { message } => stdout.extend_from_slice(&message),
                     bollard::container::LogOutput::StdErr { message } => {
@@ -232,11 +239,7 @@ impl ContainerGuard {
                 (_, Some(code)) => break code,
             }
         };
-        Ok(ExecOutput {
-            exit_code,
-            stdout: String::from_utf8_lossy(&stdout).into_owned(),
-            stderr_tail: tail.finish(),
-        })
+        Ok(ExecOutput { exit_code, stdout: String::from_utf8_lossy(&stdout).into_owned(), stderr_tail: tail.finish() })
     }
 
     /// Removes the container (killing what runs in it). Errors are reported: the caller

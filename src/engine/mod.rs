@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bollard::query_parameters::{
-    CreateImageOptionsBuilder, ImportImageOptionsBuilder, ListContainersOptionsBuilder,
-    ListVolumesOptionsBuilder, RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder,
+    CreateImageOptionsBuilder, ImportImageOptionsBuilder, ListContainersOptionsBuilder, ListVolumesOptionsBuilder,
+    RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder,
 };
 use bollard::Docker;
 use futures::StreamExt;
@@ -30,6 +30,9 @@ pub const LABEL: &str = "dev.nixctr";
 pub const LABEL_IMAGE: &str = "dev.nixctr.image";
 /// The label saying what a resource is for (`store`, `build`, `version`).
 pub const LABEL_ROLE: &str = "dev.nixctr.role";
+
+/// The label naming the nixctr process that made a container.
+pub const LABEL_PID: &str = "dev.nixctr.pid";
 
 /// Long: a cold nix build streams its log through one request for many minutes.
 const REQUEST_TIMEOUT_SECS: u64 = 24 * 3600;
@@ -92,11 +95,7 @@ impl Engine {
             .map_err(|e| anyhow!("{}", engine_error_text(&e)))?;
         let docker = docker.negotiate_version().await.context("cannot negotiate the API version")?;
         let version = docker.version().await.context("cannot read the engine's version")?;
-        let is_podman = version
-            .components
-            .iter()
-            .flatten()
-            .any(|c| c.name.to_ascii_lowercase().contains("podman"));
+        let is_podman = version.components.iter().flatten().any(|c| c.name.to_ascii_lowercase().contains("podman"));
         let api_version = docker.client_version().to_string();
         Ok(Engine {
             docker,
@@ -146,7 +145,11 @@ impl Engine {
             _ => {}
         }
         self.pull(image, progress).await?;
-        let info = self.docker.inspect_image(image).await.with_context(|| format!("cannot inspect image {image:?} after pulling it"))?;
+        let info = self
+            .docker
+            .inspect_image(image)
+            .await
+            .with_context(|| format!("cannot inspect image {image:?} after pulling it"))?;
         info.id.ok_or_else(|| anyhow!("the engine reports no ID for image {image:?}"))
     }
 
@@ -202,11 +205,14 @@ impl Engine {
                 // fails with a conflict (Podman): both mean it exists now.
                 if let Err(e) = self.docker.create_volume(request).await {
                     if !is_conflict(&e) {
-                        return Err(anyhow!("{}", engine_error_text(&e))).context(format!("cannot create volume {name}"));
+                        return Err(anyhow!("{}", engine_error_text(&e)))
+                            .context(format!("cannot create volume {name}"));
                     }
                 }
             }
-            Err(e) => return Err(anyhow!("{}", engine_error_text(&e))).context(format!("cannot inspect volume {name}")),
+            Err(e) => {
+                return Err(anyhow!("{}", engine_error_text(&e))).context(format!("cannot inspect volume {name}"))
+            }
         }
         Ok(name)
     }
@@ -261,37 +267,65 @@ impl Engine {
         match self.docker.remove_container(id, Some(options)).await {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(anyhow!("{}", engine_error_text(&e))).with_context(|| format!("cannot remove container {id}")),
+            Err(e) => {
+                Err(anyhow!("{}", engine_error_text(&e))).with_context(|| format!("cannot remove container {id}"))
+            }
         }
     }
 
     /// Loads a docker-archive (plain or gzip) into the engine, streaming the file, and
-    /// returns the names of the images it loaded.
+    /// returns the names of the images it loaded. A gzip archive is unpacked on the way:
+    /// Podman 4 cannot load a compressed docker-archive, and Docker takes either.
     pub async fn load_archive(&self, path: &Path) -> Result<Vec<String>> {
-        let file = tokio::fs::File::open(path).await.with_context(|| format!("cannot open {}", path.display()))?;
-        let body = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
+        let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let shown = path.display().to_string();
+        let (body, reader) = crate::pipe::spawn_writer(move |out| {
+            use std::io::{Read, Seek};
+            let mut magic = [0u8; 2];
+            let gzip = file.read(&mut magic)? == 2 && magic == [0x1f, 0x8b];
+            file.rewind()?;
+            let file = std::io::BufReader::with_capacity(256 * 1024, file);
+            if gzip {
+                std::io::copy(&mut flate2::read::MultiGzDecoder::new(file), out)
+                    .with_context(|| format!("cannot unpack {shown}"))?;
+            } else {
+                std::io::copy(&mut { file }, out).with_context(|| format!("cannot read {shown}"))?;
+            }
+            Ok(())
+        });
         let options = ImportImageOptionsBuilder::default().quiet(true).build();
-        let mut stream = self.docker.import_image_stream(options, body, None);
-        let mut loaded = Vec::new();
-        while let Some(item) = stream.next().await {
-            let info = item.map_err(|e| anyhow!("{}", engine_error_text(&e))).with_context(|| format!("cannot load {} into the engine", path.display()))?;
-            // Docker says "Loaded image: NAME" (or "Loaded image ID: …"); Podman says
-            // "Loaded image: NAME" or "Loaded image(s): NAME,…".
-            for text in [info.stream.as_deref(), info.status.as_deref()].into_iter().flatten() {
-                for line in text.lines() {
-                    if let Some((_, names)) = line.split_once(": ") {
-                        if line.starts_with("Loaded image") {
-                            loaded.extend(names.split(',').map(|n| n.trim().to_string()).filter(|n| !n.is_empty()));
-                        }
+        let stream = self.docker.import_image_stream(options, body, None);
+        let loaded = collect_loaded(stream, path).await;
+        reader.await.map_err(|e| anyhow!("the archive reader failed: {e}"))??;
+        loaded
+    }
+}
+
+async fn collect_loaded(
+    mut stream: impl futures::Stream<Item = Result<bollard::models::BuildInfo, bollard::errors::Error>> + Unpin,
+    path: &Path,
+) -> Result<Vec<String>> {
+    let mut loaded = Vec::new();
+    while let Some(item) = stream.next().await {
+        let info = item
+            .map_err(|e| anyhow!("{}", engine_error_text(&e)))
+            .with_context(|| format!("cannot load {} into the engine", path.display()))?;
+        // Docker says "Loaded image: NAME" (or "Loaded image ID: …"); Podman says
+        // "Loaded image: NAME" or "Loaded image(s): NAME,…".
+        for text in [info.stream.as_deref(), info.status.as_deref()].into_iter().flatten() {
+            for line in text.lines() {
+                if let Some((_, names)) = line.split_once(": ") {
+                    if line.starts_with("Loaded image") {
+                        loaded.extend(names.split(',').map(|n| n.trim().to_string()).filter(|n| !n.is_empty()));
                     }
                 }
             }
         }
-        if loaded.is_empty() {
-            bail!("the engine loaded {} but named no image", path.display());
-        }
-        Ok(loaded)
     }
+    if loaded.is_empty() {
+        bail!("the engine loaded {} but named no image", path.display());
+    }
+    Ok(loaded)
 }
 
 /// The usual places an engine listens, in the order tried.
@@ -326,15 +360,32 @@ fn client_for(address: &str) -> Result<Docker> {
         if !Path::new(path).exists() {
             bail!("no socket there");
         }
-        return Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECS, version).map_err(|e| anyhow!("{e}"));
+        return Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECS, version)
+            .map(with_tar_content_type)
+            .map_err(|e| anyhow!("{e}"));
     }
     if address.starts_with("tcp://") || address.starts_with("http://") {
-        return Docker::connect_with_http(address, REQUEST_TIMEOUT_SECS, version).map_err(|e| anyhow!("{e}"));
+        return Docker::connect_with_http(address, REQUEST_TIMEOUT_SECS, version)
+            .map(with_tar_content_type)
+            .map_err(|e| anyhow!("{e}"));
     }
     if address.starts_with('/') {
         return client_for(&format!("unix://{address}"));
     }
     bail!("engine address {address:?} is not unix://PATH, tcp://HOST:PORT or http://HOST:PORT")
+}
+
+/// bollard labels an image load `application/json`; Podman only takes `application/x-tar`
+/// (which Docker takes too).
+fn with_tar_content_type(docker: Docker) -> Docker {
+    docker.with_request_modifier(|mut request| {
+        if request.uri().path().ends_with("/images/load") {
+            request
+                .headers_mut()
+                .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-tar"));
+        }
+        request
+    })
 }
 
 pub(crate) fn is_not_found(e: &bollard::errors::Error) -> bool {
