@@ -235,3 +235,17 @@ fn cache_ls_lists_the_store_volume_of_the_nix_image() {
         assert!(stdout(&out).contains(&format!("nixctr-store-{short}\t{id}")), "{}: {}", engine.name, stdout(&out));
     }
 }
+
+#[test]
+fn unresolvable_nixpkgs_is_an_error_and_the_container_goes() {
+    for engine in engines() {
+        let fx = Fixture::new();
+        let out = run(fx.nixctr(Some(&engine)).args(["build", "hello", "--nixpkgs", "path:/no/such/nixpkgs"]));
+        assert_exit(&out, 1);
+        let err = stderr(&out);
+        assert!(err.contains("cannot resolve nixpkgs \"path:/no/such/nixpkgs\""), "{err}");
+        assert!(err.contains("--nixpkgs"), "{err}");
+        assert_no_containers_left(&engine, &out);
+        assert!(!fx.project().join("hello.tar.gz").exists());
+    }
+}
