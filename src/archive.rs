@@ -1,1 +1,512 @@
-//! archive (to be written).
+//! Docker-archive files (`docker save`, nix's `dockerTools`): a tar, plain or gzip-compressed,
+//! holding `manifest.json`, the image config and one tar per layer.
+//!
+//! [`Archive::open`] reads the whole file once and hashes every entry, so a truncated archive,
+//! or a layer that does not match the config's `rootfs.diff_ids`, is an error before any of it
+//! is used. A compressed archive is copied uncompressed to a temporary file during that pass,
+//! so layers can later be read at their offsets, several at once.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// One image from a docker-archive, checked against its config.
+#[derive(Debug)]
+pub struct Archive {
+    path: PathBuf,
+    source: Source,
+    /// The config JSON, byte for byte as in the archive (its sha256 is the image id).
+    pub config: Vec<u8>,
+    pub config_digest: String,
+    /// `RepoTags` of the image, as written by `docker save` or nix.
+    pub repo_tags: Vec<String>,
+    pub layers: Vec<Layer>,
+    /// Whether the archive file itself was gzip-compressed.
+    pub gzipped: bool,
+}
+
+/// Where layer bytes are read from.
+#[derive(Debug)]
+enum Source {
+    Original(PathBuf),
+    /// The uncompressed copy of a gzip-compressed archive; deleted on drop.
+    Spooled(tempfile::NamedTempFile),
+}
+
+/// One layer: a tar entry whose (uncompressed) sha256 is the `diff_id`.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    /// The entry's path in the archive (`<hash>/layer.tar`).
+    pub name: String,
+    pub diff_id: String,
+    /// Size of the uncompressed layer tar.
+    pub size: u64,
+    offset: u64,
+    entry_size: u64,
+    /// Some archives hold gzip-compressed layer tars.
+    gzipped: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ManifestEntry {
+    config: String,
+    #[serde(default)]
+    repo_tags: Option<Vec<String>>,
+    layers: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ConfigRootfs {
+    rootfs: Rootfs,
+}
+
+#[derive(Debug, Deserialize)]
+struct Rootfs {
+    diff_ids: Vec<String>,
+}
+
+/// What the first pass learned about one tar entry.
+#[derive(Debug, Clone)]
+enum Entry {
+    File { offset: u64, size: u64, sha256: String, content_size: u64, gzipped: bool },
+    Link(String),
+}
+
+impl Archive {
+    /// Opens and checks `path`. `cancel` stops the read early (Ctrl-C) with an error.
+    pub fn open(path: &Path, cancel: Option<Arc<AtomicBool>>) -> Result<Archive> {
+        let shown = path.display();
+        let mut file = File::open(path).with_context(|| format!("cannot open archive {shown}"))?;
+        let mut magic = [0u8; 2];
+        let n = read_up_to(&mut file, &mut magic).with_context(|| format!("cannot read archive {shown}"))?;
+        file.seek(SeekFrom::Start(0))?;
+        let gzipped = n == 2 && magic == GZIP_MAGIC;
+        let cancel = cancel.unwrap_or_default();
+
+        let (entries, source) = if gzipped {
+            let spool = tempfile::Builder::new()
+                .prefix("nixctr-archive-")
+                .tempfile()
+                .context("cannot create a temporary file for the uncompressed archive (is TMPDIR writable?)")?;
+            let writer = io::BufWriter::with_capacity(1 << 20, spool.as_file().try_clone()?);
+            let decoder = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 20, file));
+            let mut tee = Tee { inner: Cancellable { inner: decoder, cancel: cancel.clone() }, copy: writer };
+            let entries = scan(&mut tee).map_err(|e| describe_read_error(path, e))?;
+            // Read what follows the end-of-archive blocks too, so a truncated gzip stream shows.
+            io::copy(&mut tee, &mut io::sink()).map_err(|e| describe_read_error(path, e.into()))?;
+            tee.copy.flush().context("cannot write the uncompressed archive to TMPDIR")?;
+            (entries, Source::Spooled(spool))
+        } else {
+            let reader = Cancellable { inner: BufReader::with_capacity(1 << 20, file), cancel };
+            let entries = scan(reader).map_err(|e| describe_read_error(path, e))?;
+            (entries, Source::Original(path.to_path_buf()))
+        };
+
+        let mut archive = Archive {
+            path: path.to_path_buf(),
+            source,
+            config: Vec::new(),
+            config_digest: String::new(),
+            repo_tags: Vec::new(),
+            layers: Vec::new(),
+            gzipped,
+        };
+        archive.check(&entries)?;
+        Ok(archive)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The uncompressed bytes of layer `index`.
+    pub fn layer_reader(&self, index: usize) -> Result<Box<dyn Read + Send>> {
+        let layer = self.layers.get(index).ok_or_else(|| anyhow!("no layer {index}"))?;
+        let raw = self.read_at(layer.offset, layer.entry_size)?;
+        Ok(if layer.gzipped { Box::new(flate2::read::MultiGzDecoder::new(raw)) } else { Box::new(raw) })
+    }
+
+    fn read_at(&self, offset: u64, size: u64) -> Result<io::Take<BufReader<File>>> {
+        let path = match &self.source {
+            Source::Original(path) => path.as_path(),
+            Source::Spooled(file) => file.path(),
+        };
+        let mut file = File::open(path).with_context(|| format!("cannot reopen {}", path.display()))?;
+        file.seek(SeekFrom::Start(offset))?;
+        Ok(BufReader::with_capacity(256 << 10, file).take(size))
+    }
+
+    fn read_entry(&self, entries: &HashMap<String, Entry>, name: &str, what: &str) -> Result<Vec<u8>> {
+        let (offset, size) = match resolve(entries, name) {
+            Some(Entry::File { offset, size, .. }) => (offset, size),
+            _ => bail!("{}: {what} {name:?} is missing (the archive may be truncated)", self.path.display()),
+        };
+        if size > 64 << 20 {
+            bail!("{}: {what} {name:?} is {size} bytes, too big for JSON", self.path.display());
+        }
+        let mut bytes = Vec::with_capacity(size as usize);
+        self.read_at(offset, size)?.read_to_end(&mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// Reads manifest.json and the config, and matches the layers with `rootfs.diff_ids`.
+    fn check(&mut self, entries: &HashMap<String, Entry>) -> Result<()> {
+        let shown = self.path.display().to_string();
+        if !entries.contains_key("manifest.json") {
+            bail!(
+                "{shown:?} is not a docker-archive: it has no manifest.json (an OCI layout or a plain \
+                 tar? build it with nix's dockerTools or `docker save`; it may also be truncated)"
+            );
+        }
+        let manifest = self.read_entry(entries, "manifest.json", "manifest")?;
+        let manifest: Vec<ManifestEntry> = serde_json::from_slice(&manifest)
+            .with_context(|| format!("{shown}: manifest.json is not a docker-archive manifest"))?;
+        let image = match manifest.as_slice() {
+            [one] => one,
+            [] => bail!("{shown}: manifest.json lists no image"),
+            more => bail!("{shown}: manifest.json lists {} images; push supports one per archive", more.len()),
+        };
+        self.config = self.read_entry(entries, &image.config, "config")?;
+        self.config_digest = sha256_digest(&self.config);
+        let config: ConfigRootfs = serde_json::from_slice(&self.config)
+            .with_context(|| format!("{shown}: config {:?} has no rootfs.diff_ids", image.config))?;
+        self.repo_tags = image.repo_tags.clone().unwrap_or_default();
+        let diff_ids = config.rootfs.diff_ids;
+        if diff_ids.len() != image.layers.len() {
+            bail!(
+                "{shown}: manifest.json lists {} layers but the config's rootfs.diff_ids has {} (the archive is corrupt; rebuild it)",
+                image.layers.len(),
+                diff_ids.len()
+            );
+        }
+        for (index, (name, want)) in image.layers.iter().zip(&diff_ids).enumerate() {
+            let Some(Entry::File { offset, size, sha256, content_size, gzipped }) = resolve(entries, name) else {
+                bail!("{shown}: layer {} ({name:?}) is missing (the archive may be truncated)", index + 1);
+            };
+            if &sha256 != want {
+                bail!(
+                    "{shown}: layer {} ({name:?}) has diff_id {sha256} but the config says {want} (the archive is corrupt; rebuild it)",
+                    index + 1
+                );
+            }
+            self.layers.push(Layer {
+                name: name.clone(),
+                diff_id: sha256,
+                size: content_size,
+                offset,
+                entry_size: size,
+                gzipped,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Reads every entry of a tar stream, hashing file contents (after gunzip when an entry is
+/// itself gzip-compressed).
+fn scan(reader: impl Read) -> Result<HashMap<String, Entry>> {
+    let mut tar = tar::Archive::new(reader);
+    let mut entries = HashMap::new();
+    for entry in tar.entries()? {
+        let mut entry = entry?;
+        let name = normalize(&entry.path()?);
+        let kind = entry.header().entry_type();
+        if kind.is_symlink() || kind.is_hard_link() {
+            if let Some(target) = entry.link_name()? {
+                let target = if kind.is_symlink() {
+                    let parent = Path::new(&name).parent().unwrap_or(Path::new(""));
+                    normalize(&parent.join(&target))
+                } else {
+                    normalize(&target)
+                };
+                entries.insert(name, Entry::Link(target));
+            }
+            continue;
+        }
+        if !kind.is_file() {
+            continue;
+        }
+        let offset = entry.raw_file_position();
+        let size = entry.size();
+        let mut head = [0u8; 2];
+        let got = read_up_to(&mut entry, &mut head)?;
+        let gzipped = got == 2 && head == GZIP_MAGIC;
+        let (sha256, content_size, read) = if gzipped {
+            let mut counter = Counted { inner: io::Cursor::new(head).chain(&mut entry), count: 0 };
+            let mut decoder = flate2::read::MultiGzDecoder::new(&mut counter);
+            let (digest, n) = hash_reader(&mut decoder)?;
+            // Drain anything after the gzip stream so the raw size check below holds.
+            io::copy(&mut counter, &mut io::sink())?;
+            (digest, n, counter.count)
+        } else {
+            let (digest, n) = hash_reader(&mut io::Cursor::new(&head[..got]).chain(&mut entry))?;
+            (digest, n, n)
+        };
+        if read != size {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("entry {name:?} is cut short")).into());
+        }
+        entries.insert(name, Entry::File { offset, size, sha256, content_size, gzipped });
+    }
+    Ok(entries)
+}
+
+/// Follows links (at most a few hops) to the file an entry name stands for.
+fn resolve(entries: &HashMap<String, Entry>, name: &str) -> Option<Entry> {
+    let mut name = normalize(Path::new(name));
+    for _ in 0..8 {
+        match entries.get(&name)? {
+            Entry::Link(target) => name = target.clone(),
+            file => return Some(file.clone()),
+        }
+    }
+    None
+}
+
+/// `./a/../b/layer.tar` -> `b/layer.tar`.
+fn normalize(path: &Path) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for part in path.components() {
+        match part {
+            Component::Normal(p) => parts.push(p.to_string_lossy().into_owned()),
+            Component::ParentDir => {
+                parts.pop();
+            }
+            _ => {}
+        }
+    }
+    parts.join("/")
+}
+
+fn describe_read_error(path: &Path, err: anyhow::Error) -> anyhow::Error {
+    let shown = path.display();
+    if let Some(io) = err.downcast_ref::<io::Error>() {
+        if io.kind() == io::ErrorKind::Interrupted && io.to_string() == "cancelled" {
+            return anyhow!("reading {shown} was cancelled");
+        }
+        if io.kind() == io::ErrorKind::UnexpectedEof {
+            return anyhow!("{shown:?} is truncated: {io} (copy or rebuild the archive)");
+        }
+        // The tar reader's own complaints (bad header checksum, short block) end up here.
+        return anyhow!("{shown:?} is not a docker-archive (not a tar or gzip-compressed tar, or corrupt): {io}");
+    }
+    anyhow!("{shown:?} is not a docker-archive (not a tar or gzip-compressed tar): {err}")
+}
+
+fn hash_reader(reader: &mut impl Read) -> io::Result<(String, u64)> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut total = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted && e.to_string() != "cancelled" => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((format!("sha256:{}", hex::encode(hasher.finalize())), total))
+}
+
+fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// Copies everything read from `inner` into `copy`.
+struct Tee<R, W> {
+    inner: R,
+    copy: W,
+}
+
+impl<R: Read, W: Write> Read for Tee<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.copy.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+struct Counted<R> {
+    inner: R,
+    count: u64,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// A reader that fails once `cancel` is set, so blocking work stops soon after Ctrl-C.
+pub struct Cancellable<R> {
+    pub inner: R,
+    pub cancel: Arc<AtomicBool>,
+}
+
+impl<R: Read> Read for Cancellable<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+        }
+        self.inner.read(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_with(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, data) in entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            builder.append_data(&mut header, name, *data).unwrap();
+        }
+        builder.into_inner().unwrap()
+    }
+
+    fn image(layers: &[&[u8]], diff_ids: Option<Vec<String>>) -> Vec<u8> {
+        let ids = diff_ids.unwrap_or_else(|| layers.iter().map(|l| sha256_digest(l)).collect());
+        let config = serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": ids}});
+        let config = serde_json::to_vec(&config).unwrap();
+        let names: Vec<String> = (0..layers.len()).map(|i| format!("l{i}/layer.tar")).collect();
+        let manifest = serde_json::json!([{"Config": "config.json", "RepoTags": ["x:1"], "Layers": names}]);
+        let manifest = serde_json::to_vec(&manifest).unwrap();
+        let mut entries: Vec<(&str, &[u8])> = names.iter().map(|n| n.as_str()).zip(layers.iter().copied()).collect();
+        entries.push(("config.json", &config));
+        entries.push(("manifest.json", &manifest));
+        tar_with(&entries)
+    }
+
+    fn write(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(bytes).unwrap();
+        enc.finish().unwrap()
+    }
+
+    #[test]
+    fn reads_plain_and_gzip_archives() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer_a = tar_with(&[("a", b"hello")]);
+        let layer_b = tar_with(&[("b", b"world")]);
+        let bytes = image(&[&layer_a, &layer_b], None);
+        for (name, data) in [("x.tar", bytes.clone()), ("x.tar.gz", gzip(&bytes)), ("no-extension", gzip(&bytes))] {
+            let archive = Archive::open(&write(&dir, name, &data), None).unwrap();
+            assert_eq!(archive.layers.len(), 2);
+            assert_eq!(archive.repo_tags, vec!["x:1".to_string()]);
+            assert_eq!(archive.layers[1].diff_id, sha256_digest(&layer_b));
+            let mut back = Vec::new();
+            archive.layer_reader(1).unwrap().read_to_end(&mut back).unwrap();
+            assert_eq!(back, layer_b);
+        }
+    }
+
+    #[test]
+    fn gzipped_layer_entries_are_hashed_uncompressed() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = tar_with(&[("a", b"hello")]);
+        let mut bytes = image(&[&gzip(&layer)], Some(vec![sha256_digest(&layer)]));
+        bytes = gzip(&bytes);
+        let archive = Archive::open(&write(&dir, "x", &bytes), None).unwrap();
+        let mut back = Vec::new();
+        archive.layer_reader(0).unwrap().read_to_end(&mut back).unwrap();
+        assert_eq!(back, layer);
+    }
+
+    #[test]
+    fn diff_id_mismatch_names_the_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = tar_with(&[("a", b"hello")]);
+        let bytes = image(&[&layer], Some(vec![sha256_digest(b"other")]));
+        let err = Archive::open(&write(&dir, "x.tar", &bytes), None).unwrap_err().to_string();
+        assert!(err.contains("layer 1") && err.contains("diff_id"), "{err}");
+    }
+
+    #[test]
+    fn truncated_archives_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = tar_with(&[("a", &[7u8; 100_000])]);
+        let bytes = image(&[&layer], None);
+        for cut in [bytes.len() / 3, bytes.len() - 2048] {
+            let err = Archive::open(&write(&dir, "t.tar", &bytes[..cut]), None).unwrap_err().to_string();
+            assert!(err.contains("truncated"), "{err}");
+        }
+        let gz = gzip(&bytes);
+        let err = Archive::open(&write(&dir, "t.tar.gz", &gz[..gz.len() - 30]), None).unwrap_err().to_string();
+        assert!(err.contains("truncated") || err.contains("corrupt"), "{err}");
+    }
+
+    #[test]
+    fn other_files_are_not_archives() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Archive::open(&write(&dir, "n.tar", b"just some text, long enough to not be a tar header at all"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a docker-archive"), "{err}");
+        let plain = tar_with(&[("hello.txt", b"hi")]);
+        let err = Archive::open(&write(&dir, "p.tar", &plain), None).unwrap_err().to_string();
+        assert!(err.contains("no manifest.json"), "{err}");
+    }
+
+    #[test]
+    fn symlinked_layers_resolve() {
+        let mut builder = tar::Builder::new(Vec::new());
+        let layer = tar_with(&[("a", b"x")]);
+        let mut header = tar::Header::new_gnu();
+        header.set_size(layer.len() as u64);
+        header.set_cksum();
+        builder.append_data(&mut header, "one/layer.tar", layer.as_slice()).unwrap();
+        let mut link = tar::Header::new_gnu();
+        link.set_entry_type(tar::EntryType::Symlink);
+        link.set_size(0);
+        builder.append_link(&mut link, "two/layer.tar", "../one/layer.tar").unwrap();
+        let id = sha256_digest(&layer);
+        let config = serde_json::to_vec(&serde_json::json!({"rootfs": {"diff_ids": [id, id]}})).unwrap();
+        let manifest =
+            serde_json::to_vec(&serde_json::json!([{"Config": "c.json", "Layers": ["one/layer.tar", "two/layer.tar"]}])).unwrap();
+        for (name, data) in [("c.json", &config), ("manifest.json", &manifest)] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_cksum();
+            builder.append_data(&mut header, name, data.as_slice()).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let archive = Archive::open(&write(&dir, "s.tar", &builder.into_inner().unwrap()), None).unwrap();
+        assert_eq!(archive.layers.len(), 2);
+    }
+}
