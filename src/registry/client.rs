@@ -121,36 +121,37 @@ impl Client {
                 }
                 Err(e) => e,
             };
+            // A certificate complaint means the server speaks TLS: plain http is no way out.
+            if is_certificate_failure(&tls_error) {
+                bail!(
+                    "cannot reach registry {} over https: {} (pass --ca-cert FILE for a private CA, or --insecure to skip the check)",
+                    self.registry,
+                    root_cause(&tls_error)
+                );
+            }
             if http_allowed {
                 match self.http.get(format!("{plain}/v2/")).send().await {
                     Ok(_) => {
                         self.base = plain;
                         return Ok(());
                     }
-                    Err(e) if !e.is_connect() || tls_error.is_connect() => {
-                        last = Some(e);
+                    Err(e) => {
+                        last = Some(if tls_error.is_connect() && !e.is_connect() { tls_error } else { e });
                         continue;
                     }
-                    // http refused while https answered: the https failure is the story.
-                    Err(_) => {}
                 }
             }
-            if is_tls_failure(&tls_error) {
-                let hint = if self.registry_is_loopback() || http_allowed {
-                    "pass --ca-cert FILE for a private CA, or --insecure"
-                } else {
-                    "pass --ca-cert FILE for a private CA; --insecure (or insecure-registries in nixctr.toml) allows plain http and no certificate check"
-                };
-                bail!("cannot reach registry {} over https: {} ({hint})", self.registry, root_cause(&tls_error));
+            if !tls_error.is_connect() {
+                bail!(
+                    "cannot reach registry {} over https: {} (a registry on plain http needs --insecure, or insecure-registries in nixctr.toml)",
+                    self.registry,
+                    root_cause(&tls_error)
+                );
             }
             last = Some(tls_error);
         }
         let err = last.map(|e| root_cause(&e)).unwrap_or_default();
         bail!("cannot reach registry {}: {err} (is it running, and is the address right?)", self.registry)
-    }
-
-    fn registry_is_loopback(&self) -> bool {
-        super::is_loopback(super::reference::host_only(&self.registry))
     }
 
     pub fn base(&self) -> &str {
@@ -324,9 +325,8 @@ fn is_transient(e: &reqwest::Error) -> bool {
     e.is_connect() || e.is_timeout() || e.is_request() || e.is_body() || e.is_decode()
 }
 
-fn is_tls_failure(e: &reqwest::Error) -> bool {
-    let text = format!("{e:?}").to_ascii_lowercase();
-    text.contains("certificate") || text.contains("tls") || text.contains("handshake") || text.contains("ssl")
+fn is_certificate_failure(e: &reqwest::Error) -> bool {
+    format!("{e:?}").to_ascii_lowercase().contains("certificate")
 }
 
 /// The innermost cause of a reqwest error ("connection refused"), which says the most.
