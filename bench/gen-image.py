@@ -55,7 +55,8 @@ def main():
     ap.add_argument("--change-layer", type=int, default=0)
     args = ap.parse_args()
     budget = args.size_mb << 20
-    per_layer = budget // args.layers
+    weight = lambda n: 3 if n % 10 == 2 else 1
+    per_layer = budget // sum(weight(n) for n in range(1, args.layers + 1))
     files = candidate_files(min(16 << 20, max(per_layer // 2, 1 << 20)))
     work = tempfile.mkdtemp(prefix="gen-image-")
     layers = []
@@ -65,7 +66,7 @@ def main():
             path = os.path.join(work, f"{n}.tar")
             size = 0
             # Layer sizes vary like a real image: a few big, many small.
-            target = per_layer * (3 if n % 10 == 2 else 1) if n < args.layers else budget - total
+            target = per_layer * weight(n) if n < args.layers else budget - total
             with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
                 if n == 1:
                     add_file(tar, "bin/busybox", "/bin/busybox", mode=0o755)
@@ -83,8 +84,6 @@ def main():
                     h.update(chunk)
             layers.append((path, "sha256:" + h.hexdigest()))
             total += os.path.getsize(path)
-            if total >= budget:
-                break
         config = json.dumps({
             "architecture": "amd64", "os": "linux",
             "config": {"Cmd": ["/bin/busybox", "echo", "ok"]},
