@@ -23,7 +23,9 @@ const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 #[derive(Debug)]
 pub struct Archive {
     path: PathBuf,
-    source: Source,
+    /// The uncompressed copy of a gzip-compressed archive, read by the layers' [`EntryData`];
+    /// deleted on drop.
+    _spool: Option<tempfile::NamedTempFile>,
     /// The config JSON, byte for byte as in the archive (its sha256 is the image id).
     pub config: Vec<u8>,
     pub config_digest: String,
@@ -34,14 +36,6 @@ pub struct Archive {
     pub gzipped: bool,
 }
 
-/// Where layer bytes are read from.
-#[derive(Debug)]
-enum Source {
-    Original(PathBuf),
-    /// The uncompressed copy of a gzip-compressed archive; deleted on drop.
-    Spooled(tempfile::NamedTempFile),
-}
-
 /// One layer: a tar entry whose (uncompressed) sha256 is the `diff_id`.
 #[derive(Debug, Clone)]
 pub struct Layer {
@@ -50,10 +44,38 @@ pub struct Layer {
     pub diff_id: String,
     /// Size of the uncompressed layer tar.
     pub size: u64,
+    pub data: EntryData,
+}
+
+/// Where one entry's bytes are: a plain tar file, at an offset.
+#[derive(Debug, Clone)]
+pub struct EntryData {
+    path: PathBuf,
     offset: u64,
-    entry_size: u64,
+    size: u64,
     /// Some archives hold gzip-compressed layer tars.
     gzipped: bool,
+}
+
+impl EntryData {
+    /// The entry's uncompressed bytes.
+    pub fn reader(&self) -> Result<Box<dyn Read + Send>> {
+        let mut file = File::open(&self.path).with_context(|| format!("cannot reopen {}", self.path.display()))?;
+        file.seek(SeekFrom::Start(self.offset))?;
+        let raw = BufReader::with_capacity(256 << 10, file).take(self.size);
+        Ok(if self.gzipped { Box::new(flate2::read::MultiGzDecoder::new(raw)) } else { Box::new(raw) })
+    }
+}
+
+/// A file entry, handed out as soon as it is read and hashed, before the archive as a whole
+/// is checked: callers may start work on likely layers early (but must not send them yet).
+#[derive(Debug, Clone)]
+pub struct SeenEntry {
+    pub name: String,
+    /// sha256 of the uncompressed content: the diff_id, if this is a layer.
+    pub sha256: String,
+    pub size: u64,
+    pub data: EntryData,
 }
 
 #[derive(Debug, Deserialize)]
@@ -78,13 +100,19 @@ struct Rootfs {
 /// What the first pass learned about one tar entry.
 #[derive(Debug, Clone)]
 enum Entry {
-    File { offset: u64, size: u64, sha256: String, content_size: u64, gzipped: bool },
+    File { sha256: String, content_size: u64, data: EntryData },
     Link(String),
 }
 
 impl Archive {
     /// Opens and checks `path`. `cancel` stops the read early (Ctrl-C) with an error.
     pub fn open(path: &Path, cancel: Option<Arc<AtomicBool>>) -> Result<Archive> {
+        Archive::open_with(path, cancel, &mut |_| {})
+    }
+
+    /// [`Archive::open`], calling `on_entry` for each file entry that may be a layer (not
+    /// JSON) as soon as it has been read.
+    pub fn open_with(path: &Path, cancel: Option<Arc<AtomicBool>>, on_entry: &mut dyn FnMut(&SeenEntry)) -> Result<Archive> {
         let shown = path.display();
         let mut file = File::open(path).with_context(|| format!("cannot open archive {shown}"))?;
         let mut magic = [0u8; 2];
@@ -93,28 +121,29 @@ impl Archive {
         let gzipped = n == 2 && magic == GZIP_MAGIC;
         let cancel = cancel.unwrap_or_default();
 
-        let (entries, source) = if gzipped {
+        let (entries, spool) = if gzipped {
             let spool = tempfile::Builder::new()
                 .prefix("nixctr-archive-")
                 .tempfile()
                 .context("cannot create a temporary file for the uncompressed archive (is TMPDIR writable?)")?;
-            let writer = io::BufWriter::with_capacity(1 << 20, spool.as_file().try_clone()?);
+            // Unbuffered, so an entry's bytes are in the file by the time `on_entry` hears of it.
+            let writer = spool.as_file().try_clone()?;
             let decoder = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 20, file));
             let mut tee = Tee { inner: Cancellable { inner: decoder, cancel: cancel.clone() }, copy: writer };
-            let entries = scan(&mut tee).map_err(|e| describe_read_error(path, e))?;
+            let entries = scan(&mut tee, spool.path(), on_entry).map_err(|e| describe_read_error(path, e))?;
             // Read what follows the end-of-archive blocks too, so a truncated gzip stream shows.
             io::copy(&mut tee, &mut io::sink()).map_err(|e| describe_read_error(path, e.into()))?;
             tee.copy.flush().context("cannot write the uncompressed archive to TMPDIR")?;
-            (entries, Source::Spooled(spool))
+            (entries, Some(spool))
         } else {
             let reader = Cancellable { inner: BufReader::with_capacity(1 << 20, file), cancel };
-            let entries = scan(reader).map_err(|e| describe_read_error(path, e))?;
-            (entries, Source::Original(path.to_path_buf()))
+            let entries = scan(reader, path, on_entry).map_err(|e| describe_read_error(path, e))?;
+            (entries, None)
         };
 
         let mut archive = Archive {
             path: path.to_path_buf(),
-            source,
+            _spool: spool,
             config: Vec::new(),
             config_digest: String::new(),
             repo_tags: Vec::new(),
@@ -132,30 +161,18 @@ impl Archive {
     /// The uncompressed bytes of layer `index`.
     pub fn layer_reader(&self, index: usize) -> Result<Box<dyn Read + Send>> {
         let layer = self.layers.get(index).ok_or_else(|| anyhow!("no layer {index}"))?;
-        let raw = self.read_at(layer.offset, layer.entry_size)?;
-        Ok(if layer.gzipped { Box::new(flate2::read::MultiGzDecoder::new(raw)) } else { Box::new(raw) })
-    }
-
-    fn read_at(&self, offset: u64, size: u64) -> Result<io::Take<BufReader<File>>> {
-        let path = match &self.source {
-            Source::Original(path) => path.as_path(),
-            Source::Spooled(file) => file.path(),
-        };
-        let mut file = File::open(path).with_context(|| format!("cannot reopen {}", path.display()))?;
-        file.seek(SeekFrom::Start(offset))?;
-        Ok(BufReader::with_capacity(256 << 10, file).take(size))
+        layer.data.reader()
     }
 
     fn read_entry(&self, entries: &HashMap<String, Entry>, name: &str, what: &str) -> Result<Vec<u8>> {
-        let (offset, size) = match resolve(entries, name) {
-            Some(Entry::File { offset, size, .. }) => (offset, size),
-            _ => bail!("{}: {what} {name:?} is missing (the archive may be truncated)", self.path.display()),
+        let Some(Entry::File { data, content_size, .. }) = resolve(entries, name) else {
+            bail!("{}: {what} {name:?} is missing (the archive may be truncated)", self.path.display());
         };
-        if size > 64 << 20 {
-            bail!("{}: {what} {name:?} is {size} bytes, too big for JSON", self.path.display());
+        if content_size > 64 << 20 {
+            bail!("{}: {what} {name:?} is {content_size} bytes, too big for JSON", self.path.display());
         }
-        let mut bytes = Vec::with_capacity(size as usize);
-        self.read_at(offset, size)?.read_to_end(&mut bytes)?;
+        let mut bytes = Vec::with_capacity(content_size as usize);
+        data.reader()?.read_to_end(&mut bytes)?;
         Ok(bytes)
     }
 
@@ -190,7 +207,7 @@ impl Archive {
             );
         }
         for (index, (name, want)) in image.layers.iter().zip(&diff_ids).enumerate() {
-            let Some(Entry::File { offset, size, sha256, content_size, gzipped }) = resolve(entries, name) else {
+            let Some(Entry::File { sha256, content_size, data }) = resolve(entries, name) else {
                 bail!("{shown}: layer {} ({name:?}) is missing (the archive may be truncated)", index + 1);
             };
             if &sha256 != want {
@@ -199,14 +216,7 @@ impl Archive {
                     index + 1
                 );
             }
-            self.layers.push(Layer {
-                name: name.clone(),
-                diff_id: sha256,
-                size: content_size,
-                offset,
-                entry_size: size,
-                gzipped,
-            });
+            self.layers.push(Layer { name: name.clone(), diff_id: sha256, size: content_size, data });
         }
         Ok(())
     }
@@ -214,7 +224,7 @@ impl Archive {
 
 /// Reads every entry of a tar stream, hashing file contents (after gunzip when an entry is
 /// itself gzip-compressed).
-fn scan(reader: impl Read) -> Result<HashMap<String, Entry>> {
+fn scan(reader: impl Read, source: &Path, on_entry: &mut dyn FnMut(&SeenEntry)) -> Result<HashMap<String, Entry>> {
     let mut tar = tar::Archive::new(reader);
     let mut entries = HashMap::new();
     for entry in tar.entries()? {
@@ -255,7 +265,11 @@ fn scan(reader: impl Read) -> Result<HashMap<String, Entry>> {
         if read != size {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("entry {name:?} is cut short")).into());
         }
-        entries.insert(name, Entry::File { offset, size, sha256, content_size, gzipped });
+        let data = EntryData { path: source.to_path_buf(), offset, size, gzipped };
+        if !name.ends_with(".json") && name != "repositories" {
+            on_entry(&SeenEntry { name: name.clone(), sha256: sha256.clone(), size: content_size, data: data.clone() });
+        }
+        entries.insert(name, Entry::File { sha256, content_size, data });
     }
     Ok(entries)
 }

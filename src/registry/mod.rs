@@ -16,20 +16,23 @@ pub mod cache;
 mod client;
 pub mod reference;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
-use futures::{StreamExt, TryStreamExt};
+use futures::future::{BoxFuture, Shared};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use oci_client::manifest::{
     OciDescriptor, OciImageManifest, IMAGE_CONFIG_MEDIA_TYPE, IMAGE_DOCKER_CONFIG_MEDIA_TYPE,
     IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE, IMAGE_LAYER_GZIP_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE,
 };
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use reqwest::{Method, StatusCode};
+use tokio::sync::Semaphore;
 
-use crate::archive::{sha256_digest, Archive, Cancellable};
+use crate::archive::{sha256_digest, Archive, Cancellable, EntryData, SeenEntry};
 use crate::cli::{Compression, ManifestFormat, RegistryArgs};
 use crate::progress::Progress;
 use crate::settings::Settings;
@@ -143,27 +146,109 @@ enum LayerResult {
     Pushed(u64),
 }
 
-/// Pushes `archive` as `reference`. Nothing is sent until the archive checks out.
+/// A compression started early; shared so the layer that needs it can wait for it.
+type Pending = Shared<BoxFuture<'static, std::result::Result<Arc<blobs::Compressed>, Arc<anyhow::Error>>>>;
+
+/// Runs compressions on all cores, into temporary files; stops them when dropped.
+struct Compressor {
+    slots: Arc<Semaphore>,
+    work: PathBuf,
+    compression: Compression,
+    cancel: Arc<AtomicBool>,
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+impl Compressor {
+    fn start(&self, data: EntryData) -> Pending {
+        let (slots, work, compression, cancel) = (self.slots.clone(), self.work.clone(), self.compression, self.cancel.clone());
+        let task = tokio::spawn(async move {
+            let _slot = slots.acquire_owned().await.map_err(|e| anyhow!("compression stopped: {e}"))?;
+            tokio::task::spawn_blocking(move || {
+                let reader = Cancellable { inner: data.reader()?, cancel };
+                blobs::compress(reader, compression, &work)
+            })
+            .await
+            .map_err(|e| anyhow!("compression stopped: {e}"))?
+        });
+        if let Ok(mut tasks) = self.tasks.lock() {
+            tasks.push(task.abort_handle());
+        }
+        async move {
+            match task.await {
+                Ok(Ok(compressed)) => Ok(Arc::new(compressed)),
+                Ok(Err(e)) => Err(Arc::new(e)),
+                Err(e) => Err(Arc::new(anyhow!("compression stopped: {e}"))),
+            }
+        }
+        .boxed()
+        .shared()
+    }
+}
+
+impl Drop for Compressor {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+        if let Ok(tasks) = self.tasks.lock() {
+            tasks.iter().for_each(|t| t.abort());
+        }
+    }
+}
+
+fn codec_name(compression: Compression) -> &'static str {
+    match compression {
+        Compression::Gzip => "gzip",
+        Compression::Zstd => "zstd",
+    }
+}
+
+/// Pushes `archive` as `reference`. Nothing is sent until the archive checks out; layers
+/// are compressed while it is still being read.
 pub async fn push(archive: &Path, reference: &Reference, opts: &PushOptions, progress: &Progress) -> Result<PushOutcome> {
     let cancel = Arc::new(AtomicBool::new(false));
     let _guard = CancelOnDrop(cancel.clone());
-
-    progress.info(format!("reading {}", archive.display()));
-    let path = archive.to_path_buf();
-    let flag = cancel.clone();
-    let archive = tokio::task::spawn_blocking(move || Archive::open(&path, Some(flag)))
-        .await
-        .map_err(|e| anyhow!("reading the archive stopped: {e}"))??;
-    let archive = Arc::new(archive);
-
-    let client = Arc::new(Client::connect(opts, reference.api_host(), reference.repository()).await?);
-    let cache = Arc::new(Mutex::new(BlobCache::load(opts.cache_path.clone())));
     let work = tempfile::Builder::new()
         .prefix("nixctr-push-")
         .tempdir()
         .context("cannot create a temporary directory (is TMPDIR writable?)")?;
+    let cache = Arc::new(Mutex::new(BlobCache::load(opts.cache_path.clone())));
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let compressor = Arc::new(Compressor {
+        slots: Arc::new(Semaphore::new(cores)),
+        work: work.path().to_path_buf(),
+        compression: opts.compression,
+        cancel: cancel.clone(),
+        tasks: Mutex::new(Vec::new()),
+    });
+    let pending: Arc<Mutex<HashMap<String, Pending>>> = Arc::default();
 
-    let result = push_with(&archive, reference, opts, progress, &client, &cache, work.path(), &cancel).await;
+    progress.info(format!("reading {}", archive.display()));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SeenEntry>();
+    let path = archive.to_path_buf();
+    let flag = cancel.clone();
+    let open = tokio::task::spawn_blocking(move || {
+        Archive::open_with(&path, Some(flag), &mut |entry| {
+            let _ = tx.send(entry.clone());
+        })
+    });
+    let codec = codec_name(opts.compression);
+    let scanned = async {
+        // Compress what looks like a layer as soon as it is read, unless the cache says the
+        // registry has it already.
+        while let Some(entry) = rx.recv().await {
+            let known = cache.lock().ok().is_some_and(|c| c.get(&opts.registry, codec, &entry.sha256).is_some());
+            if let (false, Ok(mut map)) = (known, pending.lock()) {
+                if !map.contains_key(&entry.sha256) {
+                    map.insert(entry.sha256.clone(), compressor.start(entry.data));
+                }
+            }
+        }
+        open.await.map_err(|e| anyhow!("reading the archive stopped: {e}"))?
+    };
+    let connect = Client::connect(opts, reference.api_host(), reference.repository());
+    let (archive, client) = tokio::try_join!(scanned, connect)?;
+    let (archive, client) = (Arc::new(archive), Arc::new(client));
+
+    let result = push_with(&archive, reference, opts, progress, &client, &cache, &compressor, &pending).await;
     if let Ok(mut cache) = cache.lock() {
         if let Err(e) = cache.save() {
             progress.debug(format!("could not save the blob cache: {e:#}"));
@@ -180,24 +265,20 @@ async fn push_with(
     progress: &Progress,
     client: &Arc<Client>,
     cache: &Arc<Mutex<BlobCache>>,
-    work: &Path,
-    cancel: &Arc<AtomicBool>,
+    compressor: &Arc<Compressor>,
+    pending: &Arc<Mutex<HashMap<String, Pending>>>,
 ) -> Result<PushOutcome> {
     let total = archive.layers.len();
-    let codec = match opts.compression {
-        Compression::Gzip => "gzip",
-        Compression::Zstd => "zstd",
-    };
+    let codec = codec_name(opts.compression);
     let repo = reference.repository().to_string();
     progress.info(format!("pushing {total} layers to {reference}"));
 
     let blobs: Vec<((String, u64), LayerResult)> = futures::stream::iter(0..total)
         .map(|index| {
-            let (archive, client, cache, repo, work, cancel) =
-                (archive.clone(), client.clone(), cache.clone(), repo.clone(), work.to_path_buf(), cancel.clone());
+            let (archive, client, cache, repo, compressor, pending) =
+                (archive.clone(), client.clone(), cache.clone(), repo.clone(), compressor.clone(), pending.clone());
             let registry = opts.registry.clone();
             let progress = progress.clone();
-            let compression = opts.compression;
             async move {
                 let layer = &archive.layers[index];
                 let label = format!("layer {}/{total} {}", index + 1, short(&layer.diff_id));
@@ -218,15 +299,21 @@ async fn push_with(
                         }
                     }
                 }
-                progress.debug(format!("{label}: compressing {}", human(layer.size)));
-                let archive2 = archive.clone();
-                let compressed = tokio::task::spawn_blocking(move || {
-                    let reader = Cancellable { inner: archive2.layer_reader(index)?, cancel };
-                    blobs::compress(reader, compression, &work)
-                })
-                .await
-                .map_err(|e| anyhow!("compressing stopped: {e}"))?
-                .with_context(|| format!("cannot compress layer {} of {}", index + 1, archive.path().display()))?;
+                let started = pending.lock().ok().and_then(|m| m.get(&layer.diff_id).cloned());
+                let job = match started {
+                    Some(job) => job,
+                    None => {
+                        progress.debug(format!("{label}: compressing {}", human(layer.size)));
+                        let job = compressor.start(layer.data.clone());
+                        if let Ok(mut m) = pending.lock() {
+                            m.insert(layer.diff_id.clone(), job.clone());
+                        }
+                        job
+                    }
+                };
+                let compressed = job.await.map_err(|e| {
+                    anyhow!("cannot compress layer {} of {}: {e:#}", index + 1, archive.path().display())
+                })?;
                 let result = if blob_exists(&client, &repo, &compressed.digest).await? {
                     LayerResult::Skipped
                 } else {
