@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
@@ -44,11 +44,13 @@ pub struct Layer {
     pub diff_id: String,
     /// Size of the uncompressed layer tar.
     pub size: u64,
-    pub data: EntryData,
+    /// `None` for an archive recalled from [`Archive::recall`] whose bytes need a full read
+    /// (a compressed archive).
+    pub data: Option<EntryData>,
 }
 
 /// Where one entry's bytes are: a plain tar file, at an offset.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EntryData {
     path: PathBuf,
     offset: u64,
@@ -97,6 +99,51 @@ struct Rootfs {
     diff_ids: Vec<String>,
 }
 
+/// A full read's findings, stored by [`Archive::remember`].
+#[derive(Debug, Serialize, Deserialize)]
+struct Checked {
+    key: FileKey,
+    config: String,
+    repo_tags: Vec<String>,
+    gzipped: bool,
+    layers: Vec<CheckedLayer>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CheckedLayer {
+    name: String,
+    diff_id: String,
+    size: u64,
+    data: Option<EntryData>,
+}
+
+/// Identifies one version of a file: any write changes the ctime, which cannot be set back.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct FileKey {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileKey {
+    fn of(path: &Path) -> Option<FileKey> {
+        use std::os::unix::fs::MetadataExt;
+        let path = path.canonicalize().ok()?;
+        let m = std::fs::metadata(&path).ok()?;
+        Some(FileKey {
+            path,
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        })
+    }
+}
+
 /// What the first pass learned about one tar entry.
 #[derive(Debug, Clone)]
 enum Entry {
@@ -129,7 +176,8 @@ impl Archive {
             // Unbuffered, so an entry's bytes are in the file by the time `on_entry` hears of it.
             let writer = spool.as_file().try_clone()?;
             let decoder = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 20, file));
-            let mut tee = Tee { inner: Cancellable { inner: decoder, cancel: cancel.clone() }, copy: writer };
+            let decoded = Pipelined::spawn(Cancellable { inner: decoder, cancel: cancel.clone() });
+            let mut tee = Tee { inner: decoded, copy: writer };
             let entries = scan(&mut tee, spool.path(), on_entry).map_err(|e| describe_read_error(path, e))?;
             // Read what follows the end-of-archive blocks too, so a truncated gzip stream shows.
             io::copy(&mut tee, &mut io::sink()).map_err(|e| describe_read_error(path, e.into()))?;
@@ -161,7 +209,67 @@ impl Archive {
     /// The uncompressed bytes of layer `index`.
     pub fn layer_reader(&self, index: usize) -> Result<Box<dyn Read + Send>> {
         let layer = self.layers.get(index).ok_or_else(|| anyhow!("no layer {index}"))?;
-        layer.data.reader()
+        match &layer.data {
+            Some(data) => data.reader(),
+            None => bail!("layer {} of {} needs a full read of the archive", index + 1, self.path.display()),
+        }
+    }
+
+    /// The archive as a full read found it before, when the file has not changed since
+    /// (same inode, size, mtime and ctime), so an unchanged archive is not hashed again.
+    pub fn recall(path: &Path, memory: &Path) -> Option<Archive> {
+        let key = FileKey::of(path)?;
+        let text = std::fs::read(memory).ok()?;
+        let mut all: Vec<Checked> = serde_json::from_slice(&text).ok()?;
+        let index = all.iter().position(|c| c.key == key)?;
+        let checked = all.swap_remove(index);
+        let plain = !checked.gzipped;
+        Some(Archive {
+            path: path.to_path_buf(),
+            _spool: None,
+            config_digest: sha256_digest(checked.config.as_bytes()),
+            config: checked.config.into_bytes(),
+            repo_tags: checked.repo_tags,
+            layers: checked
+                .layers
+                .into_iter()
+                .map(|l| Layer { name: l.name, diff_id: l.diff_id, size: l.size, data: l.data.filter(|_| plain) })
+                .collect(),
+            gzipped: checked.gzipped,
+        })
+    }
+
+    /// Remembers this archive's check for [`Archive::recall`] (the last 32 archives).
+    pub fn remember(&self, memory: &Path) -> Result<()> {
+        let Some(key) = FileKey::of(&self.path) else { return Ok(()) };
+        let Ok(config) = String::from_utf8(self.config.clone()) else { return Ok(()) };
+        let mut all: Vec<Checked> =
+            std::fs::read(memory).ok().and_then(|t| serde_json::from_slice(&t).ok()).unwrap_or_default();
+        all.retain(|c| c.key.path != key.path);
+        all.push(Checked {
+            key,
+            config,
+            repo_tags: self.repo_tags.clone(),
+            gzipped: self.gzipped,
+            layers: self
+                .layers
+                .iter()
+                .map(|l| CheckedLayer {
+                    name: l.name.clone(),
+                    diff_id: l.diff_id.clone(),
+                    size: l.size,
+                    data: if self.gzipped { None } else { l.data.clone() },
+                })
+                .collect(),
+        });
+        let excess = all.len().saturating_sub(32);
+        all.drain(..excess);
+        let dir = memory.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let mut file = tempfile::NamedTempFile::new_in(dir)?;
+        serde_json::to_writer(&mut file, &all)?;
+        file.persist(memory)?;
+        Ok(())
     }
 
     fn read_entry(&self, entries: &HashMap<String, Entry>, name: &str, what: &str) -> Result<Vec<u8>> {
@@ -216,7 +324,7 @@ impl Archive {
                     index + 1
                 );
             }
-            self.layers.push(Layer { name: name.clone(), diff_id: sha256, size: content_size, data });
+            self.layers.push(Layer { name: name.clone(), diff_id: sha256, size: content_size, data: Some(data) });
         }
         Ok(())
     }
@@ -348,6 +456,56 @@ fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 
 pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// Reads `inner` on a thread of its own, a few blocks ahead: gunzip then runs beside the
+/// hashing and copying that consume its output.
+struct Pipelined {
+    blocks: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    current: io::Cursor<Vec<u8>>,
+    done: bool,
+}
+
+impl Pipelined {
+    fn spawn(mut inner: impl Read + Send + 'static) -> Pipelined {
+        let (tx, blocks) = std::sync::mpsc::sync_channel(4);
+        std::thread::spawn(move || loop {
+            let mut block = vec![0u8; 1 << 20];
+            match read_up_to(&mut inner, &mut block) {
+                Ok(0) => break,
+                Ok(n) => {
+                    block.truncate(n);
+                    if tx.send(Ok(block)).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    break;
+                }
+            }
+        });
+        Pipelined { blocks, current: io::Cursor::new(Vec::new()), done: false }
+    }
+}
+
+impl Read for Pipelined {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let n = self.current.read(buf)?;
+            if n > 0 || buf.is_empty() || self.done {
+                return Ok(n);
+            }
+            match self.blocks.recv() {
+                Ok(Ok(block)) => self.current = io::Cursor::new(block),
+                Ok(Err(e)) => {
+                    self.done = true;
+                    return Err(e);
+                }
+                Err(_) => self.done = true,
+            }
+        }
+    }
 }
 
 /// Copies everything read from `inner` into `copy`.
@@ -495,6 +653,33 @@ mod tests {
         let plain = tar_with(&[("hello.txt", b"hi")]);
         let err = Archive::open(&write(&dir, "p.tar", &plain), None).unwrap_err().to_string();
         assert!(err.contains("no manifest.json"), "{err}");
+    }
+
+    #[test]
+    fn recall_finds_only_unchanged_archives() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = dir.path().join("mem/archives.json");
+        let layer = tar_with(&[("a", b"hello")]);
+        let path = write(&dir, "x.tar", &image(&[&layer], None));
+        assert!(Archive::recall(&path, &memory).is_none());
+        let archive = Archive::open(&path, None).unwrap();
+        archive.remember(&memory).unwrap();
+        let recalled = Archive::recall(&path, &memory).unwrap();
+        assert_eq!(recalled.config, archive.config);
+        assert_eq!(recalled.layers[0].diff_id, archive.layers[0].diff_id);
+        let mut back = Vec::new();
+        recalled.layer_reader(0).unwrap().read_to_end(&mut back).unwrap();
+        assert_eq!(back, layer);
+        // Rewriting the file, even with the same bytes, changes its ctime.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        write(&dir, "x.tar", &image(&[&layer], None));
+        assert!(Archive::recall(&path, &memory).is_none());
+
+        let gz = write(&dir, "x.tar.gz", &gzip(&image(&[&layer], None)));
+        Archive::open(&gz, None).unwrap().remember(&memory).unwrap();
+        let recalled = Archive::recall(&gz, &memory).unwrap();
+        assert!(recalled.layers[0].data.is_none() && recalled.layer_reader(0).is_err());
+        assert!(Archive::recall(&path, &memory).is_none());
     }
 
     #[test]

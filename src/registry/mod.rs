@@ -194,6 +194,11 @@ impl Drop for Compressor {
     }
 }
 
+/// A recalled compressed archive has a layer to compress: its bytes need a full read.
+#[derive(Debug, thiserror::Error)]
+#[error("the archive needs a full read")]
+struct NeedsFullRead;
+
 fn codec_name(compression: Compression) -> &'static str {
     match compression {
         Compression::Gzip => "gzip",
@@ -222,6 +227,25 @@ pub async fn push(archive: &Path, reference: &Reference, opts: &PushOptions, pro
     let pending: Arc<Mutex<HashMap<String, Pending>>> = Arc::default();
 
     progress.info(format!("reading {}", archive.display()));
+    let memory = opts.cache_path.as_ref().map(|p| p.with_file_name("archives.json"));
+    let mut client = None;
+    if let Some(memory) = &memory {
+        let (path, memory) = (archive.to_path_buf(), memory.clone());
+        if let Ok(Some(recalled)) = tokio::task::spawn_blocking(move || Archive::recall(&path, &memory)).await {
+            progress.debug(format!("{} is unchanged since nixctr last checked it", archive.display()));
+            let connected = Arc::new(Client::connect(opts, reference.api_host(), reference.repository()).await?);
+            let result =
+                push_with(&Arc::new(recalled), reference, opts, progress, &connected, &cache, &compressor, &pending).await;
+            match result {
+                Err(e) if e.is::<NeedsFullRead>() => {
+                    progress.debug("a layer needs compressing: reading the whole archive");
+                    client = Some(connected);
+                }
+                other => return finish(other, &cache, progress),
+            }
+        }
+    }
+
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SeenEntry>();
     let path = archive.to_path_buf();
     let flag = cancel.clone();
@@ -244,11 +268,26 @@ pub async fn push(archive: &Path, reference: &Reference, opts: &PushOptions, pro
         }
         open.await.map_err(|e| anyhow!("reading the archive stopped: {e}"))?
     };
-    let connect = Client::connect(opts, reference.api_host(), reference.repository());
+    let connect = async {
+        match client {
+            Some(client) => Ok(client),
+            None => Client::connect(opts, reference.api_host(), reference.repository()).await.map(Arc::new),
+        }
+    };
     let (archive, client) = tokio::try_join!(scanned, connect)?;
-    let (archive, client) = (Arc::new(archive), Arc::new(client));
+    if let Some(memory) = &memory {
+        if let Err(e) = archive.remember(memory) {
+            progress.debug(format!("could not remember the archive's check: {e:#}"));
+        }
+    }
+    let archive = Arc::new(archive);
 
     let result = push_with(&archive, reference, opts, progress, &client, &cache, &compressor, &pending).await;
+    finish(result, &cache, progress)
+}
+
+/// Saves the blob cache, whether the push worked or not: what went up stays known.
+fn finish(result: Result<PushOutcome>, cache: &Mutex<BlobCache>, progress: &Progress) -> Result<PushOutcome> {
     if let Ok(mut cache) = cache.lock() {
         if let Err(e) = cache.save() {
             progress.debug(format!("could not save the blob cache: {e:#}"));
@@ -304,7 +343,8 @@ async fn push_with(
                     Some(job) => job,
                     None => {
                         progress.debug(format!("{label}: compressing {}", human(layer.size)));
-                        let job = compressor.start(layer.data.clone());
+                        let Some(data) = layer.data.clone() else { return Err(NeedsFullRead.into()) };
+                        let job = compressor.start(data);
                         if let Ok(mut m) = pending.lock() {
                             m.insert(layer.diff_id.clone(), job.clone());
                         }

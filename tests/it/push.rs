@@ -194,8 +194,9 @@ fn repush_skips_and_one_changed_layer_sends_one() {
 
     // Same layers, new tag: nothing but the manifest goes over.
     let second = format!("{}/app:2", registry.host());
-    let run = push(home.path(), &[archive.to_str().expect("path"), &second]).success();
+    let run = push(home.path(), &["-v", archive.to_str().expect("path"), &second]).success();
     assert_eq!(run.counts(), (0, 5, 0), "{}", run.stderr);
+    assert!(run.stderr.contains("unchanged since nixctr last checked it"), "{}", run.stderr);
 
     // Without the cache the registry still has every blob: compression is deterministic.
     std::fs::remove_dir_all(home.path().join("cache")).expect("remove cache");
