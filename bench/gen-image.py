@@ -57,27 +57,25 @@ def main():
     budget = args.size_mb << 20
     weight = lambda n: 3 if n % 10 == 2 else 1
     per_layer = budget // sum(weight(n) for n in range(1, args.layers + 1))
-    files = candidate_files(min(16 << 20, max(per_layer // 2, 1 << 20)))
+    files = candidate_files(min(16 << 20, max(per_layer // 4, 1 << 20)))
     work = tempfile.mkdtemp(prefix="gen-image-")
     layers = []
     total = 0
     try:
         for n in range(1, args.layers + 1):
             path = os.path.join(work, f"{n}.tar")
-            size = 0
             # Layer sizes vary like a real image: a few big, many small.
             target = per_layer * weight(n) if n < args.layers else budget - total
             with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
                 if n == 1:
                     add_file(tar, "bin/busybox", "/bin/busybox", mode=0o755)
-                    size += os.path.getsize("/bin/busybox")
-                if n == args.change_layer:
-                    add_file(tar, "etc/changed", data=f"changed at {time.time_ns()}\n".encode())
                 for src, fsize in files:
                     add_file(tar, f"layer{n}{src}", src, mode=0o755)
-                    size += fsize
-                    if size >= target:
+                    if tar.offset + (1 << 20) >= target:
                         break
+                # After the size check, so the layers that follow hold the same files.
+                if n == args.change_layer:
+                    add_file(tar, "etc/changed", data=f"changed at {time.time_ns()}\n".encode())
             h = hashlib.sha256()
             with open(path, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):

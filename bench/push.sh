@@ -22,7 +22,7 @@ if [ ! -f big.tar ] || [ ! -f changed.tar ]; then
 fi
 
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"/reg-*; }
 trap cleanup EXIT
 
 # start_registry NAME -> prints host:port; storage under $work/reg-NAME
