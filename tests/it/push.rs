@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::registry_harness::{nixctr, run_ok, sha256, write_archive, Registry, TestImage, PASSWORD, USER};
+use crate::registry_harness::{nixctr, run_ok, sha256, write_archive, Registry, TestImage, TokenServer, PASSWORD, USER};
 
 struct Run {
     ok: bool,
@@ -469,3 +469,42 @@ fn registry_killed_mid_push_then_rerun_sends_the_rest() {
     check_with_skopeo(&registry, "app:crash", &run.digest(&reference), &image, OCI_GZIP, home.path());
 }
 
+
+/// Bearer tokens: the registry points at a token server whose first token allows pulls only
+/// and runs out in seconds, so the push meets a 401 partway (as when a token expires) and
+/// must fetch a new token and go on.
+#[test]
+fn bearer_token_renewed_mid_push() {
+    let tokens = TokenServer::start(2);
+    let (registry, home) = (Registry::with_tokens(&tokens), home());
+    let image = TestImage::new(6, 4_000_000, 12);
+    let archive = image.write(home.path(), "img", false);
+    let reference = format!("{}/bearer/app:1", registry.host());
+    let started = std::time::Instant::now();
+    let run = push_with(
+        nixctr(home.path())
+            .env("NIXCTR_REGISTRY_USERNAME", USER)
+            .env("NIXCTR_REGISTRY_PASSWORD", PASSWORD)
+            .args(["push", "--jobs", "1", archive.to_str().expect("path"), &reference]),
+        None,
+    )
+    .success();
+    let took = started.elapsed();
+    assert_no_password(&run);
+    let issued = tokens.issued.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!("push took {took:?}; {issued} tokens issued");
+    assert!(issued >= 2, "the first token stopped working mid-push, yet no new one was asked for");
+    check_with_skopeo(&registry, "bearer/app:1", &run.digest(&reference), &image, OCI_GZIP, home.path());
+
+    // Wrong password: the token server says no, and the error says whose credentials.
+    let run = push_with(
+        nixctr(home.path())
+            .env("NIXCTR_REGISTRY_USERNAME", USER)
+            .env("NIXCTR_REGISTRY_PASSWORD", "wrong-password")
+            .args(["push", archive.to_str().expect("path"), &format!("{}/bearer/app:2", registry.host())]),
+        None,
+    )
+    .failure();
+    assert!(run.stderr.contains("rejected the credentials") && run.stderr.contains(USER), "{}", run.stderr);
+    assert!(!run.stderr.contains("wrong-password"), "{}", run.stderr);
+}

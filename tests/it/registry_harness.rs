@@ -21,20 +21,27 @@ pub struct Registry {
     dir: tempfile::TempDir,
     child: Option<Child>,
     tls: bool,
+    /// Whether reading back needs [`USER`]'s credentials.
+    auth: bool,
 }
 
 impl Registry {
     /// Plain http, no auth.
     pub fn plain() -> Registry {
-        Registry::start_new(false)
+        Registry::start_new(false, None)
     }
 
     /// TLS with a CA made here, and htpasswd basic auth for [`USER`]/[`PASSWORD`].
     pub fn tls_with_auth() -> Registry {
-        Registry::start_new(true)
+        Registry::start_new(true, None)
     }
 
-    fn start_new(tls: bool) -> Registry {
+    /// Plain http, with bearer tokens from `tokens`.
+    pub fn with_tokens(tokens: &TokenServer) -> Registry {
+        Registry::start_new(false, Some(tokens))
+    }
+
+    fn start_new(tls: bool, tokens: Option<&TokenServer>) -> Registry {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let storage = dir.path().join("storage");
@@ -52,8 +59,15 @@ impl Registry {
                 dir.path().display()
             ));
         }
+        if let Some(tokens) = tokens {
+            config.push_str(&format!(
+                "auth:\n  token:\n    realm: http://127.0.0.1:{}/token\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+                tokens.port,
+                tokens.cert.display()
+            ));
+        }
         std::fs::write(dir.path().join("config.yml"), config).expect("write registry config");
-        let mut registry = Registry { port, dir, child: None, tls };
+        let mut registry = Registry { port, dir, child: None, tls, auth: tls || tokens.is_some() };
         registry.start();
         registry
     }
@@ -124,7 +138,7 @@ impl Registry {
     /// skopeo's flags to reach this registry.
     pub fn skopeo_flags(&self) -> Vec<String> {
         let mut flags = vec!["--tls-verify=false".to_string()];
-        if self.tls {
+        if self.auth {
             flags.push(format!("--creds={USER}:{PASSWORD}"));
         }
         flags
@@ -147,7 +161,7 @@ impl Registry {
         let dest = into.join(format!("copy-{}", image.replace(['/', ':'], "-")));
         let mut cmd = Command::new("skopeo");
         cmd.arg("copy").arg("--src-tls-verify=false");
-        if self.tls {
+        if self.auth {
             cmd.arg(format!("--src-creds={USER}:{PASSWORD}"));
         }
         cmd.arg(format!("docker://{}/{image}", self.host())).arg(format!("dir:{}", dest.display()));
@@ -337,4 +351,137 @@ pub fn nixctr(home: &Path) -> Command {
         .env_remove("NIXCTR_REGISTRY_PASSWORD")
         .stdin(Stdio::null());
     cmd
+}
+
+const TOKEN_SERVICE: &str = "nixctr-test";
+const TOKEN_ISSUER: &str = "nixctr-test-issuer";
+
+/// A bearer-token server for the registry's `auth: token`: checks [`USER`]/[`PASSWORD`]
+/// and signs RS256 JWTs (with `openssl`) granting what was asked. The first token it hands
+/// out grants pull only and runs out `first_token_secs` after it is issued (the registry
+/// allows 60 s of clock skew on top of `exp`): the first upload, or any request after that
+/// time, gets a 401, as with a token expiring mid-push. Later tokens last five minutes.
+pub struct TokenServer {
+    pub port: u16,
+    cert: PathBuf,
+    pub issued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _dir: tempfile::TempDir,
+}
+
+impl TokenServer {
+    pub fn start(first_token_secs: i64) -> TokenServer {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().expect("temp dir");
+        run_ok(Command::new("openssl").current_dir(dir.path()).args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "token.key", "-out", "token.pem", "-days", "2",
+            "-subj", "/CN=nixctr test token signer",
+        ]));
+        let der = run_ok(Command::new("openssl").current_dir(dir.path()).args(["x509", "-in", "token.pem", "-outform", "DER"]));
+        let x5c = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &der.stdout);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let issued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (count, key) = (issued.clone(), dir.path().join("token.key"));
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                let lifetime = if n == 0 { first_token_secs - 60 } else { 300 };
+                let _ = serve_token(stream, &key, &x5c, lifetime, n == 0, &count);
+            }
+        });
+        TokenServer { port, cert: dir.path().join("token.pem"), issued, _dir: dir }
+    }
+}
+
+fn serve_token(
+    mut stream: TcpStream,
+    key: &Path,
+    x5c: &str,
+    lifetime: i64,
+    pull_only: bool,
+    count: &std::sync::atomic::AtomicUsize,
+) -> std::io::Result<()> {
+    use base64::Engine;
+    use std::io::{BufRead, BufReader};
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut authorized = false;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("authorization") {
+                let expected = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+                authorized = value.trim() == format!("Basic {expected}");
+            }
+        }
+    }
+    if !authorized {
+        count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        return stream.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    }
+    let target = request_line.split_whitespace().nth(1).unwrap_or("/");
+    let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let access: Vec<serde_json::Value> = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| *k == "scope")
+        .flat_map(|(_, v)| percent_decode(v).split(' ').map(str::to_string).collect::<Vec<_>>())
+        .filter_map(|scope| {
+            let mut parts = scope.splitn(3, ':');
+            let (kind, name, actions) = (parts.next()?, parts.next()?, parts.next()?);
+            let actions: Vec<&str> = actions.split(',').filter(|a| !pull_only || *a == "pull").collect();
+            Some(serde_json::json!({"type": kind, "name": name, "actions": actions}))
+        })
+        .collect();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "x5c": [x5c]});
+    let claims = serde_json::json!({
+        "iss": TOKEN_ISSUER, "sub": USER, "aud": TOKEN_SERVICE, "exp": now + lifetime, "nbf": now - 10,
+        "iat": now, "jti": format!("t{now}{}", access.len()), "access": access,
+    });
+    let signing_input = format!("{}.{}", b64(header.to_string().as_bytes()), b64(claims.to_string().as_bytes()));
+    let mut openssl = Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    openssl.stdin.take().expect("stdin").write_all(signing_input.as_bytes())?;
+    let signature = openssl.wait_with_output()?.stdout;
+    let token = format!("{signing_input}.{}", b64(&signature));
+    let body = serde_json::json!({"token": token, "expires_in": lifetime.max(1)}).to_string();
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                out.push(u8::from_str_radix(hex, 16).unwrap_or(b'?'));
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
