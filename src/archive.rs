@@ -1,1 +1,719 @@
-//! archive (to be written).
+//! Docker-archive files (`docker save`, nix's `dockerTools`): a tar, plain or gzip-compressed,
+//! holding `manifest.json`, the image config and one tar per layer.
+//!
+//! [`Archive::open`] reads the whole file once and hashes every entry, so a truncated archive,
+//! or a layer that does not match the config's `rootfs.diff_ids`, is an error before any of it
+//! is used. A compressed archive is copied uncompressed to a temporary file during that pass,
+//! so layers can later be read at their offsets, several at once.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// One image from a docker-archive, checked against its config.
+#[derive(Debug)]
+pub struct Archive {
+    path: PathBuf,
+    /// The uncompressed copy of a gzip-compressed archive, read by the layers' [`EntryData`];
+    /// deleted on drop.
+    _spool: Option<tempfile::NamedTempFile>,
+    /// The config JSON, byte for byte as in the archive (its sha256 is the image id).
+    pub config: Vec<u8>,
+    pub config_digest: String,
+    /// `RepoTags` of the image, as written by `docker save` or nix.
+    pub repo_tags: Vec<String>,
+    pub layers: Vec<Layer>,
+    /// Whether the archive file itself was gzip-compressed.
+    pub gzipped: bool,
+}
+
+/// One layer: a tar entry whose (uncompressed) sha256 is the `diff_id`.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    /// The entry's path in the archive (`<hash>/layer.tar`).
+    pub name: String,
+    pub diff_id: String,
+    /// Size of the uncompressed layer tar.
+    pub size: u64,
+    /// `None` for an archive recalled from [`Archive::recall`] whose bytes need a full read
+    /// (a compressed archive).
+    pub data: Option<EntryData>,
+}
+
+/// Where one entry's bytes are: a plain tar file, at an offset.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EntryData {
+    path: PathBuf,
+    offset: u64,
+    size: u64,
+    /// Some archives hold gzip-compressed layer tars.
+    gzipped: bool,
+}
+
+impl EntryData {
+    /// The entry's uncompressed bytes.
+    pub fn reader(&self) -> Result<Box<dyn Read + Send>> {
+        let mut file = File::open(&self.path).with_context(|| format!("cannot reopen {}", self.path.display()))?;
+        file.seek(SeekFrom::Start(self.offset))?;
+        let raw = BufReader::with_capacity(256 << 10, file).take(self.size);
+        Ok(if self.gzipped { Box::new(flate2::read::MultiGzDecoder::new(raw)) } else { Box::new(raw) })
+    }
+}
+
+/// A file entry, handed out as soon as it is read and hashed, before the archive as a whole
+/// is checked: callers may start work on likely layers early (but must not send them yet).
+#[derive(Debug, Clone)]
+pub struct SeenEntry {
+    pub name: String,
+    /// sha256 of the uncompressed content: the diff_id, if this is a layer.
+    pub sha256: String,
+    pub size: u64,
+    pub data: EntryData,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ManifestEntry {
+    config: String,
+    #[serde(default)]
+    repo_tags: Option<Vec<String>>,
+    layers: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ConfigRootfs {
+    rootfs: Rootfs,
+}
+
+#[derive(Debug, Deserialize)]
+struct Rootfs {
+    diff_ids: Vec<String>,
+}
+
+/// A full read's findings, stored by [`Archive::remember`].
+#[derive(Debug, Serialize, Deserialize)]
+struct Checked {
+    key: FileKey,
+    config: String,
+    repo_tags: Vec<String>,
+    gzipped: bool,
+    layers: Vec<CheckedLayer>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CheckedLayer {
+    name: String,
+    diff_id: String,
+    size: u64,
+    data: Option<EntryData>,
+}
+
+/// Identifies one version of a file: any write changes the ctime, which cannot be set back.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct FileKey {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileKey {
+    fn of(path: &Path) -> Option<FileKey> {
+        use std::os::unix::fs::MetadataExt;
+        let path = path.canonicalize().ok()?;
+        let m = std::fs::metadata(&path).ok()?;
+        Some(FileKey {
+            path,
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        })
+    }
+}
+
+/// What the first pass learned about one tar entry.
+#[derive(Debug, Clone)]
+enum Entry {
+    File { sha256: String, content_size: u64, data: EntryData },
+    Link(String),
+}
+
+impl Archive {
+    /// Opens and checks `path`. `cancel` stops the read early (Ctrl-C) with an error.
+    pub fn open(path: &Path, cancel: Option<Arc<AtomicBool>>) -> Result<Archive> {
+        Archive::open_with(path, cancel, &mut |_| {})
+    }
+
+    /// [`Archive::open`], calling `on_entry` for each file entry that may be a layer (not
+    /// JSON) as soon as it has been read.
+    pub fn open_with(
+        path: &Path,
+        cancel: Option<Arc<AtomicBool>>,
+        on_entry: &mut dyn FnMut(&SeenEntry),
+    ) -> Result<Archive> {
+        let shown = path.display();
+        let mut file = File::open(path).with_context(|| format!("cannot open archive {shown}"))?;
+        let mut magic = [0u8; 2];
+        let n = read_up_to(&mut file, &mut magic).with_context(|| format!("cannot read archive {shown}"))?;
+        file.seek(SeekFrom::Start(0))?;
+        let gzipped = n == 2 && magic == GZIP_MAGIC;
+        let cancel = cancel.unwrap_or_default();
+
+        let (entries, spool) = if gzipped {
+            let spool = tempfile::Builder::new()
+                .prefix("nixctr-archive-")
+                .tempfile()
+                .context("cannot create a temporary file for the uncompressed archive (is TMPDIR writable?)")?;
+            // Unbuffered, so an entry's bytes are in the file by the time `on_entry` hears of it.
+            let writer = spool.as_file().try_clone()?;
+            let decoder = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 20, file));
+            let decoded = Pipelined::spawn(Cancellable { inner: decoder, cancel: cancel.clone() });
+            let mut tee = Tee { inner: decoded, copy: writer };
+            let entries = scan(&mut tee, spool.path(), on_entry).map_err(|e| describe_read_error(path, e))?;
+            // Read what follows the end-of-archive blocks too, so a truncated gzip stream shows.
+            io::copy(&mut tee, &mut io::sink()).map_err(|e| describe_read_error(path, e.into()))?;
+            tee.copy.flush().context("cannot write the uncompressed archive to TMPDIR")?;
+            (entries, Some(spool))
+        } else {
+            let reader = Cancellable { inner: BufReader::with_capacity(1 << 20, file), cancel };
+            let entries = scan(reader, path, on_entry).map_err(|e| describe_read_error(path, e))?;
+            (entries, None)
+        };
+
+        let mut archive = Archive {
+            path: path.to_path_buf(),
+            _spool: spool,
+            config: Vec::new(),
+            config_digest: String::new(),
+            repo_tags: Vec::new(),
+            layers: Vec::new(),
+            gzipped,
+        };
+        archive.check(&entries)?;
+        Ok(archive)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The uncompressed bytes of layer `index`.
+    pub fn layer_reader(&self, index: usize) -> Result<Box<dyn Read + Send>> {
+        let layer = self.layers.get(index).ok_or_else(|| anyhow!("no layer {index}"))?;
+        match &layer.data {
+            Some(data) => data.reader(),
+            None => bail!("layer {} of {} needs a full read of the archive", index + 1, self.path.display()),
+        }
+    }
+
+    /// The archive as a full read found it before, when the file has not changed since
+    /// (same inode, size, mtime and ctime), so an unchanged archive is not hashed again.
+    pub fn recall(path: &Path, memory: &Path) -> Option<Archive> {
+        let key = FileKey::of(path)?;
+        let text = std::fs::read(memory).ok()?;
+        let mut all: Vec<Checked> = serde_json::from_slice(&text).ok()?;
+        let index = all.iter().position(|c| c.key == key)?;
+        let checked = all.swap_remove(index);
+        let plain = !checked.gzipped;
+        Some(Archive {
+            path: path.to_path_buf(),
+            _spool: None,
+            config_digest: sha256_digest(checked.config.as_bytes()),
+            config: checked.config.into_bytes(),
+            repo_tags: checked.repo_tags,
+            layers: checked
+                .layers
+                .into_iter()
+                .map(|l| Layer { name: l.name, diff_id: l.diff_id, size: l.size, data: l.data.filter(|_| plain) })
+                .collect(),
+            gzipped: checked.gzipped,
+        })
+    }
+
+    /// Remembers this archive's check for [`Archive::recall`] (the last 32 archives).
+    pub fn remember(&self, memory: &Path) -> Result<()> {
+        let Some(key) = FileKey::of(&self.path) else { return Ok(()) };
+        let Ok(config) = String::from_utf8(self.config.clone()) else { return Ok(()) };
+        let mut all: Vec<Checked> =
+            std::fs::read(memory).ok().and_then(|t| serde_json::from_slice(&t).ok()).unwrap_or_default();
+        all.retain(|c| c.key.path != key.path);
+        all.push(Checked {
+            key,
+            config,
+            repo_tags: self.repo_tags.clone(),
+            gzipped: self.gzipped,
+            layers: self
+                .layers
+                .iter()
+                .map(|l| CheckedLayer {
+                    name: l.name.clone(),
+                    diff_id: l.diff_id.clone(),
+                    size: l.size,
+                    data: if self.gzipped { None } else { l.data.clone() },
+                })
+                .collect(),
+        });
+        let excess = all.len().saturating_sub(32);
+        all.drain(..excess);
+        let dir = memory.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let mut file = tempfile::NamedTempFile::new_in(dir)?;
+        serde_json::to_writer(&mut file, &all)?;
+        file.persist(memory)?;
+        Ok(())
+    }
+
+    fn read_entry(&self, entries: &HashMap<String, Entry>, name: &str, what: &str) -> Result<Vec<u8>> {
+        let Some(Entry::File { data, content_size, .. }) = resolve(entries, name) else {
+            bail!("{}: {what} {name:?} is missing (the archive may be truncated)", self.path.display());
+        };
+        if content_size > 64 << 20 {
+            bail!("{}: {what} {name:?} is {content_size} bytes, too big for JSON", self.path.display());
+        }
+        let mut bytes = Vec::with_capacity(content_size as usize);
+        data.reader()?.read_to_end(&mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// Reads manifest.json and the config, and matches the layers with `rootfs.diff_ids`.
+    fn check(&mut self, entries: &HashMap<String, Entry>) -> Result<()> {
+        let shown = self.path.display().to_string();
+        if !entries.contains_key("manifest.json") {
+            bail!(
+                "{shown:?} is not a docker-archive: it has no manifest.json (an OCI layout or a plain \
+                 tar? build it with nix's dockerTools or `docker save`; it may also be truncated)"
+            );
+        }
+        let manifest = self.read_entry(entries, "manifest.json", "manifest")?;
+        let manifest: Vec<ManifestEntry> = serde_json::from_slice(&manifest)
+            .with_context(|| format!("{shown}: manifest.json is not a docker-archive manifest"))?;
+        let image = match manifest.as_slice() {
+            [one] => one,
+            [] => bail!("{shown}: manifest.json lists no image"),
+            more => bail!("{shown}: manifest.json lists {} images; push supports one per archive", more.len()),
+        };
+        self.config = self.read_entry(entries, &image.config, "config")?;
+        self.config_digest = sha256_digest(&self.config);
+        let config: ConfigRootfs = serde_json::from_slice(&self.config)
+            .with_context(|| format!("{shown}: config {:?} has no rootfs.diff_ids", image.config))?;
+        self.repo_tags = image.repo_tags.clone().unwrap_or_default();
+        let diff_ids = config.rootfs.diff_ids;
+        if diff_ids.len() != image.layers.len() {
+            bail!(
+                "{shown}: manifest.json lists {} layers but the config's rootfs.diff_ids has {} (the archive is corrupt; rebuild it)",
+                image.layers.len(),
+                diff_ids.len()
+            );
+        }
+        for (index, (name, want)) in image.layers.iter().zip(&diff_ids).enumerate() {
+            let Some(Entry::File { sha256, content_size, data }) = resolve(entries, name) else {
+                bail!("{shown}: layer {} ({name:?}) is missing (the archive may be truncated)", index + 1);
+            };
+            if &sha256 != want {
+                bail!(
+                    "{shown}: layer {} ({name:?}) has diff_id {sha256} but the config says {want} (the archive is corrupt; rebuild it)",
+                    index + 1
+                );
+            }
+            self.layers.push(Layer { name: name.clone(), diff_id: sha256, size: content_size, data: Some(data) });
+        }
+        Ok(())
+    }
+}
+
+/// Reads every entry of a tar stream, hashing file contents (after gunzip when an entry is
+/// itself gzip-compressed).
+fn scan(reader: impl Read, source: &Path, on_entry: &mut dyn FnMut(&SeenEntry)) -> Result<HashMap<String, Entry>> {
+    let mut tar = tar::Archive::new(reader);
+    let mut entries = HashMap::new();
+    for entry in tar.entries()? {
+        let mut entry = entry?;
+        let name = normalize(&entry.path()?);
+        let kind = entry.header().entry_type();
+        if kind.is_symlink() || kind.is_hard_link() {
+            if let Some(target) = entry.link_name()? {
+                let target = if kind.is_symlink() {
+                    let parent = Path::new(&name).parent().unwrap_or(Path::new(""));
+                    normalize(&parent.join(&target))
+                } else {
+                    normalize(&target)
+                };
+                entries.insert(name, Entry::Link(target));
+            }
+            continue;
+        }
+        if !kind.is_file() {
+            continue;
+        }
+        let offset = entry.raw_file_position();
+        let size = entry.size();
+        let mut head = [0u8; 2];
+        let got = read_up_to(&mut entry, &mut head)?;
+        let gzipped = got == 2 && head == GZIP_MAGIC;
+        let (sha256, content_size, read) = if gzipped {
+            let mut counter = Counted { inner: io::Cursor::new(head).chain(&mut entry), count: 0 };
+            let mut decoder = flate2::read::MultiGzDecoder::new(&mut counter);
+            let (digest, n) = hash_reader(&mut decoder)?;
+            // Drain anything after the gzip stream so the raw size check below holds.
+            io::copy(&mut counter, &mut io::sink())?;
+            (digest, n, counter.count)
+        } else {
+            let (digest, n) = hash_reader(&mut io::Cursor::new(&head[..got]).chain(&mut entry))?;
+            (digest, n, n)
+        };
+        if read != size {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("entry {name:?} is cut short")).into());
+        }
+        let data = EntryData { path: source.to_path_buf(), offset, size, gzipped };
+        if !name.ends_with(".json") && name != "repositories" {
+            on_entry(&SeenEntry { name: name.clone(), sha256: sha256.clone(), size: content_size, data: data.clone() });
+        }
+        entries.insert(name, Entry::File { sha256, content_size, data });
+    }
+    Ok(entries)
+}
+
+/// Follows links (at most a few hops) to the file an entry name stands for.
+fn resolve(entries: &HashMap<String, Entry>, name: &str) -> Option<Entry> {
+    let mut name = normalize(Path::new(name));
+    for _ in 0..8 {
+        match entries.get(&name)? {
+            Entry::Link(target) => name = target.clone(),
+            file => return Some(file.clone()),
+        }
+    }
+    None
+}
+
+/// `./a/../b/layer.tar` -> `b/layer.tar`.
+fn normalize(path: &Path) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for part in path.components() {
+        match part {
+            Component::Normal(p) => parts.push(p.to_string_lossy().into_owned()),
+            Component::ParentDir => {
+                parts.pop();
+            }
+            _ => {}
+        }
+    }
+    parts.join("/")
+}
+
+fn describe_read_error(path: &Path, err: anyhow::Error) -> anyhow::Error {
+    let shown = path.display();
+    if let Some(io) = err.downcast_ref::<io::Error>() {
+        if io.kind() == io::ErrorKind::Interrupted && io.to_string() == "cancelled" {
+            return anyhow!("reading {shown} was cancelled");
+        }
+        if io.kind() == io::ErrorKind::UnexpectedEof {
+            return anyhow!("{shown:?} is truncated: {io} (copy or rebuild the archive)");
+        }
+        // The tar reader's own complaints (bad header checksum, short block) end up here.
+        return anyhow!("{shown:?} is not a docker-archive (not a tar or gzip-compressed tar, or corrupt): {io}");
+    }
+    anyhow!("{shown:?} is not a docker-archive (not a tar or gzip-compressed tar): {err}")
+}
+
+fn hash_reader(reader: &mut impl Read) -> io::Result<(String, u64)> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut total = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted && e.to_string() != "cancelled" => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((format!("sha256:{}", hex::encode(hasher.finalize())), total))
+}
+
+fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// Reads `inner` on a thread of its own, a few blocks ahead: gunzip then runs beside the
+/// hashing and copying that consume its output.
+struct Pipelined {
+    blocks: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    current: io::Cursor<Vec<u8>>,
+    done: bool,
+}
+
+impl Pipelined {
+    fn spawn(mut inner: impl Read + Send + 'static) -> Pipelined {
+        let (tx, blocks) = std::sync::mpsc::sync_channel(4);
+        std::thread::spawn(move || loop {
+            let mut block = vec![0u8; 1 << 20];
+            match read_up_to(&mut inner, &mut block) {
+                Ok(0) => break,
+                Ok(n) => {
+                    block.truncate(n);
+                    if tx.send(Ok(block)).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    break;
+                }
+            }
+        });
+        Pipelined { blocks, current: io::Cursor::new(Vec::new()), done: false }
+    }
+}
+
+impl Read for Pipelined {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let n = self.current.read(buf)?;
+            if n > 0 || buf.is_empty() || self.done {
+                return Ok(n);
+            }
+            match self.blocks.recv() {
+                Ok(Ok(block)) => self.current = io::Cursor::new(block),
+                Ok(Err(e)) => {
+                    self.done = true;
+                    return Err(e);
+                }
+                Err(_) => self.done = true,
+            }
+        }
+    }
+}
+
+/// Copies everything read from `inner` into `copy`.
+struct Tee<R, W> {
+    inner: R,
+    copy: W,
+}
+
+impl<R: Read, W: Write> Read for Tee<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.copy.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+struct Counted<R> {
+    inner: R,
+    count: u64,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// A reader that fails once `cancel` is set, so blocking work stops soon after Ctrl-C.
+pub struct Cancellable<R> {
+    pub inner: R,
+    pub cancel: Arc<AtomicBool>,
+}
+
+impl<R: Read> Read for Cancellable<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+        }
+        self.inner.read(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_with(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, data) in entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            builder.append_data(&mut header, name, *data).unwrap();
+        }
+        builder.into_inner().unwrap()
+    }
+
+    fn image(layers: &[&[u8]], diff_ids: Option<Vec<String>>) -> Vec<u8> {
+        let ids = diff_ids.unwrap_or_else(|| layers.iter().map(|l| sha256_digest(l)).collect());
+        let config =
+            serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": ids}});
+        let config = serde_json::to_vec(&config).unwrap();
+        let names: Vec<String> = (0..layers.len()).map(|i| format!("l{i}/layer.tar")).collect();
+        let manifest = serde_json::json!([{"Config": "config.json", "RepoTags": ["x:1"], "Layers": names}]);
+        let manifest = serde_json::to_vec(&manifest).unwrap();
+        let mut entries: Vec<(&str, &[u8])> = names.iter().map(|n| n.as_str()).zip(layers.iter().copied()).collect();
+        entries.push(("config.json", &config));
+        entries.push(("manifest.json", &manifest));
+        tar_with(&entries)
+    }
+
+    fn write(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(bytes).unwrap();
+        enc.finish().unwrap()
+    }
+
+    #[test]
+    fn reads_plain_and_gzip_archives() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer_a = tar_with(&[("a", b"hello")]);
+        let layer_b = tar_with(&[("b", b"world")]);
+        let bytes = image(&[&layer_a, &layer_b], None);
+        for (name, data) in [("x.tar", bytes.clone()), ("x.tar.gz", gzip(&bytes)), ("no-extension", gzip(&bytes))] {
+            let archive = Archive::open(&write(&dir, name, &data), None).unwrap();
+            assert_eq!(archive.layers.len(), 2);
+            assert_eq!(archive.repo_tags, vec!["x:1".to_string()]);
+            assert_eq!(archive.layers[1].diff_id, sha256_digest(&layer_b));
+            let mut back = Vec::new();
+            archive.layer_reader(1).unwrap().read_to_end(&mut back).unwrap();
+            assert_eq!(back, layer_b);
+        }
+    }
+
+    #[test]
+    fn gzipped_layer_entries_are_hashed_uncompressed() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = tar_with(&[("a", b"hello")]);
+        let mut bytes = image(&[&gzip(&layer)], Some(vec![sha256_digest(&layer)]));
+        bytes = gzip(&bytes);
+        let archive = Archive::open(&write(&dir, "x", &bytes), None).unwrap();
+        let mut back = Vec::new();
+        archive.layer_reader(0).unwrap().read_to_end(&mut back).unwrap();
+        assert_eq!(back, layer);
+    }
+
+    #[test]
+    fn diff_id_mismatch_names_the_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = tar_with(&[("a", b"hello")]);
+        let bytes = image(&[&layer], Some(vec![sha256_digest(b"other")]));
+        let err = Archive::open(&write(&dir, "x.tar", &bytes), None).unwrap_err().to_string();
+        assert!(err.contains("layer 1") && err.contains("diff_id"), "{err}");
+    }
+
+    #[test]
+    fn truncated_archives_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = tar_with(&[("a", &[7u8; 100_000])]);
+        let bytes = image(&[&layer], None);
+        for cut in [bytes.len() / 3, bytes.len() - 2048] {
+            let err = Archive::open(&write(&dir, "t.tar", &bytes[..cut]), None).unwrap_err().to_string();
+            assert!(err.contains("truncated"), "{err}");
+        }
+        let gz = gzip(&bytes);
+        let err = Archive::open(&write(&dir, "t.tar.gz", &gz[..gz.len() - 30]), None).unwrap_err().to_string();
+        assert!(err.contains("truncated") || err.contains("corrupt"), "{err}");
+    }
+
+    #[test]
+    fn other_files_are_not_archives() {
+        let dir = tempfile::tempdir().unwrap();
+        let err =
+            Archive::open(&write(&dir, "n.tar", b"just some text, long enough to not be a tar header at all"), None)
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("not a docker-archive"), "{err}");
+        let plain = tar_with(&[("hello.txt", b"hi")]);
+        let err = Archive::open(&write(&dir, "p.tar", &plain), None).unwrap_err().to_string();
+        assert!(err.contains("no manifest.json"), "{err}");
+    }
+
+    #[test]
+    fn recall_finds_only_unchanged_archives() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = dir.path().join("mem/archives.json");
+        let layer = tar_with(&[("a", b"hello")]);
+        let path = write(&dir, "x.tar", &image(&[&layer], None));
+        assert!(Archive::recall(&path, &memory).is_none());
+        let archive = Archive::open(&path, None).unwrap();
+        archive.remember(&memory).unwrap();
+        let recalled = Archive::recall(&path, &memory).unwrap();
+        assert_eq!(recalled.config, archive.config);
+        assert_eq!(recalled.layers[0].diff_id, archive.layers[0].diff_id);
+        let mut back = Vec::new();
+        recalled.layer_reader(0).unwrap().read_to_end(&mut back).unwrap();
+        assert_eq!(back, layer);
+        // Rewriting the file, even with the same bytes, changes its ctime.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        write(&dir, "x.tar", &image(&[&layer], None));
+        assert!(Archive::recall(&path, &memory).is_none());
+
+        let gz = write(&dir, "x.tar.gz", &gzip(&image(&[&layer], None)));
+        Archive::open(&gz, None).unwrap().remember(&memory).unwrap();
+        let recalled = Archive::recall(&gz, &memory).unwrap();
+        assert!(recalled.layers[0].data.is_none() && recalled.layer_reader(0).is_err());
+        assert!(Archive::recall(&path, &memory).is_none());
+    }
+
+    #[test]
+    fn symlinked_layers_resolve() {
+        let mut builder = tar::Builder::new(Vec::new());
+        let layer = tar_with(&[("a", b"x")]);
+        let mut header = tar::Header::new_gnu();
+        header.set_size(layer.len() as u64);
+        header.set_cksum();
+        builder.append_data(&mut header, "one/layer.tar", layer.as_slice()).unwrap();
+        let mut link = tar::Header::new_gnu();
+        link.set_entry_type(tar::EntryType::Symlink);
+        link.set_size(0);
+        builder.append_link(&mut link, "two/layer.tar", "../one/layer.tar").unwrap();
+        let id = sha256_digest(&layer);
+        let config = serde_json::to_vec(&serde_json::json!({"rootfs": {"diff_ids": [id, id]}})).unwrap();
+        let manifest = serde_json::to_vec(
+            &serde_json::json!([{"Config": "c.json", "Layers": ["one/layer.tar", "two/layer.tar"]}]),
+        )
+        .unwrap();
+        for (name, data) in [("c.json", &config), ("manifest.json", &manifest)] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_cksum();
+            builder.append_data(&mut header, name, data.as_slice()).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let archive = Archive::open(&write(&dir, "s.tar", &builder.into_inner().unwrap()), None).unwrap();
+        assert_eq!(archive.layers.len(), 2);
+    }
+}

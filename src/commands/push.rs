@@ -1,5 +1,17 @@
-//! `nixctr push`.
-use crate::{cli::PushArgs, settings::Settings};
-pub async fn run(_settings: &Settings, _args: PushArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+//! `nixctr push ARCHIVE REF`: the digest on stdout, progress on stderr.
+
+use anyhow::Result;
+
+use crate::cli::PushArgs;
+use crate::progress::Progress;
+use crate::registry::{self, PushOptions, Reference};
+use crate::settings::Settings;
+
+pub async fn run(settings: &Settings, args: PushArgs) -> Result<()> {
+    let reference = Reference::parse(&args.reference)?;
+    let opts = PushOptions::resolve(settings, &args.registry, &reference)?;
+    let progress = Progress::new(settings.quiet, settings.verbose);
+    let outcome = registry::push(&args.archive, &reference, &opts, &progress).await?;
+    println!("{}@{}", outcome.reference, outcome.digest);
+    Ok(())
 }

@@ -108,22 +108,50 @@ impl Fixture {
         std::fs::write(path, text).unwrap();
     }
 
-    /// nixctr run in the project directory against `engine` (None: no engine flag at all).
+    /// nixctr run in the project directory against `engine` (None: no engine flag at all),
+    /// with its own cache directory.
     pub fn nixctr(&self, engine: Option<&TestEngine>) -> Command {
         let mut cmd = nixctr_cmd();
-        cmd.current_dir(self.project());
+        cmd.current_dir(self.project()).env("XDG_CACHE_HOME", self.dir.path().join("cache"));
         if let Some(e) = engine {
             cmd.arg("--engine").arg(e.url());
         }
         cmd
     }
+
+    /// Makes the project a git repository with everything committed; returns HEAD.
+    pub fn git_commit_all(&self) -> String {
+        let git = |args: &[&str]| {
+            let out = Command::new("git")
+                .current_dir(self.project())
+                .args(["-c", "user.name=nixctr-test", "-c", "user.email=test@nixctr.invalid"])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        if !self.project().join(".git").exists() {
+            git(&["init", "-q", "-b", "main"]);
+        }
+        git(&["add", "-A"]);
+        git(&["commit", "-q", "--allow-empty", "-m", "fixture"]);
+        git(&["rev-parse", "HEAD"])
+    }
 }
 
 pub fn nixctr_cmd() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixctr"));
-    for var in
-        ["DOCKER_HOST", "CONTAINER_HOST", "NIXCTR_ENGINE", "NIXCTR_NIX_IMAGE", "NIXCTR_NIXPKGS", "NIXCTR_REGISTRY"]
-    {
+    for var in [
+        "DOCKER_HOST",
+        "CONTAINER_HOST",
+        "NIXCTR_ENGINE",
+        "NIXCTR_NIX_IMAGE",
+        "NIXCTR_NIXPKGS",
+        "NIXCTR_REGISTRY",
+        "NIXCTR_REGISTRY_USERNAME",
+        "NIXCTR_REGISTRY_PASSWORD",
+    ] {
         cmd.env_remove(var);
     }
     cmd

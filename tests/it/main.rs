@@ -4,4 +4,7 @@
 mod build;
 mod cli;
 mod harness;
+mod publish;
+mod push;
+mod registry_harness;
 mod version;

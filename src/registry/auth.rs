@@ -1,0 +1,428 @@
+//! Registry credentials and `WWW-Authenticate` challenges.
+//!
+//! Credentials come from the first source that has some: `--username` + `--password-stdin`,
+//! `NIXCTR_REGISTRY_USERNAME`/`NIXCTR_REGISTRY_PASSWORD`, Podman's auth file, Docker's
+//! config (`credHelpers`, `credsStore`, `auths`); else the push is anonymous. A password is
+//! only ever held in [`Secret`], whose `Debug` and `Display` print `<redacted>`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{anyhow, bail, Context, Result};
+use base64::Engine;
+use serde::Deserialize;
+
+pub const USERNAME_ENV: &str = "NIXCTR_REGISTRY_USERNAME";
+pub const PASSWORD_ENV: &str = "NIXCTR_REGISTRY_PASSWORD";
+
+/// A password or token. Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: Secret,
+    /// Where they came from, for error messages (`--password-stdin`, a file path, a helper).
+    pub source: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl Credentials {
+    pub fn basic_header(&self) -> String {
+        let raw = format!("{}:{}", self.username, self.password.expose());
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
+    }
+
+    /// Removes the password (and its base64 forms) from text that came from elsewhere.
+    pub fn redact(&self, text: &str) -> String {
+        let password = self.password.expose();
+        if password.is_empty() {
+            return text.to_string();
+        }
+        let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", self.username, password));
+        text.replace(&b64, "<redacted>").replace(password, "<redacted>")
+    }
+}
+
+/// Where to look; tests and `publish` can point these elsewhere.
+#[derive(Debug, Clone, Default)]
+pub struct Lookup {
+    pub env: BTreeMap<String, String>,
+}
+
+impl Lookup {
+    /// The process environment, for the variables credential lookup reads.
+    pub fn from_env() -> Lookup {
+        let names = [
+            USERNAME_ENV,
+            PASSWORD_ENV,
+            "REGISTRY_AUTH_FILE",
+            "XDG_RUNTIME_DIR",
+            "XDG_CONFIG_HOME",
+            "DOCKER_CONFIG",
+            "HOME",
+        ];
+        let env = names
+            .iter()
+            .filter_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()).map(|v| (n.to_string(), v)))
+            .collect();
+        Lookup { env }
+    }
+
+    fn var(&self, name: &str) -> Option<&str> {
+        self.env.get(name).map(String::as_str)
+    }
+
+    fn home(&self) -> Option<PathBuf> {
+        self.var("HOME").map(PathBuf::from).or_else(dirs::home_dir)
+    }
+
+    /// Podman's auth files, in the order Podman reads them.
+    pub fn podman_auth_files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        if let Some(f) = self.var("REGISTRY_AUTH_FILE") {
+            files.push(PathBuf::from(f));
+        }
+        if let Some(dir) = self.var("XDG_RUNTIME_DIR") {
+            files.push(Path::new(dir).join("containers/auth.json"));
+        }
+        match self.var("XDG_CONFIG_HOME") {
+            Some(dir) => files.push(Path::new(dir).join("containers/auth.json")),
+            None => files.extend(self.home().map(|h| h.join(".config/containers/auth.json"))),
+        }
+        files
+    }
+
+    pub fn docker_config(&self) -> Option<PathBuf> {
+        match self.var("DOCKER_CONFIG") {
+            Some(dir) => Some(Path::new(dir).join("config.json")),
+            None => self.home().map(|h| h.join(".docker/config.json")),
+        }
+    }
+
+    /// Environment variables, then Podman's and Docker's files (not the command line).
+    pub fn find(&self, registry: &str) -> Result<Option<Credentials>> {
+        match (self.var(USERNAME_ENV), self.var(PASSWORD_ENV)) {
+            (Some(user), Some(pass)) => {
+                return Ok(Some(Credentials {
+                    username: user.to_string(),
+                    password: Secret::new(pass),
+                    source: format!("{USERNAME_ENV}/{PASSWORD_ENV}"),
+                }))
+            }
+            (Some(_), None) => bail!("{USERNAME_ENV} is set but {PASSWORD_ENV} is not (set both, or neither)"),
+            (None, Some(_)) => bail!("{PASSWORD_ENV} is set but {USERNAME_ENV} is not (set both, or neither)"),
+            (None, None) => {}
+        }
+        for file in self.podman_auth_files() {
+            let Some(config) = read_auth_file(&file)? else { continue };
+            if let Some(found) = config.auths_entry(registry, &file)? {
+                return Ok(Some(found));
+            }
+        }
+        if let Some(file) = self.docker_config() {
+            if let Some(config) = read_auth_file(&file)? {
+                if let Some(helper) = config.cred_helpers.get(registry) {
+                    if let Some(found) = run_helper(helper, registry)? {
+                        return Ok(Some(found));
+                    }
+                }
+                if let Some(found) = config.auths_entry(registry, &file)? {
+                    return Ok(Some(found));
+                }
+                if let Some(store) = &config.creds_store {
+                    if let Some(found) = run_helper(store, registry)? {
+                        return Ok(Some(found));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// The shape shared by Podman's auth.json and Docker's config.json.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthFile {
+    #[serde(default)]
+    auths: BTreeMap<String, AuthEntry>,
+    #[serde(default)]
+    cred_helpers: BTreeMap<String, String>,
+    #[serde(default)]
+    creds_store: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct AuthEntry {
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+}
+
+fn read_auth_file(path: &Path) -> Result<Option<AuthFile>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read credentials file {}", path.display())),
+    };
+    // serde's message would quote the file's text, which may hold a password.
+    let parsed = parse_auth_file(&text)
+        .map_err(|_| anyhow!("credentials file {} is not valid JSON (fix or remove it)", path.display()))?;
+    Ok(Some(parsed))
+}
+
+pub fn parse_auth_file(text: &str) -> std::result::Result<AuthFile, serde_json::Error> {
+    serde_json::from_str(text)
+}
+
+impl AuthFile {
+    /// The `auths` entry for `registry`: keys may carry a scheme or a `/v1/` suffix.
+    fn auths_entry(&self, registry: &str, file: &Path) -> Result<Option<Credentials>> {
+        let entry = self.auths.iter().find(|(key, _)| normalize_key(key) == registry).or_else(|| {
+            // Docker Hub is stored under its legacy v1 address.
+            (registry == "docker.io")
+                .then(|| self.auths.iter().find(|(k, _)| normalize_key(k) == "index.docker.io"))
+                .flatten()
+        });
+        let Some((_, entry)) = entry else { return Ok(None) };
+        let source = file.display().to_string();
+        if let (Some(user), Some(pass)) = (&entry.username, &entry.password) {
+            return Ok(Some(Credentials { username: user.clone(), password: Secret::new(pass.clone()), source }));
+        }
+        let Some(auth) = entry.auth.as_deref().filter(|a| !a.is_empty()) else { return Ok(None) };
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(auth.trim())
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(|| {
+                anyhow!("{source}: the auth entry for {registry:?} is not base64 of user:password (log in again)")
+            })?;
+        let Some((user, pass)) = decoded.split_once(':') else {
+            bail!("{source}: the auth entry for {registry:?} is not base64 of user:password (log in again)");
+        };
+        Ok(Some(Credentials { username: user.to_string(), password: Secret::new(pass), source }))
+    }
+}
+
+fn normalize_key(key: &str) -> &str {
+    let key = key.strip_prefix("https://").or_else(|| key.strip_prefix("http://")).unwrap_or(key);
+    key.split('/').next().unwrap_or(key)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct HelperAnswer {
+    username: String,
+    secret: String,
+}
+
+/// Runs `docker-credential-<name> get` with the registry on stdin. A helper that does not
+/// know the registry answers non-zero: that is "no credentials", not an error.
+fn run_helper(name: &str, registry: &str) -> Result<Option<Credentials>> {
+    let program = format!("docker-credential-{name}");
+    let mut child = match Command::new(&program)
+        .arg("get")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("docker config names credential helper {name:?} but {program} is not on PATH (install it, or remove it from the docker config)")
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot run {program}")),
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        // A helper that exits without reading closes the pipe; its exit status says why.
+        let _ = stdin.write_all(registry.as_bytes());
+    }
+    let out = child.wait_with_output().with_context(|| format!("cannot run {program}"))?;
+    if !out.status.success() {
+        return Ok(None);
+    }
+    let answer: HelperAnswer = serde_json::from_slice(&out.stdout)
+        .map_err(|_| anyhow!("{program} get answered something that is not {{\"Username\",\"Secret\"}} JSON"))?;
+    if answer.username == "<token>" {
+        // An identity token for an OAuth flow nixctr does not speak; try other sources.
+        return Ok(None);
+    }
+    Ok(Some(Credentials { username: answer.username, password: Secret::new(answer.secret), source: program }))
+}
+
+/// A parsed `WWW-Authenticate` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Challenge {
+    Basic,
+    Bearer { realm: String, service: Option<String>, scope: Option<String> },
+}
+
+pub fn parse_challenge(header: &str) -> Option<Challenge> {
+    let header = header.trim();
+    let (scheme, rest) = header.split_once(char::is_whitespace).unwrap_or((header, ""));
+    if scheme.eq_ignore_ascii_case("basic") {
+        return Some(Challenge::Basic);
+    }
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let params = parse_params(rest);
+    let realm = params.get("realm")?.clone();
+    Some(Challenge::Bearer { realm, service: params.get("service").cloned(), scope: params.get("scope").cloned() })
+}
+
+/// `realm="x",service="y",scope="a:b:pull,push"`: commas may sit inside quotes.
+fn parse_params(s: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=' && *c != ',')).collect();
+        if key.is_empty() {
+            break;
+        }
+        if chars.next() != Some('=') {
+            continue;
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            value = std::iter::from_fn(|| chars.next_if(|c| *c != ',')).collect();
+        }
+        out.insert(key.trim().to_ascii_lowercase(), value.trim().to_string());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges_parse() {
+        assert_eq!(parse_challenge("Basic realm=\"Registry Realm\""), Some(Challenge::Basic));
+        assert_eq!(
+            parse_challenge(
+                r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#
+            ),
+            Some(Challenge::Bearer {
+                realm: "https://auth.example/token".into(),
+                service: Some("registry.example".into()),
+                scope: Some("repository:a/b:pull,push".into()),
+            })
+        );
+        assert_eq!(
+            parse_challenge("bearer realm=https://t/x, service=s"),
+            Some(Challenge::Bearer { realm: "https://t/x".into(), service: Some("s".into()), scope: None })
+        );
+        assert_eq!(parse_challenge("Negotiate"), None);
+        assert_eq!(parse_challenge("Bearer service=\"x\""), None);
+    }
+
+    fn lookup(dir: &Path, extra: &[(&str, &str)]) -> Lookup {
+        let mut env = BTreeMap::new();
+        env.insert("HOME".to_string(), dir.display().to_string());
+        for (k, v) in extra {
+            env.insert(k.to_string(), v.to_string());
+        }
+        Lookup { env }
+    }
+
+    #[test]
+    fn auth_files_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = lookup(dir.path(), &[]);
+        assert_eq!(l.find("r.example:5000").unwrap(), None);
+
+        std::fs::create_dir_all(dir.path().join(".docker")).unwrap();
+        let b64 = base64::engine::general_purpose::STANDARD.encode("dock:pw1");
+        std::fs::write(
+            dir.path().join(".docker/config.json"),
+            format!(r#"{{"auths": {{"https://r.example:5000/v1/": {{"auth": "{b64}"}}}}}}"#),
+        )
+        .unwrap();
+        let found = l.find("r.example:5000").unwrap().unwrap();
+        assert_eq!((found.username.as_str(), found.password.expose()), ("dock", "pw1"));
+
+        std::fs::create_dir_all(dir.path().join(".config/containers")).unwrap();
+        std::fs::write(
+            dir.path().join(".config/containers/auth.json"),
+            r#"{"auths": {"r.example:5000": {"username": "pod", "password": "pw2"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(l.find("r.example:5000").unwrap().unwrap().username, "pod");
+        assert_eq!(l.find("other.example").unwrap(), None);
+
+        let l = lookup(dir.path(), &[(USERNAME_ENV, "envuser"), (PASSWORD_ENV, "pw3")]);
+        assert_eq!(l.find("r.example:5000").unwrap().unwrap().username, "envuser");
+        let l = lookup(dir.path(), &[(USERNAME_ENV, "envuser")]);
+        assert!(l.find("r.example:5000").unwrap_err().to_string().contains(PASSWORD_ENV));
+    }
+
+    #[test]
+    fn bad_auth_file_does_not_echo_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("auth.json");
+        std::fs::write(&file, r#"{"auths": {"x": {"password": "hunter2""#).unwrap();
+        let l = lookup(dir.path(), &[("REGISTRY_AUTH_FILE", file.to_str().unwrap())]);
+        let err = format!("{:#}", l.find("x").unwrap_err());
+        assert!(err.contains("not valid JSON") && !err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let c = Credentials { username: "u".into(), password: Secret::new("hunter2"), source: "test".into() };
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert_eq!(format!("{}", c.password), "<redacted>");
+        let header = c.basic_header();
+        assert_eq!(c.redact(&format!("got hunter2 and {header}")), "got <redacted> and Basic <redacted>");
+    }
+}

@@ -1,0 +1,532 @@
+//! Real registries and test images for the push tests.
+//!
+//! [`Registry`] runs Debian's CNCF distribution registry (`docker-registry serve`) on
+//! 127.0.0.1 at a free port with its own storage, plain http or TLS + htpasswd; it can be
+//! killed and started again on the same storage and port, and is killed on drop.
+//! [`TestImage`] writes docker-archives with the tar crate.
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+pub const USER: &str = "pusher";
+pub const PASSWORD: &str = "s3cret-Pa55word";
+
+pub struct Registry {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    tls: bool,
+    /// Whether reading back needs [`USER`]'s credentials.
+    auth: bool,
+}
+
+impl Registry {
+    /// Plain http, no auth.
+    pub fn plain() -> Registry {
+        Registry::start_new(false, None)
+    }
+
+    /// TLS with a CA made here, and htpasswd basic auth for [`USER`]/[`PASSWORD`].
+    pub fn tls_with_auth() -> Registry {
+        Registry::start_new(true, None)
+    }
+
+    /// Plain http, with bearer tokens from `tokens`.
+    pub fn with_tokens(tokens: &TokenServer) -> Registry {
+        Registry::start_new(false, Some(tokens))
+    }
+
+    fn start_new(tls: bool, tokens: Option<&TokenServer>) -> Registry {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let storage = dir.path().join("storage");
+        std::fs::create_dir_all(&storage).expect("storage dir");
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            storage.display()
+        );
+        if tls {
+            make_certs(dir.path());
+            let htpasswd = run_ok(Command::new("htpasswd").args(["-Bbn", USER, PASSWORD]));
+            std::fs::write(dir.path().join("htpasswd"), htpasswd.stdout).expect("write htpasswd");
+            config.push_str(&format!(
+                "  tls:\n    certificate: {0}/server.pem\n    key: {0}/server.key\nauth:\n  htpasswd:\n    realm: nixctr-test\n    path: {0}/htpasswd\n",
+                dir.path().display()
+            ));
+        }
+        if let Some(tokens) = tokens {
+            config.push_str(&format!(
+                "auth:\n  token:\n    realm: http://127.0.0.1:{}/token\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+                tokens.port,
+                tokens.cert.display()
+            ));
+        }
+        std::fs::write(dir.path().join("config.yml"), config).expect("write registry config");
+        let mut registry = Registry { port, dir, child: None, tls, auth: tls || tokens.is_some() };
+        registry.start();
+        registry
+    }
+
+    /// Starts the registry (again) on the same storage and port.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "registry already running");
+        let log = std::fs::File::create(self.dir.path().join("registry.log")).expect("registry log");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(self.dir.path().join("config.yml"))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("cannot start docker-registry (apt-get install docker-registry)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "docker-registry did not listen on {}: {}", self.port, self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, as a crash or a pulled plug would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn ca_cert(&self) -> PathBuf {
+        assert!(self.tls);
+        self.dir.path().join("ca.pem")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// Bytes of all blobs in storage.
+    pub fn blob_bytes(&self) -> u64 {
+        fn walk(dir: &Path) -> u64 {
+            std::fs::read_dir(dir)
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| {
+                            let path = e.path();
+                            if path.is_dir() {
+                                walk(&path)
+                            } else if e.file_name() == "data" {
+                                e.metadata().map(|m| m.len()).unwrap_or(0)
+                            } else {
+                                0
+                            }
+                        })
+                        .sum()
+                })
+                .unwrap_or(0)
+        }
+        walk(&self.dir.path().join("storage/docker/registry/v2/blobs"))
+    }
+
+    /// skopeo's flags to reach this registry.
+    pub fn skopeo_flags(&self) -> Vec<String> {
+        let mut flags = vec!["--tls-verify=false".to_string()];
+        if self.auth {
+            flags.push(format!("--creds={USER}:{PASSWORD}"));
+        }
+        flags
+    }
+
+    /// `skopeo inspect` of `repo:tag`, as JSON; `None` when it fails (no such tag).
+    pub fn skopeo_inspect(&self, image: &str, raw: bool) -> Option<serde_json::Value> {
+        let mut cmd = Command::new("skopeo");
+        cmd.arg("inspect").args(self.skopeo_flags());
+        if raw {
+            cmd.arg("--raw");
+        }
+        cmd.arg(format!("docker://{}/{image}", self.host()));
+        let out = cmd.output().expect("run skopeo");
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).expect("skopeo printed JSON"))
+    }
+
+    /// `skopeo copy` to a `dir:` layout, returning the directory.
+    pub fn skopeo_copy_to_dir(&self, image: &str, into: &Path) -> PathBuf {
+        let dest = into.join(format!("copy-{}", image.replace(['/', ':'], "-")));
+        let mut cmd = Command::new("skopeo");
+        cmd.arg("copy").arg("--src-tls-verify=false");
+        if self.auth {
+            cmd.arg(format!("--src-creds={USER}:{PASSWORD}"));
+        }
+        cmd.arg(format!("docker://{}/{image}", self.host())).arg(format!("dir:{}", dest.display()));
+        run_ok(&mut cmd);
+        dest
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local addr").port()
+}
+
+fn make_certs(dir: &Path) {
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    run_ok(Command::new("openssl").current_dir(dir).args(["req", "-x509"]).args(ec).args([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=nixctr test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]));
+    run_ok(Command::new("openssl").current_dir(dir).arg("req").args(ec).args([
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]));
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("write ext.cnf");
+    run_ok(Command::new("openssl").current_dir(dir).args([
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]));
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A docker-archive written by the test: layer 1 holds the static /bin/busybox, the others
+/// a mix of text and pseudo-random bytes (so compressed sizes are predictable).
+pub struct TestImage {
+    pub layers: Vec<Vec<u8>>,
+}
+
+impl TestImage {
+    /// `count` layers of about `size` bytes; `seed` varies the content.
+    pub fn new(count: usize, size: usize, seed: u64) -> TestImage {
+        let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (apt-get install busybox-static)");
+        let mut layers = vec![layer_tar(&[("bin/busybox", &busybox, 0o755)])];
+        for n in 1..count {
+            let mut data = format!("layer {n} of a test image\n").repeat(size / 50).into_bytes();
+            data.extend(noise(size / 2, seed.wrapping_mul(1000).wrapping_add(n as u64)));
+            layers.push(layer_tar(&[(&format!("data/layer{n}.bin"), &data, 0o644)]));
+        }
+        TestImage { layers }
+    }
+
+    /// The same image with layer `index` (0-based) holding one more file.
+    pub fn with_changed_layer(mut self, index: usize, salt: &str) -> TestImage {
+        let extra = format!("changed: {salt}\n");
+        let mut archive = tar::Archive::new(&self.layers[index][..]);
+        let mut files: Vec<(String, Vec<u8>, u32)> = Vec::new();
+        for entry in archive.entries().expect("entries") {
+            let mut entry = entry.expect("entry");
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut data).expect("read");
+            let mode = entry.header().mode().expect("mode");
+            files.push((entry.path().expect("path").display().to_string(), data, mode));
+        }
+        files.push(("etc/changed".to_string(), extra.into_bytes(), 0o644));
+        let refs: Vec<(&str, &[u8], u32)> = files.iter().map(|(p, d, m)| (p.as_str(), d.as_slice(), *m)).collect();
+        self.layers[index] = layer_tar(&refs);
+        self
+    }
+
+    pub fn diff_ids(&self) -> Vec<String> {
+        self.layers.iter().map(|l| sha256(l)).collect()
+    }
+
+    pub fn config(&self) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Cmd": ["/bin/busybox", "echo", "ok"]},
+            "rootfs": {"type": "layers", "diff_ids": self.diff_ids()},
+        }))
+        .expect("config JSON")
+    }
+
+    /// The docker-archive bytes; `diff_ids` overrides the config's list (for corrupt archives).
+    pub fn archive_bytes(&self, diff_ids: Option<Vec<String>>) -> Vec<u8> {
+        let config = match diff_ids {
+            None => self.config(),
+            Some(ids) => {
+                let mut c: serde_json::Value = serde_json::from_slice(&self.config()).expect("config");
+                c["rootfs"]["diff_ids"] = serde_json::json!(ids);
+                serde_json::to_vec(&c).expect("config")
+            }
+        };
+        let config_name = format!("{}.json", &sha256(&config)[7..]);
+        let names: Vec<String> = self.diff_ids().iter().map(|d| format!("{}/layer.tar", &d[7..])).collect();
+        let manifest = serde_json::to_vec(&serde_json::json!([
+            {"Config": config_name, "RepoTags": ["test:latest"], "Layers": names}
+        ]))
+        .expect("manifest");
+        let mut entries: Vec<(&str, &[u8], u32)> =
+            names.iter().zip(&self.layers).map(|(n, l)| (n.as_str(), l.as_slice(), 0o644)).collect();
+        entries.push((&config_name, &config, 0o644));
+        entries.push(("manifest.json", &manifest, 0o644));
+        layer_tar(&entries)
+    }
+
+    /// Writes `name.tar` (or `name.tar.gz` when `gzip`) under `dir`.
+    pub fn write(&self, dir: &Path, name: &str, gzip: bool) -> PathBuf {
+        let bytes = self.archive_bytes(None);
+        write_archive(dir, name, &bytes, gzip)
+    }
+}
+
+pub fn write_archive(dir: &Path, name: &str, bytes: &[u8], gzip: bool) -> PathBuf {
+    let path = dir.join(if gzip { format!("{name}.tar.gz") } else { format!("{name}.tar") });
+    if gzip {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(bytes).expect("gzip");
+        std::fs::write(&path, enc.finish().expect("gzip")).expect("write archive");
+    } else {
+        std::fs::write(&path, bytes).expect("write archive");
+    }
+    path
+}
+
+pub fn layer_tar(files: &[(&str, &[u8], u32)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, data, mode) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(*mode);
+        header.set_mtime(0);
+        header.set_cksum();
+        builder.append_data(&mut header, name, *data).expect("tar entry");
+    }
+    builder.into_inner().expect("tar")
+}
+
+pub fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// xorshift bytes: incompressible, and the same for the same seed.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// The `nixctr` binary with an environment of its own: HOME, caches and credential files
+/// under `home`, no credentials from the machine running the tests.
+pub fn nixctr(home: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixctr"));
+    cmd.current_dir(home)
+        .env("HOME", home)
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("DOCKER_CONFIG")
+        .env_remove("REGISTRY_AUTH_FILE")
+        .env_remove("NIXCTR_REGISTRY_USERNAME")
+        .env_remove("NIXCTR_REGISTRY_PASSWORD")
+        .stdin(Stdio::null());
+    cmd
+}
+
+const TOKEN_SERVICE: &str = "nixctr-test";
+const TOKEN_ISSUER: &str = "nixctr-test-issuer";
+
+/// A bearer-token server for the registry's `auth: token`: checks [`USER`]/[`PASSWORD`]
+/// and signs RS256 JWTs (with `openssl`) granting what was asked. The first token it hands
+/// out grants pull only and runs out `first_token_secs` after it is issued (the registry
+/// allows 60 s of clock skew on top of `exp`): the first upload, or any request after that
+/// time, gets a 401, as with a token expiring mid-push. Later tokens last five minutes.
+pub struct TokenServer {
+    pub port: u16,
+    cert: PathBuf,
+    pub issued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _dir: tempfile::TempDir,
+}
+
+impl TokenServer {
+    pub fn start(first_token_secs: i64) -> TokenServer {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().expect("temp dir");
+        run_ok(Command::new("openssl").current_dir(dir.path()).args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "token.key",
+            "-out",
+            "token.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=nixctr test token signer",
+        ]));
+        let der = run_ok(Command::new("openssl").current_dir(dir.path()).args([
+            "x509",
+            "-in",
+            "token.pem",
+            "-outform",
+            "DER",
+        ]));
+        let x5c = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &der.stdout);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let issued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (count, key) = (issued.clone(), dir.path().join("token.key"));
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                let lifetime = if n == 0 { first_token_secs - 60 } else { 300 };
+                let _ = serve_token(stream, &key, &x5c, lifetime, n == 0, &count);
+            }
+        });
+        TokenServer { port, cert: dir.path().join("token.pem"), issued, _dir: dir }
+    }
+}
+
+fn serve_token(
+    mut stream: TcpStream,
+    key: &Path,
+    x5c: &str,
+    lifetime: i64,
+    pull_only: bool,
+    count: &std::sync::atomic::AtomicUsize,
+) -> std::io::Result<()> {
+    use base64::Engine;
+    use std::io::{BufRead, BufReader};
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut authorized = false;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("authorization") {
+                let expected = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+                authorized = value.trim() == format!("Basic {expected}");
+            }
+        }
+    }
+    if !authorized {
+        count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        return stream.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    }
+    let target = request_line.split_whitespace().nth(1).unwrap_or("/");
+    let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let access: Vec<serde_json::Value> = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| *k == "scope")
+        .flat_map(|(_, v)| percent_decode(v).split(' ').map(str::to_string).collect::<Vec<_>>())
+        .filter_map(|scope| {
+            let mut parts = scope.splitn(3, ':');
+            let (kind, name, actions) = (parts.next()?, parts.next()?, parts.next()?);
+            let actions: Vec<&str> = actions.split(',').filter(|a| !pull_only || *a == "pull").collect();
+            Some(serde_json::json!({"type": kind, "name": name, "actions": actions}))
+        })
+        .collect();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "x5c": [x5c]});
+    let claims = serde_json::json!({
+        "iss": TOKEN_ISSUER, "sub": USER, "aud": TOKEN_SERVICE, "exp": now + lifetime, "nbf": now - 10,
+        "iat": now, "jti": format!("t{now}{}", access.len()), "access": access,
+    });
+    let signing_input = format!("{}.{}", b64(header.to_string().as_bytes()), b64(claims.to_string().as_bytes()));
+    let mut openssl = Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    openssl.stdin.take().expect("stdin").write_all(signing_input.as_bytes())?;
+    let signature = openssl.wait_with_output()?.stdout;
+    let token = format!("{signing_input}.{}", b64(&signature));
+    let body = serde_json::json!({"token": token, "expires_in": lifetime.max(1)}).to_string();
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                out.push(u8::from_str_radix(hex, 16).unwrap_or(b'?'));
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
