@@ -5,7 +5,9 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::registry_harness::{nixctr, run_ok, sha256, write_archive, Registry, TestImage, TokenServer, PASSWORD, USER};
+use crate::registry_harness::{
+    error_answer, nixctr, run_ok, sha256, write_archive, Proxy, Registry, TestImage, TokenServer, PASSWORD, USER,
+};
 
 struct Run {
     ok: bool,
@@ -507,4 +509,89 @@ fn bearer_token_renewed_mid_push() {
     .failure();
     assert!(run.stderr.contains("rejected the credentials") && run.stderr.contains(USER), "{}", run.stderr);
     assert!(!run.stderr.contains("wrong-password"), "{}", run.stderr);
+}
+
+/// A registry that refuses OCI manifests (as zot does unless configured): the push says so
+/// and pushes a Docker schema 2 manifest instead.
+#[test]
+fn refused_manifest_type_falls_back_to_the_other() {
+    let (registry, home) = (Registry::plain(), home());
+    let proxy = Proxy::start(registry.port, |r| {
+        (r.method == "PUT" && r.path.contains("/manifests/") && r.head.contains("application/vnd.oci.image.manifest.v1+json"))
+            .then(|| error_answer("400 Bad Request", "MANIFEST_INVALID", "manifest invalid: unsupported media type"))
+    });
+    let image = TestImage::new(2, 50_000, 13);
+    let archive = image.write(home.path(), "img", false);
+    let reference = format!("{}/app:fallback", proxy.host());
+    let run = push(home.path(), &[archive.to_str().expect("path"), &reference]).success();
+    assert!(run.stderr.contains("refused the OCI manifest") && run.stderr.contains("Docker schema 2"), "{}", run.stderr);
+    let raw = registry.skopeo_inspect("app:fallback", true).expect("inspect");
+    assert_eq!(raw["mediaType"], "application/vnd.docker.distribution.manifest.v2+json");
+    check_with_skopeo(&registry, "app:fallback", &run.digest(&reference), &image, DOCKER_GZIP, home.path());
+}
+
+/// 503, 429 and 408 answers are retried with backoff; a registry that keeps failing is an error.
+#[test]
+fn transient_failures_are_retried() {
+    let (registry, home) = (Registry::plain(), home());
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    let proxy = Proxy::start(registry.port, move |r| {
+        let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        match (r.method, n % 3) {
+            (_, _) if r.path == "/v2/" => None,
+            ("HEAD", 0) => Some(error_answer("503 Service Unavailable", "UNAVAILABLE", "try later")),
+            ("POST", 0) => Some(error_answer("429 Too Many Requests", "TOOMANYREQUESTS", "slow down")),
+            ("PUT", 0) => Some(error_answer("408 Request Timeout", "UNKNOWN", "timeout")),
+            _ => None,
+        }
+    });
+    let image = TestImage::new(3, 50_000, 14);
+    let archive = image.write(home.path(), "img", false);
+    let reference = format!("{}/app:flaky", proxy.host());
+    let run = push(home.path(), &["-v", archive.to_str().expect("path"), &reference]).success();
+    assert!(run.stderr.contains("retrying"), "{}", run.stderr);
+    check_with_skopeo(&registry, "app:flaky", &run.digest(&reference), &image, OCI_GZIP, home.path());
+
+    let broken = Proxy::start(registry.port, |r| {
+        (r.path != "/v2/").then(|| error_answer("500 Internal Server Error", "UNKNOWN", "disk on fire"))
+    });
+    let run = push(home.path(), &[archive.to_str().expect("path"), &format!("{}/app:broken", broken.host())]).failure();
+    assert!(run.stderr.contains("answered 500 Internal Server Error"), "{}", run.stderr);
+    assert!(registry.skopeo_inspect("app:broken", false).is_none());
+}
+
+/// Ctrl-C mid-push: exit 130, and no temporary file is left behind.
+#[test]
+fn interrupted_push_leaves_no_temporary_files() {
+    let (registry, home) = (Registry::plain(), home());
+    let image = TestImage::new(6, 6_000_000, 15);
+    let archive = image.write(home.path(), "big", true);
+    let tmp = home.path().join("tmp");
+    std::fs::create_dir_all(&tmp).expect("mkdir");
+    let mut child = nixctr(home.path())
+        .env("TMPDIR", &tmp)
+        .args(["push", "--jobs", "1", archive.to_str().expect("path"), &format!("{}/app:int", registry.host())])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run nixctr");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut seen = String::new();
+    while !seen.contains(" pushed (") {
+        let mut line = String::new();
+        assert!(std::io::BufRead::read_line(&mut stderr, &mut line).expect("read") > 0, "push ended early: {seen}");
+        seen.push_str(&line);
+    }
+    let listed = std::fs::read_dir(&tmp).expect("read tmp").count();
+    assert!(listed > 0, "expected temporary files while pushing a compressed archive");
+    run_ok(Command::new("kill").args(["-INT", &child.id().to_string()]));
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).expect("read");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(130), "{seen}{rest}");
+    assert!(rest.contains("interrupted"), "{rest}");
+    let left: Vec<_> = std::fs::read_dir(&tmp).expect("read tmp").flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(registry.skopeo_inspect("app:int", false).is_none());
 }
