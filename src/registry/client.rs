@@ -26,6 +26,7 @@ pub struct Client {
     base: String,
     registry: String,
     creds: Option<Credentials>,
+    notes: Vec<String>,
     /// The `Authorization` value sent with every request, once known.
     authorization: Mutex<Option<String>>,
     /// Token scopes asked for, so a renewed token covers every repository the push touches.
@@ -94,6 +95,7 @@ impl Client {
             base: format!("https://{api_host}"),
             registry: opts.registry.clone(),
             creds: opts.credentials.clone(),
+            notes: opts.credential_notes.clone(),
             authorization: Mutex::new(None),
             scopes: std::sync::Mutex::new(BTreeSet::from([format!("repository:{repository}:pull,push")])),
             verbose: opts.verbose,
@@ -217,11 +219,14 @@ impl Client {
                 c.username,
                 c.source
             ),
-            None => anyhow!(
-                "registry {} requires credentials (401 Unauthorized on {what}; log in with `podman login` or `docker login`, \
-                 pass --username with --password-stdin, or set NIXCTR_REGISTRY_USERNAME and NIXCTR_REGISTRY_PASSWORD)",
-                self.registry
-            ),
+            None => {
+                let passed_over: String = self.notes.iter().map(|n| format!("; passed over: {n}")).collect();
+                anyhow!(
+                    "registry {} requires credentials (401 Unauthorized on {what}; log in with `podman login` or `docker login`, \
+                     pass --username with --password-stdin, or set NIXCTR_REGISTRY_USERNAME and NIXCTR_REGISTRY_PASSWORD){passed_over}",
+                    self.registry
+                )
+            }
         }
     }
 

@@ -58,6 +58,8 @@ pub struct PushOptions {
     pub plain_http_allowed: bool,
     pub ca_cert: Option<PathBuf>,
     pub credentials: Option<Credentials>,
+    /// Credential sources passed over, and why (shown when the registry wants credentials).
+    pub credential_notes: Vec<String>,
     pub jobs: usize,
     /// The blob cache file; `None` disables it.
     pub cache_path: Option<PathBuf>,
@@ -88,7 +90,14 @@ impl PushOptions {
                 })
             }
             Some(_) => bail!("--username needs --password-stdin"),
-            None => auth::Lookup::from_env().find(reference.registry())?,
+            None => None,
+        };
+        let (credentials, credential_notes) = match credentials {
+            Some(c) => (Some(c), Vec::new()),
+            None => {
+                let found = auth::Lookup::from_env().find(reference.registry())?;
+                (found.credentials, found.notes)
+            }
         };
         let registry = reference.registry().to_string();
         let hostname = reference.hostname();
@@ -102,6 +111,7 @@ impl PushOptions {
             plain_http_allowed: insecure || is_loopback(hostname),
             ca_cert: args.ca_cert.clone(),
             credentials,
+            credential_notes,
             jobs: args.jobs,
             cache_path: BlobCache::default_path(),
             verbose: settings.verbose,
@@ -226,6 +236,12 @@ pub async fn push(archive: &Path, reference: &Reference, opts: &PushOptions, pro
     });
     let pending: Arc<Mutex<HashMap<String, Pending>>> = Arc::default();
 
+    for note in &opts.credential_notes {
+        progress.debug(format!("credentials: passed over {note}"));
+    }
+    if let Some(c) = &opts.credentials {
+        progress.debug(format!("credentials: user {:?} from {}", c.username, c.source));
+    }
     progress.info(format!("reading {}", archive.display()));
     let memory = opts.cache_path.as_ref().map(|p| p.with_file_name("archives.json"));
     let mut client = None;
