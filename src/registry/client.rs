@@ -143,7 +143,7 @@ impl Client {
                     }
                 }
             }
-            if !tls_error.is_connect() {
+            if !is_network_failure(&tls_error) {
                 bail!(
                     "cannot reach registry {} over https: {} (a registry on plain http needs --insecure, or insecure-registries in nixctr.toml)",
                     self.registry,
@@ -328,6 +328,15 @@ fn backoff(attempt: u32) -> Duration {
 
 fn is_transient(e: &reqwest::Error) -> bool {
     e.is_connect() || e.is_timeout() || e.is_request() || e.is_body() || e.is_decode()
+}
+
+/// Refused, unreachable, timed out, unknown host: worth another try, unlike a TLS mismatch.
+fn is_network_failure(e: &reqwest::Error) -> bool {
+    if e.is_timeout() {
+        return true;
+    }
+    let text = format!("{e:?}").to_ascii_lowercase();
+    ["refused", "unreachable", "timed out", "reset", "dns", "lookup", "resolve", "broken pipe"].iter().any(|w| text.contains(w))
 }
 
 fn is_certificate_failure(e: &reqwest::Error) -> bool {

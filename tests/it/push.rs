@@ -423,6 +423,24 @@ fn credential_sources_and_tls() {
     assert_no_password(&run);
     assert_eq!(std::fs::read_to_string(&log).expect("helper ran").trim(), registry.host());
     check_with_skopeo(&registry, "secure/app:helper", &run.digest(&target("helper")), &image, OCI_GZIP, home.path());
+
+    // No CA, but --insecure, or the registry listed in nixctr.toml: the certificate goes unchecked.
+    push_with(
+        nixctr(home.path()).env("REGISTRY_AUTH_FILE", &podman).args(["push", "--insecure", &archive, &target("insecure")]),
+        None,
+    )
+    .success();
+    let project = home.path().join("project");
+    std::fs::create_dir_all(&project).expect("mkdir");
+    std::fs::write(project.join("nixctr.toml"), format!("insecure-registries = [\"{}\"]\n", registry.host())).expect("write");
+    push_with(
+        nixctr(home.path())
+            .current_dir(&project)
+            .env("REGISTRY_AUTH_FILE", &podman)
+            .args(["push", &archive, &target("listed")]),
+        None,
+    )
+    .success();
 }
 
 fn base64_encode(s: &str) -> String {
