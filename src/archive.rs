@@ -462,15 +462,20 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
 /// hashing and copying that consume its output.
 struct Pipelined {
     blocks: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    /// Emptied blocks go back to the reading thread, so memory is allocated once.
+    spent: std::sync::mpsc::SyncSender<Vec<u8>>,
     current: io::Cursor<Vec<u8>>,
     done: bool,
 }
 
 impl Pipelined {
     fn spawn(mut inner: impl Read + Send + 'static) -> Pipelined {
-        let (tx, blocks) = std::sync::mpsc::sync_channel(4);
+        const BLOCKS: usize = 4;
+        let (tx, blocks) = std::sync::mpsc::sync_channel(BLOCKS);
+        let (spent, recycled) = std::sync::mpsc::sync_channel::<Vec<u8>>(BLOCKS + 2);
         std::thread::spawn(move || loop {
-            let mut block = vec![0u8; 1 << 20];
+            let mut block = recycled.try_recv().unwrap_or_default();
+            block.resize(1 << 20, 0);
             match read_up_to(&mut inner, &mut block) {
                 Ok(0) => break,
                 Ok(n) => {
@@ -485,7 +490,7 @@ impl Pipelined {
                 }
             }
         });
-        Pipelined { blocks, current: io::Cursor::new(Vec::new()), done: false }
+        Pipelined { blocks, spent, current: io::Cursor::new(Vec::new()), done: false }
     }
 }
 
@@ -497,7 +502,10 @@ impl Read for Pipelined {
                 return Ok(n);
             }
             match self.blocks.recv() {
-                Ok(Ok(block)) => self.current = io::Cursor::new(block),
+                Ok(Ok(block)) => {
+                    let old = std::mem::replace(&mut self.current, io::Cursor::new(block));
+                    let _ = self.spent.try_send(old.into_inner());
+                }
                 Ok(Err(e)) => {
                     self.done = true;
                     return Err(e);
