@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use reqwest::header::{HeaderMap, AUTHORIZATION, WWW_AUTHENTICATE};
-use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use reqwest::{RequestBuilder, Response, StatusCode};
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
@@ -156,8 +156,9 @@ impl Client {
         bail!("cannot reach registry {}: {err} (is it running, and is the address right?)", self.registry)
     }
 
-    pub fn base(&self) -> &str {
-        &self.base
+    /// `host[:port]` as the user named it.
+    pub fn registry(&self) -> &str {
+        &self.registry
     }
 
     pub fn add_scope(&self, scope: String) {
@@ -315,10 +316,6 @@ impl Client {
         } else {
             format!("{}{}", self.base, location)
         }
-    }
-
-    pub fn request(http: &reqwest::Client, method: Method, url: &str) -> RequestBuilder {
-        http.request(method, url)
     }
 }
 

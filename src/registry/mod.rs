@@ -5,10 +5,13 @@
 //! and do not report the `Docker-Content-Digest` of a pushed manifest. The manifest types
 //! and media types are oci-client's.
 //!
-//! Order of work: read and check the archive, log in, then per layer (several at once) skip
-//! it when the registry has it, mount it from another repository when the cache knows one,
-//! else compress it to a temporary file and upload it; then the config; the manifest last,
-//! so a failed push leaves no tag.
+//! Order of work: read and check the archive while logging in, compressing each layer the
+//! blob cache does not know into a temporary file as soon as it has been read (on all
+//! cores). Once the whole archive checks out, per layer (`--jobs` at once): skip it when
+//! the registry has it, mount it from another repository when the cache knows one, else
+//! upload it; then the config; the manifest last, so a failed push leaves no tag. An
+//! archive unchanged since its last check (same inode, size, mtime, ctime) is not read
+//! again.
 
 pub mod auth;
 pub mod blobs;
@@ -29,7 +32,7 @@ use oci_client::manifest::{
     IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE, IMAGE_LAYER_GZIP_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE,
 };
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use tokio::sync::Semaphore;
 
 use crate::archive::{sha256_digest, Archive, Cancellable, EntryData, SeenEntry};
@@ -594,14 +597,14 @@ async fn upload_blob(
             .headers()
             .get(LOCATION)
             .and_then(|l| l.to_str().ok())
-            .ok_or_else(|| anyhow!("registry {} opened an upload without a Location header", client_registry(client)))?;
+            .ok_or_else(|| anyhow!("registry {} opened an upload without a Location header", client.registry()))?;
         let mut url = client.absolute(location);
         url.push(if url.contains('?') { '&' } else { '?' });
         url.push_str("digest=");
         url.push_str(digest);
         let answer = client
             .send(&what, |http, _| {
-                let request = Client::request(http, Method::PUT, &url)
+                let request = http.put(&url)
                     .header(CONTENT_TYPE, "application/octet-stream")
                     .header(CONTENT_LENGTH, size);
                 match &body {
@@ -633,17 +636,13 @@ async fn upload_blob(
             _ => return Err(client.rejected(answer, &what).await.into()),
         }
     }
-    bail!("registry {} lost the upload of {} twice; try again", client_registry(client), short(digest))
-}
-
-fn client_registry(client: &Client) -> &str {
-    client.base().split("://").nth(1).unwrap_or(client.base())
+    bail!("registry {} lost the upload of {} twice; try again", client.registry(), short(digest))
 }
 
 async fn forbidden(client: &Client, repo: &str, what: &str) -> anyhow::Error {
     anyhow!(
         "registry {} denied {what} in {repo:?} (403 Forbidden: the user may not push there; check the repository name and the account's rights)",
-        client_registry(client)
+        client.registry()
     )
 }
 
