@@ -65,7 +65,11 @@ impl EntryData {
         let mut file = File::open(&self.path).with_context(|| format!("cannot reopen {}", self.path.display()))?;
         file.seek(SeekFrom::Start(self.offset))?;
         let raw = BufReader::with_capacity(256 << 10, file).take(self.size);
-        Ok(if self.gzipped { Box::new(flate2::read::MultiGzDecoder::new(raw)) } else { Box::new(raw) })
+        Ok(if self.gzipped {
+            Box::new(flate2::read::MultiGzDecoder::new(raw))
+        } else {
+            Box::new(raw)
+        })
     }
 }
 
@@ -147,7 +151,11 @@ impl FileKey {
 /// What the first pass learned about one tar entry.
 #[derive(Debug, Clone)]
 enum Entry {
-    File { sha256: String, content_size: u64, data: EntryData },
+    File {
+        sha256: String,
+        content_size: u64,
+        data: EntryData,
+    },
     Link(String),
 }
 
@@ -159,7 +167,11 @@ impl Archive {
 
     /// [`Archive::open`], calling `on_entry` for each file entry that may be a layer (not
     /// JSON) as soon as it has been read.
-    pub fn open_with(path: &Path, cancel: Option<Arc<AtomicBool>>, on_entry: &mut dyn FnMut(&SeenEntry)) -> Result<Archive> {
+    pub fn open_with(
+        path: &Path,
+        cancel: Option<Arc<AtomicBool>>,
+        on_entry: &mut dyn FnMut(&SeenEntry),
+    ) -> Result<Archive> {
         let shown = path.display();
         let mut file = File::open(path).with_context(|| format!("cannot open archive {shown}"))?;
         let mut magic = [0u8; 2];
@@ -176,15 +188,26 @@ impl Archive {
             // Unbuffered, so an entry's bytes are in the file by the time `on_entry` hears of it.
             let writer = spool.as_file().try_clone()?;
             let decoder = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 20, file));
-            let decoded = Pipelined::spawn(Cancellable { inner: decoder, cancel: cancel.clone() });
-            let mut tee = Tee { inner: decoded, copy: writer };
+            let decoded = Pipelined::spawn(Cancellable {
+                inner: decoder,
+                cancel: cancel.clone(),
+            });
+            let mut tee = Tee {
+                inner: decoded,
+                copy: writer,
+            };
             let entries = scan(&mut tee, spool.path(), on_entry).map_err(|e| describe_read_error(path, e))?;
             // Read what follows the end-of-archive blocks too, so a truncated gzip stream shows.
             io::copy(&mut tee, &mut io::sink()).map_err(|e| describe_read_error(path, e.into()))?;
-            tee.copy.flush().context("cannot write the uncompressed archive to TMPDIR")?;
+            tee.copy
+                .flush()
+                .context("cannot write the uncompressed archive to TMPDIR")?;
             (entries, Some(spool))
         } else {
-            let reader = Cancellable { inner: BufReader::with_capacity(1 << 20, file), cancel };
+            let reader = Cancellable {
+                inner: BufReader::with_capacity(1 << 20, file),
+                cancel,
+            };
             let entries = scan(reader, path, on_entry).map_err(|e| describe_read_error(path, e))?;
             (entries, None)
         };
@@ -211,7 +234,11 @@ impl Archive {
         let layer = self.layers.get(index).ok_or_else(|| anyhow!("no layer {index}"))?;
         match &layer.data {
             Some(data) => data.reader(),
-            None => bail!("layer {} of {} needs a full read of the archive", index + 1, self.path.display()),
+            None => bail!(
+                "layer {} of {} needs a full read of the archive",
+                index + 1,
+                self.path.display()
+            ),
         }
     }
 
@@ -233,7 +260,12 @@ impl Archive {
             layers: checked
                 .layers
                 .into_iter()
-                .map(|l| Layer { name: l.name, diff_id: l.diff_id, size: l.size, data: l.data.filter(|_| plain) })
+                .map(|l| Layer {
+                    name: l.name,
+                    diff_id: l.diff_id,
+                    size: l.size,
+                    data: l.data.filter(|_| plain),
+                })
                 .collect(),
             gzipped: checked.gzipped,
         })
@@ -241,10 +273,16 @@ impl Archive {
 
     /// Remembers this archive's check for [`Archive::recall`] (the last 32 archives).
     pub fn remember(&self, memory: &Path) -> Result<()> {
-        let Some(key) = FileKey::of(&self.path) else { return Ok(()) };
-        let Ok(config) = String::from_utf8(self.config.clone()) else { return Ok(()) };
-        let mut all: Vec<Checked> =
-            std::fs::read(memory).ok().and_then(|t| serde_json::from_slice(&t).ok()).unwrap_or_default();
+        let Some(key) = FileKey::of(&self.path) else {
+            return Ok(());
+        };
+        let Ok(config) = String::from_utf8(self.config.clone()) else {
+            return Ok(());
+        };
+        let mut all: Vec<Checked> = std::fs::read(memory)
+            .ok()
+            .and_then(|t| serde_json::from_slice(&t).ok())
+            .unwrap_or_default();
         all.retain(|c| c.key.path != key.path);
         all.push(Checked {
             key,
@@ -274,10 +312,16 @@ impl Archive {
 
     fn read_entry(&self, entries: &HashMap<String, Entry>, name: &str, what: &str) -> Result<Vec<u8>> {
         let Some(Entry::File { data, content_size, .. }) = resolve(entries, name) else {
-            bail!("{}: {what} {name:?} is missing (the archive may be truncated)", self.path.display());
+            bail!(
+                "{}: {what} {name:?} is missing (the archive may be truncated)",
+                self.path.display()
+            );
         };
         if content_size > 64 << 20 {
-            bail!("{}: {what} {name:?} is {content_size} bytes, too big for JSON", self.path.display());
+            bail!(
+                "{}: {what} {name:?} is {content_size} bytes, too big for JSON",
+                self.path.display()
+            );
         }
         let mut bytes = Vec::with_capacity(content_size as usize);
         data.reader()?.read_to_end(&mut bytes)?;
@@ -299,7 +343,10 @@ impl Archive {
         let image = match manifest.as_slice() {
             [one] => one,
             [] => bail!("{shown}: manifest.json lists no image"),
-            more => bail!("{shown}: manifest.json lists {} images; push supports one per archive", more.len()),
+            more => bail!(
+                "{shown}: manifest.json lists {} images; push supports one per archive",
+                more.len()
+            ),
         };
         self.config = self.read_entry(entries, &image.config, "config")?;
         self.config_digest = sha256_digest(&self.config);
@@ -315,8 +362,16 @@ impl Archive {
             );
         }
         for (index, (name, want)) in image.layers.iter().zip(&diff_ids).enumerate() {
-            let Some(Entry::File { sha256, content_size, data }) = resolve(entries, name) else {
-                bail!("{shown}: layer {} ({name:?}) is missing (the archive may be truncated)", index + 1);
+            let Some(Entry::File {
+                sha256,
+                content_size,
+                data,
+            }) = resolve(entries, name)
+            else {
+                bail!(
+                    "{shown}: layer {} ({name:?}) is missing (the archive may be truncated)",
+                    index + 1
+                );
             };
             if &sha256 != want {
                 bail!(
@@ -324,7 +379,12 @@ impl Archive {
                     index + 1
                 );
             }
-            self.layers.push(Layer { name: name.clone(), diff_id: sha256, size: content_size, data: Some(data) });
+            self.layers.push(Layer {
+                name: name.clone(),
+                diff_id: sha256,
+                size: content_size,
+                data: Some(data),
+            });
         }
         Ok(())
     }
@@ -360,7 +420,10 @@ fn scan(reader: impl Read, source: &Path, on_entry: &mut dyn FnMut(&SeenEntry)) 
         let got = read_up_to(&mut entry, &mut head)?;
         let gzipped = got == 2 && head == GZIP_MAGIC;
         let (sha256, content_size, read) = if gzipped {
-            let mut counter = Counted { inner: io::Cursor::new(head).chain(&mut entry), count: 0 };
+            let mut counter = Counted {
+                inner: io::Cursor::new(head).chain(&mut entry),
+                count: 0,
+            };
             let mut decoder = flate2::read::MultiGzDecoder::new(&mut counter);
             let (digest, n) = hash_reader(&mut decoder)?;
             // Drain anything after the gzip stream so the raw size check below holds.
@@ -373,11 +436,28 @@ fn scan(reader: impl Read, source: &Path, on_entry: &mut dyn FnMut(&SeenEntry)) 
         if read != size {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("entry {name:?} is cut short")).into());
         }
-        let data = EntryData { path: source.to_path_buf(), offset, size, gzipped };
+        let data = EntryData {
+            path: source.to_path_buf(),
+            offset,
+            size,
+            gzipped,
+        };
         if !name.ends_with(".json") && name != "repositories" {
-            on_entry(&SeenEntry { name: name.clone(), sha256: sha256.clone(), size: content_size, data: data.clone() });
+            on_entry(&SeenEntry {
+                name: name.clone(),
+                sha256: sha256.clone(),
+                size: content_size,
+                data: data.clone(),
+            });
         }
-        entries.insert(name, Entry::File { sha256, content_size, data });
+        entries.insert(
+            name,
+            Entry::File {
+                sha256,
+                content_size,
+                data,
+            },
+        );
     }
     Ok(entries)
 }
@@ -490,7 +570,12 @@ impl Pipelined {
                 }
             }
         });
-        Pipelined { blocks, spent, current: io::Cursor::new(Vec::new()), done: false }
+        Pipelined {
+            blocks,
+            spent,
+            current: io::Cursor::new(Vec::new()),
+            done: false,
+        }
     }
 }
 
@@ -576,7 +661,8 @@ mod tests {
 
     fn image(layers: &[&[u8]], diff_ids: Option<Vec<String>>) -> Vec<u8> {
         let ids = diff_ids.unwrap_or_else(|| layers.iter().map(|l| sha256_digest(l)).collect());
-        let config = serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": ids}});
+        let config =
+            serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": ids}});
         let config = serde_json::to_vec(&config).unwrap();
         let names: Vec<String> = (0..layers.len()).map(|i| format!("l{i}/layer.tar")).collect();
         let manifest = serde_json::json!([{"Config": "config.json", "RepoTags": ["x:1"], "Layers": names}]);
@@ -605,7 +691,11 @@ mod tests {
         let layer_a = tar_with(&[("a", b"hello")]);
         let layer_b = tar_with(&[("b", b"world")]);
         let bytes = image(&[&layer_a, &layer_b], None);
-        for (name, data) in [("x.tar", bytes.clone()), ("x.tar.gz", gzip(&bytes)), ("no-extension", gzip(&bytes))] {
+        for (name, data) in [
+            ("x.tar", bytes.clone()),
+            ("x.tar.gz", gzip(&bytes)),
+            ("no-extension", gzip(&bytes)),
+        ] {
             let archive = Archive::open(&write(&dir, name, &data), None).unwrap();
             assert_eq!(archive.layers.len(), 2);
             assert_eq!(archive.repo_tags, vec!["x:1".to_string()]);
@@ -633,7 +723,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let layer = tar_with(&[("a", b"hello")]);
         let bytes = image(&[&layer], Some(vec![sha256_digest(b"other")]));
-        let err = Archive::open(&write(&dir, "x.tar", &bytes), None).unwrap_err().to_string();
+        let err = Archive::open(&write(&dir, "x.tar", &bytes), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("layer 1") && err.contains("diff_id"), "{err}");
     }
 
@@ -643,23 +735,36 @@ mod tests {
         let layer = tar_with(&[("a", &[7u8; 100_000])]);
         let bytes = image(&[&layer], None);
         for cut in [bytes.len() / 3, bytes.len() - 2048] {
-            let err = Archive::open(&write(&dir, "t.tar", &bytes[..cut]), None).unwrap_err().to_string();
+            let err = Archive::open(&write(&dir, "t.tar", &bytes[..cut]), None)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("truncated"), "{err}");
         }
         let gz = gzip(&bytes);
-        let err = Archive::open(&write(&dir, "t.tar.gz", &gz[..gz.len() - 30]), None).unwrap_err().to_string();
+        let err = Archive::open(&write(&dir, "t.tar.gz", &gz[..gz.len() - 30]), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("truncated") || err.contains("corrupt"), "{err}");
     }
 
     #[test]
     fn other_files_are_not_archives() {
         let dir = tempfile::tempdir().unwrap();
-        let err = Archive::open(&write(&dir, "n.tar", b"just some text, long enough to not be a tar header at all"), None)
-            .unwrap_err()
-            .to_string();
+        let err = Archive::open(
+            &write(
+                &dir,
+                "n.tar",
+                b"just some text, long enough to not be a tar header at all",
+            ),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("not a docker-archive"), "{err}");
         let plain = tar_with(&[("hello.txt", b"hi")]);
-        let err = Archive::open(&write(&dir, "p.tar", &plain), None).unwrap_err().to_string();
+        let err = Archive::open(&write(&dir, "p.tar", &plain), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no manifest.json"), "{err}");
     }
 
@@ -697,15 +802,21 @@ mod tests {
         let mut header = tar::Header::new_gnu();
         header.set_size(layer.len() as u64);
         header.set_cksum();
-        builder.append_data(&mut header, "one/layer.tar", layer.as_slice()).unwrap();
+        builder
+            .append_data(&mut header, "one/layer.tar", layer.as_slice())
+            .unwrap();
         let mut link = tar::Header::new_gnu();
         link.set_entry_type(tar::EntryType::Symlink);
         link.set_size(0);
-        builder.append_link(&mut link, "two/layer.tar", "../one/layer.tar").unwrap();
+        builder
+            .append_link(&mut link, "two/layer.tar", "../one/layer.tar")
+            .unwrap();
         let id = sha256_digest(&layer);
         let config = serde_json::to_vec(&serde_json::json!({"rootfs": {"diff_ids": [id, id]}})).unwrap();
-        let manifest =
-            serde_json::to_vec(&serde_json::json!([{"Config": "c.json", "Layers": ["one/layer.tar", "two/layer.tar"]}])).unwrap();
+        let manifest = serde_json::to_vec(
+            &serde_json::json!([{"Config": "c.json", "Layers": ["one/layer.tar", "two/layer.tar"]}]),
+        )
+        .unwrap();
         for (name, data) in [("c.json", &config), ("manifest.json", &manifest)] {
             let mut header = tar::Header::new_gnu();
             header.set_size(data.len() as u64);

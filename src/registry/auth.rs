@@ -98,7 +98,12 @@ impl Lookup {
         ];
         let env = names
             .iter()
-            .filter_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()).map(|v| (n.to_string(), v)))
+            .filter_map(|n| {
+                std::env::var(n)
+                    .ok()
+                    .filter(|v| !v.is_empty())
+                    .map(|v| (n.to_string(), v))
+            })
             .collect();
         Lookup { env }
     }
@@ -154,10 +159,12 @@ impl Lookup {
             (None, None) => {}
         }
         let mut notes = Vec::new();
-        let mut note = |r: Result<Option<Credentials>>| r.unwrap_or_else(|e| {
-            notes.push(format!("{e:#}"));
-            None
-        });
+        let mut note = |r: Result<Option<Credentials>>| {
+            r.unwrap_or_else(|e| {
+                notes.push(format!("{e:#}"));
+                None
+            })
+        };
         let mut found = None;
         for file in self.podman_auth_files() {
             if found.is_none() {
@@ -175,10 +182,12 @@ impl Lookup {
                     None
                 }
             };
-            let mut note = |r: Result<Option<Credentials>>| r.unwrap_or_else(|e| {
-                notes.push(format!("{e:#}"));
-                None
-            });
+            let mut note = |r: Result<Option<Credentials>>| {
+                r.unwrap_or_else(|e| {
+                    notes.push(format!("{e:#}"));
+                    None
+                })
+            };
             if let Some(config) = config {
                 if let Some(helper) = config.cred_helpers.get(registry) {
                     found = note(run_helper(helper, registry));
@@ -191,7 +200,10 @@ impl Lookup {
                 }
             }
         }
-        Ok(Found { credentials: found, notes })
+        Ok(Found {
+            credentials: found,
+            notes,
+        })
     }
 }
 
@@ -232,8 +244,12 @@ fn read_auth_file(path: &Path) -> Result<Option<AuthFile>> {
         Err(e) => return Err(e).with_context(|| format!("cannot read credentials file {}", path.display())),
     };
     // serde's message would quote the file's text, which may hold a password.
-    let parsed = parse_auth_file(&text)
-        .map_err(|_| anyhow!("credentials file {} is not valid JSON (fix or remove it)", path.display()))?;
+    let parsed = parse_auth_file(&text).map_err(|_| {
+        anyhow!(
+            "credentials file {} is not valid JSON (fix or remove it)",
+            path.display()
+        )
+    })?;
     Ok(Some(parsed))
 }
 
@@ -244,30 +260,51 @@ pub fn parse_auth_file(text: &str) -> std::result::Result<AuthFile, serde_json::
 impl AuthFile {
     /// The `auths` entry for `registry`: keys may carry a scheme or a `/v1/` suffix.
     fn auths_entry(&self, registry: &str, file: &Path) -> Result<Option<Credentials>> {
-        let entry = self.auths.iter().find(|(key, _)| normalize_key(key) == registry).or_else(|| {
-            // Docker Hub is stored under its legacy v1 address.
-            (registry == "docker.io").then(|| self.auths.iter().find(|(k, _)| normalize_key(k) == "index.docker.io")).flatten()
-        });
+        let entry = self
+            .auths
+            .iter()
+            .find(|(key, _)| normalize_key(key) == registry)
+            .or_else(|| {
+                // Docker Hub is stored under its legacy v1 address.
+                (registry == "docker.io")
+                    .then(|| self.auths.iter().find(|(k, _)| normalize_key(k) == "index.docker.io"))
+                    .flatten()
+            });
         let Some((_, entry)) = entry else { return Ok(None) };
         let source = file.display().to_string();
         if let (Some(user), Some(pass)) = (&entry.username, &entry.password) {
-            return Ok(Some(Credentials { username: user.clone(), password: Secret::new(pass.clone()), source }));
+            return Ok(Some(Credentials {
+                username: user.clone(),
+                password: Secret::new(pass.clone()),
+                source,
+            }));
         }
-        let Some(auth) = entry.auth.as_deref().filter(|a| !a.is_empty()) else { return Ok(None) };
+        let Some(auth) = entry.auth.as_deref().filter(|a| !a.is_empty()) else {
+            return Ok(None);
+        };
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(auth.trim())
             .ok()
             .and_then(|b| String::from_utf8(b).ok())
-            .ok_or_else(|| anyhow!("{source}: the auth entry for {registry:?} is not base64 of user:password (log in again)"))?;
+            .ok_or_else(|| {
+                anyhow!("{source}: the auth entry for {registry:?} is not base64 of user:password (log in again)")
+            })?;
         let Some((user, pass)) = decoded.split_once(':') else {
             bail!("{source}: the auth entry for {registry:?} is not base64 of user:password (log in again)");
         };
-        Ok(Some(Credentials { username: user.to_string(), password: Secret::new(pass), source }))
+        Ok(Some(Credentials {
+            username: user.to_string(),
+            password: Secret::new(pass),
+            source,
+        }))
     }
 }
 
 fn normalize_key(key: &str) -> &str {
-    let key = key.strip_prefix("https://").or_else(|| key.strip_prefix("http://")).unwrap_or(key);
+    let key = key
+        .strip_prefix("https://")
+        .or_else(|| key.strip_prefix("http://"))
+        .unwrap_or(key);
     key.split('/').next().unwrap_or(key)
 }
 
@@ -299,7 +336,9 @@ fn run_helper(name: &str, registry: &str) -> Result<Option<Credentials>> {
         // A helper that exits without reading closes the pipe; its exit status says why.
         let _ = stdin.write_all(registry.as_bytes());
     }
-    let out = child.wait_with_output().with_context(|| format!("cannot run {program}"))?;
+    let out = child
+        .wait_with_output()
+        .with_context(|| format!("cannot run {program}"))?;
     if !out.status.success() {
         return Ok(None);
     }
@@ -309,14 +348,22 @@ fn run_helper(name: &str, registry: &str) -> Result<Option<Credentials>> {
         // An identity token for an OAuth flow nixctr does not speak; try other sources.
         return Ok(None);
     }
-    Ok(Some(Credentials { username: answer.username, password: Secret::new(answer.secret), source: program }))
+    Ok(Some(Credentials {
+        username: answer.username,
+        password: Secret::new(answer.secret),
+        source: program,
+    }))
 }
 
 /// A parsed `WWW-Authenticate` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Challenge {
     Basic,
-    Bearer { realm: String, service: Option<String>, scope: Option<String> },
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    },
 }
 
 pub fn parse_challenge(header: &str) -> Option<Challenge> {
@@ -330,7 +377,11 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
     }
     let params = parse_params(rest);
     let realm = params.get("realm")?.clone();
-    Some(Challenge::Bearer { realm, service: params.get("service").cloned(), scope: params.get("scope").cloned() })
+    Some(Challenge::Bearer {
+        realm,
+        service: params.get("service").cloned(),
+        scope: params.get("scope").cloned(),
+    })
 }
 
 /// `realm="x",service="y",scope="a:b:pull,push"`: commas may sit inside quotes.
@@ -372,9 +423,14 @@ mod tests {
 
     #[test]
     fn challenges_parse() {
-        assert_eq!(parse_challenge("Basic realm=\"Registry Realm\""), Some(Challenge::Basic));
         assert_eq!(
-            parse_challenge(r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#),
+            parse_challenge("Basic realm=\"Registry Realm\""),
+            Some(Challenge::Basic)
+        );
+        assert_eq!(
+            parse_challenge(
+                r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#
+            ),
             Some(Challenge::Bearer {
                 realm: "https://auth.example/token".into(),
                 service: Some("registry.example".into()),
@@ -383,7 +439,11 @@ mod tests {
         );
         assert_eq!(
             parse_challenge("bearer realm=https://t/x, service=s"),
-            Some(Challenge::Bearer { realm: "https://t/x".into(), service: Some("s".into()), scope: None })
+            Some(Challenge::Bearer {
+                realm: "https://t/x".into(),
+                service: Some("s".into()),
+                scope: None
+            })
         );
         assert_eq!(parse_challenge("Negotiate"), None);
         assert_eq!(parse_challenge("Bearer service=\"x\""), None);
@@ -424,7 +484,10 @@ mod tests {
         assert_eq!(l.find("other.example").unwrap().credentials, None);
 
         let l = lookup(dir.path(), &[(USERNAME_ENV, "envuser"), (PASSWORD_ENV, "pw3")]);
-        assert_eq!(l.find("r.example:5000").unwrap().credentials.unwrap().username, "envuser");
+        assert_eq!(
+            l.find("r.example:5000").unwrap().credentials.unwrap().username,
+            "envuser"
+        );
         let l = lookup(dir.path(), &[(USERNAME_ENV, "envuser")]);
         assert!(l.find("r.example:5000").unwrap_err().to_string().contains(PASSWORD_ENV));
     }
@@ -443,10 +506,17 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted() {
-        let c = Credentials { username: "u".into(), password: Secret::new("hunter2"), source: "test".into() };
+        let c = Credentials {
+            username: "u".into(),
+            password: Secret::new("hunter2"),
+            source: "test".into(),
+        };
         assert!(!format!("{c:?}").contains("hunter2"));
         assert_eq!(format!("{}", c.password), "<redacted>");
         let header = c.basic_header();
-        assert_eq!(c.redact(&format!("got hunter2 and {header}")), "got <redacted> and Basic <redacted>");
+        assert_eq!(
+            c.redact(&format!("got hunter2 and {header}")),
+            "got <redacted> and Basic <redacted>"
+        );
     }
 }

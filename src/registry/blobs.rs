@@ -36,11 +36,16 @@ pub fn compress(mut reader: impl Read, compression: Compression, dir: &Path) -> 
         .prefix("layer-")
         .tempfile_in(dir)
         .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-    let sink = Hashing { inner: BufWriter::with_capacity(256 << 10, file.as_file().try_clone()?), hasher: Sha256::new(), size: 0 };
+    let sink = Hashing {
+        inner: BufWriter::with_capacity(256 << 10, file.as_file().try_clone()?),
+        hasher: Sha256::new(),
+        size: 0,
+    };
     let sink = match compression {
         Compression::Gzip => {
             let mut sink = sink;
-            let level = libdeflater::CompressionLvl::new(GZIP_LEVEL).map_err(|e| anyhow::anyhow!("gzip level: {e:?}"))?;
+            let level =
+                libdeflater::CompressionLvl::new(GZIP_LEVEL).map_err(|e| anyhow::anyhow!("gzip level: {e:?}"))?;
             let mut compressor = libdeflater::Compressor::new(level);
             // Buffers are reused across layers: zeroing fresh megabytes for every layer cost
             // more system time than the copying did.
@@ -76,9 +81,17 @@ pub fn compress(mut reader: impl Read, compression: Compression, dir: &Path) -> 
             encoder.finish()?
         }
     };
-    let Hashing { mut inner, hasher, size } = sink;
+    let Hashing {
+        mut inner,
+        hasher,
+        size,
+    } = sink;
     inner.flush()?;
-    Ok(Compressed { file, digest: format!("sha256:{}", hex::encode(hasher.finalize())), size })
+    Ok(Compressed {
+        file,
+        digest: format!("sha256:{}", hex::encode(hasher.finalize())),
+        size,
+    })
 }
 
 /// Fills `buf` unless the input ends first; returns how much was read.
@@ -146,8 +159,13 @@ mod tests {
             assert!(a.size < data.len() as u64 / 10);
             let mut back = Vec::new();
             match compression {
-                Compression::Gzip => flate2::read::MultiGzDecoder::new(&bytes[..]).read_to_end(&mut back).unwrap(),
-                Compression::Zstd => zstd::stream::read::Decoder::new(&bytes[..]).unwrap().read_to_end(&mut back).unwrap(),
+                Compression::Gzip => flate2::read::MultiGzDecoder::new(&bytes[..])
+                    .read_to_end(&mut back)
+                    .unwrap(),
+                Compression::Zstd => zstd::stream::read::Decoder::new(&bytes[..])
+                    .unwrap()
+                    .read_to_end(&mut back)
+                    .unwrap(),
             };
             assert_eq!(back, data);
         }
@@ -155,11 +173,15 @@ mod tests {
         let big: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8).collect();
         let c = compress(&big[..], Compression::Gzip, dir.path()).unwrap();
         let mut back = Vec::new();
-        flate2::read::MultiGzDecoder::new(std::fs::File::open(c.file.path()).unwrap()).read_to_end(&mut back).unwrap();
+        flate2::read::MultiGzDecoder::new(std::fs::File::open(c.file.path()).unwrap())
+            .read_to_end(&mut back)
+            .unwrap();
         assert_eq!(back, big);
         let c = compress(&b""[..], Compression::Gzip, dir.path()).unwrap();
         let mut back = Vec::new();
-        flate2::read::MultiGzDecoder::new(std::fs::File::open(c.file.path()).unwrap()).read_to_end(&mut back).unwrap();
+        flate2::read::MultiGzDecoder::new(std::fs::File::open(c.file.path()).unwrap())
+            .read_to_end(&mut back)
+            .unwrap();
         assert!(back.is_empty());
     }
 }

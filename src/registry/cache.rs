@@ -55,7 +55,15 @@ impl BlobCache {
         self.registries.get(registry)?.get(&key(compression, diff_id))
     }
 
-    pub fn record(&mut self, registry: &str, compression: &str, diff_id: &str, digest: &str, size: u64, repository: &str) {
+    pub fn record(
+        &mut self,
+        registry: &str,
+        compression: &str,
+        diff_id: &str,
+        digest: &str,
+        size: u64,
+        repository: &str,
+    ) {
         let entries = self.registries.entry(registry.to_string()).or_default();
         let entry = entries.entry(key(compression, diff_id)).or_insert_with(|| CachedBlob {
             digest: digest.to_string(),
@@ -63,7 +71,11 @@ impl BlobCache {
             repositories: Vec::new(),
         });
         if entry.digest != digest {
-            *entry = CachedBlob { digest: digest.to_string(), size, repositories: Vec::new() };
+            *entry = CachedBlob {
+                digest: digest.to_string(),
+                size,
+                repositories: Vec::new(),
+            };
         }
         entry.repositories.retain(|r| r != repository);
         entry.repositories.push(repository.to_string());
@@ -100,7 +112,8 @@ impl BlobCache {
             .with_context(|| format!("cannot write to cache directory {}", dir.display()))?;
         serde_json::to_writer(&mut file, self)?;
         file.flush()?;
-        file.persist(&path).with_context(|| format!("cannot replace {}", path.display()))?;
+        file.persist(&path)
+            .with_context(|| format!("cannot replace {}", path.display()))?;
         self.dirty = false;
         Ok(())
     }

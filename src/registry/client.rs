@@ -82,7 +82,10 @@ impl Client {
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|_| anyhow!("--ca-cert {}: not a PEM certificate file", ca.display()))?;
             if certs.is_empty() {
-                bail!("--ca-cert {}: no certificate in the file (give a PEM file)", ca.display());
+                bail!(
+                    "--ca-cert {}: no certificate in the file (give a PEM file)",
+                    ca.display()
+                );
             }
             builder = builder.tls_certs_merge(certs);
         }
@@ -101,7 +104,9 @@ impl Client {
             verbose: opts.verbose,
         };
         client.pick_scheme(api_host, opts.plain_http_allowed).await?;
-        let answer = client.send("GET /v2/", |http, base| http.get(format!("{base}/v2/"))).await?;
+        let answer = client
+            .send("GET /v2/", |http, base| http.get(format!("{base}/v2/")))
+            .await?;
         if !answer.status().is_success() {
             return Err(client.rejected(answer, "GET /v2/ (is this a registry?)").await.into());
         }
@@ -138,7 +143,11 @@ impl Client {
                         return Ok(());
                     }
                     Err(e) => {
-                        last = Some(if tls_error.is_connect() && !e.is_connect() { tls_error } else { e });
+                        last = Some(if tls_error.is_connect() && !e.is_connect() {
+                            tls_error
+                        } else {
+                            e
+                        });
                         continue;
                     }
                 }
@@ -153,7 +162,10 @@ impl Client {
             last = Some(tls_error);
         }
         let err = last.map(|e| root_cause(&e)).unwrap_or_default();
-        bail!("cannot reach registry {}: {err} (is it running, and is the address right?)", self.registry)
+        bail!(
+            "cannot reach registry {}: {err} (is it running, and is the address right?)",
+            self.registry
+        )
     }
 
     /// `host[:port]` as the user named it.
@@ -181,7 +193,10 @@ impl Client {
                 Err(e) => {
                     if attempt + 1 >= ATTEMPTS || !is_transient(&e) {
                         let cause = self.redact(&root_cause(&e));
-                        bail!("{what} to registry {} failed: {cause} (is it still running?)", self.registry);
+                        bail!(
+                            "{what} to registry {} failed: {cause} (is it still running?)",
+                            self.registry
+                        );
                     }
                     self.redact(&root_cause(&e))
                 }
@@ -241,14 +256,20 @@ impl Client {
             .max_by_key(|c| matches!(c, Challenge::Bearer { .. }));
         match challenge {
             None | Some(Challenge::Basic) => {
-                let Some(creds) = &self.creds else { return Err(self.unauthorized("login")) };
+                let Some(creds) = &self.creds else {
+                    return Err(self.unauthorized("login"));
+                };
                 *self.authorization.lock().await = Some(creds.basic_header());
             }
             Some(Challenge::Bearer { realm, service, scope }) => {
                 if let Some(scope) = scope {
                     self.add_scope(scope);
                 }
-                let scopes: Vec<String> = self.scopes.lock().map(|s| s.iter().cloned().collect()).unwrap_or_default();
+                let scopes: Vec<String> = self
+                    .scopes
+                    .lock()
+                    .map(|s| s.iter().cloned().collect())
+                    .unwrap_or_default();
                 let mut query: Vec<(&str, &str)> = scopes.iter().map(|s| ("scope", s.as_str())).collect();
                 if let Some(service) = &service {
                     query.push(("service", service));
@@ -267,8 +288,10 @@ impl Client {
                 if !answer.status().is_success() {
                     return Err(self.rejected(answer, &format!("token request to {realm}")).await.into());
                 }
-                let token: TokenAnswer =
-                    answer.json().await.map_err(|_| anyhow!("token server {realm} answered something that is not a token"))?;
+                let token: TokenAnswer = answer
+                    .json()
+                    .await
+                    .map_err(|_| anyhow!("token server {realm} answered something that is not a token"))?;
                 let token = token
                     .token
                     .or(token.access_token)
@@ -286,7 +309,10 @@ impl Client {
         let (code, detail) = match serde_json::from_str::<ErrorBody>(&body) {
             Ok(parsed) if !parsed.errors.is_empty() => {
                 let first = &parsed.errors[0];
-                (Some(first.code.clone()), Some(format!("{}: {}", first.code, first.message)))
+                (
+                    Some(first.code.clone()),
+                    Some(format!("{}: {}", first.code, first.message)),
+                )
             }
             _ => {
                 let text: String = body.trim().chars().take(300).collect();
@@ -333,7 +359,18 @@ fn is_network_failure(e: &reqwest::Error) -> bool {
         return true;
     }
     let text = format!("{e:?}").to_ascii_lowercase();
-    ["refused", "unreachable", "timed out", "reset", "dns", "lookup", "resolve", "broken pipe"].iter().any(|w| text.contains(w))
+    [
+        "refused",
+        "unreachable",
+        "timed out",
+        "reset",
+        "dns",
+        "lookup",
+        "resolve",
+        "broken pipe",
+    ]
+    .iter()
+    .any(|w| text.contains(w))
 }
 
 fn is_certificate_failure(e: &reqwest::Error) -> bool {

@@ -81,7 +81,9 @@ impl PushOptions {
         let credentials = match &args.username {
             Some(username) if args.password_stdin => {
                 let mut password = String::new();
-                std::io::stdin().read_line(&mut password).context("cannot read the password from stdin")?;
+                std::io::stdin()
+                    .read_line(&mut password)
+                    .context("cannot read the password from stdin")?;
                 let password = password.trim_end_matches(['\n', '\r']);
                 if password.is_empty() {
                     bail!("--password-stdin: stdin was empty (pipe the password in, e.g. `printf %s \"$PW\" | nixctr push …`)");
@@ -104,7 +106,10 @@ impl PushOptions {
         };
         let registry = reference.registry().to_string();
         let hostname = reference.hostname();
-        let listed = settings.insecure_registries.iter().any(|r| r == &registry || r == hostname);
+        let listed = settings
+            .insecure_registries
+            .iter()
+            .any(|r| r == &registry || r == hostname);
         let insecure = args.insecure || listed;
         Ok(PushOptions {
             registry,
@@ -173,11 +178,22 @@ struct Compressor {
 
 impl Compressor {
     fn start(&self, data: EntryData) -> Pending {
-        let (slots, work, compression, cancel) = (self.slots.clone(), self.work.clone(), self.compression, self.cancel.clone());
+        let (slots, work, compression, cancel) = (
+            self.slots.clone(),
+            self.work.clone(),
+            self.compression,
+            self.cancel.clone(),
+        );
         let task = tokio::spawn(async move {
-            let _slot = slots.acquire_owned().await.map_err(|e| anyhow!("compression stopped: {e}"))?;
+            let _slot = slots
+                .acquire_owned()
+                .await
+                .map_err(|e| anyhow!("compression stopped: {e}"))?;
             tokio::task::spawn_blocking(move || {
-                let reader = Cancellable { inner: data.reader()?, cancel };
+                let reader = Cancellable {
+                    inner: data.reader()?,
+                    cancel,
+                };
                 blobs::compress(reader, compression, &work)
             })
             .await
@@ -221,7 +237,12 @@ fn codec_name(compression: Compression) -> &'static str {
 
 /// Pushes `archive` as `reference`. Nothing is sent until the archive checks out; layers
 /// are compressed while it is still being read.
-pub async fn push(archive: &Path, reference: &Reference, opts: &PushOptions, progress: &Progress) -> Result<PushOutcome> {
+pub async fn push(
+    archive: &Path,
+    reference: &Reference,
+    opts: &PushOptions,
+    progress: &Progress,
+) -> Result<PushOutcome> {
     let cancel = Arc::new(AtomicBool::new(false));
     let _guard = CancelOnDrop(cancel.clone());
     let work = tempfile::Builder::new()
@@ -251,10 +272,22 @@ pub async fn push(archive: &Path, reference: &Reference, opts: &PushOptions, pro
     if let Some(memory) = &memory {
         let (path, memory) = (archive.to_path_buf(), memory.clone());
         if let Ok(Some(recalled)) = tokio::task::spawn_blocking(move || Archive::recall(&path, &memory)).await {
-            progress.debug(format!("{} is unchanged since nixctr last checked it", archive.display()));
+            progress.debug(format!(
+                "{} is unchanged since nixctr last checked it",
+                archive.display()
+            ));
             let connected = Arc::new(Client::connect(opts, reference.api_host(), reference.repository()).await?);
-            let result =
-                push_with(&Arc::new(recalled), reference, opts, progress, &connected, &cache, &compressor, &pending).await;
+            let result = push_with(
+                &Arc::new(recalled),
+                reference,
+                opts,
+                progress,
+                &connected,
+                &cache,
+                &compressor,
+                &pending,
+            )
+            .await;
             match result {
                 Err(e) if e.is::<NeedsFullRead>() => {
                     progress.debug("a layer needs compressing: reading the whole archive");
@@ -278,7 +311,10 @@ pub async fn push(archive: &Path, reference: &Reference, opts: &PushOptions, pro
         // Compress what looks like a layer as soon as it is read, unless the cache says the
         // registry has it already.
         while let Some(entry) = rx.recv().await {
-            let known = cache.lock().ok().is_some_and(|c| c.get(&opts.registry, codec, &entry.sha256).is_some());
+            let known = cache
+                .lock()
+                .ok()
+                .is_some_and(|c| c.get(&opts.registry, codec, &entry.sha256).is_some());
             if let (false, Ok(mut map)) = (known, pending.lock()) {
                 if !map.contains_key(&entry.sha256) {
                     map.insert(entry.sha256.clone(), compressor.start(entry.data));
@@ -290,7 +326,9 @@ pub async fn push(archive: &Path, reference: &Reference, opts: &PushOptions, pro
     let connect = async {
         match client {
             Some(client) => Ok(client),
-            None => Client::connect(opts, reference.api_host(), reference.repository()).await.map(Arc::new),
+            None => Client::connect(opts, reference.api_host(), reference.repository())
+                .await
+                .map(Arc::new),
         }
     };
     let (archive, client) = tokio::try_join!(scanned, connect)?;
@@ -301,7 +339,17 @@ pub async fn push(archive: &Path, reference: &Reference, opts: &PushOptions, pro
     }
     let archive = Arc::new(archive);
 
-    let result = push_with(&archive, reference, opts, progress, &client, &cache, &compressor, &pending).await;
+    let result = push_with(
+        &archive,
+        reference,
+        opts,
+        progress,
+        &client,
+        &cache,
+        &compressor,
+        &pending,
+    )
+    .await;
     finish(result, &cache, progress)
 }
 
@@ -333,14 +381,23 @@ async fn push_with(
 
     let blobs: Vec<((String, u64), LayerResult)> = futures::stream::iter(0..total)
         .map(|index| {
-            let (archive, client, cache, repo, compressor, pending) =
-                (archive.clone(), client.clone(), cache.clone(), repo.clone(), compressor.clone(), pending.clone());
+            let (archive, client, cache, repo, compressor, pending) = (
+                archive.clone(),
+                client.clone(),
+                cache.clone(),
+                repo.clone(),
+                compressor.clone(),
+                pending.clone(),
+            );
             let registry = opts.registry.clone();
             let progress = progress.clone();
             async move {
                 let layer = &archive.layers[index];
                 let label = format!("layer {}/{total} {}", index + 1, short(&layer.diff_id));
-                let known = cache.lock().ok().and_then(|c| c.get(&registry, codec, &layer.diff_id).cloned());
+                let known = cache
+                    .lock()
+                    .ok()
+                    .and_then(|c| c.get(&registry, codec, &layer.diff_id).cloned());
                 if let Some(known) = known {
                     match reuse(&client, &repo, &known.digest, &known.repositories).await? {
                         Some(result) => {
@@ -362,7 +419,9 @@ async fn push_with(
                     Some(job) => job,
                     None => {
                         progress.debug(format!("{label}: compressing {}", human(layer.size)));
-                        let Some(data) = layer.data.clone() else { return Err(NeedsFullRead.into()) };
+                        let Some(data) = layer.data.clone() else {
+                            return Err(NeedsFullRead.into());
+                        };
                         let job = compressor.start(data);
                         if let Ok(mut m) = pending.lock() {
                             m.insert(layer.diff_id.clone(), job.clone());
@@ -371,21 +430,39 @@ async fn push_with(
                     }
                 };
                 let compressed = job.await.map_err(|e| {
-                    anyhow!("cannot compress layer {} of {}: {e:#}", index + 1, archive.path().display())
+                    anyhow!(
+                        "cannot compress layer {} of {}: {e:#}",
+                        index + 1,
+                        archive.path().display()
+                    )
                 })?;
                 let result = if blob_exists(&client, &repo, &compressed.digest).await? {
                     LayerResult::Skipped
                 } else {
                     let bar = progress.bar(&label, Some(compressed.size));
                     let file = compressed.file.path().to_path_buf();
-                    upload_blob(&client, &repo, &compressed.digest, compressed.size, UploadBody::File(&file), Some(&bar))
-                        .await?;
+                    upload_blob(
+                        &client,
+                        &repo,
+                        &compressed.digest,
+                        compressed.size,
+                        UploadBody::File(&file),
+                        Some(&bar),
+                    )
+                    .await?;
                     bar.finish_and_clear();
                     LayerResult::Pushed(compressed.size)
                 };
                 report(&progress, &label, &result);
                 if let Ok(mut c) = cache.lock() {
-                    c.record(&registry, codec, &layer.diff_id, &compressed.digest, compressed.size, &repo);
+                    c.record(
+                        &registry,
+                        codec,
+                        &layer.diff_id,
+                        &compressed.digest,
+                        compressed.size,
+                        &repo,
+                    );
                 }
                 Ok(((compressed.digest.clone(), compressed.size), result))
             }
@@ -417,7 +494,15 @@ async fn push_with(
     let config_digest = archive.config_digest.clone();
     let config_size = archive.config.len() as u64;
     if !blob_exists(client, &repo, &config_digest).await? {
-        upload_blob(client, &repo, &config_digest, config_size, UploadBody::Bytes(archive.config.clone()), None).await?;
+        upload_blob(
+            client,
+            &repo,
+            &config_digest,
+            config_size,
+            UploadBody::Bytes(archive.config.clone()),
+            None,
+        )
+        .await?;
         outcome.pushed_bytes += config_size;
     }
 
@@ -428,7 +513,9 @@ async fn push_with(
         match put_manifest(client, reference, media_type, body).await {
             Ok(digest) => break digest,
             Err(ManifestError::Rejected(rejected))
-                if manifest_type_refused(&rejected) && opts.compression == Compression::Gzip && format == opts.format =>
+                if manifest_type_refused(&rejected)
+                    && opts.compression == Compression::Gzip
+                    && format == opts.format =>
             {
                 let other = match format {
                     ManifestFormat::Oci => ManifestFormat::Docker,
@@ -461,8 +548,13 @@ async fn push_with(
 
 /// Whether the registry said no to the manifest's media type (rather than to its content).
 fn manifest_type_refused(rejected: &Rejected) -> bool {
-    matches!(rejected.status, StatusCode::BAD_REQUEST | StatusCode::UNSUPPORTED_MEDIA_TYPE | StatusCode::NOT_ACCEPTABLE)
-        && rejected.code.as_deref().is_none_or(|c| c == "MANIFEST_INVALID" || c == "UNSUPPORTED" || c == "UNKNOWN")
+    matches!(
+        rejected.status,
+        StatusCode::BAD_REQUEST | StatusCode::UNSUPPORTED_MEDIA_TYPE | StatusCode::NOT_ACCEPTABLE
+    ) && rejected
+        .code
+        .as_deref()
+        .is_none_or(|c| c == "MANIFEST_INVALID" || c == "UNSUPPORTED" || c == "UNKNOWN")
 }
 
 fn format_name(format: ManifestFormat) -> &'static str {
@@ -480,11 +572,21 @@ fn manifest(
     layers: &[(String, u64)],
 ) -> Result<(&'static str, Vec<u8>)> {
     let (manifest_type, config_type, layer_type) = match (format, compression) {
-        (ManifestFormat::Oci, Compression::Gzip) => (OCI_IMAGE_MEDIA_TYPE, IMAGE_CONFIG_MEDIA_TYPE, IMAGE_LAYER_GZIP_MEDIA_TYPE),
-        (ManifestFormat::Oci, Compression::Zstd) => (OCI_IMAGE_MEDIA_TYPE, IMAGE_CONFIG_MEDIA_TYPE, IMAGE_LAYER_ZSTD_MEDIA_TYPE),
-        (ManifestFormat::Docker, Compression::Gzip) => {
-            (IMAGE_MANIFEST_MEDIA_TYPE, IMAGE_DOCKER_CONFIG_MEDIA_TYPE, IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE)
-        }
+        (ManifestFormat::Oci, Compression::Gzip) => (
+            OCI_IMAGE_MEDIA_TYPE,
+            IMAGE_CONFIG_MEDIA_TYPE,
+            IMAGE_LAYER_GZIP_MEDIA_TYPE,
+        ),
+        (ManifestFormat::Oci, Compression::Zstd) => (
+            OCI_IMAGE_MEDIA_TYPE,
+            IMAGE_CONFIG_MEDIA_TYPE,
+            IMAGE_LAYER_ZSTD_MEDIA_TYPE,
+        ),
+        (ManifestFormat::Docker, Compression::Gzip) => (
+            IMAGE_MANIFEST_MEDIA_TYPE,
+            IMAGE_DOCKER_CONFIG_MEDIA_TYPE,
+            IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE,
+        ),
         (ManifestFormat::Docker, Compression::Zstd) => {
             bail!("--compression zstd needs --format oci (Docker schema 2 manifests have no zstd layers)")
         }
@@ -501,7 +603,10 @@ fn manifest(
         schema_version: 2,
         media_type: Some(manifest_type.to_string()),
         config: descriptor(config_type, config.0, config.1),
-        layers: layers.iter().map(|(digest, size)| descriptor(layer_type, digest, *size)).collect(),
+        layers: layers
+            .iter()
+            .map(|(digest, size)| descriptor(layer_type, digest, *size))
+            .collect(),
         subject: None,
         artifact_type: None,
         annotations: None,
@@ -532,7 +637,11 @@ async fn reuse(client: &Client, repo: &str, digest: &str, repositories: &[String
 
 async fn blob_exists(client: &Client, repo: &str, digest: &str) -> Result<bool> {
     let what = format!("HEAD blob {}", short(digest));
-    let answer = client.send(&what, |http, base| http.head(format!("{base}/v2/{repo}/blobs/{digest}"))).await?;
+    let answer = client
+        .send(&what, |http, base| {
+            http.head(format!("{base}/v2/{repo}/blobs/{digest}"))
+        })
+        .await?;
     match answer.status() {
         s if s.is_success() => Ok(true),
         StatusCode::NOT_FOUND => Ok(false),
@@ -572,8 +681,9 @@ enum UploadBody<'a> {
     Bytes(Vec<u8>),
 }
 
-/// Monolithic upload: POST for a session, PUT the whole blob with its digest. A lost session
-/// (the registry restarted) is opened again once.
+/// Uploads a blob as the Docker client does, which every registry takes: POST opens a
+/// session, one PATCH streams the whole blob, PUT with the digest closes it. A session
+/// that fails partway (the registry restarted, a PATCH half-sent) is opened anew, twice at most.
 async fn upload_blob(
     client: &Client,
     repo: &str,
@@ -583,28 +693,23 @@ async fn upload_blob(
     bar: Option<&indicatif::ProgressBar>,
 ) -> Result<()> {
     let what = format!("upload of {}", short(digest));
-    for attempt in 0..2 {
+    let mut last = None;
+    for _session in 0..3 {
         let answer = client
-            .send(&what, |http, base| http.post(format!("{base}/v2/{repo}/blobs/uploads/")).header(CONTENT_LENGTH, 0))
+            .send(&what, |http, base| {
+                http.post(format!("{base}/v2/{repo}/blobs/uploads/"))
+                    .header(CONTENT_LENGTH, 0)
+            })
             .await?;
-        if answer.status() == StatusCode::FORBIDDEN {
-            return Err(forbidden(client, repo, &what).await);
-        }
-        if answer.status() != StatusCode::ACCEPTED {
-            return Err(client.rejected(answer, &what).await.into());
-        }
-        let location = answer
-            .headers()
-            .get(LOCATION)
-            .and_then(|l| l.to_str().ok())
-            .ok_or_else(|| anyhow!("registry {} opened an upload without a Location header", client.registry()))?;
-        let mut url = client.absolute(location);
-        url.push(if url.contains('?') { '&' } else { '?' });
-        url.push_str("digest=");
-        url.push_str(digest);
+        let location = match answer.status() {
+            StatusCode::ACCEPTED => upload_location(client, &answer)?,
+            StatusCode::FORBIDDEN => return Err(forbidden(client, repo, &what).await),
+            _ => return Err(client.rejected(answer, &what).await.into()),
+        };
         let answer = client
             .send(&what, |http, _| {
-                let request = http.put(&url)
+                let request = http
+                    .patch(&location)
                     .header(CONTENT_TYPE, "application/octet-stream")
                     .header(CONTENT_LENGTH, size);
                 match &body {
@@ -615,28 +720,81 @@ async fn upload_blob(
                                 bar.set_position(0);
                             }
                             let bar = bar.cloned();
-                            let stream = tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 256 << 10)
-                                .inspect(move |chunk| {
+                            let file = tokio::fs::File::from_std(file);
+                            let stream =
+                                tokio_util::io::ReaderStream::with_capacity(file, 256 << 10).inspect(move |chunk| {
                                     if let (Some(bar), Ok(chunk)) = (&bar, chunk) {
                                         bar.inc(chunk.len() as u64);
                                     }
                                 });
                             request.body(reqwest::Body::wrap_stream(stream))
                         }
-                        // Surfaces as a request error below; the file is ours, so this is rare.
+                        // The body then falls short of Content-Length and the request fails.
                         Err(_) => request.body(Vec::new()),
                     },
                 }
             })
             .await?;
+        let location = match answer.status() {
+            StatusCode::ACCEPTED | StatusCode::NO_CONTENT => upload_location(client, &answer)?,
+            StatusCode::FORBIDDEN => return Err(forbidden(client, repo, &what).await),
+            // A lost or half-written session: start over.
+            StatusCode::NOT_FOUND | StatusCode::RANGE_NOT_SATISFIABLE => {
+                last = Some(client.rejected(answer, &what).await);
+                continue;
+            }
+            _ => return Err(client.rejected(answer, &what).await.into()),
+        };
+        let mut url = location;
+        url.push(if url.contains('?') { '&' } else { '?' });
+        url.push_str("digest=");
+        url.push_str(digest);
+        let answer = client
+            .send(&what, |http, _| http.put(&url).header(CONTENT_LENGTH, 0))
+            .await?;
         match answer.status() {
             StatusCode::CREATED | StatusCode::NO_CONTENT | StatusCode::OK => return Ok(()),
-            StatusCode::NOT_FOUND if attempt == 0 => continue,
             StatusCode::FORBIDDEN => return Err(forbidden(client, repo, &what).await),
-            _ => return Err(client.rejected(answer, &what).await.into()),
+            _ => {
+                // A PATCH retried after a cut connection may have appended twice: the digest
+                // then does not match, and a fresh session fixes it.
+                let rejected = client.rejected(answer, &what).await;
+                let code = rejected.code.as_deref().unwrap_or("");
+                let start_over = matches!(
+                    rejected.status,
+                    StatusCode::NOT_FOUND | StatusCode::RANGE_NOT_SATISFIABLE
+                ) || matches!(code, "DIGEST_INVALID" | "BLOB_UPLOAD_INVALID" | "BLOB_UPLOAD_UNKNOWN");
+                if !start_over {
+                    return Err(rejected.into());
+                }
+                last = Some(rejected);
+            }
         }
     }
-    bail!("registry {} lost the upload of {} twice; try again", client.registry(), short(digest))
+    match last {
+        Some(rejected) => Err(anyhow::Error::new(rejected)
+            .context(format!("the registry lost the upload of {} three times", short(digest)))),
+        None => bail!(
+            "registry {} lost the upload of {} three times; try again",
+            client.registry(),
+            short(digest)
+        ),
+    }
+}
+
+/// The absolute URL of an upload session's `Location` header.
+fn upload_location(client: &Client, answer: &reqwest::Response) -> Result<String> {
+    let location = answer
+        .headers()
+        .get(LOCATION)
+        .and_then(|l| l.to_str().ok())
+        .ok_or_else(|| {
+            anyhow!(
+                "registry {} answered an upload without a Location header",
+                client.registry()
+            )
+        })?;
+    Ok(client.absolute(location))
 }
 
 async fn forbidden(client: &Client, repo: &str, what: &str) -> anyhow::Error {
@@ -658,7 +816,9 @@ async fn put_manifest(
     let tag = reference.tag();
     let answer = client
         .send(&what, |http, base| {
-            http.put(format!("{base}/v2/{repo}/manifests/{tag}")).header(CONTENT_TYPE, media_type).body(body.clone())
+            http.put(format!("{base}/v2/{repo}/manifests/{tag}"))
+                .header(CONTENT_TYPE, media_type)
+                .body(body.clone())
         })
         .await
         .map_err(ManifestError::Other)?;
@@ -685,9 +845,18 @@ pub async fn tag_exists(reference: &Reference, opts: &PushOptions) -> Result<boo
     let client = Client::connect(opts, reference.api_host(), reference.repository()).await?;
     let what = format!("HEAD manifest {}", reference.tag());
     let (repo, tag) = (reference.repository(), reference.tag());
-    let accept = [OCI_IMAGE_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, "application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"].join(", ");
+    let accept = [
+        OCI_IMAGE_MEDIA_TYPE,
+        IMAGE_MANIFEST_MEDIA_TYPE,
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    ]
+    .join(", ");
     let answer = client
-        .send(&what, |http, base| http.head(format!("{base}/v2/{repo}/manifests/{tag}")).header("Accept", &accept))
+        .send(&what, |http, base| {
+            http.head(format!("{base}/v2/{repo}/manifests/{tag}"))
+                .header("Accept", &accept)
+        })
         .await?;
     match answer.status() {
         s if s.is_success() => Ok(true),

@@ -43,7 +43,11 @@ impl Reference {
         if !valid_tag(tag) {
             bail!("image reference {s:?}: tag {tag:?} is invalid (letters, digits, '_', '.', '-', at most 128, not starting with '.' or '-')");
         }
-        Ok(Reference { registry: registry.to_string(), repository: repository.to_string(), tag: tag.to_string() })
+        Ok(Reference {
+            registry: registry.to_string(),
+            repository: repository.to_string(),
+            tag: tag.to_string(),
+        })
     }
 
     /// `host` or `host:port`, as the user wrote it (and as auth files key it).
@@ -111,7 +115,9 @@ fn valid_tag(s: &str) -> bool {
     !bytes.is_empty()
         && bytes.len() <= 128
         && (bytes[0].is_ascii_alphanumeric() || bytes[0] == b'_')
-        && bytes.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
+        && bytes
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
 }
 
 #[cfg(test)]
@@ -128,7 +134,10 @@ mod tests {
         assert_eq!(r.to_string(), "127.0.0.1:5000/team/app:v1.2-nix");
         assert_eq!(Reference::parse("localhost/app").unwrap().tag(), "latest");
         assert_eq!(Reference::parse("[::1]:5000/app:x").unwrap().hostname(), "::1");
-        assert_eq!(Reference::parse("docker.io/library/x:1").unwrap().api_host(), "registry-1.docker.io");
+        assert_eq!(
+            Reference::parse("docker.io/library/x:1").unwrap().api_host(),
+            "registry-1.docker.io"
+        );
     }
 
     #[test]

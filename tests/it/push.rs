@@ -24,7 +24,11 @@ fn push_with(cmd: &mut Command, stdin: Option<&str>) -> Run {
     if stdin.is_some() {
         cmd.stdin(Stdio::piped());
     }
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run nixctr");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run nixctr");
     if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
         pipe.write_all(text.as_bytes()).expect("write stdin");
     }
@@ -40,15 +44,27 @@ fn push_with(cmd: &mut Command, stdin: Option<&str>) -> Run {
 impl Run {
     #[track_caller]
     fn success(self) -> Run {
-        assert!(self.ok, "nixctr push failed ({:?})\nstdout: {}\nstderr: {}", self.code, self.stdout, self.stderr);
+        assert!(
+            self.ok,
+            "nixctr push failed ({:?})\nstdout: {}\nstderr: {}",
+            self.code, self.stdout, self.stderr
+        );
         self
     }
 
     #[track_caller]
     fn failure(self) -> Run {
-        assert!(!self.ok, "nixctr push should have failed\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
+        assert!(
+            !self.ok,
+            "nixctr push should have failed\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
         assert_eq!(self.code, Some(1), "exit code; stderr: {}", self.stderr);
-        assert!(self.stderr.starts_with("error: ") || self.stderr.contains("\nerror: "), "{}", self.stderr);
+        assert!(
+            self.stderr.starts_with("error: ") || self.stderr.contains("\nerror: "),
+            "{}",
+            self.stderr
+        );
         self
     }
 
@@ -85,8 +101,17 @@ impl Run {
 
 /// Reads the pushed image back with skopeo: the manifest names the digest nixctr printed,
 /// the config is the archive's, and every layer decompresses to its diff_id.
-fn check_with_skopeo(registry: &Registry, image: &str, digest: &str, expected: &TestImage, layer_type: &str, work: &Path) {
-    let inspect = registry.skopeo_inspect(image, false).unwrap_or_else(|| panic!("skopeo cannot inspect {image}"));
+fn check_with_skopeo(
+    registry: &Registry,
+    image: &str,
+    digest: &str,
+    expected: &TestImage,
+    layer_type: &str,
+    work: &Path,
+) {
+    let inspect = registry
+        .skopeo_inspect(image, false)
+        .unwrap_or_else(|| panic!("skopeo cannot inspect {image}"));
     assert_eq!(inspect["Digest"], digest, "{inspect}");
     assert_eq!(inspect["Layers"].as_array().map(Vec::len), Some(expected.layers.len()));
     let raw = registry.skopeo_inspect(image, true).expect("skopeo inspect --raw");
@@ -103,9 +128,14 @@ fn check_with_skopeo(registry: &Registry, image: &str, digest: &str, expected: &
         assert_eq!(sha256(&blob), digest);
         let mut plain = Vec::new();
         if layer_type.ends_with("zstd") {
-            zstd::stream::read::Decoder::new(&blob[..]).expect("zstd").read_to_end(&mut plain).expect("unzstd");
+            zstd::stream::read::Decoder::new(&blob[..])
+                .expect("zstd")
+                .read_to_end(&mut plain)
+                .expect("unzstd");
         } else {
-            flate2::read::MultiGzDecoder::new(&blob[..]).read_to_end(&mut plain).expect("gunzip");
+            flate2::read::MultiGzDecoder::new(&blob[..])
+                .read_to_end(&mut plain)
+                .expect("gunzip");
         }
         assert_eq!(sha256(&plain), diff_id);
     }
@@ -138,12 +168,21 @@ fn pushes_gzip_archive_readable_by_skopeo() {
     let archive = image.write(home.path(), "img", true);
     let reference = format!("{}/app:gz", registry.host());
     let run = push(home.path(), &[archive.to_str().expect("path"), &reference]).success();
-    check_with_skopeo(&registry, "app:gz", &run.digest(&reference), &image, OCI_GZIP, home.path());
+    check_with_skopeo(
+        &registry,
+        "app:gz",
+        &run.digest(&reference),
+        &image,
+        OCI_GZIP,
+        home.path(),
+    );
 }
 
 /// Pulls and runs through the Docker engine. Fails (does not skip) without an engine.
 fn docker_runs(reference: &str) {
-    let version = Command::new("docker").args(["version", "--format", "{{.Server.Version}}"]).output();
+    let version = Command::new("docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .output();
     match version {
         Ok(out) if out.status.success() => {}
         other => panic!(
@@ -169,7 +208,14 @@ fn docker_engine_pulls_and_runs_oci_and_docker_formats() {
     let run = push(home.path(), &["--format", "docker", archive, &docker]).success();
     let raw = registry.skopeo_inspect("engine/docker:1", true).expect("inspect");
     assert_eq!(raw["mediaType"], "application/vnd.docker.distribution.manifest.v2+json");
-    check_with_skopeo(&registry, "engine/docker:1", &run.digest(&docker), &image, DOCKER_GZIP, home.path());
+    check_with_skopeo(
+        &registry,
+        "engine/docker:1",
+        &run.digest(&docker),
+        &image,
+        DOCKER_GZIP,
+        home.path(),
+    );
     docker_runs(&docker);
 }
 
@@ -179,11 +225,36 @@ fn zstd_layers() {
     let image = TestImage::new(3, 100_000, 4);
     let archive = image.write(home.path(), "img", false);
     let reference = format!("{}/app:zstd", registry.host());
-    let run = push(home.path(), &["--compression", "zstd", archive.to_str().expect("path"), &reference]).success();
-    check_with_skopeo(&registry, "app:zstd", &run.digest(&reference), &image, OCI_ZSTD, home.path());
-    let run = push(home.path(), &["--compression", "zstd", "--format", "docker", archive.to_str().expect("path"), &reference])
-        .failure();
-    assert!(run.stderr.contains("--compression zstd needs --format oci"), "{}", run.stderr);
+    let run = push(
+        home.path(),
+        &["--compression", "zstd", archive.to_str().expect("path"), &reference],
+    )
+    .success();
+    check_with_skopeo(
+        &registry,
+        "app:zstd",
+        &run.digest(&reference),
+        &image,
+        OCI_ZSTD,
+        home.path(),
+    );
+    let run = push(
+        home.path(),
+        &[
+            "--compression",
+            "zstd",
+            "--format",
+            "docker",
+            archive.to_str().expect("path"),
+            &reference,
+        ],
+    )
+    .failure();
+    assert!(
+        run.stderr.contains("--compression zstd needs --format oci"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
@@ -198,7 +269,11 @@ fn repush_skips_and_one_changed_layer_sends_one() {
     let second = format!("{}/app:2", registry.host());
     let run = push(home.path(), &["-v", archive.to_str().expect("path"), &second]).success();
     assert_eq!(run.counts(), (0, 5, 0), "{}", run.stderr);
-    assert!(run.stderr.contains("unchanged since nixctr last checked it"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("unchanged since nixctr last checked it"),
+        "{}",
+        run.stderr
+    );
 
     // Without the cache the registry still has every blob: compression is deterministic.
     std::fs::remove_dir_all(home.path().join("cache")).expect("remove cache");
@@ -212,7 +287,10 @@ fn repush_skips_and_one_changed_layer_sends_one() {
     let run = push(home.path(), &[archive.to_str().expect("path"), &third]).success();
     assert_eq!(run.counts(), (1, 4, 0), "{}", run.stderr);
     let grown = registry.blob_bytes() - before;
-    assert!(grown < 300_000, "one ~160 kB layer and a config should be new, got {grown} bytes");
+    assert!(
+        grown < 300_000,
+        "one ~160 kB layer and a config should be new, got {grown} bytes"
+    );
     check_with_skopeo(&registry, "app:3", &run.digest(&third), &changed, OCI_GZIP, home.path());
 }
 
@@ -221,12 +299,26 @@ fn mounts_from_another_repository() {
     let (registry, home) = (Registry::plain(), home());
     let image = TestImage::new(3, 200_000, 6);
     let archive = image.write(home.path(), "img", false);
-    push(home.path(), &[archive.to_str().expect("path"), &format!("{}/one/app:1", registry.host())]).success();
+    push(
+        home.path(),
+        &[
+            archive.to_str().expect("path"),
+            &format!("{}/one/app:1", registry.host()),
+        ],
+    )
+    .success();
     let reference = format!("{}/two/app:1", registry.host());
     let run = push(home.path(), &[archive.to_str().expect("path"), &reference]).success();
     assert_eq!(run.counts(), (0, 0, 3), "{}", run.stderr);
     assert!(run.stderr.contains("mounted from one/app"), "{}", run.stderr);
-    check_with_skopeo(&registry, "two/app:1", &run.digest(&reference), &image, OCI_GZIP, home.path());
+    check_with_skopeo(
+        &registry,
+        "two/app:1",
+        &run.digest(&reference),
+        &image,
+        OCI_GZIP,
+        home.path(),
+    );
 }
 
 #[test]
@@ -249,19 +341,31 @@ fn bad_archives_and_references_are_clear_errors() {
 
     let truncated = write_archive(home.path(), "truncated", &good[..good.len() / 2], false);
     let run = push(home.path(), &[truncated.to_str().expect("path"), &reference]).failure();
-    assert!(run.stderr.contains("truncated") && run.stderr.contains("truncated.tar"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("truncated") && run.stderr.contains("truncated.tar"),
+        "{}",
+        run.stderr
+    );
 
     let truncated_gz = write_archive(home.path(), "truncated", &good[..good.len() - 5000], true);
     let gz = std::fs::read(&truncated_gz).expect("read");
     std::fs::write(&truncated_gz, &gz[..gz.len() * 2 / 3]).expect("write");
     let run = push(home.path(), &[truncated_gz.to_str().expect("path"), &reference]).failure();
-    assert!(run.stderr.contains("truncated") || run.stderr.contains("corrupt"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("truncated") || run.stderr.contains("corrupt"),
+        "{}",
+        run.stderr
+    );
 
     let mut ids = image.diff_ids();
     ids[1] = sha256(b"something else");
     let mismatch = write_archive(home.path(), "mismatch", &image.archive_bytes(Some(ids)), true);
     let run = push(home.path(), &[mismatch.to_str().expect("path"), &reference]).failure();
-    assert!(run.stderr.contains("layer 2") && run.stderr.contains("diff_id"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("layer 2") && run.stderr.contains("diff_id"),
+        "{}",
+        run.stderr
+    );
 
     let text = home.path().join("notes.txt");
     std::fs::write(&text, "these are not the layers you are looking for\n".repeat(40)).expect("write");
@@ -270,7 +374,11 @@ fn bad_archives_and_references_are_clear_errors() {
 
     let missing = home.path().join("missing.tar");
     let run = push(home.path(), &[missing.to_str().expect("path"), &reference]).failure();
-    assert!(run.stderr.contains("cannot open archive") && run.stderr.contains("missing.tar"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("cannot open archive") && run.stderr.contains("missing.tar"),
+        "{}",
+        run.stderr
+    );
 
     let archive = image.write(home.path(), "good", false);
     for bad in ["app:1", "team/app:1", &format!("{}/Team/app:1", registry.host())] {
@@ -296,15 +404,28 @@ fn reqwest_free_get(host_path: &str) -> String {
 fn unreachable_registry_is_a_clear_error() {
     let home = home();
     let archive = TestImage::new(2, 10_000, 9).write(home.path(), "img", false);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
     let reference = format!("127.0.0.1:{port}/app:1");
     let run = push(home.path(), &[archive.to_str().expect("path"), &reference]).failure();
-    assert!(run.stderr.contains(&format!("cannot reach registry 127.0.0.1:{port}")), "{}", run.stderr);
+    assert!(
+        run.stderr.contains(&format!("cannot reach registry 127.0.0.1:{port}")),
+        "{}",
+        run.stderr
+    );
     assert!(run.stderr.contains("refused"), "{}", run.stderr);
 }
 
 fn assert_no_password(run: &Run) {
-    assert!(!run.stdout.contains(PASSWORD) && !run.stderr.contains(PASSWORD), "password leaked: {}{}", run.stdout, run.stderr);
+    assert!(
+        !run.stdout.contains(PASSWORD) && !run.stderr.contains(PASSWORD),
+        "password leaked: {}{}",
+        run.stdout,
+        run.stderr
+    );
 }
 
 /// Each credential source, against TLS + htpasswd.
@@ -328,20 +449,49 @@ fn credential_sources_and_tls() {
 
     // --username + --password-stdin.
     let run = push_with(
-        nixctr(home.path()).args(["push", "--ca-cert", ca, "--username", USER, "--password-stdin", &archive, &target("stdin")]),
+        nixctr(home.path()).args([
+            "push",
+            "--ca-cert",
+            ca,
+            "--username",
+            USER,
+            "--password-stdin",
+            &archive,
+            &target("stdin"),
+        ]),
         Some(&format!("{PASSWORD}\n")),
     )
     .success();
     assert_no_password(&run);
-    check_with_skopeo(&registry, "secure/app:stdin", &run.digest(&target("stdin")), &image, OCI_GZIP, home.path());
+    check_with_skopeo(
+        &registry,
+        "secure/app:stdin",
+        &run.digest(&target("stdin")),
+        &image,
+        OCI_GZIP,
+        home.path(),
+    );
 
     // Wrong password: a 401 naming the user and the source, never the password.
     let run = push_with(
-        nixctr(home.path()).args(["push", "--ca-cert", ca, "--username", USER, "--password-stdin", &archive, &target("wrong")]),
+        nixctr(home.path()).args([
+            "push",
+            "--ca-cert",
+            ca,
+            "--username",
+            USER,
+            "--password-stdin",
+            &archive,
+            &target("wrong"),
+        ]),
         Some("not-the-password"),
     )
     .failure();
-    assert!(run.stderr.contains("401") && run.stderr.contains(USER) && run.stderr.contains("--password-stdin"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("401") && run.stderr.contains(USER) && run.stderr.contains("--password-stdin"),
+        "{}",
+        run.stderr
+    );
     assert!(!run.stderr.contains("not-the-password"), "{}", run.stderr);
     assert!(registry.skopeo_inspect("secure/app:wrong", false).is_none());
 
@@ -359,9 +509,19 @@ fn credential_sources_and_tls() {
     let basic = base64_encode(&format!("{USER}:{PASSWORD}"));
     // Podman's auth file: REGISTRY_AUTH_FILE, then $XDG_CONFIG_HOME (default ~/.config).
     let podman = home.path().join("podman-auth.json");
-    std::fs::write(&podman, format!(r#"{{"auths": {{"{}": {{"auth": "{basic}"}}}}}}"#, registry.host())).expect("write");
+    std::fs::write(
+        &podman,
+        format!(r#"{{"auths": {{"{}": {{"auth": "{basic}"}}}}}}"#, registry.host()),
+    )
+    .expect("write");
     let run = push_with(
-        nixctr(home.path()).env("REGISTRY_AUTH_FILE", &podman).args(["push", "--ca-cert", ca, &archive, &target("podman")]),
+        nixctr(home.path()).env("REGISTRY_AUTH_FILE", &podman).args([
+            "push",
+            "--ca-cert",
+            ca,
+            &archive,
+            &target("podman"),
+        ]),
         None,
     )
     .success();
@@ -370,7 +530,13 @@ fn credential_sources_and_tls() {
     std::fs::create_dir_all(config_home.join("containers")).expect("mkdir");
     std::fs::copy(&podman, config_home.join("containers/auth.json")).expect("copy");
     push_with(
-        nixctr(home.path()).env("XDG_CONFIG_HOME", &config_home).args(["push", "--ca-cert", ca, &archive, &target("xdg")]),
+        nixctr(home.path()).env("XDG_CONFIG_HOME", &config_home).args([
+            "push",
+            "--ca-cert",
+            ca,
+            &archive,
+            &target("xdg"),
+        ]),
         None,
     )
     .success();
@@ -380,11 +546,20 @@ fn credential_sources_and_tls() {
     std::fs::create_dir_all(&docker_dir).expect("mkdir");
     std::fs::write(
         docker_dir.join("config.json"),
-        format!(r#"{{"auths": {{"https://{}": {{"username": "{USER}", "password": "{PASSWORD}"}}}}}}"#, registry.host()),
+        format!(
+            r#"{{"auths": {{"https://{}": {{"username": "{USER}", "password": "{PASSWORD}"}}}}}}"#,
+            registry.host()
+        ),
     )
     .expect("write");
     push_with(
-        nixctr(home.path()).env("DOCKER_CONFIG", &docker_dir).args(["push", "--ca-cert", ca, &archive, &target("docker")]),
+        nixctr(home.path()).env("DOCKER_CONFIG", &docker_dir).args([
+            "push",
+            "--ca-cert",
+            ca,
+            &archive,
+            &target("docker"),
+        ]),
         None,
     )
     .success();
@@ -421,18 +596,37 @@ fn credential_sources_and_tls() {
     )
     .success();
     assert_no_password(&run);
-    assert_eq!(std::fs::read_to_string(&log).expect("helper ran").trim(), registry.host());
-    check_with_skopeo(&registry, "secure/app:helper", &run.digest(&target("helper")), &image, OCI_GZIP, home.path());
+    assert_eq!(
+        std::fs::read_to_string(&log).expect("helper ran").trim(),
+        registry.host()
+    );
+    check_with_skopeo(
+        &registry,
+        "secure/app:helper",
+        &run.digest(&target("helper")),
+        &image,
+        OCI_GZIP,
+        home.path(),
+    );
 
     // No CA, but --insecure, or the registry listed in nixctr.toml: the certificate goes unchecked.
     push_with(
-        nixctr(home.path()).env("REGISTRY_AUTH_FILE", &podman).args(["push", "--insecure", &archive, &target("insecure")]),
+        nixctr(home.path()).env("REGISTRY_AUTH_FILE", &podman).args([
+            "push",
+            "--insecure",
+            &archive,
+            &target("insecure"),
+        ]),
         None,
     )
     .success();
     let project = home.path().join("project");
     std::fs::create_dir_all(&project).expect("mkdir");
-    std::fs::write(project.join("nixctr.toml"), format!("insecure-registries = [\"{}\"]\n", registry.host())).expect("write");
+    std::fs::write(
+        project.join("nixctr.toml"),
+        format!("insecure-registries = [\"{}\"]\n", registry.host()),
+    )
+    .expect("write");
     push_with(
         nixctr(home.path())
             .current_dir(&project)
@@ -477,18 +671,31 @@ fn registry_killed_mid_push_then_rerun_sends_the_rest() {
     let mut rest = String::new();
     stderr.read_to_string(&mut rest).expect("read stderr");
     let status = child.wait().expect("wait");
-    assert_eq!(status.code(), Some(1), "push should fail once the registry is gone: {seen}{rest}");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "push should fail once the registry is gone: {seen}{rest}"
+    );
     assert!(rest.contains("error: "), "{rest}");
     assert!(!rest.contains("panicked"), "{rest}");
 
     registry.start();
-    assert!(registry.skopeo_inspect("app:crash", false).is_none(), "a failed push left a tag");
+    assert!(
+        registry.skopeo_inspect("app:crash", false).is_none(),
+        "a failed push left a tag"
+    );
     let run = push(home.path(), &[archive.to_str().expect("path"), &reference]).success();
     let (pushed, already, _) = run.counts();
     assert!(already >= 1 && pushed < 8 && pushed + already == 8, "{}", run.stderr);
-    check_with_skopeo(&registry, "app:crash", &run.digest(&reference), &image, OCI_GZIP, home.path());
+    check_with_skopeo(
+        &registry,
+        "app:crash",
+        &run.digest(&reference),
+        &image,
+        OCI_GZIP,
+        home.path(),
+    );
 }
-
 
 /// Bearer tokens: the registry points at a token server whose first token allows pulls only
 /// and runs out in seconds, so the push meets a 401 partway (as when a token expires) and
@@ -513,19 +720,37 @@ fn bearer_token_renewed_mid_push() {
     assert_no_password(&run);
     let issued = tokens.issued.load(std::sync::atomic::Ordering::SeqCst);
     eprintln!("push took {took:?}; {issued} tokens issued");
-    assert!(issued >= 2, "the first token stopped working mid-push, yet no new one was asked for");
-    check_with_skopeo(&registry, "bearer/app:1", &run.digest(&reference), &image, OCI_GZIP, home.path());
+    assert!(
+        issued >= 2,
+        "the first token stopped working mid-push, yet no new one was asked for"
+    );
+    check_with_skopeo(
+        &registry,
+        "bearer/app:1",
+        &run.digest(&reference),
+        &image,
+        OCI_GZIP,
+        home.path(),
+    );
 
     // Wrong password: the token server says no, and the error says whose credentials.
     let run = push_with(
         nixctr(home.path())
             .env("NIXCTR_REGISTRY_USERNAME", USER)
             .env("NIXCTR_REGISTRY_PASSWORD", "wrong-password")
-            .args(["push", archive.to_str().expect("path"), &format!("{}/bearer/app:2", registry.host())]),
+            .args([
+                "push",
+                archive.to_str().expect("path"),
+                &format!("{}/bearer/app:2", registry.host()),
+            ]),
         None,
     )
     .failure();
-    assert!(run.stderr.contains("rejected the credentials") && run.stderr.contains(USER), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("rejected the credentials") && run.stderr.contains(USER),
+        "{}",
+        run.stderr
+    );
     assert!(!run.stderr.contains("wrong-password"), "{}", run.stderr);
 }
 
@@ -535,17 +760,36 @@ fn bearer_token_renewed_mid_push() {
 fn refused_manifest_type_falls_back_to_the_other() {
     let (registry, home) = (Registry::plain(), home());
     let proxy = Proxy::start(registry.port, |r| {
-        (r.method == "PUT" && r.path.contains("/manifests/") && r.head.contains("application/vnd.oci.image.manifest.v1+json"))
-            .then(|| error_answer("400 Bad Request", "MANIFEST_INVALID", "manifest invalid: unsupported media type"))
+        (r.method == "PUT"
+            && r.path.contains("/manifests/")
+            && r.head.contains("application/vnd.oci.image.manifest.v1+json"))
+        .then(|| {
+            error_answer(
+                "400 Bad Request",
+                "MANIFEST_INVALID",
+                "manifest invalid: unsupported media type",
+            )
+        })
     });
     let image = TestImage::new(2, 50_000, 13);
     let archive = image.write(home.path(), "img", false);
     let reference = format!("{}/app:fallback", proxy.host());
     let run = push(home.path(), &[archive.to_str().expect("path"), &reference]).success();
-    assert!(run.stderr.contains("refused the OCI manifest") && run.stderr.contains("Docker schema 2"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("refused the OCI manifest") && run.stderr.contains("Docker schema 2"),
+        "{}",
+        run.stderr
+    );
     let raw = registry.skopeo_inspect("app:fallback", true).expect("inspect");
     assert_eq!(raw["mediaType"], "application/vnd.docker.distribution.manifest.v2+json");
-    check_with_skopeo(&registry, "app:fallback", &run.digest(&reference), &image, DOCKER_GZIP, home.path());
+    check_with_skopeo(
+        &registry,
+        "app:fallback",
+        &run.digest(&reference),
+        &image,
+        DOCKER_GZIP,
+        home.path(),
+    );
 }
 
 /// 503, 429 and 408 answers are retried with backoff; a registry that keeps failing is an error.
@@ -569,13 +813,31 @@ fn transient_failures_are_retried() {
     let reference = format!("{}/app:flaky", proxy.host());
     let run = push(home.path(), &["-v", archive.to_str().expect("path"), &reference]).success();
     assert!(run.stderr.contains("retrying"), "{}", run.stderr);
-    check_with_skopeo(&registry, "app:flaky", &run.digest(&reference), &image, OCI_GZIP, home.path());
+    check_with_skopeo(
+        &registry,
+        "app:flaky",
+        &run.digest(&reference),
+        &image,
+        OCI_GZIP,
+        home.path(),
+    );
 
     let broken = Proxy::start(registry.port, |r| {
         (r.path != "/v2/").then(|| error_answer("500 Internal Server Error", "UNKNOWN", "disk on fire"))
     });
-    let run = push(home.path(), &[archive.to_str().expect("path"), &format!("{}/app:broken", broken.host())]).failure();
-    assert!(run.stderr.contains("answered 500 Internal Server Error"), "{}", run.stderr);
+    let run = push(
+        home.path(),
+        &[
+            archive.to_str().expect("path"),
+            &format!("{}/app:broken", broken.host()),
+        ],
+    )
+    .failure();
+    assert!(
+        run.stderr.contains("answered 500 Internal Server Error"),
+        "{}",
+        run.stderr
+    );
     assert!(registry.skopeo_inspect("app:broken", false).is_none());
 }
 
@@ -589,7 +851,13 @@ fn interrupted_push_leaves_no_temporary_files() {
     std::fs::create_dir_all(&tmp).expect("mkdir");
     let mut child = nixctr(home.path())
         .env("TMPDIR", &tmp)
-        .args(["push", "--jobs", "1", archive.to_str().expect("path"), &format!("{}/app:int", registry.host())])
+        .args([
+            "push",
+            "--jobs",
+            "1",
+            archive.to_str().expect("path"),
+            &format!("{}/app:int", registry.host()),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -598,18 +866,28 @@ fn interrupted_push_leaves_no_temporary_files() {
     let mut seen = String::new();
     while !seen.contains(" pushed (") {
         let mut line = String::new();
-        assert!(std::io::BufRead::read_line(&mut stderr, &mut line).expect("read") > 0, "push ended early: {seen}");
+        assert!(
+            std::io::BufRead::read_line(&mut stderr, &mut line).expect("read") > 0,
+            "push ended early: {seen}"
+        );
         seen.push_str(&line);
     }
     let listed = std::fs::read_dir(&tmp).expect("read tmp").count();
-    assert!(listed > 0, "expected temporary files while pushing a compressed archive");
+    assert!(
+        listed > 0,
+        "expected temporary files while pushing a compressed archive"
+    );
     run_ok(Command::new("kill").args(["-INT", &child.id().to_string()]));
     let mut rest = String::new();
     stderr.read_to_string(&mut rest).expect("read");
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(130), "{seen}{rest}");
     assert!(rest.contains("interrupted"), "{rest}");
-    let left: Vec<_> = std::fs::read_dir(&tmp).expect("read tmp").flatten().map(|e| e.path()).collect();
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .expect("read tmp")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
     assert!(registry.skopeo_inspect("app:int", false).is_none());
 }
@@ -639,15 +917,29 @@ fn tag_exists_sees_pushed_tags() {
         verbose: false,
     };
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    assert!(!runtime.block_on(registry::tag_exists(&reference, &opts)).expect("tag_exists"));
+    assert!(!runtime
+        .block_on(registry::tag_exists(&reference, &opts))
+        .expect("tag_exists"));
     let image = TestImage::new(2, 20_000, 16);
     let archive = image.write(home.path(), "img", false);
     let progress = nixctr::progress::Progress::new(true, false);
-    let outcome = runtime.block_on(registry::push(&archive, &reference, &opts, &progress)).expect("push");
+    let outcome = runtime
+        .block_on(registry::push(&archive, &reference, &opts, &progress))
+        .expect("push");
     assert_eq!(outcome.reference, reference.to_string());
-    assert_eq!((outcome.pushed_layers, outcome.skipped_layers, outcome.mounted_layers), (2, 0, 0));
-    assert!(runtime.block_on(registry::tag_exists(&reference, &opts)).expect("tag_exists"));
+    assert_eq!(
+        (outcome.pushed_layers, outcome.skipped_layers, outcome.mounted_layers),
+        (2, 0, 0)
+    );
+    assert!(runtime
+        .block_on(registry::tag_exists(&reference, &opts))
+        .expect("tag_exists"));
     let other = Reference::parse(&format!("{}/lib/app:2", registry.host())).expect("reference");
-    assert!(!runtime.block_on(registry::tag_exists(&other, &opts)).expect("tag_exists"));
-    assert_eq!(registry.skopeo_inspect("lib/app:1", false).expect("inspect")["Digest"], outcome.digest);
+    assert!(!runtime
+        .block_on(registry::tag_exists(&other, &opts))
+        .expect("tag_exists"));
+    assert_eq!(
+        registry.skopeo_inspect("lib/app:1", false).expect("inspect")["Digest"],
+        outcome.digest
+    );
 }

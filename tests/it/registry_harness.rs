@@ -67,7 +67,13 @@ impl Registry {
             ));
         }
         std::fs::write(dir.path().join("config.yml"), config).expect("write registry config");
-        let mut registry = Registry { port, dir, child: None, tls, auth: tls || tokens.is_some() };
+        let mut registry = Registry {
+            port,
+            dir,
+            child: None,
+            tls,
+            auth: tls || tokens.is_some(),
+        };
         registry.start();
         registry
     }
@@ -86,7 +92,12 @@ impl Registry {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "docker-registry did not listen on {}: {}", self.port, self.log());
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not listen on {}: {}",
+                self.port,
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -153,7 +164,9 @@ impl Registry {
         }
         cmd.arg(format!("docker://{}/{image}", self.host()));
         let out = cmd.output().expect("run skopeo");
-        out.status.success().then(|| serde_json::from_slice(&out.stdout).expect("skopeo printed JSON"))
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).expect("skopeo printed JSON"))
     }
 
     /// `skopeo copy` to a `dir:` layout, returning the directory.
@@ -164,7 +177,8 @@ impl Registry {
         if self.auth {
             cmd.arg(format!("--src-creds={USER}:{PASSWORD}"));
         }
-        cmd.arg(format!("docker://{}/{image}", self.host())).arg(format!("dir:{}", dest.display()));
+        cmd.arg(format!("docker://{}/{image}", self.host()))
+            .arg(format!("dir:{}", dest.display()));
         run_ok(&mut cmd);
         dest
     }
@@ -183,12 +197,33 @@ fn free_port() -> u16 {
 
 fn make_certs(dir: &Path) {
     let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    run_ok(Command::new("openssl").current_dir(dir).args(["req", "-x509"]).args(ec).args([
-        "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=nixctr test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-    ]));
+    run_ok(
+        Command::new("openssl")
+            .current_dir(dir)
+            .args(["req", "-x509"])
+            .args(ec)
+            .args([
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=nixctr test CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ]),
+    );
     run_ok(Command::new("openssl").current_dir(dir).arg("req").args(ec).args([
-        "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
     ]));
     std::fs::write(
         dir.join("ext.cnf"),
@@ -196,8 +231,21 @@ fn make_certs(dir: &Path) {
     )
     .expect("write ext.cnf");
     run_ok(Command::new("openssl").current_dir(dir).args([
-        "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
-        "server.pem", "-days", "2", "-extfile", "ext.cnf",
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
     ]));
 }
 
@@ -274,13 +322,20 @@ impl TestImage {
             }
         };
         let config_name = format!("{}.json", &sha256(&config)[7..]);
-        let names: Vec<String> = self.diff_ids().iter().map(|d| format!("{}/layer.tar", &d[7..])).collect();
+        let names: Vec<String> = self
+            .diff_ids()
+            .iter()
+            .map(|d| format!("{}/layer.tar", &d[7..]))
+            .collect();
         let manifest = serde_json::to_vec(&serde_json::json!([
             {"Config": config_name, "RepoTags": ["test:latest"], "Layers": names}
         ]))
         .expect("manifest");
-        let mut entries: Vec<(&str, &[u8], u32)> =
-            names.iter().zip(&self.layers).map(|(n, l)| (n.as_str(), l.as_slice(), 0o644)).collect();
+        let mut entries: Vec<(&str, &[u8], u32)> = names
+            .iter()
+            .zip(&self.layers)
+            .map(|(n, l)| (n.as_str(), l.as_slice(), 0o644))
+            .collect();
         entries.push((&config_name, &config, 0o644));
         entries.push(("manifest.json", &manifest, 0o644));
         layer_tar(&entries)
@@ -294,7 +349,11 @@ impl TestImage {
 }
 
 pub fn write_archive(dir: &Path, name: &str, bytes: &[u8], gzip: bool) -> PathBuf {
-    let path = dir.join(if gzip { format!("{name}.tar.gz") } else { format!("{name}.tar") });
+    let path = dir.join(if gzip {
+        format!("{name}.tar.gz")
+    } else {
+        format!("{name}.tar")
+    });
     if gzip {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         enc.write_all(bytes).expect("gzip");
@@ -373,10 +432,27 @@ impl TokenServer {
         use std::sync::atomic::Ordering;
         let dir = tempfile::tempdir().expect("temp dir");
         run_ok(Command::new("openssl").current_dir(dir.path()).args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "token.key", "-out", "token.pem", "-days", "2",
-            "-subj", "/CN=nixctr test token signer",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "token.key",
+            "-out",
+            "token.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=nixctr test token signer",
         ]));
-        let der = run_ok(Command::new("openssl").current_dir(dir.path()).args(["x509", "-in", "token.pem", "-outform", "DER"]));
+        let der = run_ok(Command::new("openssl").current_dir(dir.path()).args([
+            "x509",
+            "-in",
+            "token.pem",
+            "-outform",
+            "DER",
+        ]));
         let x5c = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &der.stdout);
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
@@ -389,7 +465,12 @@ impl TokenServer {
                 let _ = serve_token(stream, &key, &x5c, lifetime, n == 0, &count);
             }
         });
-        TokenServer { port, cert: dir.path().join("token.pem"), issued, _dir: dir }
+        TokenServer {
+            port,
+            cert: dir.path().join("token.pem"),
+            issued,
+            _dir: dir,
+        }
     }
 }
 
@@ -437,21 +518,32 @@ fn serve_token(
             Some(serde_json::json!({"type": kind, "name": name, "actions": actions}))
         })
         .collect();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
     let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
     let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "x5c": [x5c]});
     let claims = serde_json::json!({
         "iss": TOKEN_ISSUER, "sub": USER, "aud": TOKEN_SERVICE, "exp": now + lifetime, "nbf": now - 10,
         "iat": now, "jti": format!("t{now}{}", access.len()), "access": access,
     });
-    let signing_input = format!("{}.{}", b64(header.to_string().as_bytes()), b64(claims.to_string().as_bytes()));
+    let signing_input = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
     let mut openssl = Command::new("openssl")
         .args(["dgst", "-sha256", "-sign"])
         .arg(key)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()?;
-    openssl.stdin.take().expect("stdin").write_all(signing_input.as_bytes())?;
+    openssl
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(signing_input.as_bytes())?;
     let signature = openssl.wait_with_output()?.stdout;
     let token = format!("{signing_input}.{}", b64(&signature));
     let body = serde_json::json!({"token": token, "expires_in": lifetime.max(1)}).to_string();
@@ -549,7 +641,11 @@ fn proxy_one(mut client: TcpStream, upstream: u16, rule: &dyn Fn(&Seen) -> Optio
         .unwrap_or(0);
     let mut body = Vec::new();
     (&mut reader).take(length).read_to_end(&mut body)?;
-    if let Some(answer) = rule(&Seen { method, path, head: &lower }) {
+    if let Some(answer) = rule(&Seen {
+        method,
+        path,
+        head: &lower,
+    }) {
         return client.write_all(answer.as_bytes());
     }
     let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
@@ -559,7 +655,10 @@ fn proxy_one(mut client: TcpStream, upstream: u16, rule: &dyn Fn(&Seen) -> Optio
     let mut answer = Vec::new();
     up.read_to_end(&mut answer)?;
     // Say `Connection: close`, so the client does not reuse a connection this proxy drops.
-    let split = answer.windows(4).position(|w| w == b"\r\n\r\n").map_or(answer.len(), |p| p + 2);
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(answer.len(), |p| p + 2);
     client.write_all(&answer[..split])?;
     client.write_all(b"Connection: close\r\n")?;
     client.write_all(&answer[split..])?;
