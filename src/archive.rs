@@ -264,7 +264,8 @@ impl Archive {
                     name: l.name,
                     diff_id: l.diff_id,
                     size: l.size,
-                    data: l.data.filter(|_| plain),
+                    // The path as given now: the one stored may be relative to another directory.
+                    data: l.data.filter(|_| plain).map(|d| EntryData { path: path.to_path_buf(), ..d }),
                 })
                 .collect(),
             gzipped: checked.gzipped,
