@@ -493,7 +493,7 @@ fn normalize(path: &Path) -> String {
 fn describe_read_error(path: &Path, err: anyhow::Error) -> anyhow::Error {
     let shown = path.display();
     if let Some(io) = err.downcast_ref::<io::Error>() {
-        if io.kind() == io::ErrorKind::Interrupted && io.to_string() == "cancelled" {
+        if io.to_string() == CANCELLED {
             return anyhow!("reading {shown} was cancelled");
         }
         if io.kind() == io::ErrorKind::UnexpectedEof {
@@ -513,7 +513,7 @@ fn hash_reader(reader: &mut impl Read) -> io::Result<(String, u64)> {
         let n = match reader.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted && e.to_string() != "cancelled" => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
         hasher.update(&buf[..n]);
@@ -629,6 +629,8 @@ impl<R: Read> Read for Counted<R> {
     }
 }
 
+const CANCELLED: &str = "cancelled";
+
 /// A reader that fails once `cancel` is set, so blocking work stops soon after Ctrl-C.
 pub struct Cancellable<R> {
     pub inner: R,
@@ -638,7 +640,8 @@ pub struct Cancellable<R> {
 impl<R: Read> Read for Cancellable<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.cancel.load(Ordering::Relaxed) {
-            return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+            // Not ErrorKind::Interrupted: std's read_exact and read_to_end retry those forever.
+            return Err(io::Error::other(CANCELLED));
         }
         self.inner.read(buf)
     }
@@ -767,6 +770,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("no manifest.json"), "{err}");
+    }
+
+    #[test]
+    fn cancelled_reads_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = tar_with(&[("a", &[1u8; 300_000])]);
+        let bytes = image(&[&layer], None);
+        for (name, data) in [("c.tar", bytes.clone()), ("c.tar.gz", gzip(&bytes))] {
+            let cancel = Arc::new(AtomicBool::new(true));
+            let err = Archive::open(&write(&dir, name, &data), Some(cancel)).unwrap_err().to_string();
+            assert!(err.contains("cancelled"), "{err}");
+        }
     }
 
     #[test]

@@ -491,6 +491,7 @@ async fn push_with(
         }
     }
 
+    let layer_bytes = outcome.pushed_bytes;
     let config_digest = archive.config_digest.clone();
     let config_size = archive.config.len() as u64;
     if !blob_exists(client, &repo, &config_digest).await? {
@@ -539,7 +540,7 @@ async fn push_with(
     progress.info(format!(
         "pushed {} ({}), {} already there, {} mounted",
         plural(outcome.pushed_layers, "layer"),
-        human(outcome.pushed_bytes),
+        human(layer_bytes),
         outcome.skipped_layers,
         outcome.mounted_layers
     ));

@@ -20,6 +20,8 @@ fn push(home: &Path, args: &[&str]) -> Run {
     push_with(nixctr(home).arg("push").args(args), None)
 }
 
+/// Runs nixctr; a run that outlives [`DEADLINE`] is killed and fails the test, so a hang
+/// shows as a failure rather than a stuck suite.
 fn push_with(cmd: &mut Command, stdin: Option<&str>) -> Run {
     if stdin.is_some() {
         cmd.stdin(Stdio::piped());
@@ -32,14 +34,38 @@ fn push_with(cmd: &mut Command, stdin: Option<&str>) -> Run {
     if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
         pipe.write_all(text.as_bytes()).expect("write stdin");
     }
-    let out = child.wait_with_output().expect("wait for nixctr");
+    let collect = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_string(&mut text);
+            }
+            text
+        })
+    };
+    let stdout = collect(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let stderr = collect(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for nixctr") {
+            break status;
+        }
+        if started.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("nixctr ran over {DEADLINE:?}: {cmd:?}\nstderr: {}", stderr.join().unwrap_or_default());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     Run {
-        ok: out.status.success(),
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        ok: status.success(),
+        code: status.code(),
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
     }
 }
+
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
 
 impl Run {
     #[track_caller]
