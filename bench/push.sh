@@ -25,7 +25,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"/reg-*; }
 trap cleanup EXIT
 
-# start_registry NAME -> prints host:port; storage under $work/reg-NAME
+# start_registry NAME -> sets $host to host:port; storage under $work/reg-NAME
 start_registry() {
   local name=$1 dir="$work/reg-$1" port
   rm -rf "$dir"; mkdir -p "$dir/storage"
@@ -45,7 +45,7 @@ YML
   docker-registry serve "$dir/config.yml" >"$dir/log" 2>&1 &
   pids+=($!)
   for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
-  echo "127.0.0.1:$port"
+  host="127.0.0.1:$port"
 }
 
 blob_bytes() { find "$work/reg-$1/storage" -path '*/blobs/*' -name data -printf '%s\n' | awk '{s+=$1} END {print s+0}'; }
@@ -68,7 +68,7 @@ rm -rf "$XDG_CACHE_HOME"
 skopeo_copy() { echo skopeo copy --quiet --dest-tls-verify=false "docker-archive:$1" "docker://$2"; }
 
 echo "== cold push (.tar)"
-a=$(start_registry nixctr); b=$(start_registry skopeo)
+start_registry nixctr; a=$host; start_registry skopeo; b=$host
 measure nixctr-cold "$nixctr" push big.tar "$a/bench/app:1"; n_secs=$secs; n_rss=$rss_mb
 measure skopeo-cold $(skopeo_copy big.tar "$b/bench/app:1"); s_secs=$secs; s_rss=$rss_mb
 n_bytes=$(blob_bytes nixctr); s_bytes=$(blob_bytes skopeo)
@@ -90,7 +90,7 @@ case $summary in "pushed 1 layer "*) echo "one layer sent: yes" ;; *) echo "one 
 
 echo "== compressed archive: nixctr .tar.gz vs skopeo .tar (both cold)"
 rm -rf "$XDG_CACHE_HOME"
-c=$(start_registry nixctr-gz); d=$(start_registry skopeo-2)
+start_registry nixctr-gz; c=$host; start_registry skopeo-2; d=$host
 measure nixctr-cold-gz "$nixctr" push big.tar.gz "$c/bench/app:1"; n_secs=$secs; n_rss=$rss_mb
 measure skopeo-cold-2 $(skopeo_copy big.tar "$d/bench/app:1"); s_secs=$secs
 echo ".tar.gz time ratio nixctr/skopeo(.tar): $(ratio "$n_secs" "$s_secs")   (target <= 0.8); nixctr peak RSS $n_rss MB"

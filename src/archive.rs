@@ -237,7 +237,13 @@ impl Archive {
             layers: checked
                 .layers
                 .into_iter()
-                .map(|l| Layer { name: l.name, diff_id: l.diff_id, size: l.size, data: l.data.filter(|_| plain) })
+                .map(|l| Layer {
+                    name: l.name,
+                    diff_id: l.diff_id,
+                    size: l.size,
+                    // The path as given now: the one stored may be relative to another directory.
+                    data: l.data.filter(|_| plain).map(|d| EntryData { path: path.to_path_buf(), ..d }),
+                })
                 .collect(),
             gzipped: checked.gzipped,
         })
@@ -245,8 +251,12 @@ impl Archive {
 
     /// Remembers this archive's check for [`Archive::recall`] (the last 32 archives).
     pub fn remember(&self, memory: &Path) -> Result<()> {
-        let Some(key) = FileKey::of(&self.path) else { return Ok(()) };
-        let Ok(config) = String::from_utf8(self.config.clone()) else { return Ok(()) };
+        let Some(key) = FileKey::of(&self.path) else {
+            return Ok(());
+        };
+        let Ok(config) = String::from_utf8(self.config.clone()) else {
+            return Ok(());
+        };
         let mut all: Vec<Checked> =
             std::fs::read(memory).ok().and_then(|t| serde_json::from_slice(&t).ok()).unwrap_or_default();
         all.retain(|c| c.key.path != key.path);
@@ -416,7 +426,7 @@ fn normalize(path: &Path) -> String {
 fn describe_read_error(path: &Path, err: anyhow::Error) -> anyhow::Error {
     let shown = path.display();
     if let Some(io) = err.downcast_ref::<io::Error>() {
-        if io.kind() == io::ErrorKind::Interrupted && io.to_string() == "cancelled" {
+        if io.to_string() == CANCELLED {
             return anyhow!("reading {shown} was cancelled");
         }
         if io.kind() == io::ErrorKind::UnexpectedEof {
@@ -436,7 +446,7 @@ fn hash_reader(reader: &mut impl Read) -> io::Result<(String, u64)> {
         let n = match reader.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted && e.to_string() != "cancelled" => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
         hasher.update(&buf[..n]);
@@ -466,15 +476,20 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
 /// hashing and copying that consume its output.
 struct Pipelined {
     blocks: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    /// Emptied blocks go back to the reading thread, so memory is allocated once.
+    spent: std::sync::mpsc::SyncSender<Vec<u8>>,
     current: io::Cursor<Vec<u8>>,
     done: bool,
 }
 
 impl Pipelined {
     fn spawn(mut inner: impl Read + Send + 'static) -> Pipelined {
-        let (tx, blocks) = std::sync::mpsc::sync_channel(4);
+        const BLOCKS: usize = 4;
+        let (tx, blocks) = std::sync::mpsc::sync_channel(BLOCKS);
+        let (spent, recycled) = std::sync::mpsc::sync_channel::<Vec<u8>>(BLOCKS + 2);
         std::thread::spawn(move || loop {
-            let mut block = vec![0u8; 1 << 20];
+            let mut block = recycled.try_recv().unwrap_or_default();
+            block.resize(1 << 20, 0);
             match read_up_to(&mut inner, &mut block) {
                 Ok(0) => break,
                 Ok(n) => {
@@ -489,7 +504,7 @@ impl Pipelined {
                 }
             }
         });
-        Pipelined { blocks, current: io::Cursor::new(Vec::new()), done: false }
+        Pipelined { blocks, spent, current: io::Cursor::new(Vec::new()), done: false }
     }
 }
 
@@ -501,7 +516,10 @@ impl Read for Pipelined {
                 return Ok(n);
             }
             match self.blocks.recv() {
-                Ok(Ok(block)) => self.current = io::Cursor::new(block),
+                Ok(Ok(block)) => {
+                    let old = std::mem::replace(&mut self.current, io::Cursor::new(block));
+                    let _ = self.spent.try_send(old.into_inner());
+                }
                 Ok(Err(e)) => {
                     self.done = true;
                     return Err(e);
@@ -539,6 +557,8 @@ impl<R: Read> Read for Counted<R> {
     }
 }
 
+const CANCELLED: &str = "cancelled";
+
 /// A reader that fails once `cancel` is set, so blocking work stops soon after Ctrl-C.
 pub struct Cancellable<R> {
     pub inner: R,
@@ -548,7 +568,8 @@ pub struct Cancellable<R> {
 impl<R: Read> Read for Cancellable<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.cancel.load(Ordering::Relaxed) {
-            return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+            // Not ErrorKind::Interrupted: std's read_exact and read_to_end retry those forever.
+            return Err(io::Error::other(CANCELLED));
         }
         self.inner.read(buf)
     }
@@ -659,6 +680,18 @@ mod tests {
         let plain = tar_with(&[("hello.txt", b"hi")]);
         let err = Archive::open(&write(&dir, "p.tar", &plain), None).unwrap_err().to_string();
         assert!(err.contains("no manifest.json"), "{err}");
+    }
+
+    #[test]
+    fn cancelled_reads_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = tar_with(&[("a", &[1u8; 300_000])]);
+        let bytes = image(&[&layer], None);
+        for (name, data) in [("c.tar", bytes.clone()), ("c.tar.gz", gzip(&bytes))] {
+            let cancel = Arc::new(AtomicBool::new(true));
+            let err = Archive::open(&write(&dir, name, &data), Some(cancel)).unwrap_err().to_string();
+            assert!(err.contains("cancelled"), "{err}");
+        }
     }
 
     #[test]

@@ -135,44 +135,76 @@ impl Lookup {
     }
 
     /// Environment variables, then Podman's and Docker's files (not the command line).
-    pub fn find(&self, registry: &str) -> Result<Option<Credentials>> {
+    /// A source that cannot be read (bad JSON, a missing helper) is passed over with a note,
+    /// so a broken file about other registries does not stop an anonymous push.
+    pub fn find(&self, registry: &str) -> Result<Found> {
         match (self.var(USERNAME_ENV), self.var(PASSWORD_ENV)) {
             (Some(user), Some(pass)) => {
-                return Ok(Some(Credentials {
-                    username: user.to_string(),
-                    password: Secret::new(pass),
-                    source: format!("{USERNAME_ENV}/{PASSWORD_ENV}"),
-                }))
+                return Ok(Found {
+                    credentials: Some(Credentials {
+                        username: user.to_string(),
+                        password: Secret::new(pass),
+                        source: format!("{USERNAME_ENV}/{PASSWORD_ENV}"),
+                    }),
+                    notes: Vec::new(),
+                })
             }
             (Some(_), None) => bail!("{USERNAME_ENV} is set but {PASSWORD_ENV} is not (set both, or neither)"),
             (None, Some(_)) => bail!("{PASSWORD_ENV} is set but {USERNAME_ENV} is not (set both, or neither)"),
             (None, None) => {}
         }
+        let mut notes = Vec::new();
+        let mut note = |r: Result<Option<Credentials>>| {
+            r.unwrap_or_else(|e| {
+                notes.push(format!("{e:#}"));
+                None
+            })
+        };
+        let mut found = None;
         for file in self.podman_auth_files() {
-            let Some(config) = read_auth_file(&file)? else { continue };
-            if let Some(found) = config.auths_entry(registry, &file)? {
-                return Ok(Some(found));
+            if found.is_none() {
+                found = note(read_auth_file(&file).and_then(|c| match c {
+                    Some(c) => c.auths_entry(registry, &file),
+                    None => Ok(None),
+                }));
             }
         }
-        if let Some(file) = self.docker_config() {
-            if let Some(config) = read_auth_file(&file)? {
+        if let (None, Some(file)) = (&found, self.docker_config()) {
+            let config = match read_auth_file(&file) {
+                Ok(c) => c,
+                Err(e) => {
+                    notes.push(format!("{e:#}"));
+                    None
+                }
+            };
+            let mut note = |r: Result<Option<Credentials>>| {
+                r.unwrap_or_else(|e| {
+                    notes.push(format!("{e:#}"));
+                    None
+                })
+            };
+            if let Some(config) = config {
                 if let Some(helper) = config.cred_helpers.get(registry) {
-                    if let Some(found) = run_helper(helper, registry)? {
-                        return Ok(Some(found));
-                    }
+                    found = note(run_helper(helper, registry));
                 }
-                if let Some(found) = config.auths_entry(registry, &file)? {
-                    return Ok(Some(found));
+                if found.is_none() {
+                    found = note(config.auths_entry(registry, &file));
                 }
-                if let Some(store) = &config.creds_store {
-                    if let Some(found) = run_helper(store, registry)? {
-                        return Ok(Some(found));
-                    }
+                if let (None, Some(store)) = (&found, &config.creds_store) {
+                    found = note(run_helper(store, registry));
                 }
             }
         }
-        Ok(None)
+        Ok(Found { credentials: found, notes })
     }
+}
+
+/// What credential lookup found, and the sources it had to pass over.
+#[derive(Debug, Default)]
+pub struct Found {
+    pub credentials: Option<Credentials>,
+    /// Why a source was passed over (shown if the registry then asks for credentials).
+    pub notes: Vec<String>,
 }
 
 /// The shape shared by Podman's auth.json and Docker's config.json.
@@ -227,7 +259,9 @@ impl AuthFile {
         if let (Some(user), Some(pass)) = (&entry.username, &entry.password) {
             return Ok(Some(Credentials { username: user.clone(), password: Secret::new(pass.clone()), source }));
         }
-        let Some(auth) = entry.auth.as_deref().filter(|a| !a.is_empty()) else { return Ok(None) };
+        let Some(auth) = entry.auth.as_deref().filter(|a| !a.is_empty()) else {
+            return Ok(None);
+        };
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(auth.trim())
             .ok()
@@ -380,7 +414,7 @@ mod tests {
     fn auth_files_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let l = lookup(dir.path(), &[]);
-        assert_eq!(l.find("r.example:5000").unwrap(), None);
+        assert_eq!(l.find("r.example:5000").unwrap().credentials, None);
 
         std::fs::create_dir_all(dir.path().join(".docker")).unwrap();
         let b64 = base64::engine::general_purpose::STANDARD.encode("dock:pw1");
@@ -389,7 +423,7 @@ mod tests {
             format!(r#"{{"auths": {{"https://r.example:5000/v1/": {{"auth": "{b64}"}}}}}}"#),
         )
         .unwrap();
-        let found = l.find("r.example:5000").unwrap().unwrap();
+        let found = l.find("r.example:5000").unwrap().credentials.unwrap();
         assert_eq!((found.username.as_str(), found.password.expose()), ("dock", "pw1"));
 
         std::fs::create_dir_all(dir.path().join(".config/containers")).unwrap();
@@ -398,11 +432,11 @@ mod tests {
             r#"{"auths": {"r.example:5000": {"username": "pod", "password": "pw2"}}}"#,
         )
         .unwrap();
-        assert_eq!(l.find("r.example:5000").unwrap().unwrap().username, "pod");
-        assert_eq!(l.find("other.example").unwrap(), None);
+        assert_eq!(l.find("r.example:5000").unwrap().credentials.unwrap().username, "pod");
+        assert_eq!(l.find("other.example").unwrap().credentials, None);
 
         let l = lookup(dir.path(), &[(USERNAME_ENV, "envuser"), (PASSWORD_ENV, "pw3")]);
-        assert_eq!(l.find("r.example:5000").unwrap().unwrap().username, "envuser");
+        assert_eq!(l.find("r.example:5000").unwrap().credentials.unwrap().username, "envuser");
         let l = lookup(dir.path(), &[(USERNAME_ENV, "envuser")]);
         assert!(l.find("r.example:5000").unwrap_err().to_string().contains(PASSWORD_ENV));
     }
@@ -413,8 +447,10 @@ mod tests {
         let file = dir.path().join("auth.json");
         std::fs::write(&file, r#"{"auths": {"x": {"password": "hunter2""#).unwrap();
         let l = lookup(dir.path(), &[("REGISTRY_AUTH_FILE", file.to_str().unwrap())]);
-        let err = format!("{:#}", l.find("x").unwrap_err());
-        assert!(err.contains("not valid JSON") && !err.contains("hunter2"), "{err}");
+        let found = l.find("x").unwrap();
+        assert!(found.credentials.is_none());
+        let note = found.notes.join("\n");
+        assert!(note.contains("not valid JSON") && !note.contains("hunter2"), "{note}");
     }
 
     #[test]

@@ -21,6 +21,9 @@ const MEMBER: usize = 2 << 20;
 /// zstd level: the library default, fast with a better ratio than gzip -9.
 pub const ZSTD_LEVEL: i32 = 3;
 
+/// Input and output buffers of finished compressions, for the next ones.
+static SPARE: std::sync::Mutex<Vec<(Vec<u8>, Vec<u8>)>> = std::sync::Mutex::new(Vec::new());
+
 /// A compressed layer waiting to be uploaded; the file goes when this is dropped.
 pub struct Compressed {
     pub file: tempfile::NamedTempFile,
@@ -44,21 +47,32 @@ pub fn compress(mut reader: impl Read, compression: Compression, dir: &Path) -> 
             let level =
                 libdeflater::CompressionLvl::new(GZIP_LEVEL).map_err(|e| anyhow::anyhow!("gzip level: {e:?}"))?;
             let mut compressor = libdeflater::Compressor::new(level);
-            let mut input = vec![0u8; MEMBER];
-            let mut output = vec![0u8; compressor.gzip_compress_bound(MEMBER)];
-            loop {
-                let n = read_full(&mut reader, &mut input)?;
-                if n == 0 && sink.size > 0 {
-                    break;
+            // Buffers are reused across layers: zeroing fresh megabytes for every layer cost
+            // more system time than the copying did.
+            let mut buffers = SPARE.lock().ok().and_then(|mut spare| spare.pop()).unwrap_or_default();
+            let result = (|| -> Result<()> {
+                let (input, output) = &mut buffers;
+                input.resize(MEMBER, 0);
+                output.resize(compressor.gzip_compress_bound(MEMBER), 0);
+                loop {
+                    let n = read_full(&mut reader, input)?;
+                    if n == 0 && sink.size > 0 {
+                        break;
+                    }
+                    let written = compressor
+                        .gzip_compress(&input[..n], output)
+                        .map_err(|e| anyhow::anyhow!("gzip compression failed: {e:?}"))?;
+                    sink.write_all(&output[..written])?;
+                    if n < MEMBER {
+                        break;
+                    }
                 }
-                let written = compressor
-                    .gzip_compress(&input[..n], &mut output)
-                    .map_err(|e| anyhow::anyhow!("gzip compression failed: {e:?}"))?;
-                sink.write_all(&output[..written])?;
-                if n < MEMBER {
-                    break;
-                }
+                Ok(())
+            })();
+            if let Ok(mut spare) = SPARE.lock() {
+                spare.push(buffers);
             }
+            result?;
             sink
         }
         Compression::Zstd => {
@@ -79,7 +93,7 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
         match reader.read(&mut buf[filled..]) {
             Ok(0) => break,
             Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted && e.to_string() != "cancelled" => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
     }
@@ -93,7 +107,7 @@ fn copy(reader: &mut impl Read, writer: &mut impl Write) -> io::Result<u64> {
         let n = match reader.read(&mut buf) {
             Ok(0) => return Ok(total),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted && e.to_string() != "cancelled" => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
         writer.write_all(&buf[..n])?;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use reqwest::header::{HeaderMap, AUTHORIZATION, WWW_AUTHENTICATE};
-use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use reqwest::{RequestBuilder, Response, StatusCode};
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
@@ -26,6 +26,7 @@ pub struct Client {
     base: String,
     registry: String,
     creds: Option<Credentials>,
+    notes: Vec<String>,
     /// The `Authorization` value sent with every request, once known.
     authorization: Mutex<Option<String>>,
     /// Token scopes asked for, so a renewed token covers every repository the push touches.
@@ -94,6 +95,7 @@ impl Client {
             base: format!("https://{api_host}"),
             registry: opts.registry.clone(),
             creds: opts.credentials.clone(),
+            notes: opts.credential_notes.clone(),
             authorization: Mutex::new(None),
             scopes: std::sync::Mutex::new(BTreeSet::from([format!("repository:{repository}:pull,push")])),
             verbose: opts.verbose,
@@ -141,7 +143,7 @@ impl Client {
                     }
                 }
             }
-            if !tls_error.is_connect() {
+            if !is_network_failure(&tls_error) {
                 bail!(
                     "cannot reach registry {} over https: {} (a registry on plain http needs --insecure, or insecure-registries in nixctr.toml)",
                     self.registry,
@@ -154,8 +156,9 @@ impl Client {
         bail!("cannot reach registry {}: {err} (is it running, and is the address right?)", self.registry)
     }
 
-    pub fn base(&self) -> &str {
-        &self.base
+    /// `host[:port]` as the user named it.
+    pub fn registry(&self) -> &str {
+        &self.registry
     }
 
     pub fn add_scope(&self, scope: String) {
@@ -217,11 +220,14 @@ impl Client {
                 c.username,
                 c.source
             ),
-            None => anyhow!(
-                "registry {} requires credentials (401 Unauthorized on {what}; log in with `podman login` or `docker login`, \
-                 pass --username with --password-stdin, or set NIXCTR_REGISTRY_USERNAME and NIXCTR_REGISTRY_PASSWORD)",
-                self.registry
-            ),
+            None => {
+                let passed_over: String = self.notes.iter().map(|n| format!("; passed over: {n}")).collect();
+                anyhow!(
+                    "registry {} requires credentials (401 Unauthorized on {what}; log in with `podman login` or `docker login`, \
+                     pass --username with --password-stdin, or set NIXCTR_REGISTRY_USERNAME and NIXCTR_REGISTRY_PASSWORD){passed_over}",
+                    self.registry
+                )
+            }
         }
     }
 
@@ -235,7 +241,9 @@ impl Client {
             .max_by_key(|c| matches!(c, Challenge::Bearer { .. }));
         match challenge {
             None | Some(Challenge::Basic) => {
-                let Some(creds) = &self.creds else { return Err(self.unauthorized("login")) };
+                let Some(creds) = &self.creds else {
+                    return Err(self.unauthorized("login"));
+                };
                 *self.authorization.lock().await = Some(creds.basic_header());
             }
             Some(Challenge::Bearer { realm, service, scope }) => {
@@ -313,10 +321,6 @@ impl Client {
             format!("{}{}", self.base, location)
         }
     }
-
-    pub fn request(http: &reqwest::Client, method: Method, url: &str) -> RequestBuilder {
-        http.request(method, url)
-    }
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -325,6 +329,17 @@ fn backoff(attempt: u32) -> Duration {
 
 fn is_transient(e: &reqwest::Error) -> bool {
     e.is_connect() || e.is_timeout() || e.is_request() || e.is_body() || e.is_decode()
+}
+
+/// Refused, unreachable, timed out, unknown host: worth another try, unlike a TLS mismatch.
+fn is_network_failure(e: &reqwest::Error) -> bool {
+    if e.is_timeout() {
+        return true;
+    }
+    let text = format!("{e:?}").to_ascii_lowercase();
+    ["refused", "unreachable", "timed out", "reset", "dns", "lookup", "resolve", "broken pipe"]
+        .iter()
+        .any(|w| text.contains(w))
 }
 
 fn is_certificate_failure(e: &reqwest::Error) -> bool {

@@ -5,10 +5,13 @@
 //! and do not report the `Docker-Content-Digest` of a pushed manifest. The manifest types
 //! and media types are oci-client's.
 //!
-//! Order of work: read and check the archive, log in, then per layer (several at once) skip
-//! it when the registry has it, mount it from another repository when the cache knows one,
-//! else compress it to a temporary file and upload it; then the config; the manifest last,
-//! so a failed push leaves no tag.
+//! Order of work: read and check the archive while logging in, compressing each layer the
+//! blob cache does not know into a temporary file as soon as it has been read (on all
+//! cores). Once the whole archive checks out, per layer (`--jobs` at once): skip it when
+//! the registry has it, mount it from another repository when the cache knows one, else
+//! upload it; then the config; the manifest last, so a failed push leaves no tag. An
+//! archive unchanged since its last check (same inode, size, mtime, ctime) is not read
+//! again.
 
 pub mod auth;
 pub mod blobs;
@@ -29,7 +32,7 @@ use oci_client::manifest::{
     IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE, IMAGE_LAYER_GZIP_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE,
 };
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use tokio::sync::Semaphore;
 
 use crate::archive::{sha256_digest, Archive, Cancellable, EntryData, SeenEntry};
@@ -58,6 +61,8 @@ pub struct PushOptions {
     pub plain_http_allowed: bool,
     pub ca_cert: Option<PathBuf>,
     pub credentials: Option<Credentials>,
+    /// Credential sources passed over, and why (shown when the registry wants credentials).
+    pub credential_notes: Vec<String>,
     pub jobs: usize,
     /// The blob cache file; `None` disables it.
     pub cache_path: Option<PathBuf>,
@@ -88,7 +93,14 @@ impl PushOptions {
                 })
             }
             Some(_) => bail!("--username needs --password-stdin"),
-            None => auth::Lookup::from_env().find(reference.registry())?,
+            None => None,
+        };
+        let (credentials, credential_notes) = match credentials {
+            Some(c) => (Some(c), Vec::new()),
+            None => {
+                let found = auth::Lookup::from_env().find(reference.registry())?;
+                (found.credentials, found.notes)
+            }
         };
         let registry = reference.registry().to_string();
         let hostname = reference.hostname();
@@ -102,6 +114,7 @@ impl PushOptions {
             plain_http_allowed: insecure || is_loopback(hostname),
             ca_cert: args.ca_cert.clone(),
             credentials,
+            credential_notes,
             jobs: args.jobs,
             cache_path: BlobCache::default_path(),
             verbose: settings.verbose,
@@ -232,6 +245,12 @@ pub async fn push(
     });
     let pending: Arc<Mutex<HashMap<String, Pending>>> = Arc::default();
 
+    for note in &opts.credential_notes {
+        progress.debug(format!("credentials: passed over {note}"));
+    }
+    if let Some(c) = &opts.credentials {
+        progress.debug(format!("credentials: user {:?} from {}", c.username, c.source));
+    }
     progress.info(format!("reading {}", archive.display()));
     let memory = opts.cache_path.as_ref().map(|p| p.with_file_name("archives.json"));
     let mut client = None;
@@ -350,7 +369,9 @@ async fn push_with(
                     Some(job) => job,
                     None => {
                         progress.debug(format!("{label}: compressing {}", human(layer.size)));
-                        let Some(data) = layer.data.clone() else { return Err(NeedsFullRead.into()) };
+                        let Some(data) = layer.data.clone() else {
+                            return Err(NeedsFullRead.into());
+                        };
                         let job = compressor.start(data);
                         if let Ok(mut m) = pending.lock() {
                             m.insert(layer.diff_id.clone(), job.clone());
@@ -409,6 +430,7 @@ async fn push_with(
         }
     }
 
+    let layer_bytes = outcome.pushed_bytes;
     let config_digest = archive.config_digest.clone();
     let config_size = archive.config.len() as u64;
     if !blob_exists(client, &repo, &config_digest).await? {
@@ -450,7 +472,7 @@ async fn push_with(
     progress.info(format!(
         "pushed {} ({}), {} already there, {} mounted",
         plural(outcome.pushed_layers, "layer"),
-        human(outcome.pushed_bytes),
+        human(layer_bytes),
         outcome.skipped_layers,
         outcome.mounted_layers
     ));
@@ -574,8 +596,9 @@ enum UploadBody<'a> {
     Bytes(Vec<u8>),
 }
 
-/// Monolithic upload: POST for a session, PUT the whole blob with its digest. A lost session
-/// (the registry restarted) is opened again once.
+/// Uploads a blob as the Docker client does, which every registry takes: POST opens a
+/// session, one PATCH streams the whole blob, PUT with the digest closes it. A session
+/// that fails partway (the registry restarted, a PATCH half-sent) is opened anew, twice at most.
 async fn upload_blob(
     client: &Client,
     repo: &str,
@@ -585,28 +608,20 @@ async fn upload_blob(
     bar: Option<&indicatif::ProgressBar>,
 ) -> Result<()> {
     let what = format!("upload of {}", short(digest));
-    for attempt in 0..2 {
+    let mut last = None;
+    for _session in 0..3 {
         let answer = client
             .send(&what, |http, base| http.post(format!("{base}/v2/{repo}/blobs/uploads/")).header(CONTENT_LENGTH, 0))
             .await?;
-        if answer.status() == StatusCode::FORBIDDEN {
-            return Err(forbidden(client, repo, &what).await);
-        }
-        if answer.status() != StatusCode::ACCEPTED {
-            return Err(client.rejected(answer, &what).await.into());
-        }
-        let location = answer.headers().get(LOCATION).and_then(|l| l.to_str().ok()).ok_or_else(|| {
-            anyhow!("registry {} opened an upload without a Location header", client_registry(client))
-        })?;
-        let mut url = client.absolute(location);
-        url.push(if url.contains('?') { '&' } else { '?' });
-        url.push_str("digest=");
-        url.push_str(digest);
+        let location = match answer.status() {
+            StatusCode::ACCEPTED => upload_location(client, &answer)?,
+            StatusCode::FORBIDDEN => return Err(forbidden(client, repo, &what).await),
+            _ => return Err(client.rejected(answer, &what).await.into()),
+        };
         let answer = client
             .send(&what, |http, _| {
-                let request = Client::request(http, Method::PUT, &url)
-                    .header(CONTENT_TYPE, "application/octet-stream")
-                    .header(CONTENT_LENGTH, size);
+                let request =
+                    http.patch(&location).header(CONTENT_TYPE, "application/octet-stream").header(CONTENT_LENGTH, size);
                 match &body {
                     UploadBody::Bytes(bytes) => request.body(bytes.clone()),
                     UploadBody::File(path) => match std::fs::File::open(path) {
@@ -615,39 +630,74 @@ async fn upload_blob(
                                 bar.set_position(0);
                             }
                             let bar = bar.cloned();
+                            let file = tokio::fs::File::from_std(file);
                             let stream =
-                                tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 256 << 10)
-                                    .inspect(move |chunk| {
-                                        if let (Some(bar), Ok(chunk)) = (&bar, chunk) {
-                                            bar.inc(chunk.len() as u64);
-                                        }
-                                    });
+                                tokio_util::io::ReaderStream::with_capacity(file, 256 << 10).inspect(move |chunk| {
+                                    if let (Some(bar), Ok(chunk)) = (&bar, chunk) {
+                                        bar.inc(chunk.len() as u64);
+                                    }
+                                });
                             request.body(reqwest::Body::wrap_stream(stream))
                         }
-                        // Surfaces as a request error below; the file is ours, so this is rare.
+                        // The body then falls short of Content-Length and the request fails.
                         Err(_) => request.body(Vec::new()),
                     },
                 }
             })
             .await?;
+        let location = match answer.status() {
+            StatusCode::ACCEPTED | StatusCode::NO_CONTENT => upload_location(client, &answer)?,
+            StatusCode::FORBIDDEN => return Err(forbidden(client, repo, &what).await),
+            // A lost or half-written session: start over.
+            StatusCode::NOT_FOUND | StatusCode::RANGE_NOT_SATISFIABLE => {
+                last = Some(client.rejected(answer, &what).await);
+                continue;
+            }
+            _ => return Err(client.rejected(answer, &what).await.into()),
+        };
+        let mut url = location;
+        url.push(if url.contains('?') { '&' } else { '?' });
+        url.push_str("digest=");
+        url.push_str(digest);
+        let answer = client.send(&what, |http, _| http.put(&url).header(CONTENT_LENGTH, 0)).await?;
         match answer.status() {
             StatusCode::CREATED | StatusCode::NO_CONTENT | StatusCode::OK => return Ok(()),
-            StatusCode::NOT_FOUND if attempt == 0 => continue,
             StatusCode::FORBIDDEN => return Err(forbidden(client, repo, &what).await),
-            _ => return Err(client.rejected(answer, &what).await.into()),
+            _ => {
+                // A PATCH retried after a cut connection may have appended twice: the digest
+                // then does not match, and a fresh session fixes it.
+                let rejected = client.rejected(answer, &what).await;
+                let code = rejected.code.as_deref().unwrap_or("");
+                let start_over = matches!(rejected.status, StatusCode::NOT_FOUND | StatusCode::RANGE_NOT_SATISFIABLE)
+                    || matches!(code, "DIGEST_INVALID" | "BLOB_UPLOAD_INVALID" | "BLOB_UPLOAD_UNKNOWN");
+                if !start_over {
+                    return Err(rejected.into());
+                }
+                last = Some(rejected);
+            }
         }
     }
-    bail!("registry {} lost the upload of {} twice; try again", client_registry(client), short(digest))
+    match last {
+        Some(rejected) => Err(anyhow::Error::new(rejected)
+            .context(format!("the registry lost the upload of {} three times", short(digest)))),
+        None => bail!("registry {} lost the upload of {} three times; try again", client.registry(), short(digest)),
+    }
 }
 
-fn client_registry(client: &Client) -> &str {
-    client.base().split("://").nth(1).unwrap_or(client.base())
+/// The absolute URL of an upload session's `Location` header.
+fn upload_location(client: &Client, answer: &reqwest::Response) -> Result<String> {
+    let location = answer
+        .headers()
+        .get(LOCATION)
+        .and_then(|l| l.to_str().ok())
+        .ok_or_else(|| anyhow!("registry {} answered an upload without a Location header", client.registry()))?;
+    Ok(client.absolute(location))
 }
 
 async fn forbidden(client: &Client, repo: &str, what: &str) -> anyhow::Error {
     anyhow!(
         "registry {} denied {what} in {repo:?} (403 Forbidden: the user may not push there; check the repository name and the account's rights)",
-        client_registry(client)
+        client.registry()
     )
 }
 

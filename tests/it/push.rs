@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use crate::registry_harness::{
-    nixctr, run_ok, sha256, write_archive, Registry, TestImage, TokenServer, PASSWORD, USER,
+    error_answer, nixctr, run_ok, sha256, write_archive, Proxy, Registry, TestImage, TokenServer, PASSWORD, USER,
 };
 
 struct Run {
@@ -20,6 +20,8 @@ fn push(home: &Path, args: &[&str]) -> Run {
     push_with(nixctr(home).arg("push").args(args), None)
 }
 
+/// Runs nixctr; a run that outlives [`DEADLINE`] is killed and fails the test, so a hang
+/// shows as a failure rather than a stuck suite.
 fn push_with(cmd: &mut Command, stdin: Option<&str>) -> Run {
     if stdin.is_some() {
         cmd.stdin(Stdio::piped());
@@ -28,14 +30,38 @@ fn push_with(cmd: &mut Command, stdin: Option<&str>) -> Run {
     if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
         pipe.write_all(text.as_bytes()).expect("write stdin");
     }
-    let out = child.wait_with_output().expect("wait for nixctr");
+    let collect = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_string(&mut text);
+            }
+            text
+        })
+    };
+    let stdout = collect(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let stderr = collect(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for nixctr") {
+            break status;
+        }
+        if started.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("nixctr ran over {DEADLINE:?}: {cmd:?}\nstderr: {}", stderr.join().unwrap_or_default());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     Run {
-        ok: out.status.success(),
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        ok: status.success(),
+        code: status.code(),
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
     }
 }
+
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
 
 impl Run {
     #[track_caller]
@@ -488,6 +514,31 @@ fn credential_sources_and_tls() {
     assert_no_password(&run);
     assert_eq!(std::fs::read_to_string(&log).expect("helper ran").trim(), registry.host());
     check_with_skopeo(&registry, "secure/app:helper", &run.digest(&target("helper")), &image, OCI_GZIP, home.path());
+
+    // No CA, but --insecure, or the registry listed in nixctr.toml: the certificate goes unchecked.
+    push_with(
+        nixctr(home.path()).env("REGISTRY_AUTH_FILE", &podman).args([
+            "push",
+            "--insecure",
+            &archive,
+            &target("insecure"),
+        ]),
+        None,
+    )
+    .success();
+    let project = home.path().join("project");
+    std::fs::create_dir_all(&project).expect("mkdir");
+    std::fs::write(project.join("nixctr.toml"), format!("insecure-registries = [\"{}\"]\n", registry.host()))
+        .expect("write");
+    push_with(
+        nixctr(home.path()).current_dir(&project).env("REGISTRY_AUTH_FILE", &podman).args([
+            "push",
+            &archive,
+            &target("listed"),
+        ]),
+        None,
+    )
+    .success();
 }
 
 fn base64_encode(s: &str) -> String {
@@ -576,4 +627,133 @@ fn bearer_token_renewed_mid_push() {
     .failure();
     assert!(run.stderr.contains("rejected the credentials") && run.stderr.contains(USER), "{}", run.stderr);
     assert!(!run.stderr.contains("wrong-password"), "{}", run.stderr);
+}
+
+/// A registry that refuses OCI manifests (as zot does unless configured): the push says so
+/// and pushes a Docker schema 2 manifest instead.
+#[test]
+fn refused_manifest_type_falls_back_to_the_other() {
+    let (registry, home) = (Registry::plain(), home());
+    let proxy = Proxy::start(registry.port, |r| {
+        (r.method == "PUT"
+            && r.path.contains("/manifests/")
+            && r.head.contains("application/vnd.oci.image.manifest.v1+json"))
+        .then(|| error_answer("400 Bad Request", "MANIFEST_INVALID", "manifest invalid: unsupported media type"))
+    });
+    let image = TestImage::new(2, 50_000, 13);
+    let archive = image.write(home.path(), "img", false);
+    let reference = format!("{}/app:fallback", proxy.host());
+    let run = push(home.path(), &[archive.to_str().expect("path"), &reference]).success();
+    assert!(
+        run.stderr.contains("refused the OCI manifest") && run.stderr.contains("Docker schema 2"),
+        "{}",
+        run.stderr
+    );
+    let raw = registry.skopeo_inspect("app:fallback", true).expect("inspect");
+    assert_eq!(raw["mediaType"], "application/vnd.docker.distribution.manifest.v2+json");
+    check_with_skopeo(&registry, "app:fallback", &run.digest(&reference), &image, DOCKER_GZIP, home.path());
+}
+
+/// 503, 429 and 408 answers are retried with backoff; a registry that keeps failing is an error.
+#[test]
+fn transient_failures_are_retried() {
+    let (registry, home) = (Registry::plain(), home());
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    let proxy = Proxy::start(registry.port, move |r| {
+        let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        match (r.method, n % 3) {
+            (_, _) if r.path == "/v2/" => None,
+            ("HEAD", 0) => Some(error_answer("503 Service Unavailable", "UNAVAILABLE", "try later")),
+            ("POST", 0) => Some(error_answer("429 Too Many Requests", "TOOMANYREQUESTS", "slow down")),
+            ("PUT", 0) => Some(error_answer("408 Request Timeout", "UNKNOWN", "timeout")),
+            _ => None,
+        }
+    });
+    let image = TestImage::new(3, 50_000, 14);
+    let archive = image.write(home.path(), "img", false);
+    let reference = format!("{}/app:flaky", proxy.host());
+    let run = push(home.path(), &["-v", archive.to_str().expect("path"), &reference]).success();
+    assert!(run.stderr.contains("retrying"), "{}", run.stderr);
+    check_with_skopeo(&registry, "app:flaky", &run.digest(&reference), &image, OCI_GZIP, home.path());
+
+    let broken = Proxy::start(registry.port, |r| {
+        (r.path != "/v2/").then(|| error_answer("500 Internal Server Error", "UNKNOWN", "disk on fire"))
+    });
+    let run = push(home.path(), &[archive.to_str().expect("path"), &format!("{}/app:broken", broken.host())]).failure();
+    assert!(run.stderr.contains("answered 500 Internal Server Error"), "{}", run.stderr);
+    assert!(registry.skopeo_inspect("app:broken", false).is_none());
+}
+
+/// Ctrl-C mid-push: exit 130, and no temporary file is left behind.
+#[test]
+fn interrupted_push_leaves_no_temporary_files() {
+    let (registry, home) = (Registry::plain(), home());
+    let image = TestImage::new(6, 6_000_000, 15);
+    let archive = image.write(home.path(), "big", true);
+    let tmp = home.path().join("tmp");
+    std::fs::create_dir_all(&tmp).expect("mkdir");
+    let mut child = nixctr(home.path())
+        .env("TMPDIR", &tmp)
+        .args(["push", "--jobs", "1", archive.to_str().expect("path"), &format!("{}/app:int", registry.host())])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run nixctr");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut seen = String::new();
+    while !seen.contains(" pushed (") {
+        let mut line = String::new();
+        assert!(std::io::BufRead::read_line(&mut stderr, &mut line).expect("read") > 0, "push ended early: {seen}");
+        seen.push_str(&line);
+    }
+    let listed = std::fs::read_dir(&tmp).expect("read tmp").count();
+    assert!(listed > 0, "expected temporary files while pushing a compressed archive");
+    run_ok(Command::new("kill").args(["-INT", &child.id().to_string()]));
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).expect("read");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(130), "{seen}{rest}");
+    assert!(rest.contains("interrupted"), "{rest}");
+    let left: Vec<_> = std::fs::read_dir(&tmp).expect("read tmp").flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(registry.skopeo_inspect("app:int", false).is_none());
+}
+
+/// The library calls `publish` uses: `tag_exists` before and after a push.
+#[test]
+fn tag_exists_sees_pushed_tags() {
+    use nixctr::cli::{Compression, ManifestFormat};
+    use nixctr::registry::{self, PushOptions, Reference};
+    let (registry, home) = (Registry::tls_with_auth(), home());
+    let reference = Reference::parse(&format!("{}/lib/app:1", registry.host())).expect("reference");
+    let opts = PushOptions {
+        registry: reference.registry().to_string(),
+        format: ManifestFormat::Oci,
+        compression: Compression::Gzip,
+        insecure: false,
+        plain_http_allowed: true,
+        ca_cert: Some(registry.ca_cert()),
+        credentials: Some(registry::Credentials {
+            username: USER.to_string(),
+            password: registry::Secret::new(PASSWORD),
+            source: "test".to_string(),
+        }),
+        credential_notes: Vec::new(),
+        jobs: 2,
+        cache_path: Some(home.path().join("cache/blobs.json")),
+        verbose: false,
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    assert!(!runtime.block_on(registry::tag_exists(&reference, &opts)).expect("tag_exists"));
+    let image = TestImage::new(2, 20_000, 16);
+    let archive = image.write(home.path(), "img", false);
+    let progress = nixctr::progress::Progress::new(true, false);
+    let outcome = runtime.block_on(registry::push(&archive, &reference, &opts, &progress)).expect("push");
+    assert_eq!(outcome.reference, reference.to_string());
+    assert_eq!((outcome.pushed_layers, outcome.skipped_layers, outcome.mounted_layers), (2, 0, 0));
+    assert!(runtime.block_on(registry::tag_exists(&reference, &opts)).expect("tag_exists"));
+    let other = Reference::parse(&format!("{}/lib/app:2", registry.host())).expect("reference");
+    assert!(!runtime.block_on(registry::tag_exists(&other, &opts)).expect("tag_exists"));
+    assert_eq!(registry.skopeo_inspect("lib/app:1", false).expect("inspect")["Digest"], outcome.digest);
 }

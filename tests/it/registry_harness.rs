@@ -530,3 +530,89 @@ fn percent_decode(s: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// What a [`Proxy`] rule sees of a request.
+pub struct Seen<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    /// The request head, lowercased.
+    pub head: &'a str,
+}
+
+/// An HTTP proxy in front of a registry that answers some requests itself (per `rule`),
+/// to play a registry that refuses a manifest type or fails now and then. One request per
+/// connection; `Connection: close` on every answer.
+pub struct Proxy {
+    pub port: u16,
+}
+
+impl Proxy {
+    pub fn start(upstream: u16, rule: impl Fn(&Seen) -> Option<String> + Send + Sync + 'static) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let rule = std::sync::Arc::new(rule);
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let rule = rule.clone();
+                std::thread::spawn(move || {
+                    let _ = proxy_one(client, upstream, &*rule);
+                });
+            }
+        });
+        Proxy { port }
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+fn proxy_one(mut client: TcpStream, upstream: u16, rule: &dyn Fn(&Seen) -> Option<String>) -> std::io::Result<()> {
+    use std::io::{BufRead, BufReader, Read};
+    let mut reader = BufReader::new(client.try_clone()?);
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let end = line == "\r\n";
+        if !line.to_ascii_lowercase().starts_with("connection:") {
+            head.push_str(&line);
+        }
+        if end {
+            break;
+        }
+    }
+    let lower = head.to_ascii_lowercase();
+    let mut words = head.split_whitespace();
+    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let length: u64 =
+        lower.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+    let mut body = Vec::new();
+    (&mut reader).take(length).read_to_end(&mut body)?;
+    if let Some(answer) = rule(&Seen { method, path, head: &lower }) {
+        return client.write_all(answer.as_bytes());
+    }
+    let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
+    let head = head.trim_end_matches("\r\n");
+    write!(up, "{head}\r\nConnection: close\r\n\r\n")?;
+    up.write_all(&body)?;
+    let mut answer = Vec::new();
+    up.read_to_end(&mut answer)?;
+    // Say `Connection: close`, so the client does not reuse a connection this proxy drops.
+    let split = answer.windows(4).position(|w| w == b"\r\n\r\n").map_or(answer.len(), |p| p + 2);
+    client.write_all(&answer[..split])?;
+    client.write_all(b"Connection: close\r\n")?;
+    client.write_all(&answer[split..])?;
+    Ok(())
+}
+
+/// A raw HTTP answer with a distribution-style error body.
+pub fn error_answer(status: &str, code: &str, message: &str) -> String {
+    let body = serde_json::json!({"errors": [{"code": code, "message": message}]}).to_string();
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
