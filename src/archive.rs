@@ -455,7 +455,8 @@ fn hash_reader(reader: &mut impl Read) -> io::Result<(String, u64)> {
     Ok((format!("sha256:{}", hex::encode(hasher.finalize())), total))
 }
 
-fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+/// Fills `buf` unless the input ends first; returns how much was read.
+pub(crate) fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         match reader.read(&mut buf[filled..]) {

@@ -55,7 +55,7 @@ pub fn compress(mut reader: impl Read, compression: Compression, dir: &Path) -> 
                 input.resize(MEMBER, 0);
                 output.resize(compressor.gzip_compress_bound(MEMBER), 0);
                 loop {
-                    let n = read_full(&mut reader, input)?;
+                    let n = crate::archive::read_up_to(&mut reader, input)?;
                     if n == 0 && sink.size > 0 {
                         break;
                     }
@@ -84,20 +84,6 @@ pub fn compress(mut reader: impl Read, compression: Compression, dir: &Path) -> 
     let Hashing { mut inner, hasher, size } = sink;
     inner.flush()?;
     Ok(Compressed { file, digest: format!("sha256:{}", hex::encode(hasher.finalize())), size })
-}
-
-/// Fills `buf` unless the input ends first; returns how much was read.
-fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 fn copy(reader: &mut impl Read, writer: &mut impl Write) -> io::Result<u64> {

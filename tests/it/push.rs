@@ -368,38 +368,16 @@ fn credential_sources_and_tls() {
     assert!(run.stderr.contains("requires credentials"), "{}", run.stderr);
 
     // --username + --password-stdin.
-    let run = push_with(
-        nixctr(home.path()).args([
-            "push",
-            "--ca-cert",
-            ca,
-            "--username",
-            USER,
-            "--password-stdin",
-            &archive,
-            &target("stdin"),
-        ]),
-        Some(&format!("{PASSWORD}\n")),
-    )
-    .success();
+    let with_stdin = |password: &str, tag: &str| {
+        let args = ["push", "--ca-cert", ca, "--username", USER, "--password-stdin", &archive, &target(tag)];
+        push_with(nixctr(home.path()).args(args), Some(password))
+    };
+    let run = with_stdin(&format!("{PASSWORD}\n"), "stdin").success();
     assert_no_password(&run);
     check_with_skopeo(&registry, "secure/app:stdin", &run.digest(&target("stdin")), &image, OCI_GZIP, home.path());
 
     // Wrong password: a 401 naming the user and the source, never the password.
-    let run = push_with(
-        nixctr(home.path()).args([
-            "push",
-            "--ca-cert",
-            ca,
-            "--username",
-            USER,
-            "--password-stdin",
-            &archive,
-            &target("wrong"),
-        ]),
-        Some("not-the-password"),
-    )
-    .failure();
+    let run = with_stdin("not-the-password", "wrong").failure();
     assert!(
         run.stderr.contains("401") && run.stderr.contains(USER) && run.stderr.contains("--password-stdin"),
         "{}",
@@ -408,51 +386,30 @@ fn credential_sources_and_tls() {
     assert!(!run.stderr.contains("not-the-password"), "{}", run.stderr);
     assert!(registry.skopeo_inspect("secure/app:wrong", false).is_none());
 
+    // A push with the CA and `env` set: it must succeed without showing the password.
+    let push_as = |env: &[(&str, &std::ffi::OsStr)], tag: &str| {
+        let mut cmd = nixctr(home.path());
+        for (key, value) in env {
+            cmd.env(key, value);
+        }
+        let run = push_with(cmd.args(["push", "--ca-cert", ca, &archive, &target(tag)]), None).success();
+        assert_no_password(&run);
+        run
+    };
+
     // Environment variables.
-    let run = push_with(
-        nixctr(home.path()).env("NIXCTR_REGISTRY_USERNAME", USER).env("NIXCTR_REGISTRY_PASSWORD", PASSWORD).args([
-            "push",
-            "--ca-cert",
-            ca,
-            &archive,
-            &target("env"),
-        ]),
-        None,
-    )
-    .success();
-    assert_no_password(&run);
+    push_as(&[("NIXCTR_REGISTRY_USERNAME", USER.as_ref()), ("NIXCTR_REGISTRY_PASSWORD", PASSWORD.as_ref())], "env");
 
     let basic = base64_encode(&format!("{USER}:{PASSWORD}"));
     // Podman's auth file: REGISTRY_AUTH_FILE, then $XDG_CONFIG_HOME (default ~/.config).
     let podman = home.path().join("podman-auth.json");
     std::fs::write(&podman, format!(r#"{{"auths": {{"{}": {{"auth": "{basic}"}}}}}}"#, registry.host()))
         .expect("write");
-    let run = push_with(
-        nixctr(home.path()).env("REGISTRY_AUTH_FILE", &podman).args([
-            "push",
-            "--ca-cert",
-            ca,
-            &archive,
-            &target("podman"),
-        ]),
-        None,
-    )
-    .success();
-    assert_no_password(&run);
+    push_as(&[("REGISTRY_AUTH_FILE", podman.as_os_str())], "podman");
     let config_home = home.path().join("xdg");
     std::fs::create_dir_all(config_home.join("containers")).expect("mkdir");
     std::fs::copy(&podman, config_home.join("containers/auth.json")).expect("copy");
-    push_with(
-        nixctr(home.path()).env("XDG_CONFIG_HOME", &config_home).args([
-            "push",
-            "--ca-cert",
-            ca,
-            &archive,
-            &target("xdg"),
-        ]),
-        None,
-    )
-    .success();
+    push_as(&[("XDG_CONFIG_HOME", config_home.as_os_str())], "xdg");
 
     // Docker's config: `auths` with username/password fields.
     let docker_dir = home.path().join("docker");
@@ -465,17 +422,7 @@ fn credential_sources_and_tls() {
         ),
     )
     .expect("write");
-    push_with(
-        nixctr(home.path()).env("DOCKER_CONFIG", &docker_dir).args([
-            "push",
-            "--ca-cert",
-            ca,
-            &archive,
-            &target("docker"),
-        ]),
-        None,
-    )
-    .success();
+    push_as(&[("DOCKER_CONFIG", docker_dir.as_os_str())], "docker");
 
     // Docker's config: credHelpers, with a helper on PATH for the child only.
     let helper_dir = home.path().join("bin");
@@ -500,18 +447,7 @@ fn credential_sources_and_tls() {
     )
     .expect("write");
     let path = format!("{}:{}", helper_dir.display(), std::env::var("PATH").unwrap_or_default());
-    let run = push_with(
-        nixctr(home.path()).env("DOCKER_CONFIG", &helper_config).env("PATH", path).args([
-            "push",
-            "--ca-cert",
-            ca,
-            &archive,
-            &target("helper"),
-        ]),
-        None,
-    )
-    .success();
-    assert_no_password(&run);
+    let run = push_as(&[("DOCKER_CONFIG", helper_config.as_os_str()), ("PATH", path.as_ref())], "helper");
     assert_eq!(std::fs::read_to_string(&log).expect("helper ran").trim(), registry.host());
     check_with_skopeo(&registry, "secure/app:helper", &run.digest(&target("helper")), &image, OCI_GZIP, home.path());
 
