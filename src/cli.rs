@@ -74,8 +74,8 @@ pub enum Command {
     /// List or remove the nix store volumes
     #[command(subcommand)]
     Cache(CacheCommand),
-    /// Remove containers and volumes left behind by nixctr runs that were killed
-    Gc,
+    /// Remove containers left behind by nixctr runs that were killed
+    Gc(GcArgs),
 }
 
 #[derive(Debug, Args)]
@@ -219,6 +219,13 @@ pub struct PublishArgs {
 
     #[command(flatten)]
     pub registry: RegistryArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Also remove containers of runs still going, or made on another machine
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Debug, Subcommand)]

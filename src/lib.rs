@@ -35,7 +35,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Push(args) => commands::push::run(&settings, args).await,
                 Command::Publish(args) => commands::publish::run(&settings, args).await,
                 Command::Cache(args) => commands::cache::run(&settings, args).await,
-                Command::Gc => commands::gc::run(&settings).await,
+                Command::Gc(args) => commands::gc::run(&settings, args).await,
             }
         };
         tokio::select! {

@@ -4,5 +4,10 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = nixctr::cli::Cli::parse();
-    nixctr::exit::report(nixctr::run(cli))
+    // A panic is a bug: exit 2 ("unexpected") rather than Rust's 101. The panic message is
+    // already on stderr, and guards have cleaned up while unwinding.
+    match std::panic::catch_unwind(|| nixctr::run(cli)) {
+        Ok(result) => nixctr::exit::report(result),
+        Err(_) => std::process::ExitCode::from(nixctr::exit::ERROR),
+    }
 }

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::context::{self, Source};
 use crate::engine::{ContainerGuard, ContainerSpec, Engine, OutputMode};
+use crate::exit::Unexpected;
 use crate::progress::Progress;
 use crate::settings::{Nixpkgs, Settings};
 
@@ -137,9 +138,11 @@ impl NixContainer {
             bail!("nix eval failed (exit code {}):\n{}", out.exit_code, error_excerpt(&out.stderr_tail));
         }
         let found: Vec<AttrVersion> = serde_json::from_str(out.stdout.trim())
-            .with_context(|| format!("nix eval printed something unexpected: {:?}", out.stdout))?;
+            .map_err(|e| Unexpected(format!("nix eval printed something unexpected ({e}): {:?}", out.stdout)))?;
         if found.len() != attrs.len() {
-            bail!("nix eval answered {} values for {} names", found.len(), attrs.len());
+            return Err(
+                Unexpected(format!("nix eval answered {} values for {} names", found.len(), attrs.len())).into()
+            );
         }
         Ok(found)
     }

@@ -14,7 +14,7 @@ use bollard::query_parameters::{
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
-use super::{engine_error_text, Engine, LABEL, LABEL_PID, LABEL_ROLE};
+use super::{engine_error_text, Engine, LABEL, LABEL_HOST, LABEL_PID, LABEL_ROLE};
 
 /// What to run: the image, what the container is for, volumes to mount.
 pub struct ContainerSpec {
@@ -58,6 +58,7 @@ impl ContainerGuard {
             (LABEL.to_string(), "true".to_string()),
             (LABEL_ROLE.to_string(), spec.role.to_string()),
             (LABEL_PID.to_string(), std::process::id().to_string()),
+            (LABEL_HOST.to_string(), super::hostname()),
         ]);
         let mounts = spec
             .volumes

@@ -34,6 +34,9 @@ pub const LABEL_ROLE: &str = "dev.nixctr.role";
 /// The label naming the nixctr process that made a container.
 pub const LABEL_PID: &str = "dev.nixctr.pid";
 
+/// The label naming the machine the nixctr process ran on (its PID means nothing elsewhere).
+pub const LABEL_HOST: &str = "dev.nixctr.host";
+
 /// Long: a cold nix build streams its log through one request for many minutes.
 const REQUEST_TIMEOUT_SECS: u64 = 24 * 3600;
 const PING_TIMEOUT: Duration = Duration::from_secs(3);
@@ -249,8 +252,8 @@ impl Engine {
             .with_context(|| format!("cannot remove volume {name} (is a nixctr run using it?)"))
     }
 
-    /// IDs of the containers labelled [`LABEL`], running or not.
-    pub async fn labelled_containers(&self) -> Result<Vec<String>> {
+    /// The containers labelled [`LABEL`], running or not: (ID, labels).
+    pub async fn labelled_containers(&self) -> Result<Vec<(String, HashMap<String, String>)>> {
         let filters = HashMap::from([("label", vec![LABEL.to_string()])]);
         let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
         let list = self
@@ -259,7 +262,7 @@ impl Engine {
             .await
             .map_err(|e| anyhow!("{}", engine_error_text(&e)))
             .context("cannot list containers")?;
-        Ok(list.into_iter().filter_map(|c| c.id).collect())
+        Ok(list.into_iter().filter_map(|c| Some((c.id?, c.labels.unwrap_or_default()))).collect())
     }
 
     pub async fn remove_container(&self, id: &str) -> Result<()> {
@@ -267,6 +270,12 @@ impl Engine {
         match self.docker.remove_container(id, Some(options)).await {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
+            // Another remover (a guard's backstop, a concurrent gc) got there first.
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, message })
+                if message.contains("already in progress") =>
+            {
+                Ok(())
+            }
             Err(e) => {
                 Err(anyhow!("{}", engine_error_text(&e))).with_context(|| format!("cannot remove container {id}"))
             }
@@ -326,6 +335,13 @@ async fn collect_loaded(
         bail!("the engine loaded {} but named no image", path.display());
     }
     Ok(loaded)
+}
+
+/// This machine's name, for [`LABEL_HOST`].
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".to_string())
 }
 
 /// The usual places an engine listens, in the order tried.

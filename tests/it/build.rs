@@ -201,7 +201,7 @@ fn interrupted_builds_exit_130_and_remove_their_container() {
 }
 
 #[test]
-fn gc_removes_what_a_killed_run_left() {
+fn gc_keeps_live_runs_and_removes_what_a_killed_run_left() {
     for engine in engines() {
         let fx = Fixture::new();
         let mut child = fx
@@ -213,6 +213,11 @@ fn gc_removes_what_a_killed_run_left() {
             .unwrap();
         let pid = child.id();
         wait_for_container(&engine, pid);
+        let out = run(fx.nixctr(Some(&engine)).args(["gc"]));
+        assert_success(&out);
+        assert!(!engine.nixctr_containers(Some(pid)).is_empty(), "{}: gc removed a live run's container", engine.name);
+        assert!(stderr(&out).contains(&format!("nixctr run {pid} is still going")), "{}", stderr(&out));
+
         child.kill().unwrap(); // SIGKILL: no cleanup runs
         child.wait().unwrap();
         assert!(!engine.nixctr_containers(Some(pid)).is_empty(), "SIGKILL should leave the container");
