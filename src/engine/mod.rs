@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bollard::query_parameters::{
-    CreateImageOptionsBuilder, ImportImageOptionsBuilder, ListContainersOptionsBuilder, ListVolumesOptionsBuilder,
-    RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder,
+    CreateImageOptionsBuilder, ImportImageOptionsBuilder, ListVolumesOptionsBuilder, RemoveContainerOptionsBuilder,
+    RemoveVolumeOptionsBuilder,
 };
 use bollard::Docker;
 use futures::StreamExt;
@@ -253,16 +253,53 @@ impl Engine {
     }
 
     /// The containers labelled [`LABEL`], running or not: (ID, labels).
+    ///
+    /// Read with a plain GET rather than bollard's typed list: Podman reports states such as
+    /// `stopped` that bollard's state enum rejects, failing the whole list.
     pub async fn labelled_containers(&self) -> Result<Vec<(String, HashMap<String, String>)>> {
-        let filters = HashMap::from([("label", vec![LABEL.to_string()])]);
-        let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
+        // filters={"label":["dev.nixctr"]}, URL-encoded
         let list = self
-            .docker
-            .list_containers(Some(options))
+            .get_json("/containers/json?all=1&filters=%7B%22label%22%3A%5B%22dev.nixctr%22%5D%7D")
             .await
-            .map_err(|e| anyhow!("{}", engine_error_text(&e)))
             .context("cannot list containers")?;
-        Ok(list.into_iter().filter_map(|c| Some((c.id?, c.labels.unwrap_or_default()))).collect())
+        let mut found = Vec::new();
+        for c in list.as_array().into_iter().flatten() {
+            let Some(id) = c["Id"].as_str() else { continue };
+            let labels = c["Labels"]
+                .as_object()
+                .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+                .unwrap_or_default();
+            found.push((id.to_string(), labels));
+        }
+        Ok(found)
+    }
+
+    /// A GET against the engine API, answered as JSON (HTTP/1.0: no chunked bodies).
+    async fn get_json(&self, path: &str) -> Result<serde_json::Value> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let request =
+            format!("GET /v{}{path} HTTP/1.0\r\nHost: localhost\r\nAccept: application/json\r\n\r\n", self.api_version);
+        let mut response = Vec::new();
+        if let Some(socket) = self.address.strip_prefix("unix://") {
+            let mut stream = tokio::net::UnixStream::connect(socket).await?;
+            stream.write_all(request.as_bytes()).await?;
+            stream.read_to_end(&mut response).await?;
+        } else {
+            let host = self.address.trim_start_matches("tcp://").trim_start_matches("http://").trim_end_matches('/');
+            let mut stream = tokio::net::TcpStream::connect(host).await?;
+            stream.write_all(request.as_bytes()).await?;
+            stream.read_to_end(&mut response).await?;
+        }
+        let split = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(|| anyhow!("the engine sent no HTTP answer"))?;
+        let head = String::from_utf8_lossy(&response[..split]);
+        let body = &response[split + 4..];
+        if !head.split_whitespace().nth(1).is_some_and(|code| code.starts_with('2')) {
+            bail!("{} ({})", String::from_utf8_lossy(body).trim(), head.lines().next().unwrap_or_default());
+        }
+        Ok(serde_json::from_slice(body)?)
     }
 
     pub async fn remove_container(&self, id: &str) -> Result<()> {
@@ -270,11 +307,18 @@ impl Engine {
         match self.docker.remove_container(id, Some(options)).await {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
-            // Another remover (a guard's backstop, a concurrent gc) got there first.
+            // Another remover (a guard's backstop, a concurrent gc) got there first: wait for
+            // it, so that a container this returned for is gone.
             Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, message })
                 if message.contains("already in progress") =>
             {
-                Ok(())
+                for _ in 0..300 {
+                    match self.docker.inspect_container(id, None).await {
+                        Err(e) if is_not_found(&e) => return Ok(()),
+                        _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+                bail!("container {id} is still being removed after 30s")
             }
             Err(e) => {
                 Err(anyhow!("{}", engine_error_text(&e))).with_context(|| format!("cannot remove container {id}"))

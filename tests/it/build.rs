@@ -254,3 +254,29 @@ fn unresolvable_nixpkgs_is_an_error_and_the_container_goes() {
         assert!(!fx.project().join("hello.tar.gz").exists());
     }
 }
+
+#[test]
+fn gc_removes_created_and_exited_leftovers() {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    for engine in engines() {
+        let fx = Fixture::new();
+        let labels = ["--label", "dev.nixctr=true", "--label", "dev.nixctr.pid=999999999", "--label"];
+        let host_label = format!("dev.nixctr.host={host}");
+        let created =
+            run(engine.cli().arg("create").args(labels).arg(&host_label).args(["nixos/nix:2.33.3", "sleep", "600"]));
+        assert_success(&created);
+        let started = run(engine.cli().args(["run", "-d"]).args(labels).arg(&host_label).args([
+            "nixos/nix:2.33.3",
+            "sleep",
+            "600",
+        ]));
+        assert_success(&started);
+        let exited = stdout(&started).trim().to_string();
+        assert_success(&run(engine.cli().args(["stop", "-t", "0", &exited])));
+
+        let out = run(fx.nixctr(Some(&engine)).args(["gc", "-v"]));
+        assert_success(&out);
+        let left = engine.nixctr_containers(Some(999_999_999));
+        assert!(left.is_empty(), "{}: gc left {left:?}", engine.name);
+    }
+}
