@@ -432,8 +432,12 @@ fn describe_read_error(path: &Path, err: anyhow::Error) -> anyhow::Error {
         if io.kind() == io::ErrorKind::UnexpectedEof {
             return anyhow!("{shown:?} is truncated: {io} (copy or rebuild the archive)");
         }
-        // The tar reader's own complaints (bad header checksum, short block) end up here.
-        return anyhow!("{shown:?} is not a docker-archive (not a tar or gzip-compressed tar, or corrupt): {io}");
+        if io.raw_os_error().is_some() {
+            return anyhow!("cannot read {shown:?}: {io}");
+        }
+        // The tar reader's own complaints (bad header checksum, short block) end up here. They
+        // quote header bytes, which for a wrong file may be anything (a password file): not shown.
+        return anyhow!("{shown:?} is not a docker-archive (not a tar or gzip-compressed tar, or corrupt: its tar headers do not parse)");
     }
     anyhow!("{shown:?} is not a docker-archive (not a tar or gzip-compressed tar): {err}")
 }

@@ -65,3 +65,14 @@ fn usage_errors_exit_2() {
     let out = run(nixctr_cmd().args(["frobnicate"]));
     assert_exit(&out, 2);
 }
+
+#[test]
+fn a_file_that_is_not_an_archive_is_named_but_not_quoted() {
+    let fx = Fixture::new();
+    let file = fx.dir.path().join("creds.txt");
+    std::fs::write(&file, "user:hunter2-do-not-print:0:0:root:/root:/bin/sh\n".repeat(20)).unwrap();
+    let out = run(fx.nixctr(None).args(["push", file.to_str().unwrap(), "127.0.0.1:1/x:y"]));
+    assert_exit(&out, 1);
+    assert!(stderr(&out).contains("is not a docker-archive"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("hunter2"), "file contents leaked: {}", stderr(&out));
+}
