@@ -100,7 +100,9 @@ start_daemon() {
     mv -f "$LOGS/$name.log" "$LOGS/$name.log.old"
   fi
   printf '\n==== %s: %s\n' "$(date -Is)" "$*" >>"$LOGS/$name.log"
-  setsid nohup "$@" </dev/null >>"$LOGS/$name.log" 2>&1 9>&- &
+  # From /: a daemon whose working directory is deleted later (the clone that started it)
+  # breaks, e.g. podman's conmon fails with "Failed to get working directory".
+  (cd / && exec setsid nohup "$@" </dev/null >>"$LOGS/$name.log" 2>&1 9>&-) &
   local comm=${1##*/}
   echo "$! ${comm:0:15}" >"$RUNDIR/$name.pid"   # pid and /proc/PID/comm
 }
@@ -323,6 +325,13 @@ start_podman() {
   wait_daemon podman 60 podman_up
 }
 
+# cwd_lost PATTERN: the oldest process matching PATTERN runs in a deleted directory.
+cwd_lost() {
+  local pid
+  pid=$(pgrep -of "$1") || return 1
+  [[ $(readlink "/proc/$pid/cwd" 2>/dev/null) == *" (deleted)" ]]
+}
+
 min() { local m=$1 x; shift; for x; do [ "$x" -lt "$m" ] && m=$x; done; echo "$m"; }
 
 step_podman() {
@@ -371,6 +380,10 @@ driver = "$driver"
 runroot = "/run/containers/storage"
 graphroot = "/var/lib/containers/storage"
 EOF
+  if podman_up && cwd_lost "podman system service"; then
+    log "podman: the service's working directory is gone (containers would not start); restarting it"
+    changed=1
+  fi
   if podman_up && [ $changed -eq 0 ]; then
     log "podman: up at unix://$PODMAN_SOCK (storage $driver, ulimits nofile=$nofile nproc=$nproc)"; return
   fi
