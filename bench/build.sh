@@ -73,7 +73,6 @@ echo "context: nixctr ${o}s vs tar|docker cp ${t}s -> ratio $(ratio "$o" "$t") (
 
 # --- overhead: nixctr build vs the hand-written docker sequence (warm store both) ---
 PROJ=$PWD/fixtures/project
-vol=$(docker volume ls -q --filter label=dev.nixctr.role=store | head -1)
 "$NIXCTR" -q -C "$PROJ" build hello -o "$WORK/hello.tar.gz" >/dev/null # warm the store
 vol=$(docker volume ls -q --filter label=dev.nixctr.role=store | head -1)
 ours=(); theirs=()

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
 use bollard::query_parameters::{
@@ -14,7 +14,7 @@ use bollard::query_parameters::{
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
-use super::{engine_error_text, Engine, LABEL, LABEL_HOST, LABEL_PID, LABEL_ROLE};
+use super::{engine_err, engine_error_text, Engine, LABEL, LABEL_HOST, LABEL_PID, LABEL_ROLE};
 
 /// What to run: the image, what the container is for, volumes to mount.
 pub struct ContainerSpec {
@@ -92,14 +92,14 @@ impl ContainerGuard {
             .client()
             .create_container(Some(options), body)
             .await
-            .map_err(|e| anyhow!("{}", engine_error_text(&e)))
+            .map_err(engine_err)
             .with_context(|| format!("cannot create a container from {}", spec.image))?;
         let guard = ContainerGuard { engine: engine.clone(), id: created.id, removed: false };
         engine
             .client()
             .start_container(&guard.id, None::<bollard::query_parameters::StartContainerOptions>)
             .await
-            .map_err(|e| anyhow!("{}", engine_error_text(&e)))
+            .map_err(engine_err)
             .with_context(|| format!("cannot start a container from {}", spec.image))?;
         Ok(guard)
     }
@@ -118,7 +118,7 @@ impl ContainerGuard {
             .client()
             .upload_to_container(&self.id, Some(options), bollard::body_try_stream(tar))
             .await
-            .map_err(|e| anyhow!("{}", engine_error_text(&e)))
+            .map_err(engine_err)
             .context("cannot upload the project into the container")
     }
 
@@ -197,21 +197,19 @@ impl ContainerGuard {
         let created = docker
             .create_exec(&self.id, options)
             .await
-            .map_err(|e| anyhow!("{}", engine_error_text(&e)))
+            .map_err(engine_err)
             .with_context(|| format!("cannot run {what} in the container"))?;
         let started = docker
             .start_exec(&created.id, Some(StartExecOptions { detach: false, tty: false, output_capacity: None }))
             .await
-            .map_err(|e| anyhow!("{}", engine_error_text(&e)))
+            .map_err(engine_err)
             .with_context(|| format!("cannot run {what} in the container"))?;
         let mut stdout = Vec::new();
         let mut tail = LineTail::new(STDERR_TAIL_LINES);
         if let StartExecResults::Attached { mut output, .. } = started {
             let mut err = std::io::stderr();
             while let Some(item) = output.next().await {
-                let item = item
-                    .map_err(|e| anyhow!("{}", engine_error_text(&e)))
-                    .with_context(|| format!("lost the output of {what}"))?;
+                let item = item.map_err(engine_err).with_context(|| format!("lost the output of {what}"))?;
                 match item {
                     bollard::container::LogOutput::StdOut { message } => stdout.extend_from_slice(&message),
                     bollard::container::LogOutput::StdErr { message } => {
@@ -230,7 +228,7 @@ impl ContainerGuard {
             let info = docker
                 .inspect_exec(&created.id)
                 .await
-                .map_err(|e| anyhow!("{}", engine_error_text(&e)))
+                .map_err(engine_err)
                 .with_context(|| format!("cannot read the exit code of {what}"))?;
             match (info.running, info.exit_code) {
                 (Some(true), _) | (_, None) => {

@@ -95,7 +95,7 @@ impl Engine {
         tokio::time::timeout(PING_TIMEOUT, docker.ping())
             .await
             .map_err(|_| anyhow!("no answer within {}s", PING_TIMEOUT.as_secs()))?
-            .map_err(|e| anyhow!("{}", engine_error_text(&e)))?;
+            .map_err(engine_err)?;
         let docker = docker.negotiate_version().await.context("cannot negotiate the API version")?;
         let version = docker.version().await.context("cannot read the engine's version")?;
         let is_podman = version.components.iter().flatten().any(|c| c.name.to_ascii_lowercase().contains("podman"));
@@ -132,7 +132,7 @@ impl Engine {
         match self.docker.inspect_image(image).await {
             Ok(info) => Ok(info.id),
             Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(anyhow!("{}", engine_error_text(&e))).context(format!("cannot inspect image {image:?}")),
+            Err(e) => Err(engine_err(e)).context(format!("cannot inspect image {image:?}")),
         }
     }
 
@@ -165,7 +165,7 @@ impl Engine {
         let mut layers: HashMap<String, (i64, i64)> = HashMap::new();
         let result: Result<()> = async {
             while let Some(item) = stream.next().await {
-                let info = item.map_err(|e| anyhow!("{}", engine_error_text(&e)))?;
+                let info = item.map_err(engine_err)?;
                 if let (Some(id), Some(detail)) = (&info.id, &info.progress_detail) {
                     if let (Some(cur), Some(total)) = (detail.current, detail.total) {
                         layers.insert(id.clone(), (cur, total));
@@ -208,14 +208,11 @@ impl Engine {
                 // fails with a conflict (Podman): both mean it exists now.
                 if let Err(e) = self.docker.create_volume(request).await {
                     if !is_conflict(&e) {
-                        return Err(anyhow!("{}", engine_error_text(&e)))
-                            .context(format!("cannot create volume {name}"));
+                        return Err(engine_err(e)).context(format!("cannot create volume {name}"));
                     }
                 }
             }
-            Err(e) => {
-                return Err(anyhow!("{}", engine_error_text(&e))).context(format!("cannot inspect volume {name}"))
-            }
+            Err(e) => return Err(engine_err(e)).context(format!("cannot inspect volume {name}")),
         }
         Ok(name)
     }
@@ -224,12 +221,7 @@ impl Engine {
     pub async fn store_volumes(&self) -> Result<Vec<(String, String)>> {
         let filters = HashMap::from([("label", vec![format!("{LABEL_ROLE}=store")])]);
         let options = ListVolumesOptionsBuilder::default().filters(&filters).build();
-        let list = self
-            .docker
-            .list_volumes(Some(options))
-            .await
-            .map_err(|e| anyhow!("{}", engine_error_text(&e)))
-            .context("cannot list volumes")?;
+        let list = self.docker.list_volumes(Some(options)).await.map_err(engine_err).context("cannot list volumes")?;
         let mut volumes: Vec<(String, String)> = list
             .volumes
             .unwrap_or_default()
@@ -248,7 +240,7 @@ impl Engine {
         self.docker
             .remove_volume(name, Some(options))
             .await
-            .map_err(|e| anyhow!("{}", engine_error_text(&e)))
+            .map_err(engine_err)
             .with_context(|| format!("cannot remove volume {name} (is a nixctr run using it?)"))
     }
 
@@ -320,9 +312,7 @@ impl Engine {
                 }
                 bail!("container {id} is still being removed after 30s")
             }
-            Err(e) => {
-                Err(anyhow!("{}", engine_error_text(&e))).with_context(|| format!("cannot remove container {id}"))
-            }
+            Err(e) => Err(engine_err(e)).with_context(|| format!("cannot remove container {id}")),
         }
     }
 
@@ -360,9 +350,8 @@ async fn collect_loaded(
 ) -> Result<Vec<String>> {
     let mut loaded = Vec::new();
     while let Some(item) = stream.next().await {
-        let info = item
-            .map_err(|e| anyhow!("{}", engine_error_text(&e)))
-            .with_context(|| format!("cannot load {} into the engine", path.display()))?;
+        let info =
+            item.map_err(engine_err).with_context(|| format!("cannot load {} into the engine", path.display()))?;
         // Docker says "Loaded image: NAME" (or "Loaded image ID: …"); Podman says
         // "Loaded image: NAME" or "Loaded image(s): NAME,…".
         for text in [info.stream.as_deref(), info.status.as_deref()].into_iter().flatten() {
@@ -454,6 +443,11 @@ pub(crate) fn is_not_found(e: &bollard::errors::Error) -> bool {
 
 fn is_conflict(e: &bollard::errors::Error) -> bool {
     matches!(e, bollard::errors::Error::DockerResponseServerError { status_code: 409 | 500, message } if message.contains("exist"))
+}
+
+/// An engine failure as an error carrying the engine's own message.
+pub(crate) fn engine_err(e: bollard::errors::Error) -> anyhow::Error {
+    anyhow!("{}", engine_error_text(&e))
 }
 
 /// The engine's own message, without bollard's wrapping.

@@ -173,20 +173,26 @@ fn wait_for_container(engine: &TestEngine, pid: u32) {
     }
 }
 
+/// A cold build of `heavy` (seconds of CPU) in the background, once its container exists.
+fn start_slow_build(fx: &Fixture, engine: &TestEngine) -> std::process::Child {
+    let child = fx
+        .nixctr(Some(engine))
+        .args(["build", "heavy", "--no-cache"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_container(engine, child.id());
+    child
+}
+
 #[test]
 fn interrupted_builds_exit_130_and_remove_their_container() {
     for engine in engines() {
         for signal in [libc::SIGINT, libc::SIGTERM] {
             let fx = Fixture::new();
-            let child = fx
-                .nixctr(Some(&engine))
-                .args(["build", "heavy", "--no-cache"])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
+            let child = start_slow_build(&fx, &engine);
             let pid = child.id();
-            wait_for_container(&engine, pid);
             std::thread::sleep(Duration::from_millis(1500));
             unsafe { libc::kill(pid as i32, signal) };
             let out = child.wait_with_output().unwrap();
@@ -204,15 +210,8 @@ fn interrupted_builds_exit_130_and_remove_their_container() {
 fn gc_keeps_live_runs_and_removes_what_a_killed_run_left() {
     for engine in engines() {
         let fx = Fixture::new();
-        let mut child = fx
-            .nixctr(Some(&engine))
-            .args(["build", "heavy", "--no-cache", "-q"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = start_slow_build(&fx, &engine);
         let pid = child.id();
-        wait_for_container(&engine, pid);
         let out = run(fx.nixctr(Some(&engine)).args(["gc"]));
         assert_success(&out);
         assert!(!engine.nixctr_containers(Some(pid)).is_empty(), "{}: gc removed a live run's container", engine.name);
