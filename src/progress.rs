@@ -10,13 +10,24 @@ pub struct Progress {
     quiet: bool,
     verbose: bool,
     bars: Option<MultiProgress>,
+    /// Put before every line (`[ntfy] `) when several containers share the terminal.
+    prefix: String,
 }
 
 impl Progress {
     pub fn new(quiet: bool, verbose: bool) -> Progress {
         let bars = (!quiet && std::io::stderr().is_terminal())
             .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
-        Progress { quiet, verbose, bars }
+        Progress { quiet, verbose, bars, prefix: String::new() }
+    }
+
+    /// The same output, each line marked as being about `name`.
+    pub fn for_item(&self, name: &str) -> Progress {
+        Progress { prefix: format!("{}[{name}] ", self.prefix), ..self.clone() }
+    }
+
+    pub fn verbose(&self) -> bool {
+        self.verbose
     }
 
     pub fn quiet(&self) -> bool {
@@ -28,11 +39,30 @@ impl Progress {
         if self.quiet {
             return;
         }
+        let line = format!("{}{}", self.prefix, msg.as_ref());
         match &self.bars {
             Some(bars) => {
-                let _ = bars.println(msg.as_ref());
+                let _ = bars.println(line);
             }
-            None => eprintln!("{}", msg.as_ref()),
+            None => {
+                use std::io::Write;
+                // stderr gone (a closed pipe) is no reason to fail the work.
+                let _ = writeln!(std::io::stderr(), "{line}");
+            }
+        }
+    }
+
+    /// A warning: shown even with `-q`, since it is about the result.
+    pub fn warn(&self, msg: impl AsRef<str>) {
+        let line = format!("{}warning: {}", self.prefix, msg.as_ref());
+        match &self.bars {
+            Some(bars) => {
+                let _ = bars.println(line);
+            }
+            None => {
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "{line}");
+            }
         }
     }
 
@@ -61,5 +91,33 @@ impl Progress {
         };
         bar.set_prefix(label.to_string());
         bars.add(bar)
+    }
+}
+
+/// A byte count as people write it, in IEC units (the one size format nixctr prints).
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_read_like_people_write_them() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 * 1024 * 1024), "3.0 MiB");
     }
 }

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use crate::cli::BuildArgs;
 use crate::engine::Engine;
 use crate::nix::{Inputs, NixContainer};
-use crate::progress::Progress;
+use crate::progress::{human_bytes, Progress};
 use crate::project;
 use crate::settings::Settings;
 
@@ -163,31 +163,9 @@ fn check_writable(path: &Path) -> Result<()> {
         .with_context(|| format!("cannot write {}: directory {} is not writable", path.display(), dir.display()))
 }
 
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bytes_read_like_people_write_them() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(3 * 1024 * 1024), "3.0 MiB");
-    }
 
     #[tokio::test]
     async fn a_failed_write_keeps_the_old_file() {
