@@ -50,8 +50,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PullPolicy {
     /// Pull only when the engine does not have the image
     Missing,
@@ -59,6 +58,16 @@ pub enum PullPolicy {
     Always,
     /// Never pull; fail when the image is missing
     Never,
+}
+
+impl From<PullPolicy> for crate::engine::PullPolicy {
+    fn from(p: PullPolicy) -> Self {
+        match p {
+            PullPolicy::Missing => Self::Missing,
+            PullPolicy::Always => Self::Always,
+            PullPolicy::Never => Self::Never,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -99,6 +108,15 @@ pub enum VersionFrom {
     Auto,
     /// Only nixpkgs' own version of the package
     Nixpkgs,
+}
+
+impl From<VersionFrom> for crate::version::From {
+    fn from(f: VersionFrom) -> Self {
+        match f {
+            VersionFrom::Auto => Self::Auto,
+            VersionFrom::Nixpkgs => Self::Nixpkgs,
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -11,20 +11,20 @@ use futures::Stream;
 use tokio::task::JoinHandle;
 
 /// A directory on this machine and where it lands in the container (`workspace`).
-pub struct Source {
-    pub dir: PathBuf,
-    pub prefix: String,
+pub(crate) struct Source {
+    pub(crate) dir: PathBuf,
+    pub(crate) prefix: String,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Stats {
-    pub files: u64,
-    pub bytes: u64,
+pub(crate) struct Stats {
+    pub(crate) files: u64,
+    pub(crate) bytes: u64,
 }
 
 /// Starts walking `sources` on a blocking thread and returns the tar stream, plus the walk's
 /// outcome: when the upload fails, the walk's error (if any) is the real cause.
-pub fn tar_stream(
+pub(crate) fn tar_stream(
     sources: Vec<Source>,
 ) -> (impl Stream<Item = std::io::Result<Bytes>> + Send + 'static, JoinHandle<Result<Stats>>) {
     crate::pipe::spawn_writer(move |out| write_tar(&sources, out))
@@ -79,7 +79,7 @@ fn append_dir_header<W: Write>(tar: &mut tar::Builder<W>, dir: &Path, prefix: &s
 }
 
 /// The files that go into the context, in a stable order.
-pub fn walker(dir: &Path) -> ignore::Walk {
+pub(crate) fn walker(dir: &Path) -> ignore::Walk {
     ignore::WalkBuilder::new(dir)
         .hidden(false)
         .git_ignore(true)

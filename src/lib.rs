@@ -5,19 +5,25 @@
 //! `nix` (what runs inside the nix container), `archive` (docker-archive files).
 #![warn(clippy::unwrap_used)]
 
-pub mod archive;
+mod archive;
+mod build;
+// pub: the binary parses the command line.
 pub mod cli;
-pub mod commands;
-pub mod context;
-pub mod engine;
+mod commands;
+mod context;
+mod engine;
+// pub: the binary reports errors and exit codes.
 pub mod exit;
-pub mod nix;
-pub mod pipe;
+mod nix;
+mod output;
+mod pipe;
+// pub: used by tests/it/push.rs.
 pub mod progress;
-pub mod project;
+mod project;
+// pub: used by tests/it/push.rs.
 pub mod registry;
-pub mod settings;
-pub mod version_sources;
+mod settings;
+mod version;
 
 use cli::{Cli, Command};
 use exit::Interrupted;

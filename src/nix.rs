@@ -12,9 +12,9 @@ use crate::progress::Progress;
 use crate::settings::{Nixpkgs, Settings};
 
 /// Where the project lands in the container.
-pub const WORKSPACE: &str = "/workspace";
+pub(crate) const WORKSPACE: &str = "/workspace";
 /// Where a local nixpkgs directory lands.
-pub const NIXPKGS_DIR: &str = "/nixctr/nixpkgs";
+pub(crate) const NIXPKGS_DIR: &str = "/nixctr/nixpkgs";
 /// nix's download cache lives in the store volume, so a warm build fetches nothing.
 const CACHE_HOME: &str = "/nix/var/nixctr/cache";
 
@@ -28,30 +28,30 @@ fn nix_cmd(args: &[&str]) -> Vec<String> {
 
 /// nixpkgs after resolution: the reference asked for and the store path it became.
 #[derive(Debug, Clone, Serialize)]
-pub struct ResolvedNixpkgs {
+pub(crate) struct ResolvedNixpkgs {
     #[serde(rename = "ref")]
-    pub reference: String,
-    pub path: String,
+    pub(crate) reference: String,
+    pub(crate) path: String,
 }
 
 /// A running nix container.
-pub struct NixContainer {
+pub(crate) struct NixContainer {
     guard: ContainerGuard,
-    pub nixpkgs: ResolvedNixpkgs,
+    pub(crate) nixpkgs: ResolvedNixpkgs,
     progress: Progress,
 }
 
 /// What to put in the container besides nix.
-pub struct Inputs<'a> {
+pub(crate) struct Inputs<'a> {
     /// The project root, uploaded to /workspace (builds need it; version lookups do not).
-    pub project: Option<&'a std::path::Path>,
-    pub role: &'static str,
+    pub(crate) project: Option<&'a std::path::Path>,
+    pub(crate) role: &'static str,
 }
 
 impl NixContainer {
     /// Pulls the image if needed, starts the container on the store volume, uploads the
     /// inputs and resolves nixpkgs.
-    pub async fn start(
+    pub(crate) async fn start(
         engine: &Engine,
         settings: &Settings,
         inputs: Inputs<'_>,
@@ -67,7 +67,7 @@ impl NixContainer {
             env.push(format!("XDG_CACHE_HOME={CACHE_HOME}"));
         }
         let spec = ContainerSpec { image: settings.nix_image.clone(), role: inputs.role, volumes, env };
-        let guard = ContainerGuard::start(engine, spec).await?;
+        let guard = ContainerGuard::start(engine, spec, progress).await?;
 
         let mut sources = Vec::new();
         if let Some(project) = inputs.project {
@@ -106,7 +106,7 @@ impl NixContainer {
 
     /// `nix-build containers/NAME/default.nix`; nix's log goes to stderr live. Returns the
     /// output's store path (a real path: `--no-out-link` prints it, not the `result` link).
-    pub async fn build(&self, name: &str) -> Result<String> {
+    pub(crate) async fn build(&self, name: &str) -> Result<String> {
         let file = format!("containers/{name}/default.nix");
         self.progress.info(format!("building {file}"));
         let mut cmd = vec![
@@ -130,7 +130,7 @@ impl NixContainer {
     }
 
     /// The `version` of each nixpkgs attribute, in one evaluation.
-    pub async fn versions(&self, attrs: &[String]) -> Result<Vec<AttrVersion>> {
+    pub(crate) async fn versions(&self, attrs: &[String]) -> Result<Vec<AttrVersion>> {
         let expr = versions_expr(&self.nixpkgs.path, attrs)?;
         let cmd = nix_cmd(&["eval", "--impure", "--json", "--expr", &expr]);
         let out = self.guard.exec(&cmd, &[], None, OutputMode::Captured).await?;
@@ -148,12 +148,16 @@ impl NixContainer {
     }
 
     /// Copies a store path's file out of the container.
-    pub async fn copy_out<W: tokio::io::AsyncWrite + Unpin>(&self, store_path: &str, dest: &mut W) -> Result<u64> {
+    pub(crate) async fn copy_out<W: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        store_path: &str,
+        dest: &mut W,
+    ) -> Result<u64> {
         self.guard.copy_file_out(store_path, dest).await
     }
 
     /// Removes the container.
-    pub async fn finish(self) -> Result<()> {
+    pub(crate) async fn finish(self) -> Result<()> {
         self.guard.remove().await
     }
 }
@@ -183,7 +187,7 @@ struct FlakeMetadata {
 }
 
 /// The store path in `nix flake metadata --json` output.
-pub fn parse_flake_path(json: &str) -> Result<String> {
+pub(crate) fn parse_flake_path(json: &str) -> Result<String> {
     let meta: FlakeMetadata = serde_json::from_str(json.trim())?;
     if !meta.path.starts_with("/nix/store/") {
         bail!("path {:?} is not in /nix/store", meta.path);
@@ -193,15 +197,15 @@ pub fn parse_flake_path(json: &str) -> Result<String> {
 
 /// One attribute's answer: whether nixpkgs has it, and its version if it is a string.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-pub struct AttrVersion {
-    pub exists: bool,
-    pub version: Option<String>,
+pub(crate) struct AttrVersion {
+    pub(crate) exists: bool,
+    pub(crate) version: Option<String>,
 }
 
 /// A nix expression giving `[{exists, version}]` for each attribute path, evaluated against
 /// the flake's `legacyPackages` (what `nix eval nixpkgs#PKG.version` reads), or its
 /// `default.nix` for a flake without them.
-pub fn versions_expr(nixpkgs_path: &str, attrs: &[String]) -> Result<String> {
+pub(crate) fn versions_expr(nixpkgs_path: &str, attrs: &[String]) -> Result<String> {
     let mut items = String::new();
     for attr in attrs {
         let selector = attr_selector(attr)?;
@@ -232,7 +236,7 @@ fn attr_selector(attr: &str) -> Result<String> {
 
 /// The part of nix's stderr worth repeating in an error: from the first `error:` line on,
 /// with the few lines a failing builder printed just before it; else the last lines.
-pub fn error_excerpt(tail: &[String]) -> String {
+pub(crate) fn error_excerpt(tail: &[String]) -> String {
     const CONTEXT: usize = 5;
     let start = match tail.iter().position(|l| l.trim_start().starts_with("error:")) {
         Some(first) => {

@@ -16,7 +16,7 @@ const DEPTH: usize = 8;
 /// Runs `produce` on a blocking thread, writing into the returned stream. The handle gives
 /// the producer's own result: when the consumer fails, the producer's error (if any) is
 /// the real cause.
-pub fn spawn_writer<T, F>(
+pub(crate) fn spawn_writer<T, F>(
     produce: F,
 ) -> (impl Stream<Item = std::io::Result<Bytes>> + Send + 'static, JoinHandle<Result<T>>)
 where

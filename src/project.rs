@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 /// `containers/NAME`, checked: NAME is a plain directory name.
-pub fn container_dir(root: &Path, name: &str) -> Result<PathBuf> {
+pub(crate) fn container_dir(root: &Path, name: &str) -> Result<PathBuf> {
     if name.is_empty() || name.contains('/') || name == "." || name == ".." {
         bail!("container name {name:?} is not a directory name under containers/");
     }
@@ -14,7 +14,7 @@ pub fn container_dir(root: &Path, name: &str) -> Result<PathBuf> {
 }
 
 /// `containers/NAME/default.nix`, or an error listing the names that exist.
-pub fn container_file(root: &Path, name: &str) -> Result<PathBuf> {
+pub(crate) fn container_file(root: &Path, name: &str) -> Result<PathBuf> {
     let file = container_dir(root, name)?.join("default.nix");
     if file.is_file() {
         return Ok(file);
@@ -29,7 +29,7 @@ pub fn container_file(root: &Path, name: &str) -> Result<PathBuf> {
 }
 
 /// The names under `containers/` that have a `default.nix`, sorted.
-pub fn container_names(root: &Path) -> Vec<String> {
+pub(crate) fn container_names(root: &Path) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(root.join("containers")) else {
         return Vec::new();
     };
@@ -43,7 +43,7 @@ pub fn container_names(root: &Path) -> Vec<String> {
 }
 
 /// The git directory of the repository holding `root` (following a worktree's `.git` file).
-pub fn git_dir(root: &Path) -> Result<PathBuf> {
+pub(crate) fn git_dir(root: &Path) -> Result<PathBuf> {
     for dir in root.ancestors() {
         let dot_git = dir.join(".git");
         if dot_git.is_dir() {
@@ -62,7 +62,7 @@ pub fn git_dir(root: &Path) -> Result<PathBuf> {
 }
 
 /// The full commit id HEAD points at, read from the repository's files.
-pub fn head_commit(root: &Path) -> Result<String> {
+pub(crate) fn head_commit(root: &Path) -> Result<String> {
     let git = git_dir(root)?;
     let head = std::fs::read_to_string(git.join("HEAD"))
         .with_context(|| format!("cannot read {}", git.join("HEAD").display()))?;

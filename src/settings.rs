@@ -8,34 +8,35 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::cli::{Cli, PullPolicy};
+use crate::cli::Cli;
+use crate::engine::PullPolicy;
 
-pub const DEFAULT_NIX_IMAGE: &str = "nixos/nix:2.33.3";
-pub const DEFAULT_TAG_TEMPLATE: &str = "v{version}-{sha}-nix";
-pub const CONFIG_FILE: &str = "nixctr.toml";
+pub(crate) const DEFAULT_NIX_IMAGE: &str = "nixos/nix:2.33.3";
+pub(crate) const DEFAULT_TAG_TEMPLATE: &str = "v{version}-{sha}-nix";
+pub(crate) const CONFIG_FILE: &str = "nixctr.toml";
 
 /// `nixctr.toml`. Unknown keys are errors, so a typo never silently does nothing.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct FileConfig {
-    pub nix_image: Option<String>,
-    pub nixpkgs: Option<String>,
-    pub engine: Option<String>,
-    pub pull: Option<PullPolicy>,
-    pub registry: Option<String>,
-    pub namespace: Option<String>,
-    pub tag: Option<String>,
+pub(crate) struct FileConfig {
+    pub(crate) nix_image: Option<String>,
+    pub(crate) nixpkgs: Option<String>,
+    pub(crate) engine: Option<String>,
+    pub(crate) pull: Option<PullPolicy>,
+    pub(crate) registry: Option<String>,
+    pub(crate) namespace: Option<String>,
+    pub(crate) tag: Option<String>,
     /// Registries reached over plain http (host or host:port).
     #[serde(default)]
-    pub insecure_registries: Vec<String>,
+    pub(crate) insecure_registries: Vec<String>,
     /// Container name -> nixpkgs attribute, for `nixctr version`.
     #[serde(default)]
-    pub packages: BTreeMap<String, String>,
+    pub(crate) packages: BTreeMap<String, String>,
 }
 
 /// Where nixpkgs comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Nixpkgs {
+pub(crate) enum Nixpkgs {
     /// A flake reference, resolved inside the container (`nixpkgs`, `github:NixOS/nixpkgs/…`).
     Flake(String),
     /// A directory on this machine, uploaded with the project.
@@ -43,26 +44,26 @@ pub enum Nixpkgs {
 }
 
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub(crate) struct Settings {
     /// The project root, when one was found (push needs none).
-    pub root: Option<PathBuf>,
+    pub(crate) root: Option<PathBuf>,
     /// An explicit engine address; `None` means probe the usual places.
-    pub engine: Option<String>,
-    pub nix_image: String,
-    pub pull: PullPolicy,
-    pub nixpkgs: Nixpkgs,
-    pub no_cache: bool,
-    pub quiet: bool,
-    pub verbose: bool,
-    pub registry: Option<String>,
-    pub namespace: Option<String>,
-    pub tag_template: String,
-    pub insecure_registries: Vec<String>,
-    pub packages: BTreeMap<String, String>,
+    pub(crate) engine: Option<String>,
+    pub(crate) nix_image: String,
+    pub(crate) pull: PullPolicy,
+    pub(crate) nixpkgs: Nixpkgs,
+    pub(crate) no_cache: bool,
+    pub(crate) quiet: bool,
+    pub(crate) verbose: bool,
+    pub(crate) registry: Option<String>,
+    pub(crate) namespace: Option<String>,
+    pub(crate) tag_template: String,
+    pub(crate) insecure_registries: Vec<String>,
+    pub(crate) packages: BTreeMap<String, String>,
 }
 
 impl Settings {
-    pub fn resolve(cli: &Cli) -> Result<Settings> {
+    pub(crate) fn resolve(cli: &Cli) -> Result<Settings> {
         let root = match &cli.directory {
             Some(dir) => {
                 if !dir.is_dir() {
@@ -98,7 +99,7 @@ impl Settings {
             root,
             engine,
             nix_image: cli.nix_image.clone().or(file.nix_image).unwrap_or_else(|| DEFAULT_NIX_IMAGE.to_string()),
-            pull: cli.pull.or(file.pull).unwrap_or(PullPolicy::Missing),
+            pull: cli.pull.map(PullPolicy::from).or(file.pull).unwrap_or(PullPolicy::Missing),
             nixpkgs,
             no_cache: cli.no_cache,
             quiet: cli.quiet,
@@ -112,7 +113,7 @@ impl Settings {
     }
 
     /// The project root, or an error that says how to name one.
-    pub fn project_root(&self) -> Result<&Path> {
+    pub(crate) fn project_root(&self) -> Result<&Path> {
         match &self.root {
             Some(root) => Ok(root),
             None => bail!(
@@ -127,11 +128,11 @@ fn non_empty_env(name: &str) -> Option<String> {
 }
 
 /// The nearest ancestor of `start` holding `nixctr.toml` or `.git`.
-pub fn find_root(start: &Path) -> Option<PathBuf> {
+pub(crate) fn find_root(start: &Path) -> Option<PathBuf> {
     start.ancestors().find(|dir| dir.join(CONFIG_FILE).is_file() || dir.join(".git").exists()).map(Path::to_path_buf)
 }
 
-pub fn load_config(path: &Path) -> Result<FileConfig> {
+pub(crate) fn load_config(path: &Path) -> Result<FileConfig> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(FileConfig::default()),
@@ -141,7 +142,7 @@ pub fn load_config(path: &Path) -> Result<FileConfig> {
 }
 
 /// Parses `nixctr.toml` text; the error names the line and column.
-pub fn parse_config(text: &str) -> std::result::Result<FileConfig, String> {
+pub(crate) fn parse_config(text: &str) -> std::result::Result<FileConfig, String> {
     toml::from_str(text).map_err(|e| {
         let (line, col) = e
             .span()
@@ -158,7 +159,7 @@ pub fn parse_config(text: &str) -> std::result::Result<FileConfig, String> {
 
 /// A value that names an existing directory (or starts with `/`, `./`, `../`) is a local
 /// nixpkgs; anything else is a flake reference.
-pub fn parse_nixpkgs(value: &str, base: Option<&Path>) -> Result<Nixpkgs> {
+pub(crate) fn parse_nixpkgs(value: &str, base: Option<&Path>) -> Result<Nixpkgs> {
     let looks_local = value.starts_with('/') || value.starts_with("./") || value.starts_with("../") || value == ".";
     let path = match base {
         Some(base) => base.join(value),

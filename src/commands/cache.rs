@@ -8,14 +8,14 @@ use crate::engine::Engine;
 use crate::progress::Progress;
 use crate::settings::Settings;
 
-pub async fn run(settings: &Settings, command: CacheCommand) -> Result<()> {
+pub(crate) async fn run(settings: &Settings, command: CacheCommand) -> Result<()> {
     let progress = Progress::new(settings.quiet, settings.verbose);
     let engine = Engine::connect(settings.engine.as_deref(), &progress).await?;
     let volumes = engine.store_volumes().await?;
     match command {
         CacheCommand::Ls => {
             for (name, image) in &volumes {
-                println!("{name}\t{image}");
+                crate::output::line(format_args!("{name}\t{image}"))?;
             }
         }
         CacheCommand::Rm { all } => {
@@ -30,7 +30,7 @@ pub async fn run(settings: &Settings, command: CacheCommand) -> Result<()> {
             }
             for name in doomed {
                 engine.remove_volume(name).await?;
-                println!("{name}");
+                crate::output::line(format_args!("{name}"))?;
             }
         }
     }

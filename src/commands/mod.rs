@@ -1,8 +1,8 @@
 //! One file per command. Each `run` takes the resolved settings and its own arguments.
 
-pub mod build;
-pub mod cache;
-pub mod gc;
-pub mod publish;
-pub mod push;
-pub mod version;
+pub(crate) mod build;
+pub(crate) mod cache;
+pub(crate) mod gc;
+pub(crate) mod publish;
+pub(crate) mod push;
+pub(crate) mod version;

@@ -7,14 +7,14 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::cli::{PublishArgs, VersionFrom};
-use crate::commands::build::{self, Output};
-use crate::commands::version;
+use crate::build::{self, Output, Target};
+use crate::cli::PublishArgs;
 use crate::engine::Engine;
 use crate::progress::Progress;
 use crate::project;
 use crate::registry::{self, PushOptions, Reference};
 use crate::settings::Settings;
+use crate::version;
 
 #[derive(Serialize)]
 struct Published {
@@ -28,7 +28,7 @@ struct Published {
     skipped_layers: usize,
 }
 
-pub async fn run(settings: &Settings, args: PublishArgs) -> Result<()> {
+pub(crate) async fn run(settings: &Settings, args: PublishArgs) -> Result<()> {
     let progress = Progress::new(settings.quiet, settings.verbose);
     let root = settings.project_root()?.to_path_buf();
     if args.archive.is_none() {
@@ -46,8 +46,8 @@ pub async fn run(settings: &Settings, args: PublishArgs) -> Result<()> {
                 Some(v) => v.clone(),
                 None => {
                     let names = [args.name.clone()];
-                    let found = version::versions(settings, &names, VersionFrom::Auto, &progress).await?;
-                    found.into_iter().next().map(|a| a.version).unwrap_or_default()
+                    let mut found = version::versions(settings, &names, version::From::Auto, &progress).await?;
+                    found.pop().context("no answer")??.version
                 }
             };
             let sha = if settings.tag_template.contains("{sha}") {
@@ -82,7 +82,13 @@ pub async fn run(settings: &Settings, args: PublishArgs) -> Result<()> {
                 .context("cannot make a temporary directory")?;
             let path = built_dir.path().join(format!("{}.tar.gz", args.name));
             let engine = Engine::connect(settings.engine.as_deref(), &progress).await?;
-            build::build(&engine, settings, &[(args.name.clone(), Output::File(path.clone()))], &progress).await?;
+            build::build(
+                &engine,
+                settings,
+                &[Target { name: args.name.clone(), output: Output::File(path.clone()) }],
+                &progress,
+            )
+            .await?;
             path
         }
     };
@@ -97,9 +103,9 @@ pub async fn run(settings: &Settings, args: PublishArgs) -> Result<()> {
             pushed_bytes: outcome.pushed_bytes,
             skipped_layers: outcome.skipped_layers,
         };
-        println!("{}", serde_json::to_string(&published)?);
+        crate::output::line(format_args!("{}", serde_json::to_string(&published)?))?;
     } else {
-        println!("{}@{}", outcome.reference, outcome.digest);
+        crate::output::line(format_args!("{}@{}", outcome.reference, outcome.digest))?;
     }
     Ok(())
 }

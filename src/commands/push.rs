@@ -7,11 +7,11 @@ use crate::progress::Progress;
 use crate::registry::{self, PushOptions, Reference};
 use crate::settings::Settings;
 
-pub async fn run(settings: &Settings, args: PushArgs) -> Result<()> {
+pub(crate) async fn run(settings: &Settings, args: PushArgs) -> Result<()> {
     let reference = Reference::parse(&args.reference)?;
     let opts = PushOptions::resolve(settings, &args.registry, &reference)?;
     let progress = Progress::new(settings.quiet, settings.verbose);
     let outcome = registry::push(&args.archive, &reference, &opts, &progress).await?;
-    println!("{}@{}", outcome.reference, outcome.digest);
+    crate::output::line(format_args!("{}@{}", outcome.reference, outcome.digest))?;
     Ok(())
 }

@@ -14,46 +14,50 @@ use bollard::query_parameters::{
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
-use super::{engine_err, engine_error_text, Engine, LABEL, LABEL_HOST, LABEL_PID, LABEL_ROLE};
+use super::{engine_err, engine_error_text, timed, Engine, LABEL, LABEL_HOST, LABEL_PID, LABEL_ROLE};
+use crate::progress::Progress;
 
 /// What to run: the image, what the container is for, volumes to mount.
-pub struct ContainerSpec {
-    pub image: String,
+pub(crate) struct ContainerSpec {
+    pub(crate) image: String,
     /// `build` or `version`: shows in `docker ps` labels, for people and for `nixctr gc`.
-    pub role: &'static str,
+    pub(crate) role: &'static str,
     /// (volume name, mount point)
-    pub volumes: Vec<(String, String)>,
-    pub env: Vec<String>,
+    pub(crate) volumes: Vec<(String, String)>,
+    pub(crate) env: Vec<String>,
 }
 
 /// What happens to an exec's stderr while it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutputMode {
+pub(crate) enum OutputMode {
     /// Copied to our stderr as it comes (nix's build log).
     Live,
     /// Kept only (the tail is still returned).
     Captured,
 }
 
-pub struct ExecOutput {
-    pub exit_code: i64,
-    pub stdout: String,
+pub(crate) struct ExecOutput {
+    pub(crate) exit_code: i64,
+    pub(crate) stdout: String,
     /// The last lines of stderr, for error messages.
-    pub stderr_tail: Vec<String>,
+    pub(crate) stderr_tail: Vec<String>,
 }
 
 const STDERR_TAIL_LINES: usize = 25;
+/// How long the engine may take to record an exec's exit code once its output has ended.
+const EXIT_CODE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
-pub struct ContainerGuard {
+pub(crate) struct ContainerGuard {
     engine: Engine,
     id: String,
     removed: bool,
+    progress: Progress,
 }
 
 impl ContainerGuard {
     /// Creates and starts a container that idles until removed; work runs in it through
     /// exec. It is never privileged and runs as the image's own user.
-    pub async fn start(engine: &Engine, spec: ContainerSpec) -> Result<ContainerGuard> {
+    pub(crate) async fn start(engine: &Engine, spec: ContainerSpec, progress: &Progress) -> Result<ContainerGuard> {
         let labels = HashMap::from([
             (LABEL.to_string(), "true".to_string()),
             (LABEL_ROLE.to_string(), spec.role.to_string()),
@@ -88,28 +92,23 @@ impl ContainerGuard {
         };
         let name = format!("nixctr-{}-{}-{}", spec.role, std::process::id(), unique_suffix());
         let options = CreateContainerOptionsBuilder::default().name(&name).build();
-        let created = engine
-            .client()
-            .create_container(Some(options), body)
-            .await
+        let created = timed("a container create", engine.client().create_container(Some(options), body))
+            .await?
             .map_err(engine_err)
             .with_context(|| format!("cannot create a container from {}", spec.image))?;
-        let guard = ContainerGuard { engine: engine.clone(), id: created.id, removed: false };
-        engine
-            .client()
-            .start_container(&guard.id, None::<bollard::query_parameters::StartContainerOptions>)
-            .await
+        let guard =
+            ContainerGuard { engine: engine.clone(), id: created.id, removed: false, progress: progress.clone() };
+        let start =
+            engine.client().start_container(&guard.id, None::<bollard::query_parameters::StartContainerOptions>);
+        timed("a container start", start)
+            .await?
             .map_err(engine_err)
             .with_context(|| format!("cannot start a container from {}", spec.image))?;
         Ok(guard)
     }
 
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
     /// Streams a tar archive into the container, unpacked at `/`.
-    pub async fn upload<S>(&self, tar: S) -> Result<()>
+    pub(crate) async fn upload<S>(&self, tar: S) -> Result<()>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     {
@@ -124,7 +123,7 @@ impl ContainerGuard {
 
     /// A tar stream of `path` in the container. A symlink comes back as a symlink, so
     /// callers pass resolved paths.
-    pub fn download(&self, path: &str) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    pub(crate) fn download(&self, path: &str) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
         let options = DownloadFromContainerOptionsBuilder::default().path(path).build();
         let path = path.to_string();
         self.engine.client().download_from_container(&self.id, Some(options)).map(move |chunk| {
@@ -136,7 +135,7 @@ impl ContainerGuard {
 
     /// Copies one regular file out of the container into `dest`, streaming. The engine sends
     /// a tar; this reads its headers itself so nothing waits on a blocking thread.
-    pub async fn copy_file_out<W>(&self, path: &str, dest: &mut W) -> Result<u64>
+    pub(crate) async fn copy_file_out<W>(&self, path: &str, dest: &mut W) -> Result<u64>
     where
         W: tokio::io::AsyncWrite + Unpin,
     {
@@ -177,7 +176,7 @@ impl ContainerGuard {
     /// Runs `cmd` in the container and waits for it. stdout is collected; stderr is shown
     /// live or kept, per `mode`. The exit code comes from the engine, not from the end of
     /// the output stream.
-    pub async fn exec(
+    pub(crate) async fn exec(
         &self,
         cmd: &[String],
         env: &[String],
@@ -194,14 +193,14 @@ impl ContainerGuard {
             ..Default::default()
         };
         let what = cmd.first().cloned().unwrap_or_default();
-        let created = docker
-            .create_exec(&self.id, options)
-            .await
+        let created = timed("an exec create", docker.create_exec(&self.id, options))
+            .await?
             .map_err(engine_err)
             .with_context(|| format!("cannot run {what} in the container"))?;
-        let started = docker
-            .start_exec(&created.id, Some(StartExecOptions { detach: false, tty: false, output_capacity: None }))
-            .await
+        let start =
+            docker.start_exec(&created.id, Some(StartExecOptions { detach: false, tty: false, output_capacity: None }));
+        let started = timed("an exec start", start)
+            .await?
             .map_err(engine_err)
             .with_context(|| format!("cannot run {what} in the container"))?;
         let mut stdout = Vec::new();
@@ -224,14 +223,20 @@ impl ContainerGuard {
         }
         // The stream can end a moment before the engine records the exit code.
         let mut delay = std::time::Duration::from_millis(5);
+        let deadline = std::time::Instant::now() + EXIT_CODE_WAIT;
         let exit_code = loop {
-            let info = docker
-                .inspect_exec(&created.id)
-                .await
+            let info = timed("an exec inspect", docker.inspect_exec(&created.id))
+                .await?
                 .map_err(engine_err)
                 .with_context(|| format!("cannot read the exit code of {what}"))?;
             match (info.running, info.exit_code) {
                 (Some(true), _) | (_, None) => {
+                    if std::time::Instant::now() > deadline {
+                        anyhow::bail!(
+                            "{what} ended its output, but the engine reported no exit code within {} s",
+                            EXIT_CODE_WAIT.as_secs()
+                        );
+                    }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(std::time::Duration::from_millis(200));
                 }
@@ -243,7 +248,7 @@ impl ContainerGuard {
 
     /// Removes the container (killing what runs in it). Errors are reported: the caller
     /// has finished its work and would rather know.
-    pub async fn remove(mut self) -> Result<()> {
+    pub(crate) async fn remove(mut self) -> Result<()> {
         self.removed = true;
         self.engine.remove_container(&self.id).await
     }
@@ -258,6 +263,7 @@ impl Drop for ContainerGuard {
         // thread and a connection of its own.
         let address = self.engine.address().to_string();
         let id = self.id.clone();
+        let progress = self.progress.clone();
         let cleanup = std::thread::spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
                 return;
@@ -265,7 +271,7 @@ impl Drop for ContainerGuard {
             runtime.block_on(async {
                 if let Ok(engine) = Engine::connect_to(&address).await {
                     if let Err(e) = engine.remove_container(&id).await {
-                        eprintln!("warning: {e:#} (`nixctr gc` removes it later)");
+                        progress.warn(format!("{e:#} (`nixctr gc` removes it later)"));
                     }
                 }
             });

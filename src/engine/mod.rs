@@ -6,6 +6,7 @@
 //! Everything nixctr creates carries the label [`LABEL`], so `nixctr gc` can find leftovers.
 
 mod container;
+mod runs;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,37 +20,50 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use futures::StreamExt;
 
-pub use container::{ContainerGuard, ContainerSpec, ExecOutput, OutputMode};
+pub(crate) use container::{ContainerGuard, ContainerSpec, OutputMode};
+pub(crate) use runs::{hostname, live_owner};
 
-use crate::cli::PullPolicy;
 use crate::progress::Progress;
 
+/// When to pull the nix image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum PullPolicy {
+    /// Only when the engine does not have it.
+    Missing,
+    Always,
+    /// Never; a missing image is an error.
+    Never,
+}
+
 /// The label on everything nixctr creates.
-pub const LABEL: &str = "dev.nixctr";
+pub(crate) const LABEL: &str = "dev.nixctr";
 /// The label naming what a store volume belongs to (the nix image's ID).
-pub const LABEL_IMAGE: &str = "dev.nixctr.image";
+pub(crate) const LABEL_IMAGE: &str = "dev.nixctr.image";
 /// The label saying what a resource is for (`store`, `build`, `version`).
-pub const LABEL_ROLE: &str = "dev.nixctr.role";
+pub(crate) const LABEL_ROLE: &str = "dev.nixctr.role";
 
 /// The label naming the nixctr process that made a container.
-pub const LABEL_PID: &str = "dev.nixctr.pid";
+pub(crate) const LABEL_PID: &str = "dev.nixctr.pid";
 
 /// The label naming the machine the nixctr process ran on (its PID means nothing elsewhere).
-pub const LABEL_HOST: &str = "dev.nixctr.host";
+pub(crate) const LABEL_HOST: &str = "dev.nixctr.host";
 
 /// Long: a cold nix build streams its log through one request for many minutes.
 const REQUEST_TIMEOUT_SECS: u64 = 24 * 3600;
+/// For requests that answer at once from a healthy engine (inspect, create, remove, list).
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 const PING_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flavor {
+enum Flavor {
     Docker,
     Podman,
 }
 
 /// A connected engine.
 #[derive(Clone)]
-pub struct Engine {
+pub(crate) struct Engine {
     docker: Docker,
     /// The address it was reached at (`unix:///var/run/docker.sock`), to reconnect from a
     /// cleanup thread that has no runtime of its own.
@@ -61,7 +75,7 @@ pub struct Engine {
 impl Engine {
     /// Connects to `explicit` when given (flag, `DOCKER_HOST`, `CONTAINER_HOST`, nixctr.toml),
     /// else to the first of the usual sockets that answers.
-    pub async fn connect(explicit: Option<&str>, progress: &Progress) -> Result<Engine> {
+    pub(crate) async fn connect(explicit: Option<&str>, progress: &Progress) -> Result<Engine> {
         let candidates = match explicit {
             Some(address) => vec![address.to_string()],
             None => default_candidates(),
@@ -90,14 +104,16 @@ impl Engine {
     }
 
     /// Connects to one address and checks that it answers.
-    pub async fn connect_to(address: &str) -> Result<Engine> {
+    pub(crate) async fn connect_to(address: &str) -> Result<Engine> {
         let docker = client_for(address)?;
         tokio::time::timeout(PING_TIMEOUT, docker.ping())
             .await
             .map_err(|_| anyhow!("no answer within {}s", PING_TIMEOUT.as_secs()))?
             .map_err(engine_err)?;
-        let docker = docker.negotiate_version().await.context("cannot negotiate the API version")?;
-        let version = docker.version().await.context("cannot read the engine's version")?;
+        let docker =
+            timed("the API version", docker.negotiate_version()).await?.context("cannot negotiate the API version")?;
+        let version =
+            timed("the version request", docker.version()).await?.context("cannot read the engine's version")?;
         let is_podman = version.components.iter().flatten().any(|c| c.name.to_ascii_lowercase().contains("podman"));
         let api_version = docker.client_version().to_string();
         Ok(Engine {
@@ -108,18 +124,14 @@ impl Engine {
         })
     }
 
-    pub fn flavor(&self) -> Flavor {
-        self.flavor
-    }
-
-    pub fn flavor_name(&self) -> &'static str {
+    pub(crate) fn flavor_name(&self) -> &'static str {
         match self.flavor {
             Flavor::Docker => "Docker",
             Flavor::Podman => "Podman",
         }
     }
 
-    pub fn address(&self) -> &str {
+    pub(crate) fn address(&self) -> &str {
         &self.address
     }
 
@@ -128,8 +140,8 @@ impl Engine {
     }
 
     /// The ID of `image` if the engine has it.
-    pub async fn image_id(&self, image: &str) -> Result<Option<String>> {
-        match self.docker.inspect_image(image).await {
+    pub(crate) async fn image_id(&self, image: &str) -> Result<Option<String>> {
+        match timed("an image inspect", self.docker.inspect_image(image)).await? {
             Ok(info) => Ok(info.id),
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(engine_err(e)).context(format!("cannot inspect image {image:?}")),
@@ -137,7 +149,7 @@ impl Engine {
     }
 
     /// Makes sure `image` is present according to `policy`, and returns its ID.
-    pub async fn ensure_image(&self, image: &str, policy: PullPolicy, progress: &Progress) -> Result<String> {
+    pub(crate) async fn ensure_image(&self, image: &str, policy: PullPolicy, progress: &Progress) -> Result<String> {
         let present = self.image_id(image).await?;
         match (policy, present) {
             (PullPolicy::Never, None) => bail!(
@@ -148,10 +160,8 @@ impl Engine {
             _ => {}
         }
         self.pull(image, progress).await?;
-        let info = self
-            .docker
-            .inspect_image(image)
-            .await
+        let info = timed("an image inspect", self.docker.inspect_image(image))
+            .await?
             .with_context(|| format!("cannot inspect image {image:?} after pulling it"))?;
         info.id.ok_or_else(|| anyhow!("the engine reports no ID for image {image:?}"))
     }
@@ -188,7 +198,7 @@ impl Engine {
     /// Creates the store volume for `image_id` if it is missing, and returns its name.
     /// The volume is tied to the image: a store made from another image would hide this
     /// image's own nix.
-    pub async fn store_volume(&self, image_id: &str) -> Result<String> {
+    pub(crate) async fn store_volume(&self, image_id: &str) -> Result<String> {
         let short: String = image_id.trim_start_matches("sha256:").chars().take(12).collect();
         let name = format!("nixctr-store-{short}");
         let labels = HashMap::from([
@@ -201,12 +211,12 @@ impl Engine {
             labels: Some(labels),
             ..Default::default()
         };
-        match self.docker.inspect_volume(&name).await {
+        match timed("a volume inspect", self.docker.inspect_volume(&name)).await? {
             Ok(_) => {}
             Err(e) if is_not_found(&e) => {
                 // Creating a volume that a concurrent run just created returns it (Docker) or
                 // fails with a conflict (Podman): both mean it exists now.
-                if let Err(e) = self.docker.create_volume(request).await {
+                if let Err(e) = timed("a volume create", self.docker.create_volume(request)).await? {
                     if !is_conflict(&e) {
                         return Err(engine_err(e)).context(format!("cannot create volume {name}"));
                     }
@@ -218,10 +228,13 @@ impl Engine {
     }
 
     /// The store volumes: (name, image ID it belongs to).
-    pub async fn store_volumes(&self) -> Result<Vec<(String, String)>> {
+    pub(crate) async fn store_volumes(&self) -> Result<Vec<(String, String)>> {
         let filters = HashMap::from([("label", vec![format!("{LABEL_ROLE}=store")])]);
         let options = ListVolumesOptionsBuilder::default().filters(&filters).build();
-        let list = self.docker.list_volumes(Some(options)).await.map_err(engine_err).context("cannot list volumes")?;
+        let list = timed("a volume list", self.docker.list_volumes(Some(options)))
+            .await?
+            .map_err(engine_err)
+            .context("cannot list volumes")?;
         let mut volumes: Vec<(String, String)> = list
             .volumes
             .unwrap_or_default()
@@ -235,11 +248,10 @@ impl Engine {
         Ok(volumes)
     }
 
-    pub async fn remove_volume(&self, name: &str) -> Result<()> {
+    pub(crate) async fn remove_volume(&self, name: &str) -> Result<()> {
         let options = RemoveVolumeOptionsBuilder::default().force(true).build();
-        self.docker
-            .remove_volume(name, Some(options))
-            .await
+        timed("a volume removal", self.docker.remove_volume(name, Some(options)))
+            .await?
             .map_err(engine_err)
             .with_context(|| format!("cannot remove volume {name} (is a nixctr run using it?)"))
     }
@@ -248,7 +260,7 @@ impl Engine {
     ///
     /// Read with a plain GET rather than bollard's typed list: Podman reports states such as
     /// `stopped` that bollard's state enum rejects, failing the whole list.
-    pub async fn labelled_containers(&self) -> Result<Vec<(String, HashMap<String, String>)>> {
+    pub(crate) async fn labelled_containers(&self) -> Result<Vec<(String, HashMap<String, String>)>> {
         // filters={"label":["dev.nixctr"]}, URL-encoded
         let list = self
             .get_json("/containers/json?all=1&filters=%7B%22label%22%3A%5B%22dev.nixctr%22%5D%7D")
@@ -268,6 +280,10 @@ impl Engine {
 
     /// A GET against the engine API, answered as JSON (HTTP/1.0: no chunked bodies).
     async fn get_json(&self, path: &str) -> Result<serde_json::Value> {
+        timed(&format!("GET {path}"), self.get_json_untimed(path)).await?
+    }
+
+    async fn get_json_untimed(&self, path: &str) -> Result<serde_json::Value> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let request =
             format!("GET /v{}{path} HTTP/1.0\r\nHost: localhost\r\nAccept: application/json\r\n\r\n", self.api_version);
@@ -294,9 +310,9 @@ impl Engine {
         Ok(serde_json::from_slice(body)?)
     }
 
-    pub async fn remove_container(&self, id: &str) -> Result<()> {
+    pub(crate) async fn remove_container(&self, id: &str) -> Result<()> {
         let options = RemoveContainerOptionsBuilder::default().force(true).v(true).build();
-        match self.docker.remove_container(id, Some(options)).await {
+        match timed("a container removal", self.docker.remove_container(id, Some(options))).await? {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             // Another remover (a guard's backstop, a concurrent gc) got there first: wait for
@@ -305,7 +321,7 @@ impl Engine {
                 if message.contains("already in progress") =>
             {
                 for _ in 0..300 {
-                    match self.docker.inspect_container(id, None).await {
+                    match timed("a container inspect", self.docker.inspect_container(id, None)).await? {
                         Err(e) if is_not_found(&e) => return Ok(()),
                         _ => tokio::time::sleep(Duration::from_millis(100)).await,
                     }
@@ -319,7 +335,7 @@ impl Engine {
     /// Loads a docker-archive (plain or gzip) into the engine, streaming the file, and
     /// returns the names of the images it loaded. A gzip archive is unpacked on the way:
     /// Podman 4 cannot load a compressed docker-archive, and Docker takes either.
-    pub async fn load_archive(&self, path: &Path) -> Result<Vec<String>> {
+    pub(crate) async fn load_archive(&self, path: &Path) -> Result<Vec<String>> {
         let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let shown = path.display().to_string();
         let (body, reader) = crate::pipe::spawn_writer(move |out| {
@@ -370,15 +386,8 @@ async fn collect_loaded(
     Ok(loaded)
 }
 
-/// This machine's name, for [`LABEL_HOST`].
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown".to_string())
-}
-
 /// The usual places an engine listens, in the order tried.
-pub fn default_candidates() -> Vec<String> {
+pub(crate) fn default_candidates() -> Vec<String> {
     let mut paths: Vec<PathBuf> = vec![PathBuf::from("/var/run/docker.sock")];
     if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR") {
         let runtime = PathBuf::from(runtime);
@@ -461,13 +470,20 @@ pub(crate) fn engine_error_text(e: &bollard::errors::Error) -> String {
     }
 }
 
+/// `call` with the deadline every short engine request gets; the error names it.
+pub(crate) async fn timed<F: std::future::Future>(what: &str, call: F) -> Result<F::Output> {
+    tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .map_err(|_| anyhow!("the engine did not answer {what} within {} s", CALL_TIMEOUT.as_secs()))
+}
+
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)
 }
 
 /// `registry:5000/a/b:tag` -> (`registry:5000/a/b`, `tag`); a digest or no tag -> `latest`
 /// only when neither is given.
-pub fn split_image_tag(image: &str) -> (&str, &str) {
+pub(crate) fn split_image_tag(image: &str) -> (&str, &str) {
     if let Some((name, digest)) = image.split_once('@') {
         return (name, digest);
     }

@@ -10,48 +10,52 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+
+mod io_readers;
+
+use io_readers::{hash_reader, Counted, Pipelined, Tee};
+pub(crate) use io_readers::{read_up_to, sha256_digest, Cancellable, Cancelled};
 
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
 /// One image from a docker-archive, checked against its config.
 #[derive(Debug)]
-pub struct Archive {
+pub(crate) struct Archive {
     path: PathBuf,
     /// The uncompressed copy of a gzip-compressed archive, read by the layers' [`EntryData`];
     /// deleted on drop.
     _spool: Option<tempfile::NamedTempFile>,
     /// The config JSON, byte for byte as in the archive (its sha256 is the image id).
-    pub config: Vec<u8>,
-    pub config_digest: String,
+    pub(crate) config: Vec<u8>,
+    pub(crate) config_digest: String,
     /// `RepoTags` of the image, as written by `docker save` or nix.
-    pub repo_tags: Vec<String>,
-    pub layers: Vec<Layer>,
+    pub(crate) repo_tags: Vec<String>,
+    pub(crate) layers: Vec<Layer>,
     /// Whether the archive file itself was gzip-compressed.
-    pub gzipped: bool,
+    pub(crate) gzipped: bool,
 }
 
 /// One layer: a tar entry whose (uncompressed) sha256 is the `diff_id`.
 #[derive(Debug, Clone)]
-pub struct Layer {
+pub(crate) struct Layer {
     /// The entry's path in the archive (`<hash>/layer.tar`).
-    pub name: String,
-    pub diff_id: String,
+    pub(crate) name: String,
+    pub(crate) diff_id: String,
     /// Size of the uncompressed layer tar.
-    pub size: u64,
+    pub(crate) size: u64,
     /// `None` for an archive recalled from [`Archive::recall`] whose bytes need a full read
     /// (a compressed archive).
-    pub data: Option<EntryData>,
+    pub(crate) data: Option<EntryData>,
 }
 
 /// Where one entry's bytes are: a plain tar file, at an offset.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EntryData {
+pub(crate) struct EntryData {
     path: PathBuf,
     offset: u64,
     size: u64,
@@ -61,7 +65,7 @@ pub struct EntryData {
 
 impl EntryData {
     /// The entry's uncompressed bytes.
-    pub fn reader(&self) -> Result<Box<dyn Read + Send>> {
+    pub(crate) fn reader(&self) -> Result<Box<dyn Read + Send>> {
         let mut file = File::open(&self.path).with_context(|| format!("cannot reopen {}", self.path.display()))?;
         file.seek(SeekFrom::Start(self.offset))?;
         let raw = BufReader::with_capacity(256 << 10, file).take(self.size);
@@ -72,12 +76,10 @@ impl EntryData {
 /// A file entry, handed out as soon as it is read and hashed, before the archive as a whole
 /// is checked: callers may start work on likely layers early (but must not send them yet).
 #[derive(Debug, Clone)]
-pub struct SeenEntry {
-    pub name: String,
+pub(crate) struct SeenEntry {
     /// sha256 of the uncompressed content: the diff_id, if this is a layer.
-    pub sha256: String,
-    pub size: u64,
-    pub data: EntryData,
+    pub(crate) sha256: String,
+    pub(crate) data: EntryData,
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,13 +155,14 @@ enum Entry {
 
 impl Archive {
     /// Opens and checks `path`. `cancel` stops the read early (Ctrl-C) with an error.
-    pub fn open(path: &Path, cancel: Option<Arc<AtomicBool>>) -> Result<Archive> {
+    #[cfg(test)]
+    pub(crate) fn open(path: &Path, cancel: Option<Arc<AtomicBool>>) -> Result<Archive> {
         Archive::open_with(path, cancel, &mut |_| {})
     }
 
     /// [`Archive::open`], calling `on_entry` for each file entry that may be a layer (not
     /// JSON) as soon as it has been read.
-    pub fn open_with(
+    pub(crate) fn open_with(
         path: &Path,
         cancel: Option<Arc<AtomicBool>>,
         on_entry: &mut dyn FnMut(&SeenEntry),
@@ -206,12 +209,13 @@ impl Archive {
         Ok(archive)
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// The uncompressed bytes of layer `index`.
-    pub fn layer_reader(&self, index: usize) -> Result<Box<dyn Read + Send>> {
+    #[cfg(test)]
+    pub(crate) fn layer_reader(&self, index: usize) -> Result<Box<dyn Read + Send>> {
         let layer = self.layers.get(index).ok_or_else(|| anyhow!("no layer {index}"))?;
         match &layer.data {
             Some(data) => data.reader(),
@@ -221,12 +225,22 @@ impl Archive {
 
     /// The archive as a full read found it before, when the file has not changed since
     /// (same inode, size, mtime and ctime), so an unchanged archive is not hashed again.
-    pub fn recall(path: &Path, memory: &Path) -> Option<Archive> {
+    pub(crate) fn recall(path: &Path, memory: &Path) -> Option<Archive> {
         let key = FileKey::of(path)?;
         let text = std::fs::read(memory).ok()?;
         let mut all: Vec<Checked> = serde_json::from_slice(&text).ok()?;
         let index = all.iter().position(|c| c.key == key)?;
         let checked = all.swap_remove(index);
+        // The file is the user's to edit: anything not shaped as nixctr wrote it is ignored,
+        // and the archive is read again.
+        let length = std::fs::metadata(path).ok()?.len();
+        let sane = checked.layers.iter().all(|l| {
+            is_digest(&l.diff_id)
+                && l.data.as_ref().is_none_or(|d| d.offset.checked_add(d.size).is_some_and(|end| end <= length))
+        });
+        if !sane {
+            return None;
+        }
         let plain = !checked.gzipped;
         Some(Archive {
             path: path.to_path_buf(),
@@ -250,7 +264,7 @@ impl Archive {
     }
 
     /// Remembers this archive's check for [`Archive::recall`] (the last 32 archives).
-    pub fn remember(&self, memory: &Path) -> Result<()> {
+    pub(crate) fn remember(&self, memory: &Path) -> Result<()> {
         let Some(key) = FileKey::of(&self.path) else {
             return Ok(());
         };
@@ -389,7 +403,7 @@ fn scan(reader: impl Read, source: &Path, on_entry: &mut dyn FnMut(&SeenEntry)) 
         }
         let data = EntryData { path: source.to_path_buf(), offset, size, gzipped };
         if !name.ends_with(".json") && name != "repositories" {
-            on_entry(&SeenEntry { name: name.clone(), sha256: sha256.clone(), size: content_size, data: data.clone() });
+            on_entry(&SeenEntry { sha256: sha256.clone(), data: data.clone() });
         }
         entries.insert(name, Entry::File { sha256, content_size, data });
     }
@@ -397,6 +411,12 @@ fn scan(reader: impl Read, source: &Path, on_entry: &mut dyn FnMut(&SeenEntry)) 
 }
 
 /// Follows links (at most a few hops) to the file an entry name stands for.
+/// `sha256:` and 64 lowercase hex digits.
+fn is_digest(s: &str) -> bool {
+    s.strip_prefix("sha256:")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+}
+
 fn resolve(entries: &HashMap<String, Entry>, name: &str) -> Option<Entry> {
     let mut name = normalize(Path::new(name));
     for _ in 0..8 {
@@ -426,7 +446,7 @@ fn normalize(path: &Path) -> String {
 fn describe_read_error(path: &Path, err: anyhow::Error) -> anyhow::Error {
     let shown = path.display();
     if let Some(io) = err.downcast_ref::<io::Error>() {
-        if io.to_string() == CANCELLED {
+        if io.get_ref().is_some_and(|inner| inner.is::<Cancelled>()) {
             return anyhow!("reading {shown} was cancelled");
         }
         if io.kind() == io::ErrorKind::UnexpectedEof {
@@ -440,144 +460,6 @@ fn describe_read_error(path: &Path, err: anyhow::Error) -> anyhow::Error {
         return anyhow!("{shown:?} is not a docker-archive (not a tar or gzip-compressed tar, or corrupt: its tar headers do not parse)");
     }
     anyhow!("{shown:?} is not a docker-archive (not a tar or gzip-compressed tar): {err}")
-}
-
-fn hash_reader(reader: &mut impl Read) -> io::Result<(String, u64)> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 << 10];
-    let mut total = 0u64;
-    loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        total += n as u64;
-    }
-    Ok((format!("sha256:{}", hex::encode(hasher.finalize())), total))
-}
-
-/// Fills `buf` unless the input ends first; returns how much was read.
-pub(crate) fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
-}
-
-pub fn sha256_digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
-
-/// Reads `inner` on a thread of its own, a few blocks ahead: gunzip then runs beside the
-/// hashing and copying that consume its output.
-struct Pipelined {
-    blocks: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
-    /// Emptied blocks go back to the reading thread, so memory is allocated once.
-    spent: std::sync::mpsc::SyncSender<Vec<u8>>,
-    current: io::Cursor<Vec<u8>>,
-    done: bool,
-}
-
-impl Pipelined {
-    fn spawn(mut inner: impl Read + Send + 'static) -> Pipelined {
-        const BLOCKS: usize = 4;
-        let (tx, blocks) = std::sync::mpsc::sync_channel(BLOCKS);
-        let (spent, recycled) = std::sync::mpsc::sync_channel::<Vec<u8>>(BLOCKS + 2);
-        std::thread::spawn(move || loop {
-            let mut block = recycled.try_recv().unwrap_or_default();
-            block.resize(1 << 20, 0);
-            match read_up_to(&mut inner, &mut block) {
-                Ok(0) => break,
-                Ok(n) => {
-                    block.truncate(n);
-                    if tx.send(Ok(block)).is_err() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    break;
-                }
-            }
-        });
-        Pipelined { blocks, spent, current: io::Cursor::new(Vec::new()), done: false }
-    }
-}
-
-impl Read for Pipelined {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            let n = self.current.read(buf)?;
-            if n > 0 || buf.is_empty() || self.done {
-                return Ok(n);
-            }
-            match self.blocks.recv() {
-                Ok(Ok(block)) => {
-                    let old = std::mem::replace(&mut self.current, io::Cursor::new(block));
-                    let _ = self.spent.try_send(old.into_inner());
-                }
-                Ok(Err(e)) => {
-                    self.done = true;
-                    return Err(e);
-                }
-                Err(_) => self.done = true,
-            }
-        }
-    }
-}
-
-/// Copies everything read from `inner` into `copy`.
-struct Tee<R, W> {
-    inner: R,
-    copy: W,
-}
-
-impl<R: Read, W: Write> Read for Tee<R, W> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.copy.write_all(&buf[..n])?;
-        Ok(n)
-    }
-}
-
-struct Counted<R> {
-    inner: R,
-    count: u64,
-}
-
-impl<R: Read> Read for Counted<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.count += n as u64;
-        Ok(n)
-    }
-}
-
-const CANCELLED: &str = "cancelled";
-
-/// A reader that fails once `cancel` is set, so blocking work stops soon after Ctrl-C.
-pub struct Cancellable<R> {
-    pub inner: R,
-    pub cancel: Arc<AtomicBool>,
-}
-
-impl<R: Read> Read for Cancellable<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.cancel.load(Ordering::Relaxed) {
-            // Not ErrorKind::Interrupted: std's read_exact and read_to_end retry those forever.
-            return Err(io::Error::other(CANCELLED));
-        }
-        self.inner.read(buf)
-    }
 }
 
 #[cfg(test)]
@@ -700,6 +582,29 @@ mod tests {
     }
 
     #[test]
+    fn a_hostile_memory_file_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = dir.path().join("archives.json");
+        let path = write(&dir, "x.tar", &image(&[&tar_with(&[("a", b"hello")])], None));
+        let archive = Archive::open(&path, None).unwrap();
+        archive.remember(&memory).unwrap();
+        assert!(Archive::recall(&path, &memory).is_some());
+        let text = std::fs::read_to_string(&memory).unwrap();
+        let digest = &archive.layers[0].diff_id;
+        for hostile in
+            [text.replace(digest.as_str(), "sha256:\u{fc}\u{fc}"), text.replace("\"offset\":", "\"offset\":9999999")]
+        {
+            assert_ne!(hostile, text);
+            std::fs::write(&memory, hostile).unwrap();
+            assert!(Archive::recall(&path, &memory).is_none());
+        }
+        for garbage in ["", "[", "{}", "\u{0}\u{ff}", "[{\"key\": 1}]"] {
+            std::fs::write(&memory, garbage).unwrap();
+            assert!(Archive::recall(&path, &memory).is_none());
+        }
+    }
+
+    #[test]
     fn recall_finds_only_unchanged_archives() {
         let dir = tempfile::tempdir().unwrap();
         let memory = dir.path().join("mem/archives.json");
@@ -714,9 +619,14 @@ mod tests {
         let mut back = Vec::new();
         recalled.layer_reader(0).unwrap().read_to_end(&mut back).unwrap();
         assert_eq!(back, layer);
-        // Rewriting the file, even with the same bytes, changes its ctime.
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        write(&dir, "x.tar", &image(&[&layer], None));
+        // Rewriting the file, even with the same bytes, changes its ctime (once the clock
+        // has ticked past the old one: rewrite until it has).
+        let before = FileKey::of(&path).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while FileKey::of(&path).unwrap() == before {
+            assert!(std::time::Instant::now() < deadline, "ctime never changed");
+            write(&dir, "x.tar", &image(&[&layer], None));
+        }
         assert!(Archive::recall(&path, &memory).is_none());
 
         let gz = write(&dir, "x.tar.gz", &gzip(&image(&[&layer], None)));
