@@ -1,9 +1,15 @@
-//! Building containers: one nix container builds every name of a call, and each archive is
-//! copied out to its destination (written whole, or not at all).
+//! Building containers: one nix container and one upload of the project for the whole
+//! selection; every container is evaluated, then all are built by one nix invocation, so what
+//! they share builds once and the rest in parallel. Each archive is copied out as soon as it
+//! is in the store (while the others still build) and written whole, or not at all.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use futures::StreamExt;
+use tokio::sync::Mutex;
 
 use crate::engine::Engine;
 use crate::nix::{Inputs, NixContainer};
@@ -11,6 +17,9 @@ use crate::output::{check_writable, AtomicFile};
 use crate::progress::{human_bytes, Progress};
 use crate::project;
 use crate::settings::Settings;
+
+/// How often the store is asked which archives are done while nix still builds.
+const POLL: Duration = Duration::from_millis(1500);
 
 /// Where one archive goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,9 +35,32 @@ pub(crate) struct Target {
     pub output: Output,
 }
 
-/// A built archive on disk.
+/// How to build.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Options {
+    /// Derivations built at once (`--max-jobs`).
+    pub jobs: usize,
+    /// Stop at the first failure instead of building everything that can be built.
+    pub fail_fast: bool,
+}
+
+/// A built archive.
+#[derive(Debug, Clone)]
 pub(crate) struct Built {
-    pub path: PathBuf,
+    pub name: String,
+    /// `None` when it went to stdout.
+    pub path: Option<PathBuf>,
+    pub size: u64,
+    pub seconds: f64,
+}
+
+/// What became of one target.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Built(Built),
+    Failed { error: String, seconds: f64 },
+    /// Not attempted: `--fail-fast` stopped the run first.
+    Stopped,
 }
 
 /// Checks names and destinations before any engine work. `output` is `-o`: one file (or `-`
@@ -38,7 +70,7 @@ pub(crate) fn plan(root: &Path, names: &[String], output: Option<&Path>, load: b
         project::container_file(root, name)?;
     }
     if output.is_some() && names.len() > 1 {
-        bail!("-o names one file, but {} containers were given (build them one at a time)", names.len());
+        bail!("-o names one file, but {} containers were selected (drop -o: each goes to NAME.tar.gz)", names.len());
     }
     let mut targets = Vec::new();
     for name in names {
@@ -60,38 +92,156 @@ pub(crate) fn plan(root: &Path, names: &[String], output: Option<&Path>, load: b
     Ok(targets)
 }
 
-/// Builds every target in one container; returns the files written (stdout output is not).
+/// Builds every target in one container and returns each one's outcome, in order. `done`
+/// hears of each archive as soon as it is written, while the others may still build. An
+/// error is returned only for what concerns them all (the engine, the container, nixpkgs).
 pub(crate) async fn build(
     engine: &Engine,
     settings: &Settings,
     targets: &[Target],
+    options: Options,
     progress: &Progress,
-) -> Result<Vec<Built>> {
+    done: Option<tokio::sync::mpsc::UnboundedSender<Built>>,
+) -> Result<Vec<Outcome>> {
     let root = settings.project_root()?;
     let nix = NixContainer::start(engine, settings, Inputs { project: Some(root), role: "build" }, progress).await?;
-    let result = async {
-        let mut built = Vec::new();
-        for target in targets {
-            let store_path = nix.build(&target.name).await?;
-            match &target.output {
-                Output::Stdout => {
-                    let mut stdout = tokio::io::stdout();
-                    nix.copy_out(&store_path, &mut stdout).await?;
-                }
-                Output::File(path) => {
-                    let mut out = AtomicFile::create(path)?;
-                    let size = nix.copy_out(&store_path, &mut out.file).await?;
-                    out.commit().await?;
-                    progress.info(format!("wrote {} ({})", path.display(), human_bytes(size)));
-                    built.push(Built { path: path.clone() });
-                }
+    let result = build_in(&nix, targets, options, progress, done).await;
+    let removed = nix.finish().await;
+    let outcomes = result?;
+    removed?;
+    Ok(outcomes)
+}
+
+async fn build_in(
+    nix: &NixContainer,
+    targets: &[Target],
+    options: Options,
+    progress: &Progress,
+    done: Option<tokio::sync::mpsc::UnboundedSender<Built>>,
+) -> Result<Vec<Outcome>> {
+    let started = Instant::now();
+    let several = targets.len() > 1;
+    let item = |name: &str| if several { progress.for_item(name) } else { progress.clone() };
+    let mut outcomes: Vec<Option<Outcome>> = targets.iter().map(|_| None).collect();
+
+    // Evaluate each container apart, so an evaluation error is that container's alone.
+    let evaluated: Vec<Result<String>> = futures::stream::iter(targets)
+        .map(|t| async move {
+            item(&t.name).info(format!("evaluating containers/{}/default.nix", t.name));
+            nix.instantiate(&t.name).await
+        })
+        .buffered(options.jobs.max(1))
+        .collect()
+        .await;
+    let mut building = Vec::new(); // (target index, drv)
+    for (i, result) in evaluated.into_iter().enumerate() {
+        match result {
+            Ok(drv) => building.push((i, drv)),
+            Err(e) => {
+                let error = format!("nix-build containers/{}/default.nix failed: {e:#}", targets[i].name);
+                outcomes[i] = Some(Outcome::Failed { error, seconds: started.elapsed().as_secs_f64() });
             }
         }
-        Ok::<_, anyhow::Error>(built)
     }
-    .await;
-    let removed = nix.finish().await;
-    let built = result?;
-    removed?;
-    Ok(built)
+    if options.fail_fast && outcomes.iter().any(Option::is_some) {
+        return Ok(outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Stopped)).collect());
+    }
+    if building.is_empty() {
+        return Ok(outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Stopped)).collect());
+    }
+
+    let drvs: Vec<String> = building.iter().map(|(_, d)| d.clone()).collect();
+    let outs = nix.outputs(&drvs).await?;
+    for (i, _) in &building {
+        item(&targets[*i].name).info(format!("building containers/{}/default.nix", targets[*i].name));
+    }
+    // Archives are copied out as they appear in the store, while nix builds the rest.
+    let pending: Mutex<Vec<(usize, String)>> =
+        Mutex::new(building.iter().zip(&outs).map(|((i, _), out)| (*i, out.clone())).collect());
+    let finished = AtomicBool::new(false);
+    let wake = tokio::sync::Notify::new();
+    let copied: Mutex<Vec<(usize, Result<Built>)>> = Mutex::new(Vec::new());
+    let poll = async {
+        loop {
+            // Read before asking the store: after nix has finished, one last round sees all.
+            let last = finished.load(Ordering::Acquire);
+            let waiting: Vec<String> = pending.lock().await.iter().map(|(_, o)| o.clone()).collect();
+            let valid = nix.valid(&waiting).await?;
+            let ready: Vec<(usize, String)> = {
+                let mut pending = pending.lock().await;
+                let (ready, rest) = pending.drain(..).partition(|(_, o)| valid.contains(o));
+                *pending = rest;
+                ready
+            };
+            for (i, out) in ready {
+                let result = copy_out(nix, &targets[i], &out, started, &item(&targets[i].name)).await;
+                if let (Ok(built), Some(done)) = (&result, &done) {
+                    let _ = done.send(built.clone());
+                }
+                copied.lock().await.push((i, result));
+            }
+            if last || pending.lock().await.is_empty() {
+                return Ok::<_, anyhow::Error>(());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                _ = wake.notified() => {}
+            }
+        }
+    };
+    let live = !progress.quiet() && (!several || progress.verbose());
+    let realise = async {
+        let log = nix.realise(&drvs, options.jobs, !options.fail_fast, live).await;
+        finished.store(true, Ordering::Release);
+        wake.notify_one();
+        log
+    };
+    let (log, polled) = tokio::join!(realise, poll);
+    let log = log?;
+    polled?;
+    for (i, result) in copied.into_inner() {
+        outcomes[i] = Some(match result {
+            Ok(built) => Outcome::Built(built),
+            Err(e) => Outcome::Failed { error: format!("{e:#}"), seconds: started.elapsed().as_secs_f64() },
+        });
+    }
+    let failed: Vec<(usize, String)> =
+        building.into_iter().filter(|(i, _)| outcomes[*i].is_none()).collect();
+    let seconds = started.elapsed().as_secs_f64();
+    let reasons: Vec<Option<String>> =
+        futures::stream::iter(&failed).then(|(_, drv)| nix.failure_of(drv, &log)).collect().await;
+    for ((i, _), reason) in failed.into_iter().zip(reasons) {
+        let name = &targets[i].name;
+        outcomes[i] = Some(match reason {
+            Some(why) => Outcome::Failed { error: format!("nix-build containers/{name}/default.nix failed:\n{why}"), seconds },
+            None if options.fail_fast => Outcome::Stopped,
+            None => Outcome::Failed {
+                error: format!("nix-build containers/{name}/default.nix failed:\n{}", crate::nix::error_excerpt(&log)),
+                seconds,
+            },
+        });
+    }
+    Ok(outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Stopped)).collect())
+}
+
+async fn copy_out(nix: &NixContainer, target: &Target, out: &str, started: Instant, progress: &Progress) -> Result<Built> {
+    match &target.output {
+        Output::Stdout => {
+            let mut stdout = tokio::io::stdout();
+            let size = nix.copy_out(out, &mut stdout).await?;
+            Ok(Built { name: target.name.clone(), path: None, size, seconds: started.elapsed().as_secs_f64() })
+        }
+        Output::File(path) => {
+            let mut file = AtomicFile::create(path)?;
+            let size = nix.copy_out(out, &mut file.file).await?;
+            file.commit().await?;
+            progress.info(format!("wrote {} ({})", path.display(), human_bytes(size)));
+            Ok(Built {
+                name: target.name.clone(),
+                path: Some(path.clone()),
+                size,
+                seconds: started.elapsed().as_secs_f64(),
+            })
+        }
+    }
 }

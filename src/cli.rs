@@ -85,15 +85,69 @@ pub enum Command {
     Cache(CacheCommand),
     /// Remove containers left behind by nixctr runs that were killed
     Gc(GcArgs),
+    /// Print the selected container names (for a CI matrix: --json)
+    List(ListArgs),
+    /// Print a shell completion script
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff)
+    Man,
+}
+
+/// Which containers: names, `--all`, or `--changed REV`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct Selection {
+    /// Container names (directories under containers/)
+    #[arg(value_name = "NAME", conflicts_with_all = ["all", "changed"])]
+    pub names: Vec<String>,
+
+    /// Every containers/*/default.nix
+    #[arg(long, conflicts_with = "changed")]
+    pub all: bool,
+
+    /// The containers changed between REV and the working tree (all of them when nixctr.toml,
+    /// flake.nix or flake.lock changed)
+    #[arg(long, value_name = "REV")]
+    pub changed: Option<String>,
+}
+
+/// How many containers build, and what stops them.
+#[derive(Debug, Args, Clone)]
+pub struct ManyArgs {
+    /// Derivations nix builds at once (default: the engine's CPU count)
+    #[arg(short = 'j', long = "max-jobs", value_name = "N")]
+    pub max_jobs: Option<usize>,
+
+    /// Stop at the first container that fails (default: build all that can be built)
+    #[arg(long)]
+    pub fail_fast: bool,
+
+    /// Print one JSON object per container: {name, version, status, tag, ref, digest, archive, error, seconds}
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub select: Selection,
+
+    /// Print one JSON array (for a CI matrix)
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// Container names (directories under containers/)
-    #[arg(required = true, value_name = "NAME")]
-    pub names: Vec<String>,
+    #[command(flatten)]
+    pub select: Selection,
 
-    /// Where to write the archive (default: NAME.tar.gz in the working directory; - for stdout)
+    #[command(flatten)]
+    pub many: ManyArgs,
+
+    /// Where to write the archive of one container (default: NAME.tar.gz in the working directory; - for stdout)
     #[arg(short, long, value_name = "PATH")]
     pub output: Option<PathBuf>,
 
@@ -122,8 +176,16 @@ impl From<VersionFrom> for crate::version::From {
 #[derive(Debug, Args)]
 pub struct VersionArgs {
     /// Container names, or nixpkgs attributes
-    #[arg(required = true, value_name = "NAME")]
+    #[arg(value_name = "NAME", conflicts_with_all = ["all", "changed"])]
     pub names: Vec<String>,
+
+    /// Every containers/*/default.nix
+    #[arg(long, conflicts_with = "changed")]
+    pub all: bool,
+
+    /// The containers changed between REV and the working tree
+    #[arg(long, value_name = "REV")]
+    pub changed: Option<String>,
 
     /// Where to look for the version
     #[arg(long, value_enum, default_value = "auto")]
@@ -199,11 +261,13 @@ pub struct PushArgs {
 
 #[derive(Debug, Args)]
 pub struct PublishArgs {
-    /// Container name (a directory under containers/)
-    #[arg(value_name = "NAME")]
-    pub name: String,
+    #[command(flatten)]
+    pub select: Selection,
 
-    /// App version for the tag (default: what `nixctr version NAME` finds)
+    #[command(flatten)]
+    pub many: ManyArgs,
+
+    /// App version for the tag of one container (default: what `nixctr version NAME` finds)
     #[arg(long, value_name = "V")]
     pub version: Option<String>,
 
@@ -224,16 +288,16 @@ pub struct PublishArgs {
     pub allow_dirty: bool,
 
     /// Overwrite a tag that already exists in the registry
-    #[arg(long)]
+    #[arg(long, conflicts_with = "skip_existing")]
     pub force: bool,
 
-    /// Publish this archive instead of building
+    /// Count a tag that already exists as done (a re-run of the same commit succeeds)
+    #[arg(long)]
+    pub skip_existing: bool,
+
+    /// Publish this archive (of one container) instead of building
     #[arg(long, value_name = "PATH")]
     pub archive: Option<PathBuf>,
-
-    /// Print the result as JSON
-    #[arg(long)]
-    pub json: bool,
 
     #[command(flatten)]
     pub registry: RegistryArgs,

@@ -13,6 +13,11 @@ pub struct Interrupted(pub &'static str);
 #[error("{0}")]
 pub struct Unexpected(pub String);
 
+/// The command line asks for something that cannot be: exit code 2, as clap's own errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
 pub const SUCCESS: u8 = 0;
 pub const FAILURE: u8 = 1;
 pub const ERROR: u8 = 2;
@@ -48,7 +53,7 @@ pub fn report(result: anyhow::Result<()>) -> ExitCode {
     }
     if err.downcast_ref::<Interrupted>().is_some() {
         ExitCode::from(INTERRUPTED)
-    } else if err.downcast_ref::<Unexpected>().is_some() {
+    } else if err.downcast_ref::<Unexpected>().is_some() || err.downcast_ref::<Usage>().is_some() {
         ExitCode::from(ERROR)
     } else {
         ExitCode::from(FAILURE)

@@ -20,32 +20,22 @@ mod pipe;
 // pub: used by tests/it/push.rs.
 pub mod progress;
 mod project;
+mod report;
+mod selection;
 // pub: used by tests/it/push.rs.
 pub mod registry;
 mod settings;
 mod version;
 
-use cli::{Cli, Command};
 use exit::Interrupted;
 
 /// Runs one command to completion. Ctrl-C and SIGTERM abort the command's future, whose
 /// guards (containers, temporary files) clean up as they drop, and end in [`Interrupted`].
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let settings = settings::Settings::resolve(&cli)?;
-        let work = async {
-            match cli.command {
-                Command::Build(args) => commands::build::run(&settings, args).await,
-                Command::Version(args) => commands::version::run(&settings, args).await,
-                Command::Push(args) => commands::push::run(&settings, args).await,
-                Command::Publish(args) => commands::publish::run(&settings, args).await,
-                Command::Cache(args) => commands::cache::run(&settings, args).await,
-                Command::Gc(args) => commands::gc::run(&settings, args).await,
-            }
-        };
         tokio::select! {
-            result = work => result,
+            result = commands::run(cli) => result,
             signal = exit::interrupted() => Err(anyhow::Error::new(Interrupted(signal))),
         }
     })

@@ -26,6 +26,27 @@ fn nix_cmd(args: &[&str]) -> Vec<String> {
     cmd
 }
 
+/// Lines of nix's log kept while building many derivations, to find each failure in.
+const REALISE_LOG_LINES: usize = 20_000;
+/// The end of a failed builder's log shown with its error.
+const LOG_LINES_SHOWN: usize = 10;
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// The `/nix/store/…` lines of a command's output.
+fn store_paths(stdout: &str) -> Vec<String> {
+    stdout.lines().map(str::trim).filter(|l| l.starts_with("/nix/store/")).map(str::to_string).collect()
+}
+
+/// The derivation of nix's `error: builder for '/nix/store/…drv' failed …` line.
+fn failed_builder(line: &str) -> Option<&str> {
+    let rest = line.trim_start().strip_prefix("error: builder for '")?;
+    let (drv, _) = rest.split_once('\'')?;
+    drv.ends_with(".drv").then_some(drv)
+}
+
 /// nixpkgs after resolution: the reference asked for and the store path it became.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct ResolvedNixpkgs {
@@ -104,29 +125,86 @@ impl NixContainer {
         vec![format!("NIX_PATH=nixpkgs={}", self.nixpkgs.path)]
     }
 
-    /// `nix-build containers/NAME/default.nix`; nix's log goes to stderr live. Returns the
-    /// output's store path (a real path: `--no-out-link` prints it, not the `result` link).
-    pub(crate) async fn build(&self, name: &str) -> Result<String> {
+    /// Evaluates `containers/NAME/default.nix` into its derivation (`nix-instantiate`).
+    pub(crate) async fn instantiate(&self, name: &str) -> Result<String> {
         let file = format!("containers/{name}/default.nix");
-        self.progress.info(format!("building {file}"));
-        let mut cmd = vec![
-            "nix-build".to_string(),
-            "--extra-experimental-features".to_string(),
-            "nix-command flakes".to_string(),
-        ];
-        cmd.extend([file.clone(), "--no-out-link".to_string()]);
-        let mode = if self.progress.quiet() { OutputMode::Captured } else { OutputMode::Live };
-        let out = self.guard.exec(&cmd, &self.env(), Some(WORKSPACE), mode).await?;
+        let cmd = strings(&["nix-instantiate", "--extra-experimental-features", "nix-command flakes", &file]);
+        let out = self.guard.exec(&cmd, &self.env(), Some(WORKSPACE), OutputMode::Captured).await?;
         if out.exit_code != 0 {
-            bail!("nix-build {file} failed (exit code {}):\n{}", out.exit_code, error_excerpt(&out.stderr_tail));
+            bail!("cannot evaluate {file} (exit code {}):\n{}", out.exit_code, error_excerpt(&out.stderr_tail));
         }
-        out.stdout
-            .lines()
-            .rev()
-            .map(str::trim)
-            .find(|l| l.starts_with("/nix/store/"))
-            .map(str::to_string)
-            .ok_or_else(|| anyhow!("nix-build {file} succeeded but printed no store path"))
+        store_paths(&out.stdout).pop().ok_or_else(|| anyhow!("nix-instantiate {file} printed no derivation"))
+    }
+
+    /// Builds the derivations in one nix invocation, so what they share builds once and the
+    /// rest in parallel (`--max-jobs`). With `keep_going`, a failure stops only what depends
+    /// on it. Returns nix's stderr lines for [`failure_of`]; success is read from the store.
+    pub(crate) async fn realise(&self, drvs: &[String], jobs: usize, keep_going: bool, live: bool) -> Result<Vec<String>> {
+        let mut cmd = strings(&["nix-store", "--realise", "--max-jobs", &jobs.to_string()]);
+        if keep_going {
+            cmd.push("--keep-going".to_string());
+        }
+        cmd.extend(drvs.iter().cloned());
+        let mode = if live { OutputMode::Live } else { OutputMode::Captured };
+        let out = self.guard.exec_keeping(&cmd, &self.env(), Some(WORKSPACE), mode, REALISE_LOG_LINES).await?;
+        self.progress.debug(format!("nix-store --realise: exit code {}", out.exit_code));
+        Ok(out.stderr_tail)
+    }
+
+    /// The output path of each derivation, in order.
+    pub(crate) async fn outputs(&self, drvs: &[String]) -> Result<Vec<String>> {
+        let mut cmd = strings(&["nix-store", "--query", "--outputs"]);
+        cmd.extend(drvs.iter().cloned());
+        let out = self.guard.exec(&cmd, &[], None, OutputMode::Captured).await?;
+        let paths = store_paths(&out.stdout);
+        if out.exit_code != 0 || paths.len() != drvs.len() {
+            return Err(Unexpected(format!(
+                "nix-store --query --outputs answered {} paths for {} derivations (exit code {}):\n{}",
+                paths.len(),
+                drvs.len(),
+                out.exit_code,
+                error_excerpt(&out.stderr_tail)
+            ))
+            .into());
+        }
+        Ok(paths)
+    }
+
+    /// Those of `paths` that are in the store, built.
+    pub(crate) async fn valid(&self, paths: &[String]) -> Result<Vec<String>> {
+        if paths.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = strings(&["nix-store", "--check-validity", "--print-invalid"]);
+        cmd.extend(paths.iter().cloned());
+        let out = self.guard.exec(&cmd, &[], None, OutputMode::Captured).await?;
+        if out.exit_code != 0 {
+            bail!("nix-store --check-validity failed (exit code {}):\n{}", out.exit_code, error_excerpt(&out.stderr_tail));
+        }
+        let invalid = store_paths(&out.stdout);
+        Ok(paths.iter().filter(|p| !invalid.contains(p)).cloned().collect())
+    }
+
+    /// Why `drv` did not build: nix's error for each derivation of its closure that failed,
+    /// with the end of that builder's log.
+    pub(crate) async fn failure_of(&self, drv: &str, log: &[String]) -> Option<String> {
+        let failed: Vec<&str> = log.iter().filter_map(|l| failed_builder(l)).collect();
+        let cmd = strings(&["nix-store", "--query", "--requisites", drv]);
+        let closure = match self.guard.exec(&cmd, &[], None, OutputMode::Captured).await {
+            Ok(out) if out.exit_code == 0 => store_paths(&out.stdout),
+            _ => Vec::new(),
+        };
+        let mut lines = Vec::new();
+        for failed in failed.iter().filter(|f| closure.iter().any(|c| c == *f)) {
+            lines.push(format!("builder for '{failed}' failed"));
+            let cmd = strings(&["nix-store", "--read-log", failed]);
+            if let Ok(out) = self.guard.exec(&cmd, &[], None, OutputMode::Captured).await {
+                let log: Vec<&str> = out.stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+                lines.extend(log[log.len().saturating_sub(LOG_LINES_SHOWN)..].iter().map(|l| format!("  {l}")));
+            }
+        }
+        // None: nothing of its own closure failed (nix stopped before building it).
+        (!lines.is_empty()).then(|| lines.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n"))
     }
 
     /// The `version` of each nixpkgs attribute, in one evaluation.
@@ -256,6 +334,14 @@ pub(crate) fn error_excerpt(tail: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_builders_are_read_from_the_log() {
+        let line = "error: builder for '/nix/store/nr5w-broken-build-step.drv' failed with exit code 1";
+        assert_eq!(failed_builder(line), Some("/nix/store/nr5w-broken-build-step.drv"));
+        assert_eq!(failed_builder("error: 1 dependencies of derivation '/nix/store/x.drv' failed to build"), None);
+        assert_eq!(store_paths("warning: x\n/nix/store/a.drv\n"), vec!["/nix/store/a.drv"]);
+    }
 
     #[test]
     fn flake_metadata_path_is_read() {

@@ -39,7 +39,20 @@ impl Progress {
         if self.quiet {
             return;
         }
-        let line = format!("{}{}", self.prefix, msg.as_ref());
+        self.always(format!("{}{}", self.prefix, msg.as_ref()));
+    }
+
+    /// A warning: shown even with `-q`, since it is about the result.
+    pub fn warn(&self, msg: impl AsRef<str>) {
+        self.always(format!("{}warning: {}", self.prefix, msg.as_ref()));
+    }
+
+    /// One item's error in a run that goes on: shown even with `-q`.
+    pub fn error(&self, msg: impl AsRef<str>) {
+        self.always(format!("{}error: {}", self.prefix, msg.as_ref()));
+    }
+
+    fn always(&self, line: String) {
         match &self.bars {
             Some(bars) => {
                 let _ = bars.println(line);
@@ -47,20 +60,6 @@ impl Progress {
             None => {
                 use std::io::Write;
                 // stderr gone (a closed pipe) is no reason to fail the work.
-                let _ = writeln!(std::io::stderr(), "{line}");
-            }
-        }
-    }
-
-    /// A warning: shown even with `-q`, since it is about the result.
-    pub fn warn(&self, msg: impl AsRef<str>) {
-        let line = format!("{}warning: {}", self.prefix, msg.as_ref());
-        match &self.bars {
-            Some(bars) => {
-                let _ = bars.println(line);
-            }
-            None => {
-                use std::io::Write;
                 let _ = writeln!(std::io::stderr(), "{line}");
             }
         }

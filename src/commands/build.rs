@@ -1,27 +1,69 @@
-//! `nixctr build NAME…`: the archives' paths on stdout (or, with `--load`, the images' names).
+//! `nixctr build`: each archive's path on stdout (or, with `--load`, the images' names), a
+//! summary on stderr when several containers were built, `--json` one object per container.
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 
-use crate::build;
+use crate::build::{self, Outcome};
 use crate::cli::BuildArgs;
 use crate::engine::Engine;
 use crate::output;
 use crate::progress::Progress;
+use crate::report::{self, Record, Status};
 use crate::settings::Settings;
 
 pub(crate) async fn run(settings: &Settings, args: BuildArgs) -> Result<()> {
     let progress = Progress::new(settings.quiet, settings.verbose);
-    let targets = build::plan(settings.project_root()?, &args.names, args.output.as_deref(), args.load)?;
-    let engine = Engine::connect(settings.engine.as_deref(), &progress).await?;
-    for built in build::build(&engine, settings, &targets, &progress).await? {
-        if args.load {
-            for image in engine.load_archive(&built.path).await? {
-                progress.info(format!("loaded {image} from {}", built.path.display()));
-                output::line(&image)?;
-            }
-        } else {
-            output::line(built.path.display())?;
-        }
+    let names = super::selected(settings, &args.select, &progress)?;
+    if names.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let targets = build::plan(settings.project_root()?, &names, args.output.as_deref(), args.load)?;
+    let engine = Engine::connect(settings.engine.as_deref(), &progress).await?;
+    let jobs = match args.many.max_jobs {
+        Some(0) => return Err(crate::exit::Usage("-j 0: give at least 1".to_string()).into()),
+        Some(n) => n,
+        None => engine.cpus().await,
+    };
+    let options = build::Options { jobs, fail_fast: args.many.fail_fast };
+    let outcomes = build::build(&engine, settings, &targets, options, &progress, None).await?;
+    if let [Outcome::Failed { error, .. }] = outcomes.as_slice() {
+        // One container: its error is the command's, as it always was.
+        return Err(anyhow!("{error}"));
+    }
+    let mut records = Vec::new();
+    for (target, outcome) in targets.iter().zip(outcomes) {
+        let record = match outcome {
+            Outcome::Built(built) => {
+                let mut record = Record::new(&target.name, Status::Built);
+                record.bytes = Some(built.size);
+                record.seconds = built.seconds;
+                if let Some(path) = &built.path {
+                    record.archive = Some(path.display().to_string());
+                    if args.load {
+                        for image in engine.load_archive(path).await? {
+                            progress.info(format!("loaded {image} from {}", path.display()));
+                            if !args.many.json {
+                                output::line(&image)?;
+                            }
+                        }
+                    } else if !args.many.json {
+                        output::line(path.display())?;
+                    }
+                }
+                record
+            }
+            Outcome::Failed { error, seconds } => Record::failed(&target.name, error, seconds),
+            Outcome::Stopped => {
+                Record { error: Some("not built: --fail-fast".to_string()), ..Record::new(&target.name, Status::Skipped) }
+            }
+        };
+        if args.many.json {
+            output::line(serde_json::to_string(&record)?)?;
+        }
+        records.push(record);
+    }
+    if records.len() > 1 {
+        report::summary(&records, &progress);
+    }
+    report::outcome(&records)
 }

@@ -1,8 +1,72 @@
-//! One file per command. Each `run` takes the resolved settings and its own arguments.
+//! One file per command: each turns its arguments into domain types, calls the library, and
+//! prints. Commands never call each other; what two share lives in the library.
 
 pub(crate) mod build;
 pub(crate) mod cache;
 pub(crate) mod gc;
+pub(crate) mod list;
 pub(crate) mod publish;
 pub(crate) mod push;
 pub(crate) mod version;
+
+use anyhow::Result;
+use clap::CommandFactory;
+
+use crate::cli::{self, Cli, Command};
+use crate::exit::Usage;
+use crate::progress::Progress;
+use crate::selection::{self, Select};
+use crate::settings::Settings;
+
+/// Resolves the settings once and runs the command.
+pub(crate) async fn run(cli: Cli) -> Result<()> {
+    // These two need no project, engine or settings.
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "nixctr", &mut std::io::stdout());
+            return Ok(());
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            return Ok(());
+        }
+        _ => {}
+    }
+    let settings = Settings::resolve(&cli)?;
+    match cli.command {
+        Command::Build(args) => build::run(&settings, args).await,
+        Command::Version(args) => version::run(&settings, args).await,
+        Command::Push(args) => push::run(&settings, args).await,
+        Command::Publish(args) => publish::run(&settings, args).await,
+        Command::Cache(args) => cache::run(&settings, args).await,
+        Command::Gc(args) => gc::run(&settings, args).await,
+        Command::List(args) => list::run(&settings, args).await,
+        Command::Completions { .. } | Command::Man => Ok(()),
+    }
+}
+
+/// The selection flags as a domain value; `None` when nothing was named.
+fn how(args: &cli::Selection) -> Option<Select> {
+    match (&args.changed, args.all) {
+        (Some(rev), _) => Some(Select::Changed(rev.clone())),
+        (None, true) => Some(Select::All),
+        (None, false) if !args.names.is_empty() => Some(Select::Names(args.names.clone())),
+        _ => None,
+    }
+}
+
+/// The containers a command works on. Skipped directories are named on stderr; an empty
+/// `--changed` selection is said, and is no error.
+fn selected(settings: &Settings, args: &cli::Selection, progress: &Progress) -> Result<Vec<String>> {
+    let Some(how) = how(args) else {
+        return Err(Usage("name the containers: NAME…, --all, or --changed REV".to_string()).into());
+    };
+    let chosen = selection::select(settings.project_root()?, &how)?;
+    for skipped in &chosen.skipped {
+        progress.info(format!("skipped {}: {}", skipped.name, skipped.reason));
+    }
+    if chosen.names.is_empty() {
+        progress.info("no container changed: nothing to do");
+    }
+    Ok(chosen.names)
+}

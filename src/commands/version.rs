@@ -1,9 +1,9 @@
-//! `nixctr version NAME…`: one version a line (`NAME VERSION` for several names), or one
-//! JSON object per name.
+//! `nixctr version`: one version a line (`NAME VERSION` for several names), or one JSON
+//! object per name.
 
 use anyhow::Result;
 
-use crate::cli::VersionArgs;
+use crate::cli::{self, VersionArgs};
 use crate::output;
 use crate::progress::Progress;
 use crate::settings::Settings;
@@ -11,10 +11,17 @@ use crate::version;
 
 pub(crate) async fn run(settings: &Settings, args: VersionArgs) -> Result<()> {
     let progress = Progress::new(settings.quiet, settings.verbose);
-    let answers = version::versions(settings, &args.names, args.from.into(), &progress)
-        .await?
-        .into_iter()
-        .collect::<Result<Vec<_>>>()?;
+    // Plain names may be nixpkgs attributes, not containers: they are not checked.
+    let names = if args.all || args.changed.is_some() {
+        let select = cli::Selection { names: Vec::new(), all: args.all, changed: args.changed.clone() };
+        super::selected(settings, &select, &progress)?
+    } else if args.names.is_empty() {
+        return Err(crate::exit::Usage("name the containers: NAME…, --all, or --changed REV".to_string()).into());
+    } else {
+        args.names.clone()
+    };
+    let answers =
+        version::versions(settings, &names, args.from.into(), &progress).await?.into_iter().collect::<Result<Vec<_>>>()?;
     let several = answers.len() > 1;
     for answer in &answers {
         if args.json {

@@ -183,6 +183,18 @@ impl ContainerGuard {
         workdir: Option<&str>,
         mode: OutputMode,
     ) -> Result<ExecOutput> {
+        self.exec_keeping(cmd, env, workdir, mode, STDERR_TAIL_LINES).await
+    }
+
+    /// [`ContainerGuard::exec`], keeping the last `keep` lines of stderr.
+    pub(crate) async fn exec_keeping(
+        &self,
+        cmd: &[String],
+        env: &[String],
+        workdir: Option<&str>,
+        mode: OutputMode,
+        keep: usize,
+    ) -> Result<ExecOutput> {
         let docker = self.engine.client();
         let options = CreateExecOptions::<String> {
             cmd: Some(cmd.to_vec()),
@@ -204,7 +216,7 @@ impl ContainerGuard {
             .map_err(engine_err)
             .with_context(|| format!("cannot run {what} in the container"))?;
         let mut stdout = Vec::new();
-        let mut tail = LineTail::new(STDERR_TAIL_LINES);
+        let mut tail = LineTail::new(keep);
         if let StartExecResults::Attached { mut output, .. } = started {
             let mut err = std::io::stderr();
             while let Some(item) = output.next().await {

@@ -139,6 +139,14 @@ impl Engine {
         &self.docker
     }
 
+    /// The CPUs the engine's machine has (2 when it does not say).
+    pub(crate) async fn cpus(&self) -> usize {
+        match timed("an info request", self.docker.info()).await {
+            Ok(Ok(info)) => info.ncpu.and_then(|n| usize::try_from(n).ok()).filter(|&n| n > 0).unwrap_or(2),
+            _ => 2,
+        }
+    }
+
     /// The ID of `image` if the engine has it.
     pub(crate) async fn image_id(&self, image: &str) -> Result<Option<String>> {
         match timed("an image inspect", self.docker.inspect_image(image)).await? {

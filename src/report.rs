@@ -1,0 +1,131 @@
+//! What became of each container of a run: one record per container, the same shape for
+//! build and publish, as a summary table on stderr or one JSON object a line on stdout.
+
+use serde::Serialize;
+
+use crate::progress::{human_bytes, Progress};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Status {
+    Built,
+    Pushed,
+    Failed,
+    Skipped,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Record {
+    pub name: String,
+    pub version: Option<String>,
+    pub status: Status,
+    pub tag: Option<String>,
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+    pub digest: Option<String>,
+    pub archive: Option<String>,
+    pub error: Option<String>,
+    pub seconds: f64,
+    /// Bytes of the archive (build) or uploaded (publish).
+    pub bytes: Option<u64>,
+    pub pushed_bytes: Option<u64>,
+    pub skipped_layers: Option<usize>,
+}
+
+impl Record {
+    pub(crate) fn new(name: &str, status: Status) -> Record {
+        Record {
+            name: name.to_string(),
+            version: None,
+            status,
+            tag: None,
+            reference: None,
+            digest: None,
+            archive: None,
+            error: None,
+            seconds: 0.0,
+            bytes: None,
+            pushed_bytes: None,
+            skipped_layers: None,
+        }
+    }
+
+    pub(crate) fn failed(name: &str, error: impl Into<String>, seconds: f64) -> Record {
+        Record { error: Some(error.into()), seconds, ..Record::new(name, Status::Failed) }
+    }
+}
+
+/// Each failure's error (shown even with `-q`), then the table.
+pub(crate) fn summary(records: &[Record], progress: &Progress) {
+    for r in records.iter().filter(|r| r.status == Status::Failed) {
+        progress.error(format!("{}: {}", r.name, r.error.as_deref().unwrap_or("failed")));
+    }
+    for line in table(records) {
+        progress.info(line);
+    }
+}
+
+fn table(records: &[Record]) -> Vec<String> {
+    let rows: Vec<[String; 5]> = records
+        .iter()
+        .map(|r| {
+            let status = match r.status {
+                Status::Built => "built",
+                Status::Pushed => "pushed",
+                Status::Failed => "failed",
+                Status::Skipped => "skipped",
+            };
+            let detail = match (&r.digest, r.bytes, &r.error) {
+                (Some(digest), _, _) => digest.chars().take(19).collect(),
+                (None, Some(bytes), _) => human_bytes(bytes),
+                (None, None, Some(error)) if r.status == Status::Skipped => error.clone(),
+                _ => String::new(),
+            };
+            [r.name.clone(), r.version.clone().unwrap_or_default(), status.to_string(), detail, format!("{:.1}s", r.seconds)]
+        })
+        .collect();
+    let header = ["NAME", "VERSION", "RESULT", "SIZE/DIGEST", "TIME"].map(String::from);
+    let widths: Vec<usize> =
+        (0..5).map(|c| rows.iter().chain([&header]).map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    std::iter::once(&header)
+        .chain(&rows)
+        .map(|row| {
+            let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+            cells.join("  ").trim_end().to_string()
+        })
+        .collect()
+}
+
+/// The exit status of a run: an error naming the failures when any container failed.
+pub(crate) fn outcome(records: &[Record]) -> anyhow::Result<()> {
+    let failed: Vec<&str> = records.iter().filter(|r| r.status == Status::Failed).map(|r| r.name.as_str()).collect();
+    match failed.len() {
+        0 => Ok(()),
+        n => anyhow::bail!("{n} of {} container{} failed: {}", records.len(), if records.len() == 1 { "" } else { "s" }, failed.join(", ")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_lines_up() {
+        let mut built = Record::new("ntfy", Status::Built);
+        built.version = Some("2.17.0".into());
+        built.bytes = Some(2048);
+        built.seconds = 3.25;
+        let failed = Record::failed("broken-build", "nix said no", 1.0);
+        let lines = table(&[built, failed]);
+        assert_eq!(lines[0], "NAME          VERSION  RESULT  SIZE/DIGEST  TIME");
+        assert_eq!(lines[1], "ntfy          2.17.0   built   2.0 KiB      3.2s");
+        assert_eq!(lines[2], "broken-build           failed               1.0s");
+    }
+
+    #[test]
+    fn any_failure_fails_the_run() {
+        assert!(outcome(&[Record::new("a", Status::Built), Record::new("b", Status::Skipped)]).is_ok());
+        let err = outcome(&[Record::new("a", Status::Built), Record::failed("b", "x", 0.0)]).unwrap_err();
+        assert_eq!(err.to_string(), "1 of 2 containers failed: b");
+    }
+}
