@@ -16,6 +16,7 @@ pub mod pipe;
 pub mod progress;
 pub mod project;
 pub mod registry;
+pub(crate) mod selection;
 pub mod settings;
 pub mod version_sources;
 
