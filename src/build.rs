@@ -38,8 +38,8 @@ pub(crate) struct Target {
 /// How to build.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Options {
-    /// Derivations built at once (`--max-jobs`).
-    pub jobs: usize,
+    /// Derivations built at once (`--max-jobs`); `None`: the engine's CPU count.
+    pub jobs: Option<usize>,
     /// Stop at the first failure instead of building everything that can be built.
     pub fail_fast: bool,
 }
@@ -104,8 +104,12 @@ pub(crate) async fn build(
     done: Option<tokio::sync::mpsc::UnboundedSender<Built>>,
 ) -> Result<Vec<Outcome>> {
     let root = settings.project_root()?;
+    let jobs = match options.jobs {
+        Some(n) => n,
+        None => engine.cpus().await,
+    };
     let nix = NixContainer::start(engine, settings, Inputs { project: Some(root), role: "build" }, progress).await?;
-    let result = build_in(&nix, targets, options, progress, done).await;
+    let result = build_in(&nix, targets, jobs, fail_fast, progress, done).await;
     let removed = nix.finish().await;
     let outcomes = result?;
     removed?;
@@ -115,7 +119,8 @@ pub(crate) async fn build(
 async fn build_in(
     nix: &NixContainer,
     targets: &[Target],
-    options: Options,
+    jobs: usize,
+    fail_fast: bool,
     progress: &Progress,
     done: Option<tokio::sync::mpsc::UnboundedSender<Built>>,
 ) -> Result<Vec<Outcome>> {
@@ -130,7 +135,7 @@ async fn build_in(
             item(&t.name).info(format!("evaluating containers/{}/default.nix", t.name));
             nix.instantiate(&t.name).await
         })
-        .buffered(options.jobs.max(1))
+        .buffered(jobs)
         .collect()
         .await;
     let mut building = Vec::new(); // (target index, drv)
@@ -143,7 +148,7 @@ async fn build_in(
             }
         }
     }
-    if options.fail_fast && outcomes.iter().any(Option::is_some) {
+    if fail_fast && outcomes.iter().any(Option::is_some) {
         return Ok(outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Stopped)).collect());
     }
     if building.is_empty() {
@@ -191,7 +196,7 @@ async fn build_in(
     };
     let live = !progress.quiet() && (!several || progress.verbose());
     let realise = async {
-        let log = nix.realise(&drvs, options.jobs, !options.fail_fast, live).await;
+        let log = nix.realise(&drvs, jobs, !fail_fast, live).await;
         finished.store(true, Ordering::Release);
         wake.notify_one();
         log
@@ -214,7 +219,7 @@ async fn build_in(
         let name = &targets[i].name;
         outcomes[i] = Some(match reason {
             Some(why) => Outcome::Failed { error: format!("nix-build containers/{name}/default.nix failed:\n{why}"), seconds },
-            None if options.fail_fast => Outcome::Stopped,
+            None if fail_fast => Outcome::Stopped,
             None => Outcome::Failed {
                 error: format!("nix-build containers/{name}/default.nix failed:\n{}", crate::nix::error_excerpt(&log)),
                 seconds,

@@ -213,6 +213,24 @@ pub enum Compression {
     Zstd,
 }
 
+impl From<ManifestFormat> for crate::registry::ManifestFormat {
+    fn from(f: ManifestFormat) -> Self {
+        match f {
+            ManifestFormat::Oci => Self::Oci,
+            ManifestFormat::Docker => Self::Docker,
+        }
+    }
+}
+
+impl From<Compression> for crate::registry::Compression {
+    fn from(c: Compression) -> Self {
+        match c {
+            Compression::Gzip => Self::Gzip,
+            Compression::Zstd => Self::Zstd,
+        }
+    }
+}
+
 /// How to reach and log in to a registry; shared by push and publish.
 #[derive(Debug, Args, Clone, Default)]
 pub struct RegistryArgs {

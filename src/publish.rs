@@ -1,24 +1,30 @@
-//! Publishing one container: checks first (the directory is committed, the tag is new), then
-//! the build (or a given archive), then the push as `REGISTRY/NAMESPACE/NAME:TAG`, the tag
-//! rendered from the template `v{version}-{sha}-nix`.
+//! Publishing containers: every check first (each directory committed, each version found,
+//! each tag new), then one build of all that passed, each archive pushed as soon as it is
+//! written (while the others still build) as `REGISTRY/NAMESPACE/NAME:TAG`, the tag rendered
+//! from the template `v{version}-{sha}-nix`. A container that fails a check or its build is
+//! reported and left out; the others go on.
 
 use std::path::PathBuf;
+use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use anyhow::{anyhow, bail, Context, Result};
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
 
-use crate::build::{self, Output, Target};
+use crate::build::{self, Built, Outcome, Output, Target};
 use crate::engine::Engine;
 use crate::progress::Progress;
 use crate::project;
 use crate::registry::{PushSession, Reference, RegistryConfig};
+use crate::report::{Record, Status};
+use crate::selection;
 use crate::settings::Settings;
 use crate::version;
 
 /// What to publish and how; resolved from flags and nixctr.toml.
 pub(crate) struct Request {
-    pub name: String,
-    /// The app version for the tag; found with the version lookup when `None`.
+    pub names: Vec<String>,
+    /// The app version for the tag (one container only); found with the version lookup when `None`.
     pub version: Option<String>,
     /// `host[:port]`.
     pub registry: String,
@@ -27,88 +33,201 @@ pub(crate) struct Request {
     pub tag: Option<String>,
     pub allow_dirty: bool,
     pub force: bool,
-    /// Publish this archive instead of building.
+    /// An existing tag counts as done.
+    pub skip_existing: bool,
+    /// Publish this archive (one container only) instead of building.
     pub archive: Option<PathBuf>,
+    pub build: build::Options,
 }
 
-#[derive(Debug, Serialize)]
-pub(crate) struct Published {
-    pub name: String,
-    pub version: String,
-    pub tag: String,
-    #[serde(rename = "ref")]
-    pub reference: String,
-    pub digest: String,
-    pub pushed_bytes: u64,
-    pub skipped_layers: usize,
+/// A container that passed the checks, and where it goes.
+struct Planned {
+    name: String,
+    version: String,
+    tag: String,
+    reference: Reference,
 }
 
+/// Publishes every container of the request; one record each, in order. An error is returned
+/// only for what concerns them all (no registry, no engine, the nix container).
 pub(crate) async fn publish(
     settings: &Settings,
     request: &Request,
     registry: &RegistryConfig,
     progress: &Progress,
-) -> Result<Published> {
+) -> Result<Vec<Record>> {
+    let started = Instant::now();
     let root = settings.project_root()?.to_path_buf();
-    let name = &request.name;
+    let several = request.names.len() > 1;
+    if several && (request.version.is_some() || request.archive.is_some()) {
+        bail!("--version and --archive name one container's, but {} were selected", request.names.len());
+    }
+    let item = |name: &str| if several { progress.for_item(name) } else { progress.clone() };
+    let mut records: Vec<Option<Record>> = request.names.iter().map(|_| None).collect();
+    let fail = |records: &mut Vec<Option<Record>>, i: usize, error: String| {
+        records[i] = Some(Record::failed(&request.names[i], error, started.elapsed().as_secs_f64()));
+    };
+
+    // The cheap checks first: a dirty directory needs no version lookup (which may start a container).
     if request.archive.is_none() {
-        project::container_file(&root, name)?;
-        // The cheap check before the version lookup, which may start a container.
-        if !request.allow_dirty {
-            check_clean(&root, name)?;
+        for (i, name) in request.names.iter().enumerate() {
+            if let Err(e) = check_clean(&root, name, request.allow_dirty) {
+                fail(&mut records, i, format!("{e:#}"));
+            }
         }
     }
-    let (tag, version) = match &request.tag {
-        Some(tag) => (tag.clone(), request.version.clone().unwrap_or_default()),
-        None => {
-            let version = match &request.version {
-                Some(v) => v.clone(),
-                None => {
-                    let names = [name.clone()];
-                    let mut found = version::versions(settings, &names, version::From::Auto, progress).await?;
-                    found.pop().context("the version lookup answered nothing")??.version
+    let mut versions: Vec<Option<String>> = request.names.iter().map(|_| request.version.clone()).collect();
+    let lookup: Vec<usize> = (0..request.names.len())
+        .filter(|&i| records[i].is_none() && request.tag.is_none() && request.version.is_none())
+        .collect();
+    if !lookup.is_empty() {
+        let names: Vec<String> = lookup.iter().map(|&i| request.names[i].clone()).collect();
+        let found = version::versions(settings, &names, version::From::Auto, progress).await?;
+        for (i, answer) in lookup.into_iter().zip(found) {
+            match answer {
+                Ok(answer) => versions[i] = Some(answer.version),
+                Err(e) => fail(&mut records, i, format!("{e:#}")),
+            }
+        }
+    }
+    let sha = if request.tag.is_none() && settings.tag_template.contains("{sha}") {
+        project::head_commit(&root)?.chars().take(7).collect()
+    } else {
+        String::new()
+    };
+    let mut planned: Vec<(usize, Planned)> = Vec::new();
+    for (i, name) in request.names.iter().enumerate() {
+        if records[i].is_some() {
+            continue;
+        }
+        let version = versions[i].clone().unwrap_or_default();
+        let tag = match &request.tag {
+            Some(tag) => Ok(tag.clone()),
+            None => render_tag(&settings.tag_template, &version, &sha),
+        };
+        let reference = tag.and_then(|tag| {
+            let repository = repository(&request.registry, request.namespace.as_deref(), name);
+            Ok((Reference::parse(&format!("{repository}:{tag}"))?, tag))
+        });
+        match reference {
+            Ok((reference, tag)) => planned.push((i, Planned { name: name.clone(), version, tag, reference })),
+            Err(e) => fail(&mut records, i, format!("{e:#}")),
+        }
+    }
+
+    let session = PushSession::connect(registry, &request.registry, progress).await?;
+    let existing: Vec<Result<bool>> =
+        futures::future::join_all(planned.iter().map(|(_, p)| session.tag_exists(&p.reference))).await;
+    let mut to_build = Vec::new();
+    for ((i, plan), exists) in planned.into_iter().zip(existing) {
+        match exists {
+            Err(e) => fail(&mut records, i, format!("{e:#}")),
+            Ok(true) if request.skip_existing => {
+                item(&plan.name).info(format!("{} already exists: skipped", plan.reference));
+                let mut record = record_of(&plan, Status::Skipped);
+                record.error = Some("tag exists".to_string());
+                records[i] = Some(record);
+            }
+            Ok(true) if !request.force => fail(
+                &mut records,
+                i,
+                format!(
+                    "{} already exists in the registry (a tag names one build: bump the version, or overwrite it with --force; --skip-existing counts it as done)",
+                    plan.reference
+                ),
+            ),
+            Ok(_) => to_build.push((i, plan)),
+        }
+    }
+    if request.build.fail_fast && records.iter().any(|r| r.as_ref().is_some_and(|r| r.status == Status::Failed)) {
+        to_build.clear();
+    }
+
+    // Build, and push each archive as soon as it is written.
+    let push = |plan: &Planned, archive: PathBuf| {
+        let (session, progress) = (&session, item(&plan.name));
+        let reference = plan.reference.clone();
+        async move { session.push(&archive, &reference, &progress).await }
+    };
+    let mut pushed: Vec<(usize, Result<crate::registry::PushOutcome>)> = Vec::new();
+    let mut built_outcomes: Vec<(usize, Outcome)> = Vec::new();
+    let workdir;
+    if let Some(archive) = &request.archive {
+        for (i, plan) in &to_build {
+            pushed.push((*i, push(plan, archive.clone()).await));
+        }
+    } else if !to_build.is_empty() {
+        workdir = tempfile::Builder::new().prefix("nixctr-publish-").tempdir().context("cannot make a temporary directory")?;
+        let targets: Vec<Target> = to_build
+            .iter()
+            .map(|(_, p)| Target { name: p.name.clone(), output: Output::File(workdir.path().join(format!("{}.tar.gz", p.name))) })
+            .collect();
+        let engine = Engine::connect(settings.engine.as_deref(), progress).await?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Built>();
+        let building = build::build(&engine, settings, &targets, request.build, progress, Some(tx));
+        let pushing = async {
+            let mut pushes = FuturesUnordered::new();
+            let mut open = true;
+            loop {
+                tokio::select! {
+                    got = rx.recv(), if open => match got {
+                        Some(built) => {
+                            if let (Some((i, plan)), Some(path)) = (to_build.iter().find(|(_, p)| p.name == built.name), built.path) {
+                                let i = *i;
+                                let push = push(plan, path);
+                                pushes.push(async move { (i, push.await) });
+                            }
+                        }
+                        None => open = false,
+                    },
+                    Some(done) = pushes.next(), if !pushes.is_empty() => pushed.push(done),
+                    else => break,
                 }
-            };
-            let sha = if settings.tag_template.contains("{sha}") {
-                project::head_commit(&root)?.chars().take(7).collect()
-            } else {
-                String::new()
-            };
-            (render_tag(&settings.tag_template, &version, &sha)?, version)
-        }
-    };
-    let reference = Reference::parse(&format!("{}:{tag}", repository(&request.registry, request.namespace.as_deref(), name)))?;
-
-    let session = PushSession::connect(registry, reference.registry(), progress).await?;
-    if !request.force && session.tag_exists(&reference).await? {
-        bail!("{reference} already exists in the registry (a tag names one build: bump the version, or overwrite it with --force)");
+            }
+        };
+        let (outcomes, ()) = tokio::join!(building, pushing);
+        let outcomes = outcomes?;
+        built_outcomes = to_build.iter().map(|(i, _)| *i).zip(outcomes).collect();
     }
-
-    let built_dir;
-    let archive = match &request.archive {
-        Some(path) => path.clone(),
-        None => {
-            built_dir = tempfile::Builder::new()
-                .prefix("nixctr-publish-")
-                .tempdir()
-                .context("cannot make a temporary directory")?;
-            let path = built_dir.path().join(format!("{name}.tar.gz"));
-            let engine = Engine::connect(settings.engine.as_deref(), progress).await?;
-            let target = Target { name: name.clone(), output: Output::File(path.clone()) };
-            build::build(&engine, settings, &[target], progress).await?;
-            path
+    for (i, outcome) in built_outcomes {
+        match outcome {
+            Outcome::Built(_) => {}
+            Outcome::Failed { error, .. } => fail(&mut records, i, error),
+            Outcome::Stopped => {
+                records[i] = Some(Record { error: Some("not built: --fail-fast".to_string()), ..Record::new(&request.names[i], Status::Skipped) });
+            }
         }
-    };
-    let outcome = session.push(&archive, &reference, progress).await?;
-    Ok(Published {
-        name: name.clone(),
-        version,
-        tag,
-        reference: outcome.reference,
-        digest: outcome.digest,
-        pushed_bytes: outcome.pushed_bytes,
-        skipped_layers: outcome.skipped_layers,
-    })
+    }
+    for (i, result) in pushed {
+        let Some((_, plan)) = to_build.iter().find(|(j, _)| *j == i) else { continue };
+        match result {
+            Ok(outcome) => {
+                let mut record = record_of(plan, Status::Pushed);
+                record.reference = Some(outcome.reference);
+                record.digest = Some(outcome.digest);
+                record.pushed_bytes = Some(outcome.pushed_bytes);
+                record.bytes = Some(outcome.pushed_bytes);
+                record.skipped_layers = Some(outcome.skipped_layers);
+                record.seconds = started.elapsed().as_secs_f64();
+                records[i] = Some(record);
+            }
+            Err(e) => fail(&mut records, i, format!("{e:#}")),
+        }
+    }
+    let records: Vec<Record> = records
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| r.unwrap_or_else(|| Record::failed(&request.names[i], "not published", started.elapsed().as_secs_f64())))
+        .collect();
+    Ok(records)
+}
+
+fn record_of(plan: &Planned, status: Status) -> Record {
+    let mut record = Record::new(&plan.name, status);
+    record.version = Some(plan.version.clone()).filter(|v| !v.is_empty());
+    record.tag = Some(plan.tag.clone());
+    record.reference = Some(plan.reference.to_string());
+    record
 }
 
 /// `host/namespace/name`, or `host/name` without a namespace.
@@ -117,6 +236,21 @@ fn repository(host: &str, namespace: Option<&str>, name: &str) -> String {
         Some(ns) => format!("{}/{}/{name}", host.trim_end_matches('/'), ns.trim_matches('/')),
         None => format!("{}/{name}", host.trim_end_matches('/')),
     }
+}
+
+/// Refuses when `containers/NAME/` has changes git has not committed: a tag must name the
+/// source it was built from.
+fn check_clean(root: &std::path::Path, name: &str, allow_dirty: bool) -> Result<()> {
+    project::container_file(root, name)?;
+    if allow_dirty {
+        return Ok(());
+    }
+    let changes = selection::dirty_files(root, name)?;
+    if !changes.is_empty() {
+        let listed: Vec<&str> = changes.iter().take(5).map(|s| s.trim()).collect();
+        return Err(anyhow!("containers/{name} has uncommitted changes ({}): commit them, or pass --allow-dirty", listed.join(", ")));
+    }
+    Ok(())
 }
 
 /// Fills `{version}` (with at most one `v` in front) and `{sha}` into the tag template.
@@ -138,33 +272,6 @@ pub fn render_tag(template: &str, version: &str, sha: &str) -> Result<String> {
         bail!("tag {tag:?} is not a valid image tag (letters, digits, _ . -; at most 128)");
     }
     Ok(tag)
-}
-
-/// Refuses when `containers/NAME/` has changes git has not committed: a tag must name the
-/// source it was built from.
-fn check_clean(root: &Path, name: &str) -> Result<()> {
-    let dir = format!("containers/{name}");
-    let out = std::process::Command::new("git")
-        .arg("-C")
-        .arg(root)
-        .args(["status", "--porcelain", "--untracked-files=all", "--", &dir])
-        .output();
-    let out = match out {
-        Ok(out) if out.status.success() => out,
-        Ok(out) => bail!(
-            "cannot check {dir} for uncommitted changes: git said {} (pass --allow-dirty to publish anyway)",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ),
-        Err(e) => bail!(
-            "cannot check {dir} for uncommitted changes: cannot run git ({e}); pass --allow-dirty to publish anyway"
-        ),
-    };
-    let changes = String::from_utf8_lossy(&out.stdout);
-    if !changes.trim().is_empty() {
-        let listed: Vec<&str> = changes.lines().take(5).map(str::trim).collect();
-        bail!("{dir} has uncommitted changes ({}): commit them, or pass --allow-dirty", listed.join(", "));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

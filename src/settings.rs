@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::cli::Cli;
 use crate::engine::PullPolicy;
+use crate::registry::{self, Credentials, RegistryConfig};
 
 pub(crate) const DEFAULT_NIX_IMAGE: &str = "nixos/nix:2.33.3";
 pub(crate) const DEFAULT_TAG_TEMPLATE: &str = "v{version}-{sha}-nix";
@@ -110,6 +111,32 @@ impl Settings {
             insecure_registries: file.insecure_registries,
             packages: file.packages,
         })
+    }
+
+    /// How to reach registries: the flags, nixctr.toml's insecure registries, and the password
+    /// from stdin (read here, once).
+    pub(crate) fn registry_config(&self, args: &crate::cli::RegistryArgs) -> Result<RegistryConfig> {
+        let credentials = match &args.username {
+            Some(username) if args.password_stdin => Some(Credentials {
+                username: username.clone(),
+                password: registry::read_password_stdin()?,
+                source: "--password-stdin".to_string(),
+            }),
+            Some(_) => bail!("--username needs --password-stdin"),
+            None => None,
+        };
+        let config = RegistryConfig {
+            format: args.format.into(),
+            compression: args.compression.into(),
+            insecure: args.insecure,
+            insecure_registries: self.insecure_registries.clone(),
+            ca_cert: args.ca_cert.clone(),
+            credentials,
+            jobs: args.jobs,
+            blob_cache: registry::BlobCache::default_path(),
+        };
+        config.check()?;
+        Ok(config)
     }
 
     /// The project root, or an error that says how to name one.

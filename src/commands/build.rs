@@ -18,13 +18,9 @@ pub(crate) async fn run(settings: &Settings, args: BuildArgs) -> Result<()> {
         return Ok(());
     }
     let targets = build::plan(settings.project_root()?, &names, args.output.as_deref(), args.load)?;
-    let engine = Engine::connect(settings.engine.as_deref(), &progress).await?;
-    let jobs = match args.many.max_jobs {
-        Some(0) => return Err(crate::exit::Usage("-j 0: give at least 1".to_string()).into()),
-        Some(n) => n,
-        None => engine.cpus().await,
-    };
+    let jobs = super::max_jobs(&args.many)?;
     let options = build::Options { jobs, fail_fast: args.many.fail_fast };
+    let engine = Engine::connect(settings.engine.as_deref(), &progress).await?;
     let outcomes = build::build(&engine, settings, &targets, options, &progress, None).await?;
     if let [Outcome::Failed { error, .. }] = outcomes.as_slice() {
         // One container: its error is the command's, as it always was.

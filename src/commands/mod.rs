@@ -70,3 +70,11 @@ fn selected(settings: &Settings, args: &cli::Selection, progress: &Progress) -> 
     }
     Ok(chosen.names)
 }
+
+/// `-j N`: `None` leaves it to the engine's CPU count.
+fn max_jobs(args: &cli::ManyArgs) -> Result<Option<usize>> {
+    match args.max_jobs {
+        Some(0) => Err(Usage("-j 0: give at least 1".to_string()).into()),
+        other => Ok(other),
+    }
+}
