@@ -9,11 +9,12 @@ use serde::Serialize;
 
 use crate::cli::{PublishArgs, VersionFrom};
 use crate::commands::build::{self, Output};
+use crate::commands::push::registry_config;
 use crate::commands::version;
 use crate::engine::Engine;
 use crate::progress::Progress;
 use crate::project;
-use crate::registry::{self, PushOptions, Reference};
+use crate::registry::{PushSession, Reference};
 use crate::settings::Settings;
 
 #[derive(Serialize)]
@@ -67,8 +68,9 @@ pub async fn run(settings: &Settings, args: PublishArgs) -> Result<()> {
     if !args.allow_dirty && args.archive.is_none() {
         check_clean(&root, &args.name)?;
     }
-    let options = PushOptions::resolve(settings, &args.registry, &reference)?;
-    if !args.force && registry::tag_exists(&reference, &options).await? {
+    let config = registry_config(settings, &args.registry)?;
+    let session = PushSession::connect(&config, reference.registry(), &progress).await?;
+    if !args.force && session.tag_exists(&reference).await? {
         bail!("{reference} already exists in the registry (a tag names one build: bump the version, or overwrite it with --force)");
     }
 
@@ -86,7 +88,7 @@ pub async fn run(settings: &Settings, args: PublishArgs) -> Result<()> {
             path
         }
     };
-    let outcome = registry::push(&archive, &reference, &options, &progress).await?;
+    let outcome = session.push(&archive, &reference, &progress).await?;
     if args.json {
         let published = Published {
             name: args.name.clone(),
