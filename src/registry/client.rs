@@ -449,17 +449,27 @@ fn is_transient(e: &reqwest::Error) -> bool {
     e.is_connect() || e.is_timeout() || e.is_request() || e.is_body() || e.is_decode()
 }
 
-/// The `std::io::Error`s under a reqwest error, outermost first.
-fn io_errors<'a>(e: &'a reqwest::Error) -> impl Iterator<Item = &'a std::io::Error> + 'a {
-    let chain: std::iter::Successors<&'a (dyn std::error::Error + 'static), _> =
-        std::iter::successors(e.source(), |s: &&'a (dyn std::error::Error + 'static)| (*s).source());
-    chain.filter_map(|s| s.downcast_ref::<std::io::Error>())
+/// The `std::io::Error`s under a reqwest error, outermost first. An `io::Error`'s `source`
+/// skips the error it wraps (that error's own source comes next), so wrapped ones are
+/// reached through `get_ref`.
+fn io_errors(e: &reqwest::Error) -> Vec<&std::io::Error> {
+    let mut found = Vec::new();
+    let mut next = e.source();
+    while let Some(err) = next {
+        let mut inner = err.downcast_ref::<std::io::Error>();
+        while let Some(io) = inner {
+            found.push(io);
+            inner = io.get_ref().and_then(|e| e.downcast_ref::<std::io::Error>());
+        }
+        next = err.source();
+    }
+    found
 }
 
 /// rustls reports a failed handshake as an `InvalidData` I/O error: the server spoke
 /// something other than acceptable TLS (a bad certificate, or plain http).
 fn tls_failure(e: &reqwest::Error) -> Option<&std::io::Error> {
-    io_errors(e).find(|io| io.kind() == std::io::ErrorKind::InvalidData)
+    io_errors(e).into_iter().find(|io| io.kind() == std::io::ErrorKind::InvalidData)
 }
 
 /// Refused, unreachable, timed out, reset, unknown host: worth another try, unlike a TLS
