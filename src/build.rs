@@ -58,7 +58,10 @@ pub(crate) struct Built {
 #[derive(Debug)]
 pub(crate) enum Outcome {
     Built(Built),
-    Failed { error: String, seconds: f64 },
+    Failed {
+        error: String,
+        seconds: f64,
+    },
     /// Not attempted: `--fail-fast` stopped the run first.
     Stopped,
 }
@@ -109,7 +112,7 @@ pub(crate) async fn build(
         None => engine.cpus().await,
     };
     let nix = NixContainer::start(engine, settings, Inputs { project: Some(root), role: "build" }, progress).await?;
-    let result = build_in(&nix, targets, jobs, fail_fast, progress, done).await;
+    let result = build_in(&nix, targets, jobs, options.fail_fast, progress, done).await;
     let removed = nix.finish().await;
     let outcomes = result?;
     removed?;
@@ -210,15 +213,16 @@ async fn build_in(
             Err(e) => Outcome::Failed { error: format!("{e:#}"), seconds: started.elapsed().as_secs_f64() },
         });
     }
-    let failed: Vec<(usize, String)> =
-        building.into_iter().filter(|(i, _)| outcomes[*i].is_none()).collect();
+    let failed: Vec<(usize, String)> = building.into_iter().filter(|(i, _)| outcomes[*i].is_none()).collect();
     let seconds = started.elapsed().as_secs_f64();
     let reasons: Vec<Option<String>> =
         futures::stream::iter(&failed).then(|(_, drv)| nix.failure_of(drv, &log)).collect().await;
     for ((i, _), reason) in failed.into_iter().zip(reasons) {
         let name = &targets[i].name;
         outcomes[i] = Some(match reason {
-            Some(why) => Outcome::Failed { error: format!("nix-build containers/{name}/default.nix failed:\n{why}"), seconds },
+            Some(why) => {
+                Outcome::Failed { error: format!("nix-build containers/{name}/default.nix failed:\n{why}"), seconds }
+            }
             None if fail_fast => Outcome::Stopped,
             None => Outcome::Failed {
                 error: format!("nix-build containers/{name}/default.nix failed:\n{}", crate::nix::error_excerpt(&log)),
@@ -229,7 +233,13 @@ async fn build_in(
     Ok(outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Stopped)).collect())
 }
 
-async fn copy_out(nix: &NixContainer, target: &Target, out: &str, started: Instant, progress: &Progress) -> Result<Built> {
+async fn copy_out(
+    nix: &NixContainer,
+    target: &Target,
+    out: &str,
+    started: Instant,
+    progress: &Progress,
+) -> Result<Built> {
     match &target.output {
         Output::Stdout => {
             let mut stdout = tokio::io::stdout();

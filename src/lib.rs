@@ -20,6 +20,7 @@ mod pipe;
 // pub: used by tests/it/push.rs.
 pub mod progress;
 mod project;
+mod publish;
 mod report;
 mod selection;
 // pub: used by tests/it/push.rs.

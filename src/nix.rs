@@ -139,7 +139,13 @@ impl NixContainer {
     /// Builds the derivations in one nix invocation, so what they share builds once and the
     /// rest in parallel (`--max-jobs`). With `keep_going`, a failure stops only what depends
     /// on it. Returns nix's stderr lines for [`failure_of`]; success is read from the store.
-    pub(crate) async fn realise(&self, drvs: &[String], jobs: usize, keep_going: bool, live: bool) -> Result<Vec<String>> {
+    pub(crate) async fn realise(
+        &self,
+        drvs: &[String],
+        jobs: usize,
+        keep_going: bool,
+        live: bool,
+    ) -> Result<Vec<String>> {
         let mut cmd = strings(&["nix-store", "--realise", "--max-jobs", &jobs.to_string()]);
         if keep_going {
             cmd.push("--keep-going".to_string());
@@ -179,7 +185,11 @@ impl NixContainer {
         cmd.extend(paths.iter().cloned());
         let out = self.guard.exec(&cmd, &[], None, OutputMode::Captured).await?;
         if out.exit_code != 0 {
-            bail!("nix-store --check-validity failed (exit code {}):\n{}", out.exit_code, error_excerpt(&out.stderr_tail));
+            bail!(
+                "nix-store --check-validity failed (exit code {}):\n{}",
+                out.exit_code,
+                error_excerpt(&out.stderr_tail)
+            );
         }
         let invalid = store_paths(&out.stdout);
         Ok(paths.iter().filter(|p| !invalid.contains(p)).cloned().collect())

@@ -157,10 +157,16 @@ pub(crate) async fn publish(
             pushed.push((*i, push(plan, archive.clone()).await));
         }
     } else if !to_build.is_empty() {
-        workdir = tempfile::Builder::new().prefix("nixctr-publish-").tempdir().context("cannot make a temporary directory")?;
+        workdir = tempfile::Builder::new()
+            .prefix("nixctr-publish-")
+            .tempdir()
+            .context("cannot make a temporary directory")?;
         let targets: Vec<Target> = to_build
             .iter()
-            .map(|(_, p)| Target { name: p.name.clone(), output: Output::File(workdir.path().join(format!("{}.tar.gz", p.name))) })
+            .map(|(_, p)| Target {
+                name: p.name.clone(),
+                output: Output::File(workdir.path().join(format!("{}.tar.gz", p.name))),
+            })
             .collect();
         let engine = Engine::connect(settings.engine.as_deref(), progress).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Built>();
@@ -194,7 +200,10 @@ pub(crate) async fn publish(
             Outcome::Built(_) => {}
             Outcome::Failed { error, .. } => fail(&mut records, i, error),
             Outcome::Stopped => {
-                records[i] = Some(Record { error: Some("not built: --fail-fast".to_string()), ..Record::new(&request.names[i], Status::Skipped) });
+                records[i] = Some(Record {
+                    error: Some("not built: --fail-fast".to_string()),
+                    ..Record::new(&request.names[i], Status::Skipped)
+                });
             }
         }
     }
@@ -217,7 +226,9 @@ pub(crate) async fn publish(
     let records: Vec<Record> = records
         .into_iter()
         .enumerate()
-        .map(|(i, r)| r.unwrap_or_else(|| Record::failed(&request.names[i], "not published", started.elapsed().as_secs_f64())))
+        .map(|(i, r)| {
+            r.unwrap_or_else(|| Record::failed(&request.names[i], "not published", started.elapsed().as_secs_f64()))
+        })
         .collect();
     Ok(records)
 }
@@ -248,7 +259,10 @@ fn check_clean(root: &std::path::Path, name: &str, allow_dirty: bool) -> Result<
     let changes = selection::dirty_files(root, name)?;
     if !changes.is_empty() {
         let listed: Vec<&str> = changes.iter().take(5).map(|s| s.trim()).collect();
-        return Err(anyhow!("containers/{name} has uncommitted changes ({}): commit them, or pass --allow-dirty", listed.join(", ")));
+        return Err(anyhow!(
+            "containers/{name} has uncommitted changes ({}): commit them, or pass --allow-dirty",
+            listed.join(", ")
+        ));
     }
     Ok(())
 }

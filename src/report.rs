@@ -81,7 +81,13 @@ fn table(records: &[Record]) -> Vec<String> {
                 (None, None, Some(error)) if r.status == Status::Skipped => error.clone(),
                 _ => String::new(),
             };
-            [r.name.clone(), r.version.clone().unwrap_or_default(), status.to_string(), detail, format!("{:.1}s", r.seconds)]
+            [
+                r.name.clone(),
+                r.version.clone().unwrap_or_default(),
+                status.to_string(),
+                detail,
+                format!("{:.1}s", r.seconds),
+            ]
         })
         .collect();
     let header = ["NAME", "VERSION", "RESULT", "SIZE/DIGEST", "TIME"].map(String::from);
@@ -101,7 +107,12 @@ pub(crate) fn outcome(records: &[Record]) -> anyhow::Result<()> {
     let failed: Vec<&str> = records.iter().filter(|r| r.status == Status::Failed).map(|r| r.name.as_str()).collect();
     match failed.len() {
         0 => Ok(()),
-        n => anyhow::bail!("{n} of {} container{} failed: {}", records.len(), if records.len() == 1 { "" } else { "s" }, failed.join(", ")),
+        n => anyhow::bail!(
+            "{n} of {} container{} failed: {}",
+            records.len(),
+            if records.len() == 1 { "" } else { "s" },
+            failed.join(", ")
+        ),
     }
 }
 

@@ -10,7 +10,9 @@ use serde::Deserialize;
 
 use crate::cli::Cli;
 use crate::engine::PullPolicy;
-use crate::registry::{self, Credentials, RegistryConfig};
+use crate::registry::auth::read_password_stdin;
+use crate::registry::cache::BlobCache;
+use crate::registry::{Credentials, RegistryConfig};
 
 pub(crate) const DEFAULT_NIX_IMAGE: &str = "nixos/nix:2.33.3";
 pub(crate) const DEFAULT_TAG_TEMPLATE: &str = "v{version}-{sha}-nix";
@@ -116,26 +118,27 @@ impl Settings {
     /// How to reach registries: the flags, nixctr.toml's insecure registries, and the password
     /// from stdin (read here, once).
     pub(crate) fn registry_config(&self, args: &crate::cli::RegistryArgs) -> Result<RegistryConfig> {
-        let credentials = match &args.username {
-            Some(username) if args.password_stdin => Some(Credentials {
-                username: username.clone(),
-                password: registry::read_password_stdin()?,
-                source: "--password-stdin".to_string(),
-            }),
-            Some(_) => bail!("--username needs --password-stdin"),
-            None => None,
-        };
-        let config = RegistryConfig {
+        let mut config = RegistryConfig {
             format: args.format.into(),
             compression: args.compression.into(),
             insecure: args.insecure,
             insecure_registries: self.insecure_registries.clone(),
             ca_cert: args.ca_cert.clone(),
-            credentials,
+            credentials: None,
             jobs: args.jobs,
-            blob_cache: registry::BlobCache::default_path(),
+            blob_cache: BlobCache::default_path(),
         };
+        // Checked before stdin is read: a refused command consumes no password.
         config.check()?;
+        config.credentials = match &args.username {
+            Some(username) if args.password_stdin => Some(Credentials {
+                username: username.clone(),
+                password: read_password_stdin()?,
+                source: "--password-stdin".to_string(),
+            }),
+            Some(_) => bail!("--username needs --password-stdin"),
+            None => None,
+        };
         Ok(config)
     }
 

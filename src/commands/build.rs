@@ -49,9 +49,10 @@ pub(crate) async fn run(settings: &Settings, args: BuildArgs) -> Result<()> {
                 record
             }
             Outcome::Failed { error, seconds } => Record::failed(&target.name, error, seconds),
-            Outcome::Stopped => {
-                Record { error: Some("not built: --fail-fast".to_string()), ..Record::new(&target.name, Status::Skipped) }
-            }
+            Outcome::Stopped => Record {
+                error: Some("not built: --fail-fast".to_string()),
+                ..Record::new(&target.name, Status::Skipped)
+            },
         };
         if args.many.json {
             output::line(serde_json::to_string(&record)?)?;

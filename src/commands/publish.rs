@@ -43,7 +43,9 @@ pub(crate) async fn run(settings: &Settings, args: PublishArgs) -> Result<()> {
     for record in &records {
         if args.many.json {
             output::line(serde_json::to_string(record)?)?;
-        } else if let (Status::Pushed, Some(reference), Some(digest)) = (record.status, &record.reference, &record.digest) {
+        } else if let (Status::Pushed, Some(reference), Some(digest)) =
+            (record.status, &record.reference, &record.digest)
+        {
             output::line(format_args!("{reference}@{digest}"))?;
         }
     }

@@ -3,15 +3,16 @@
 use anyhow::Result;
 
 use crate::cli::PushArgs;
+use crate::output;
 use crate::progress::Progress;
-use crate::registry::{self, PushOptions, Reference};
+use crate::registry::{PushSession, Reference};
 use crate::settings::Settings;
 
 pub(crate) async fn run(settings: &Settings, args: PushArgs) -> Result<()> {
     let reference = Reference::parse(&args.reference)?;
-    let opts = PushOptions::resolve(settings, &args.registry, &reference)?;
+    let config = settings.registry_config(&args.registry)?;
     let progress = Progress::new(settings.quiet, settings.verbose);
-    let outcome = registry::push(&args.archive, &reference, &opts, &progress).await?;
-    crate::output::line(format_args!("{}@{}", outcome.reference, outcome.digest))?;
-    Ok(())
+    let session = PushSession::connect(&config, reference.registry(), &progress).await?;
+    let outcome = session.push(&args.archive, &reference, &progress).await?;
+    output::line(format_args!("{}@{}", outcome.reference, outcome.digest))
 }

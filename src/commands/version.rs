@@ -20,8 +20,10 @@ pub(crate) async fn run(settings: &Settings, args: VersionArgs) -> Result<()> {
     } else {
         args.names.clone()
     };
-    let answers =
-        version::versions(settings, &names, args.from.into(), &progress).await?.into_iter().collect::<Result<Vec<_>>>()?;
+    let answers = version::versions(settings, &names, args.from.into(), &progress)
+        .await?
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
     let several = answers.len() > 1;
     for answer in &answers {
         if args.json {

@@ -15,10 +15,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine;
 use serde::Deserialize;
 
-pub const USERNAME_ENV: &str = "NIXCTR_REGISTRY_USERNAME";
-pub const PASSWORD_ENV: &str = "NIXCTR_REGISTRY_PASSWORD";
+pub(crate) const USERNAME_ENV: &str = "NIXCTR_REGISTRY_USERNAME";
+pub(crate) const PASSWORD_ENV: &str = "NIXCTR_REGISTRY_PASSWORD";
 
 /// A password or token. Never printed.
+// pub: used by tests/it/push.rs
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
@@ -26,7 +27,7 @@ impl Secret {
     pub fn new(s: impl Into<String>) -> Secret {
         Secret(s.into())
     }
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -43,6 +44,7 @@ impl fmt::Display for Secret {
     }
 }
 
+// pub: used by tests/it/push.rs
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
     pub username: String,
@@ -62,13 +64,13 @@ impl fmt::Debug for Credentials {
 }
 
 impl Credentials {
-    pub fn basic_header(&self) -> String {
+    pub(crate) fn basic_header(&self) -> String {
         let raw = format!("{}:{}", self.username, self.password.expose());
         format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
     }
 
     /// Removes the password (and its base64 forms) from text that came from elsewhere.
-    pub fn redact(&self, text: &str) -> String {
+    pub(crate) fn redact(&self, text: &str) -> String {
         let password = self.password.expose();
         if password.is_empty() {
             return text.to_string();
@@ -78,15 +80,27 @@ impl Credentials {
     }
 }
 
+/// Reads a password from the first line of stdin, for `--password-stdin` (its name is in
+/// the messages). The command layer calls this; the registry only takes [`Credentials`].
+pub(crate) fn read_password_stdin() -> Result<Secret> {
+    let mut password = String::new();
+    std::io::stdin().read_line(&mut password).context("cannot read the password from stdin")?;
+    let password = password.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        bail!("--password-stdin: stdin was empty (pipe the password in, e.g. `printf %s \"$PW\" | nixctr push …`)");
+    }
+    Ok(Secret::new(password))
+}
+
 /// Where to look; tests and `publish` can point these elsewhere.
 #[derive(Debug, Clone, Default)]
-pub struct Lookup {
-    pub env: BTreeMap<String, String>,
+pub(crate) struct Lookup {
+    pub(crate) env: BTreeMap<String, String>,
 }
 
 impl Lookup {
     /// The process environment, for the variables credential lookup reads.
-    pub fn from_env() -> Lookup {
+    pub(crate) fn from_env() -> Lookup {
         let names = [
             USERNAME_ENV,
             PASSWORD_ENV,
@@ -112,7 +126,7 @@ impl Lookup {
     }
 
     /// Podman's auth files, in the order Podman reads them.
-    pub fn podman_auth_files(&self) -> Vec<PathBuf> {
+    pub(crate) fn podman_auth_files(&self) -> Vec<PathBuf> {
         let mut files = Vec::new();
         if let Some(f) = self.var("REGISTRY_AUTH_FILE") {
             files.push(PathBuf::from(f));
@@ -127,7 +141,7 @@ impl Lookup {
         files
     }
 
-    pub fn docker_config(&self) -> Option<PathBuf> {
+    pub(crate) fn docker_config(&self) -> Option<PathBuf> {
         match self.var("DOCKER_CONFIG") {
             Some(dir) => Some(Path::new(dir).join("config.json")),
             None => self.home().map(|h| h.join(".docker/config.json")),
@@ -137,7 +151,7 @@ impl Lookup {
     /// Environment variables, then Podman's and Docker's files (not the command line).
     /// A source that cannot be read (bad JSON, a missing helper) is passed over with a note,
     /// so a broken file about other registries does not stop an anonymous push.
-    pub fn find(&self, registry: &str) -> Result<Found> {
+    pub(crate) fn find(&self, registry: &str) -> Result<Found> {
         match (self.var(USERNAME_ENV), self.var(PASSWORD_ENV)) {
             (Some(user), Some(pass)) => {
                 return Ok(Found {
@@ -201,16 +215,16 @@ impl Lookup {
 
 /// What credential lookup found, and the sources it had to pass over.
 #[derive(Debug, Default)]
-pub struct Found {
-    pub credentials: Option<Credentials>,
+pub(crate) struct Found {
+    pub(crate) credentials: Option<Credentials>,
     /// Why a source was passed over (shown if the registry then asks for credentials).
-    pub notes: Vec<String>,
+    pub(crate) notes: Vec<String>,
 }
 
 /// The shape shared by Podman's auth.json and Docker's config.json.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct AuthFile {
+pub(crate) struct AuthFile {
     #[serde(default)]
     auths: BTreeMap<String, AuthEntry>,
     #[serde(default)]
@@ -241,7 +255,7 @@ fn read_auth_file(path: &Path) -> Result<Option<AuthFile>> {
     Ok(Some(parsed))
 }
 
-pub fn parse_auth_file(text: &str) -> std::result::Result<AuthFile, serde_json::Error> {
+pub(crate) fn parse_auth_file(text: &str) -> std::result::Result<AuthFile, serde_json::Error> {
     serde_json::from_str(text)
 }
 
@@ -324,12 +338,12 @@ fn run_helper(name: &str, registry: &str) -> Result<Option<Credentials>> {
 
 /// A parsed `WWW-Authenticate` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Challenge {
+pub(crate) enum Challenge {
     Basic,
     Bearer { realm: String, service: Option<String>, scope: Option<String> },
 }
 
-pub fn parse_challenge(header: &str) -> Option<Challenge> {
+pub(crate) fn parse_challenge(header: &str) -> Option<Challenge> {
     let header = header.trim();
     let (scheme, rest) = header.split_once(char::is_whitespace).unwrap_or((header, ""));
     if scheme.eq_ignore_ascii_case("basic") {

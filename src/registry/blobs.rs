@@ -12,26 +12,26 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
-use crate::cli::Compression;
+use super::manifest::Compression;
 
 /// libdeflate level: 1 is within 5% of zlib -6's size at almost three times its speed.
-pub const GZIP_LEVEL: i32 = 1;
+pub(crate) const GZIP_LEVEL: i32 = 1;
 /// Input bytes per gzip member.
 const MEMBER: usize = 2 << 20;
 /// zstd level: the library default, fast with a better ratio than gzip -9.
-pub const ZSTD_LEVEL: i32 = 3;
+pub(crate) const ZSTD_LEVEL: i32 = 3;
 
 /// Input and output buffers of finished compressions, for the next ones.
 static SPARE: std::sync::Mutex<Vec<(Vec<u8>, Vec<u8>)>> = std::sync::Mutex::new(Vec::new());
 
 /// A compressed layer waiting to be uploaded; the file goes when this is dropped.
-pub struct Compressed {
+pub(crate) struct Compressed {
     pub file: tempfile::NamedTempFile,
     pub digest: String,
     pub size: u64,
 }
 
-pub fn compress(mut reader: impl Read, compression: Compression, dir: &Path) -> Result<Compressed> {
+pub(crate) fn compress(mut reader: impl Read, compression: Compression, dir: &Path) -> Result<Compressed> {
     let file = tempfile::Builder::new()
         .prefix("layer-")
         .tempfile_in(dir)

@@ -1,12 +1,16 @@
-//! HTTP to one registry: scheme choice, authentication, retries.
+//! HTTP to one registry host: scheme choice, authentication, timeouts, retries.
 //!
 //! Every request goes through [`Client::send`], which attaches the current credentials,
-//! answers a 401 by authenticating once (a bearer token that expired mid-push is fetched
-//! again), and retries connection failures, 408, 429 and 5xx a bounded number of times.
+//! answers a 401 by authenticating once (a bearer token that expired mid-push, or that does
+//! not cover a repository the session has since touched, is fetched again), and retries
+//! connection failures, 408, 429 and 5xx a bounded number of times. The endpoints
+//! themselves are in `api.rs`.
 
 use std::collections::BTreeSet;
 use std::error::Error as _;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use reqwest::header::{HeaderMap, AUTHORIZATION, WWW_AUTHENTICATE};
@@ -15,35 +19,78 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 
 use super::auth::{parse_challenge, Challenge, Credentials};
-use super::PushOptions;
+use super::Target;
+use crate::progress::Progress;
 
 /// Attempts per request, with a backoff of 0.25 s doubling in between (about 4 s in all).
 const ATTEMPTS: u32 = 5;
+/// A registry that does not take the connection by then is not there.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// The longest a registry may stay silent: before its answer, and between chunks of a body
+/// (in either direction). Long, because committing a big blob to object storage is slow.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
+/// Timed-out attempts per request: a registry that hung once is likely to hang again, and
+/// each wait is long.
+const TIMEOUT_ATTEMPTS: u32 = 2;
 
-pub struct Client {
+pub(crate) struct Client {
+    /// For requests with small bodies: a read timeout covers them from start to answer.
     http: reqwest::Client,
+    /// For streamed uploads, whose sending may take longer than any fixed timeout: watched
+    /// by an [`Activity`] instead.
+    upload_http: reqwest::Client,
     /// `https://host:port` or `http://host:port`.
     base: String,
     registry: String,
     creds: Option<Credentials>,
     notes: Vec<String>,
-    /// The `Authorization` value sent with every request, once known.
+    /// The `Authorization` value sent with every request, once known. Held while a token is
+    /// fetched, so concurrent pushes fetch one after another and the last token covers all.
     authorization: Mutex<Option<String>>,
-    /// Token scopes asked for, so a renewed token covers every repository the push touches.
+    /// Token scopes asked for, so a renewed token covers every repository the session touches.
     scopes: std::sync::Mutex<BTreeSet<String>>,
-    verbose: bool,
+    progress: Progress,
 }
 
 /// A response that is not what the caller wanted; callers inspect `status` and `code`.
 #[derive(Debug, thiserror::Error)]
 #[error("registry {registry} answered {status} to {what}{}", detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
-pub struct Rejected {
+pub(crate) struct Rejected {
     pub registry: String,
     pub status: StatusCode,
     pub what: String,
     /// The first `errors[].code` of a distribution error body (`MANIFEST_INVALID`).
     pub code: Option<String>,
     pub detail: Option<String>,
+}
+
+/// When a streamed upload last made progress; a stall longer than [`ANSWER_TIMEOUT`] fails it.
+#[derive(Clone)]
+pub(crate) struct Activity {
+    start: Instant,
+    /// Milliseconds from `start` to the last chunk sent.
+    last: Arc<AtomicU64>,
+}
+
+impl Activity {
+    pub fn new() -> Activity {
+        Activity { start: Instant::now(), last: Arc::default() }
+    }
+
+    pub fn touch(&self) {
+        self.last.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has happened for `limit`.
+    async fn stalled(&self, limit: Duration) {
+        loop {
+            let idle = self.start.elapsed().saturating_sub(Duration::from_millis(self.last.load(Ordering::Relaxed)));
+            if idle >= limit {
+                return;
+            }
+            tokio::time::sleep(limit - idle).await;
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -68,39 +115,54 @@ struct TokenAnswer {
     access_token: Option<String>,
 }
 
+/// Why an attempt got no answer.
+enum Failure {
+    Http(reqwest::Error),
+    Stalled,
+}
+
+fn http_client(target: &Target, certs: &[reqwest::Certificate], read_timeout: bool) -> Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .user_agent(concat!("nixctr/", env!("CARGO_PKG_VERSION")));
+    if read_timeout {
+        builder = builder.read_timeout(ANSWER_TIMEOUT);
+    }
+    if !certs.is_empty() {
+        builder = builder.tls_certs_merge(certs.to_vec());
+    }
+    if target.insecure {
+        builder = builder.tls_danger_accept_invalid_certs(true);
+    }
+    builder.build().context("cannot set up the HTTP client")
+}
+
 impl Client {
     /// Picks https or (where allowed) http by asking `/v2/`, and logs in when the registry
     /// asks for it, so bad credentials show before any work is done.
-    pub async fn connect(opts: &PushOptions, api_host: &str, repository: &str) -> Result<Client> {
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(15))
-            .read_timeout(Duration::from_secs(300))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .user_agent(concat!("nixctr/", env!("CARGO_PKG_VERSION")));
-        if let Some(ca) = &opts.ca_cert {
+    pub async fn connect(target: &Target, progress: &Progress) -> Result<Client> {
+        let mut certs = Vec::new();
+        if let Some(ca) = &target.ca_cert {
             let pem = std::fs::read(ca).with_context(|| format!("cannot read --ca-cert {}", ca.display()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|_| anyhow!("--ca-cert {}: not a PEM certificate file", ca.display()))?;
             if certs.is_empty() {
                 bail!("--ca-cert {}: no certificate in the file (give a PEM file)", ca.display());
             }
-            builder = builder.tls_certs_merge(certs);
         }
-        if opts.insecure {
-            builder = builder.tls_danger_accept_invalid_certs(true);
-        }
-        let http = builder.build().context("cannot set up the HTTP client")?;
         let mut client = Client {
-            http,
-            base: format!("https://{api_host}"),
-            registry: opts.registry.clone(),
-            creds: opts.credentials.clone(),
-            notes: opts.credential_notes.clone(),
+            http: http_client(target, &certs, true)?,
+            upload_http: http_client(target, &certs, false)?,
+            base: format!("https://{}", target.api_host),
+            registry: target.registry.clone(),
+            creds: target.credentials.clone(),
+            notes: target.credential_notes.clone(),
             authorization: Mutex::new(None),
-            scopes: std::sync::Mutex::new(BTreeSet::from([format!("repository:{repository}:pull,push")])),
-            verbose: opts.verbose,
+            scopes: std::sync::Mutex::default(),
+            progress: progress.clone(),
         };
-        client.pick_scheme(api_host, opts.plain_http_allowed).await?;
+        client.pick_scheme(&target.api_host, target.plain_http_allowed).await?;
         let answer = client.send("GET /v2/", |http, base| http.get(format!("{base}/v2/"))).await?;
         if !answer.status().is_success() {
             return Err(client.rejected(answer, "GET /v2/ (is this a registry?)").await.into());
@@ -128,7 +190,7 @@ impl Client {
                 bail!(
                     "cannot reach registry {} over https: {} (pass --ca-cert FILE for a private CA, or --insecure to skip the check)",
                     self.registry,
-                    root_cause(&tls_error)
+                    describe(&tls_error)
                 );
             }
             if http_allowed {
@@ -147,12 +209,12 @@ impl Client {
                 bail!(
                     "cannot reach registry {} over https: {} (a registry on plain http needs --insecure, or insecure-registries in nixctr.toml)",
                     self.registry,
-                    root_cause(&tls_error)
+                    describe(&tls_error)
                 );
             }
             last = Some(tls_error);
         }
-        let err = last.map(|e| root_cause(&e)).unwrap_or_default();
+        let err = last.map(|e| describe(&e)).unwrap_or_default();
         bail!("cannot reach registry {}: {err} (is it running, and is the address right?)", self.registry)
     }
 
@@ -161,6 +223,7 @@ impl Client {
         &self.registry
     }
 
+    /// Asks for `scope` in every token from now on (`repository:team/app:pull,push`).
     pub fn add_scope(&self, scope: String) {
         if let Ok(mut scopes) = self.scopes.lock() {
             scopes.insert(scope);
@@ -169,21 +232,58 @@ impl Client {
 
     /// Sends a request built by `make` (called again for every attempt, so bodies are fresh).
     pub async fn send(&self, what: &str, make: impl Fn(&reqwest::Client, &str) -> RequestBuilder) -> Result<Response> {
+        self.send_with(what, None, make).await
+    }
+
+    /// [`Client::send`] for a streamed body: no overall read timeout, but the request fails
+    /// when `activity` (touched by the body stream) shows no progress for [`ANSWER_TIMEOUT`].
+    pub async fn send_streaming(
+        &self,
+        what: &str,
+        activity: &Activity,
+        make: impl Fn(&reqwest::Client, &str) -> RequestBuilder,
+    ) -> Result<Response> {
+        self.send_with(what, Some(activity), make).await
+    }
+
+    async fn send_with(
+        &self,
+        what: &str,
+        activity: Option<&Activity>,
+        make: impl Fn(&reqwest::Client, &str) -> RequestBuilder,
+    ) -> Result<Response> {
         let mut attempt = 0;
+        let mut timeouts = 0;
         let mut authenticated = false;
         loop {
-            let mut request = make(&self.http, &self.base);
+            let mut request = make(if activity.is_some() { &self.upload_http } else { &self.http }, &self.base);
             if let Some(value) = self.authorization.lock().await.clone() {
                 request = request.header(AUTHORIZATION, value);
             }
-            let outcome = request.send().await;
-            let retry_reason = match outcome {
-                Err(e) => {
-                    if attempt + 1 >= ATTEMPTS || !is_transient(&e) {
-                        let cause = self.redact(&root_cause(&e));
-                        bail!("{what} to registry {} failed: {cause} (is it still running?)", self.registry);
+            let outcome = match activity {
+                None => request.send().await.map_err(Failure::Http),
+                Some(activity) => {
+                    activity.touch();
+                    tokio::select! {
+                        outcome = request.send() => outcome.map_err(Failure::Http),
+                        () = activity.stalled(ANSWER_TIMEOUT) => Err(Failure::Stalled),
                     }
-                    self.redact(&root_cause(&e))
+                }
+            };
+            let retry_reason = match outcome {
+                Err(failure) => {
+                    let (timed_out, transient) = match &failure {
+                        Failure::Http(e) => (e.is_timeout(), is_transient(e)),
+                        Failure::Stalled => (true, true),
+                    };
+                    timeouts += u32::from(timed_out);
+                    if attempt + 1 >= ATTEMPTS || !transient || timeouts >= TIMEOUT_ATTEMPTS {
+                        return Err(self.failed(what, &failure));
+                    }
+                    match &failure {
+                        Failure::Http(e) => self.redact(&describe(e)),
+                        Failure::Stalled => format!("no progress for {} s", ANSWER_TIMEOUT.as_secs()),
+                    }
                 }
                 Ok(response) => {
                     let status = response.status();
@@ -204,11 +304,28 @@ impl Client {
                     status.to_string()
                 }
             };
-            if self.verbose {
-                eprintln!("{what}: {retry_reason}; retrying");
-            }
+            self.progress.debug(format!("{what}: {retry_reason}; retrying"));
             tokio::time::sleep(backoff(attempt)).await;
             attempt += 1;
+        }
+    }
+
+    fn failed(&self, what: &str, failure: &Failure) -> anyhow::Error {
+        match failure {
+            Failure::Http(e) if e.is_timeout() && !e.is_connect() => anyhow!(
+                "registry {} did not answer {what} within {} s (is it overloaded or stuck?)",
+                self.registry,
+                ANSWER_TIMEOUT.as_secs()
+            ),
+            Failure::Stalled => anyhow!(
+                "registry {} took no data for {what} within {} s (is it overloaded or stuck?)",
+                self.registry,
+                ANSWER_TIMEOUT.as_secs()
+            ),
+            Failure::Http(e) => {
+                let cause = self.redact(&describe(e));
+                anyhow!("{what} to registry {} failed: {cause} (is it still running?)", self.registry)
+            }
         }
     }
 
@@ -239,12 +356,13 @@ impl Client {
             .filter_map(|v| v.to_str().ok())
             .filter_map(parse_challenge)
             .max_by_key(|c| matches!(c, Challenge::Bearer { .. }));
+        let mut authorization = self.authorization.lock().await;
         match challenge {
             None | Some(Challenge::Basic) => {
                 let Some(creds) = &self.creds else {
                     return Err(self.unauthorized("login"));
                 };
-                *self.authorization.lock().await = Some(creds.basic_header());
+                *authorization = Some(creds.basic_header());
             }
             Some(Challenge::Bearer { realm, service, scope }) => {
                 if let Some(scope) = scope {
@@ -262,7 +380,7 @@ impl Client {
                 let answer = request
                     .send()
                     .await
-                    .map_err(|e| anyhow!("cannot get a token from {realm}: {}", self.redact(&root_cause(&e))))?;
+                    .map_err(|e| anyhow!("cannot get a token from {realm}: {}", self.redact(&describe(&e))))?;
                 if answer.status() == StatusCode::UNAUTHORIZED || answer.status() == StatusCode::FORBIDDEN {
                     return Err(self.unauthorized(&format!("token request to {realm}")));
                 }
@@ -277,7 +395,7 @@ impl Client {
                     .token
                     .or(token.access_token)
                     .ok_or_else(|| anyhow!("token server {realm} answered without a token"))?;
-                *self.authorization.lock().await = Some(format!("Bearer {token}"));
+                *authorization = Some(format!("Bearer {token}"));
             }
         }
         Ok(())
@@ -331,23 +449,49 @@ fn is_transient(e: &reqwest::Error) -> bool {
     e.is_connect() || e.is_timeout() || e.is_request() || e.is_body() || e.is_decode()
 }
 
-/// Refused, unreachable, timed out, unknown host: worth another try, unlike a TLS mismatch.
-fn is_network_failure(e: &reqwest::Error) -> bool {
-    if e.is_timeout() {
-        return true;
+/// The `std::io::Error`s under a reqwest error, outermost first. An `io::Error`'s `source`
+/// skips the error it wraps (that error's own source comes next), so wrapped ones are
+/// reached through `get_ref`.
+fn io_errors(e: &reqwest::Error) -> Vec<&std::io::Error> {
+    let mut found = Vec::new();
+    let mut next = e.source();
+    while let Some(err) = next {
+        let mut inner = err.downcast_ref::<std::io::Error>();
+        while let Some(io) = inner {
+            found.push(io);
+            inner = io.get_ref().and_then(|e| e.downcast_ref::<std::io::Error>());
+        }
+        next = err.source();
     }
-    let text = format!("{e:?}").to_ascii_lowercase();
-    ["refused", "unreachable", "timed out", "reset", "dns", "lookup", "resolve", "broken pipe"]
-        .iter()
-        .any(|w| text.contains(w))
+    found
 }
 
+/// rustls reports a failed handshake as an `InvalidData` I/O error: the server spoke
+/// something other than acceptable TLS (a bad certificate, or plain http).
+fn tls_failure(e: &reqwest::Error) -> Option<&std::io::Error> {
+    io_errors(e).into_iter().find(|io| io.kind() == std::io::ErrorKind::InvalidData)
+}
+
+/// Refused, unreachable, timed out, reset, unknown host: worth another try, unlike a TLS
+/// mismatch (a plain http server answering the TLS hello).
+fn is_network_failure(e: &reqwest::Error) -> bool {
+    e.is_timeout() || (e.is_connect() && tls_failure(e).is_none())
+}
+
+/// A TLS handshake that failed on the server's certificate. rustls's error type is not a
+/// dependency of nixctr, so below the typed `InvalidData` check its message has to say it.
 fn is_certificate_failure(e: &reqwest::Error) -> bool {
-    format!("{e:?}").to_ascii_lowercase().contains("certificate")
+    tls_failure(e).is_some_and(|io| io.to_string().to_ascii_lowercase().contains("certificate"))
 }
 
-/// The innermost cause of a reqwest error ("connection refused"), which says the most.
-pub fn root_cause(e: &reqwest::Error) -> String {
+/// What went wrong, in a few words: the timeout that ran out, or the innermost cause
+/// ("connection refused"), which says the most.
+fn describe(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        let (what, limit) =
+            if e.is_connect() { ("no connection", CONNECT_TIMEOUT) } else { ("no answer", ANSWER_TIMEOUT) };
+        return format!("{what} within {} s", limit.as_secs());
+    }
     let mut message = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -355,4 +499,38 @@ pub fn root_cause(e: &reqwest::Error) -> String {
         source = s.source();
     }
     message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn activity_stalls_only_when_idle() {
+        let activity = Activity::new();
+        let limit = Duration::from_millis(150);
+        let toucher = {
+            let activity = activity.clone();
+            async move {
+                for _ in 0..4 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    activity.touch();
+                }
+            }
+        };
+        let started = Instant::now();
+        tokio::join!(toucher, activity.stalled(limit));
+        // Touched until 200 ms, so the stall ends no earlier than 200 + 150 ms.
+        assert!(started.elapsed() >= Duration::from_millis(340), "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn refused_connections_are_network_failures_not_tls() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let e = reqwest::Client::new().get(format!("https://127.0.0.1:{port}/v2/")).send().await.unwrap_err();
+        assert!(is_network_failure(&e) && !is_certificate_failure(&e), "{e:?}");
+        assert!(!describe(&e).is_empty());
+    }
 }

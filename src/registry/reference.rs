@@ -4,6 +4,7 @@ use std::fmt;
 
 use anyhow::{bail, Result};
 
+// pub: used by tests/it/push.rs
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reference {
     /// `host` or `host:port`, as written.
@@ -51,30 +52,12 @@ impl Reference {
         &self.registry
     }
 
-    /// The host to send requests to: Docker Hub's API lives elsewhere than its name.
-    pub fn api_host(&self) -> &str {
-        match self.registry.as_str() {
-            "docker.io" | "index.docker.io" => "registry-1.docker.io",
-            other => other,
-        }
-    }
-
-    pub fn repository(&self) -> &str {
+    pub(crate) fn repository(&self) -> &str {
         &self.repository
     }
 
-    pub fn tag(&self) -> &str {
+    pub(crate) fn tag(&self) -> &str {
         &self.tag
-    }
-
-    /// The same repository under another tag.
-    pub fn with_tag(&self, tag: &str) -> Result<Reference> {
-        Reference::parse(&format!("{}/{}:{tag}", self.registry, self.repository))
-    }
-
-    /// The host without the port, brackets stripped (`[::1]:5000` -> `::1`).
-    pub fn hostname(&self) -> &str {
-        host_only(&self.registry)
     }
 }
 
@@ -84,6 +67,20 @@ impl fmt::Display for Reference {
     }
 }
 
+/// The host to send requests to: Docker Hub's API lives elsewhere than its name.
+pub(crate) fn api_host(registry: &str) -> &str {
+    match registry {
+        "docker.io" | "index.docker.io" => "registry-1.docker.io",
+        other => other,
+    }
+}
+
+/// A repository path (`team/app`) as a reference may name it.
+pub(crate) fn valid_repository(s: &str) -> bool {
+    s.split('/').all(valid_path_component)
+}
+
+/// The host without the port, brackets stripped (`[::1]:5000` -> `::1`).
 pub(crate) fn host_only(registry: &str) -> &str {
     if let Some(rest) = registry.strip_prefix('[') {
         return rest.split(']').next().unwrap_or(rest);
@@ -122,13 +119,14 @@ mod tests {
     fn parses_host_port_path_tag() {
         let r = Reference::parse("127.0.0.1:5000/team/app:v1.2-nix").unwrap();
         assert_eq!(r.registry(), "127.0.0.1:5000");
-        assert_eq!(r.hostname(), "127.0.0.1");
+        assert_eq!(host_only(r.registry()), "127.0.0.1");
         assert_eq!(r.repository(), "team/app");
         assert_eq!(r.tag(), "v1.2-nix");
         assert_eq!(r.to_string(), "127.0.0.1:5000/team/app:v1.2-nix");
         assert_eq!(Reference::parse("localhost/app").unwrap().tag(), "latest");
-        assert_eq!(Reference::parse("[::1]:5000/app:x").unwrap().hostname(), "::1");
-        assert_eq!(Reference::parse("docker.io/library/x:1").unwrap().api_host(), "registry-1.docker.io");
+        assert_eq!(host_only(Reference::parse("[::1]:5000/app:x").unwrap().registry()), "::1");
+        assert_eq!(api_host(Reference::parse("docker.io/library/x:1").unwrap().registry()), "registry-1.docker.io");
+        assert!(valid_repository("team/app") && !valid_repository("team//app") && !valid_repository("a?b"));
     }
 
     #[test]

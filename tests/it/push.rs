@@ -656,40 +656,37 @@ fn interrupted_push_leaves_no_temporary_files() {
     assert!(registry.skopeo_inspect("app:int", false).is_none());
 }
 
-/// The library calls `publish` uses: `tag_exists` before and after a push.
+/// The library calls `publish` uses: `tag_exists` before and after a push, in one session.
 #[test]
 fn tag_exists_sees_pushed_tags() {
-    use nixctr::cli::{Compression, ManifestFormat};
-    use nixctr::registry::{self, PushOptions, Reference};
+    use nixctr::registry::{self, Compression, ManifestFormat, PushSession, Reference, RegistryConfig};
     let (registry, home) = (Registry::tls_with_auth(), home());
     let reference = Reference::parse(&format!("{}/lib/app:1", registry.host())).expect("reference");
-    let opts = PushOptions {
-        registry: reference.registry().to_string(),
+    let config = RegistryConfig {
         format: ManifestFormat::Oci,
         compression: Compression::Gzip,
         insecure: false,
-        plain_http_allowed: true,
+        insecure_registries: Vec::new(),
         ca_cert: Some(registry.ca_cert()),
         credentials: Some(registry::Credentials {
             username: USER.to_string(),
             password: registry::Secret::new(PASSWORD),
             source: "test".to_string(),
         }),
-        credential_notes: Vec::new(),
         jobs: 2,
-        cache_path: Some(home.path().join("cache/blobs.json")),
-        verbose: false,
+        blob_cache: Some(home.path().join("cache/blobs.json")),
     };
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    assert!(!runtime.block_on(registry::tag_exists(&reference, &opts)).expect("tag_exists"));
+    let progress = nixctr::progress::Progress::new(true, false);
+    let session = runtime.block_on(PushSession::connect(&config, reference.registry(), &progress)).expect("connect");
+    assert!(!runtime.block_on(session.tag_exists(&reference)).expect("tag_exists"));
     let image = TestImage::new(2, 20_000, 16);
     let archive = image.write(home.path(), "img", false);
-    let progress = nixctr::progress::Progress::new(true, false);
-    let outcome = runtime.block_on(registry::push(&archive, &reference, &opts, &progress)).expect("push");
+    let outcome = runtime.block_on(session.push(&archive, &reference, &progress)).expect("push");
     assert_eq!(outcome.reference, reference.to_string());
     assert_eq!((outcome.pushed_layers, outcome.skipped_layers, outcome.mounted_layers), (2, 0, 0));
-    assert!(runtime.block_on(registry::tag_exists(&reference, &opts)).expect("tag_exists"));
+    assert!(runtime.block_on(session.tag_exists(&reference)).expect("tag_exists"));
     let other = Reference::parse(&format!("{}/lib/app:2", registry.host())).expect("reference");
-    assert!(!runtime.block_on(registry::tag_exists(&other, &opts)).expect("tag_exists"));
+    assert!(!runtime.block_on(session.tag_exists(&other)).expect("tag_exists"));
     assert_eq!(registry.skopeo_inspect("lib/app:1", false).expect("inspect")["Digest"], outcome.digest);
 }

@@ -1,0 +1,538 @@
+//! Push sessions: one per registry host, owning the connection, the blob cache, the
+//! compressor and the compressions under way, shared by every push to that host (pushes to
+//! different repositories may run at once; blob transfers stay within `jobs` in all).
+//!
+//! Order of work for one push: read and check the archive, compressing each layer the blob
+//! cache does not know into a temporary file as soon as it has been read (on all cores).
+//! Once the whole archive checks out, per layer: skip it when the registry has it, mount it
+//! from another repository when the cache knows one, else upload it; then the config; the
+//! manifest last, so a failed push leaves no tag. An archive unchanged since its last check
+//! (same inode, size, mtime, ctime) is not read again, unless a layer turns out to need
+//! compressing and the recalled archive cannot supply its bytes.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures::future::{BoxFuture, Shared};
+use futures::{FutureExt, StreamExt};
+use tokio::sync::Semaphore;
+
+use super::api::{manifest_type_refused, UploadBody};
+use super::blobs::{self, Compressed};
+use super::cache::{BlobCache, CachedBlob};
+use super::client::Client;
+use super::manifest::{image_manifest, Compression, ManifestFormat};
+use super::{is_digest, plural, short, Reference, RegistryConfig};
+use crate::archive::{Archive, Cancellable, EntryData, SeenEntry};
+use crate::progress::{human_bytes, Progress};
+
+/// What one push did.
+// pub: used by tests/it/push.rs
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushOutcome {
+    /// `host[:port]/path:tag`.
+    pub reference: String,
+    /// The manifest digest the registry confirmed (`sha256:…`).
+    pub digest: String,
+    /// Bytes uploaded (layers and config).
+    pub pushed_bytes: u64,
+    pub pushed_layers: usize,
+    /// Layers the repository already had.
+    pub skipped_layers: usize,
+    /// Layers mounted from another repository of the registry.
+    pub mounted_layers: usize,
+    /// The manifest format the registry took (it may differ from the one asked for).
+    pub format: ManifestFormat,
+}
+
+/// A connection to one registry host and everything pushes to it share.
+// pub: used by tests/it/push.rs
+pub struct PushSession {
+    client: Client,
+    /// `host[:port]`, as references name it and the blob cache keys it.
+    registry: String,
+    format: ManifestFormat,
+    compression: Compression,
+    jobs: usize,
+    cache: Mutex<BlobCache>,
+    /// `archives.json` next to the blob cache: archive checks to recall.
+    memory: Option<PathBuf>,
+    compressor: Compressor,
+    /// Blob transfers (checks, mounts, uploads) under way across all pushes of the session.
+    transfers: Semaphore,
+}
+
+/// How one layer went.
+enum LayerResult {
+    Skipped,
+    Mounted(String),
+    Pushed(u64),
+}
+
+/// A layer's step of a push: done as (digest, size) of its blob, or not possible without
+/// reading the archive again.
+enum LayerStep {
+    Done((String, u64), LayerResult),
+    NeedsFullRead,
+}
+
+/// A push of an archive as far as it went: a recalled archive may lack the bytes of a layer
+/// that needs compressing.
+enum Attempt {
+    Done(PushOutcome),
+    NeedsFullRead,
+}
+
+impl PushSession {
+    /// Connects to `registry` (`host[:port]`, as [`Reference::registry`] gives it) and logs
+    /// in, so bad credentials show before any work is done. Credentials are the config's, or
+    /// looked up for this host.
+    pub async fn connect(config: &RegistryConfig, registry: &str, progress: &Progress) -> Result<PushSession> {
+        config.check()?;
+        let target = config.target(registry)?;
+        for note in &target.credential_notes {
+            progress.debug(format!("credentials: passed over {note}"));
+        }
+        if let Some(c) = &target.credentials {
+            progress.debug(format!("credentials: user {:?} from {}", c.username, c.source));
+        }
+        let client = Client::connect(&target, progress).await?;
+        let (cache, note) = BlobCache::load(config.blob_cache.clone());
+        if let Some(note) = note {
+            progress.debug(note);
+        }
+        Ok(PushSession {
+            client,
+            registry: registry.to_string(),
+            format: config.format,
+            compression: config.compression,
+            jobs: config.jobs,
+            cache: Mutex::new(cache),
+            memory: config.blob_cache.as_ref().map(|p| p.with_file_name("archives.json")),
+            compressor: Compressor::new(config.compression)?,
+            transfers: Semaphore::new(config.jobs),
+        })
+    }
+
+    /// Whether `reference`'s tag exists in the registry (as any kind of manifest).
+    pub async fn tag_exists(&self, reference: &Reference) -> Result<bool> {
+        self.check_host(reference)?;
+        self.client.add_scope(format!("repository:{}:pull,push", reference.repository()));
+        self.client.manifest_exists(reference.repository(), reference.tag()).await
+    }
+
+    /// Pushes `archive` as `reference`. Nothing is sent until the archive checks out; layers
+    /// are compressed while it is still being read. The blob cache is saved afterwards,
+    /// whether the push worked or not: what went up stays known.
+    pub async fn push(&self, archive: &Path, reference: &Reference, progress: &Progress) -> Result<PushOutcome> {
+        self.check_host(reference)?;
+        self.client.add_scope(format!("repository:{}:pull,push", reference.repository()));
+        let started = Started { compressor: &self.compressor, diff_ids: Mutex::default() };
+        let result = self.push_archive(archive, reference, progress, &started).await;
+        if let Ok(mut cache) = self.cache.lock() {
+            if let Err(e) = cache.save() {
+                progress.debug(format!("could not save the blob cache: {e:#}"));
+            }
+        }
+        result
+    }
+
+    fn check_host(&self, reference: &Reference) -> Result<()> {
+        if reference.registry() != self.registry {
+            bail!("{reference} is not in registry {} (this session pushes only there)", self.registry);
+        }
+        Ok(())
+    }
+
+    async fn push_archive(
+        &self,
+        path: &Path,
+        reference: &Reference,
+        progress: &Progress,
+        started: &Started<'_>,
+    ) -> Result<PushOutcome> {
+        progress.info(format!("reading {}", path.display()));
+        if let Some(recalled) = self.recall(path, progress).await {
+            progress.debug(format!("{} is unchanged since nixctr last checked it", path.display()));
+            match self.push_layers(&recalled, reference, progress, started).await? {
+                Attempt::Done(outcome) => return Ok(outcome),
+                Attempt::NeedsFullRead => progress.debug("a layer needs compressing: reading the whole archive"),
+            }
+        }
+        let archive = self.read(path, progress, started).await?;
+        match self.push_layers(&archive, reference, progress, started).await? {
+            Attempt::Done(outcome) => Ok(outcome),
+            Attempt::NeedsFullRead => bail!("{}: a layer has no bytes even after a full read", path.display()),
+        }
+    }
+
+    /// The archive as its last full read found it, if unchanged since. A recalled archive
+    /// whose digests are malformed (the memory file is user-writable) is not used.
+    async fn recall(&self, path: &Path, progress: &Progress) -> Option<Archive> {
+        let memory = self.memory.clone()?;
+        let owned = path.to_path_buf();
+        let (recalled, memory) = tokio::task::spawn_blocking(move || {
+            let recalled = Archive::recall(&owned, &memory);
+            (recalled, memory)
+        })
+        .await
+        .ok()?;
+        let Some(recalled) = recalled else {
+            // No entry for this archive is normal; a file that is not JSON is worth a note.
+            if let Ok(bytes) = std::fs::read(&memory) {
+                if serde_json::from_slice::<serde_json::Value>(&bytes).is_err() {
+                    progress.debug(format!("{} is not valid: ignoring it", memory.display()));
+                }
+            }
+            return None;
+        };
+        let sound = is_digest(&recalled.config_digest) && recalled.layers.iter().all(|l| is_digest(&l.diff_id));
+        if !sound {
+            progress.debug(format!("{}: malformed entry for {}: ignoring it", memory.display(), path.display()));
+            return None;
+        }
+        Some(recalled)
+    }
+
+    /// Reads and checks the archive, compressing what looks like a layer as soon as it has
+    /// been read, unless the blob cache says the registry has it already.
+    async fn read(&self, path: &Path, progress: &Progress, started: &Started<'_>) -> Result<Archive> {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let _guard = CancelOnDrop(cancel.clone());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SeenEntry>();
+        let owned = path.to_path_buf();
+        let open = tokio::task::spawn_blocking(move || {
+            Archive::open_with(&owned, Some(cancel), &mut |entry| {
+                let _ = tx.send(entry.clone());
+            })
+        });
+        while let Some(entry) = rx.recv().await {
+            if self.cached(&entry.sha256).is_none() {
+                // The task runs on its own; the layer's step finds it in the compressor.
+                drop(started.start(&entry.sha256, entry.data));
+            }
+        }
+        let archive = open.await.map_err(|e| anyhow!("reading the archive stopped: {e}"))??;
+        if let Some(memory) = &self.memory {
+            if let Err(e) = archive.remember(memory) {
+                progress.debug(format!("could not remember the archive's check: {e:#}"));
+            }
+        }
+        Ok(archive)
+    }
+
+    fn cached(&self, diff_id: &str) -> Option<CachedBlob> {
+        self.cache.lock().ok()?.get(&self.registry, self.compression.name(), diff_id).cloned()
+    }
+
+    fn record(&self, diff_id: &str, (digest, size): (&str, u64), repo: &str) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.record(&self.registry, self.compression.name(), diff_id, digest, size, repo);
+        }
+    }
+
+    /// Layers (`jobs` at once), config, manifest.
+    async fn push_layers(
+        &self,
+        archive: &Archive,
+        reference: &Reference,
+        progress: &Progress,
+        started: &Started<'_>,
+    ) -> Result<Attempt> {
+        let total = archive.layers.len();
+        let repo = reference.repository();
+        progress.info(format!("pushing {total} layers to {reference}"));
+
+        let mut steps = futures::stream::iter(0..total)
+            .map(|index| self.push_layer(archive, index, repo, progress, started))
+            .buffered(self.jobs);
+        let mut blobs = Vec::with_capacity(total);
+        let mut outcome = PushOutcome {
+            reference: reference.to_string(),
+            digest: String::new(),
+            pushed_bytes: 0,
+            pushed_layers: 0,
+            skipped_layers: 0,
+            mounted_layers: 0,
+            format: self.format,
+        };
+        while let Some(step) = steps.next().await {
+            let (blob, result) = match step? {
+                LayerStep::Done(blob, result) => (blob, result),
+                // Dropping `steps` stops the other layers; what they finished is in the cache.
+                LayerStep::NeedsFullRead => return Ok(Attempt::NeedsFullRead),
+            };
+            match result {
+                LayerResult::Skipped => outcome.skipped_layers += 1,
+                LayerResult::Mounted(_) => outcome.mounted_layers += 1,
+                LayerResult::Pushed(size) => {
+                    outcome.pushed_layers += 1;
+                    outcome.pushed_bytes += size;
+                }
+            }
+            blobs.push(blob);
+        }
+        drop(steps);
+
+        let layer_bytes = outcome.pushed_bytes;
+        let config = (archive.config_digest.as_str(), archive.config.len() as u64);
+        {
+            let _transfer = self.transfers.acquire().await.context("the push session closed")?;
+            if !self.client.blob_exists(repo, config.0).await? {
+                self.client.upload_blob(repo, config, UploadBody::Bytes(archive.config.clone()), None).await?;
+                outcome.pushed_bytes += config.1;
+            }
+        }
+
+        let mut format = self.format;
+        outcome.digest = loop {
+            let (media_type, body) = image_manifest(format, self.compression, config, &blobs)?;
+            match self.client.put_manifest(repo, reference.tag(), media_type, body).await? {
+                Ok(digest) => break digest,
+                Err(rejected)
+                    if manifest_type_refused(&rejected)
+                        && self.compression == Compression::Gzip
+                        && format == self.format =>
+                {
+                    progress.info(format!(
+                        "registry {} refused the {} manifest ({}); pushing a {} manifest instead",
+                        self.registry,
+                        format.name(),
+                        rejected.detail.as_deref().unwrap_or(rejected.status.as_str()),
+                        format.other().name()
+                    ));
+                    format = format.other();
+                }
+                Err(rejected) => return Err(rejected.into()),
+            }
+        };
+        outcome.format = format;
+        progress.info(format!(
+            "pushed {} ({}), {} already there, {} mounted",
+            plural(outcome.pushed_layers, "layer"),
+            human_bytes(layer_bytes),
+            outcome.skipped_layers,
+            outcome.mounted_layers
+        ));
+        Ok(Attempt::Done(outcome))
+    }
+
+    async fn push_layer(
+        &self,
+        archive: &Archive,
+        index: usize,
+        repo: &str,
+        progress: &Progress,
+        started: &Started<'_>,
+    ) -> Result<LayerStep> {
+        let total = archive.layers.len();
+        let layer = &archive.layers[index];
+        let label = format!("layer {}/{total} {}", index + 1, short(&layer.diff_id));
+        if let Some(known) = self.cached(&layer.diff_id) {
+            let reused = {
+                let _transfer = self.transfers.acquire().await.context("the push session closed")?;
+                self.reuse(repo, &known).await?
+            };
+            match reused {
+                Some(result) => {
+                    report(progress, &label, &result);
+                    self.record(&layer.diff_id, (&known.digest, known.size), repo);
+                    return Ok(LayerStep::Done((known.digest, known.size), result));
+                }
+                None => {
+                    if let Ok(mut cache) = self.cache.lock() {
+                        cache.forget(&self.registry, self.compression.name(), &layer.diff_id);
+                    }
+                }
+            }
+        }
+        let job = match self.compressor.get(&layer.diff_id) {
+            Some(job) => job,
+            None => {
+                progress.debug(format!("{label}: compressing {}", human_bytes(layer.size)));
+                let Some(data) = layer.data.clone() else {
+                    return Ok(LayerStep::NeedsFullRead);
+                };
+                started.start(&layer.diff_id, data)
+            }
+        };
+        let compressed = job
+            .await
+            .map_err(|e| anyhow!("cannot compress layer {} of {}: {e:#}", index + 1, archive.path().display()))?;
+        let blob = (compressed.digest.as_str(), compressed.size);
+        let result = {
+            let _transfer = self.transfers.acquire().await.context("the push session closed")?;
+            if self.client.blob_exists(repo, blob.0).await? {
+                LayerResult::Skipped
+            } else {
+                let bar = progress.bar(&label, Some(blob.1));
+                let body = UploadBody::File(compressed.file.path());
+                self.client.upload_blob(repo, blob, body, Some(&bar)).await?;
+                bar.finish_and_clear();
+                LayerResult::Pushed(blob.1)
+            }
+        };
+        report(progress, &label, &result);
+        self.record(&layer.diff_id, blob, repo);
+        Ok(LayerStep::Done((blob.0.to_string(), blob.1), result))
+    }
+
+    /// A cached blob: still in this repository, or mountable from another one? `None`: neither.
+    async fn reuse(&self, repo: &str, known: &CachedBlob) -> Result<Option<LayerResult>> {
+        if self.client.blob_exists(repo, &known.digest).await? {
+            return Ok(Some(LayerResult::Skipped));
+        }
+        for from in known.repositories.iter().rev().filter(|r| r.as_str() != repo) {
+            if self.client.mount_blob(repo, &known.digest, from).await? {
+                return Ok(Some(LayerResult::Mounted(from.clone())));
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn report(progress: &Progress, label: &str, result: &LayerResult) {
+    match result {
+        LayerResult::Skipped => progress.info(format!("{label} already there")),
+        LayerResult::Mounted(from) => progress.info(format!("{label} mounted from {from}")),
+        LayerResult::Pushed(size) => progress.info(format!("{label} pushed ({})", human_bytes(*size))),
+    }
+}
+
+/// Sets the flag when dropped, so blocking work stops when the push future is dropped.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A compression started early; shared so the layer that needs it (in any push of the
+/// session) can wait for it.
+type Pending = Shared<BoxFuture<'static, std::result::Result<Arc<Compressed>, Arc<anyhow::Error>>>>;
+
+/// Runs compressions on all cores, into temporary files of its own directory; stops them,
+/// and removes the files, when dropped.
+struct Compressor {
+    slots: Arc<Semaphore>,
+    work: tempfile::TempDir,
+    compression: Compression,
+    cancel: Arc<AtomicBool>,
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Compressions by diff_id, started or done; a push removes those it started when it ends.
+    pending: Mutex<HashMap<String, Pending>>,
+}
+
+impl Compressor {
+    fn new(compression: Compression) -> Result<Compressor> {
+        let work = tempfile::Builder::new()
+            .prefix("nixctr-push-")
+            .tempdir()
+            .context("cannot create a temporary directory (is TMPDIR writable?)")?;
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Ok(Compressor {
+            slots: Arc::new(Semaphore::new(cores)),
+            work,
+            compression,
+            cancel: Arc::default(),
+            tasks: Mutex::default(),
+            pending: Mutex::default(),
+        })
+    }
+
+    fn get(&self, diff_id: &str) -> Option<Pending> {
+        self.pending.lock().ok()?.get(diff_id).cloned()
+    }
+
+    /// The compression of `diff_id`, started now from `data` unless one is under way.
+    /// `Ok(job)` when started now, `Err(job)` when it was under way already.
+    fn start(&self, diff_id: &str, data: EntryData) -> std::result::Result<Pending, Pending> {
+        let Ok(mut pending) = self.pending.lock() else {
+            return Ok(self.spawn(data));
+        };
+        if let Some(job) = pending.get(diff_id) {
+            return Err(job.clone());
+        }
+        let job = self.spawn(data);
+        pending.insert(diff_id.to_string(), job.clone());
+        Ok(job)
+    }
+
+    fn forget(&self, diff_ids: &[String]) {
+        if let Ok(mut pending) = self.pending.lock() {
+            for diff_id in diff_ids {
+                pending.remove(diff_id);
+            }
+        }
+    }
+
+    fn spawn(&self, data: EntryData) -> Pending {
+        let (slots, work, compression, cancel) =
+            (self.slots.clone(), self.work.path().to_path_buf(), self.compression, self.cancel.clone());
+        let task = tokio::spawn(async move {
+            let _slot = slots.acquire_owned().await.map_err(|e| anyhow!("compression stopped: {e}"))?;
+            tokio::task::spawn_blocking(move || {
+                let reader = Cancellable { inner: data.reader()?, cancel };
+                blobs::compress(reader, compression, &work)
+            })
+            .await
+            .map_err(|e| anyhow!("compression stopped: {e}"))?
+        });
+        if let Ok(mut tasks) = self.tasks.lock() {
+            tasks.retain(|t| !t.is_finished());
+            tasks.push(task.abort_handle());
+        }
+        async move {
+            match task.await {
+                Ok(Ok(compressed)) => Ok(Arc::new(compressed)),
+                Ok(Err(e)) => Err(Arc::new(e)),
+                Err(e) => Err(Arc::new(anyhow!("compression stopped: {e}"))),
+            }
+        }
+        .boxed()
+        .shared()
+    }
+}
+
+impl Drop for Compressor {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+        if let Ok(tasks) = self.tasks.lock() {
+            tasks.iter().for_each(|t| t.abort());
+        }
+    }
+}
+
+/// The compressions one push started. When the push ends (or is dropped) they leave the
+/// session's map, so their files go once no other push holds them, and a long session does
+/// not keep every layer it ever compressed on disk.
+struct Started<'a> {
+    compressor: &'a Compressor,
+    diff_ids: Mutex<Vec<String>>,
+}
+
+impl Started<'_> {
+    fn start(&self, diff_id: &str, data: EntryData) -> Pending {
+        match self.compressor.start(diff_id, data) {
+            Ok(job) => {
+                if let Ok(mut mine) = self.diff_ids.lock() {
+                    mine.push(diff_id.to_string());
+                }
+                job
+            }
+            Err(job) => job,
+        }
+    }
+}
+
+impl Drop for Started<'_> {
+    fn drop(&mut self) {
+        if let Ok(mine) = self.diff_ids.lock() {
+            self.compressor.forget(&mine);
+        }
+    }
+}
