@@ -146,8 +146,7 @@ async fn build_in(
         match result {
             Ok(drv) => building.push((i, drv)),
             Err(e) => {
-                let error = format!("nix-build containers/{}/default.nix failed: {e:#}", targets[i].name);
-                outcomes[i] = Some(Outcome::Failed { error, seconds: started.elapsed().as_secs_f64() });
+                outcomes[i] = Some(Outcome::Failed { error: format!("{e:#}"), seconds: started.elapsed().as_secs_f64() });
             }
         }
     }

@@ -10,6 +10,7 @@ use crate::output;
 use crate::progress::Progress;
 use crate::report::{self, Record, Status};
 use crate::settings::Settings;
+use crate::version;
 
 pub(crate) async fn run(settings: &Settings, args: BuildArgs) -> Result<()> {
     let progress = Progress::new(settings.quiet, settings.verbose);
@@ -54,6 +55,8 @@ pub(crate) async fn run(settings: &Settings, args: BuildArgs) -> Result<()> {
                 ..Record::new(&target.name, Status::Skipped)
             },
         };
+        let mut record = record;
+        record.version = version::declared(settings, &target.name);
         if args.many.json {
             output::line(serde_json::to_string(&record)?)?;
         }

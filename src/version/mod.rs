@@ -135,6 +135,14 @@ pub(crate) async fn versions(
     Ok(answers)
 }
 
+/// The version a container's own files declare, if any: no engine, no nixpkgs.
+pub(crate) fn declared(settings: &Settings, name: &str) -> Option<String> {
+    match from_files(settings, name, From::Auto, &Progress::new(true, false)) {
+        Ok(Lookup::Found(answer)) => Some(answer.version),
+        _ => None,
+    }
+}
+
 fn from_files(settings: &Settings, name: &str, from: From, progress: &Progress) -> Result<Lookup> {
     let attr = settings.packages.get(name).cloned().unwrap_or_else(|| name.to_string());
     let mut tried = Vec::new();
