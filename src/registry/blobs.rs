@@ -5,14 +5,24 @@
 //! gzip is libdeflate, one gzip member per 2 MiB of input: about twice zlib's speed at the
 //! same ratio. A gzip file may hold several members (RFC 1952 2.2); Go's readers, and so
 //! Docker, containerd, Podman and skopeo, read them all.
+//!
+//! [`Compressor`] runs compressions for a push session on all cores, each once per diff_id
+//! however many pushes want it.
 
+use std::collections::HashMap;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
+use futures::future::{BoxFuture, Shared};
+use futures::FutureExt;
 use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
 
 use super::manifest::Compression;
+use crate::archive::{Cancellable, EntryData};
 
 /// libdeflate level: 1 is within 5% of zlib -6's size at almost three times its speed.
 pub(crate) const GZIP_LEVEL: i32 = 1;
@@ -116,6 +126,102 @@ impl<W: Write> Write for Hashing<W> {
     }
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+/// A compression started early; shared so the layer that needs it (in any push of the
+/// session) can wait for it.
+pub(crate) type Pending = Shared<BoxFuture<'static, std::result::Result<Arc<Compressed>, Arc<anyhow::Error>>>>;
+
+/// Runs compressions on all cores, into temporary files of its own directory; stops them,
+/// and removes the files, when dropped.
+pub(crate) struct Compressor {
+    slots: Arc<Semaphore>,
+    work: tempfile::TempDir,
+    compression: Compression,
+    cancel: Arc<AtomicBool>,
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Compressions by diff_id, started or done; a push removes those it started when it ends.
+    pending: Mutex<HashMap<String, Pending>>,
+}
+
+impl Compressor {
+    pub(crate) fn new(compression: Compression) -> Result<Compressor> {
+        let work = tempfile::Builder::new()
+            .prefix("nixctr-push-")
+            .tempdir()
+            .context("cannot create a temporary directory (is TMPDIR writable?)")?;
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Ok(Compressor {
+            slots: Arc::new(Semaphore::new(cores)),
+            work,
+            compression,
+            cancel: Arc::default(),
+            tasks: Mutex::default(),
+            pending: Mutex::default(),
+        })
+    }
+
+    pub(crate) fn get(&self, diff_id: &str) -> Option<Pending> {
+        self.pending.lock().ok()?.get(diff_id).cloned()
+    }
+
+    /// The compression of `diff_id`, started now from `data` unless one is under way.
+    /// `Ok(job)` when started now, `Err(job)` when it was under way already.
+    pub(crate) fn start(&self, diff_id: &str, data: EntryData) -> std::result::Result<Pending, Pending> {
+        let Ok(mut pending) = self.pending.lock() else {
+            return Ok(self.spawn(data));
+        };
+        if let Some(job) = pending.get(diff_id) {
+            return Err(job.clone());
+        }
+        let job = self.spawn(data);
+        pending.insert(diff_id.to_string(), job.clone());
+        Ok(job)
+    }
+
+    pub(crate) fn forget(&self, diff_ids: &[String]) {
+        if let Ok(mut pending) = self.pending.lock() {
+            for diff_id in diff_ids {
+                pending.remove(diff_id);
+            }
+        }
+    }
+
+    fn spawn(&self, data: EntryData) -> Pending {
+        let (slots, work, compression, cancel) =
+            (self.slots.clone(), self.work.path().to_path_buf(), self.compression, self.cancel.clone());
+        let task = tokio::spawn(async move {
+            let _slot = slots.acquire_owned().await.map_err(|e| anyhow!("compression stopped: {e}"))?;
+            tokio::task::spawn_blocking(move || {
+                let reader = Cancellable { inner: data.reader()?, cancel };
+                compress(reader, compression, &work)
+            })
+            .await
+            .map_err(|e| anyhow!("compression stopped: {e}"))?
+        });
+        if let Ok(mut tasks) = self.tasks.lock() {
+            tasks.retain(|t| !t.is_finished());
+            tasks.push(task.abort_handle());
+        }
+        async move {
+            match task.await {
+                Ok(Ok(compressed)) => Ok(Arc::new(compressed)),
+                Ok(Err(e)) => Err(Arc::new(e)),
+                Err(e) => Err(Arc::new(anyhow!("compression stopped: {e}"))),
+            }
+        }
+        .boxed()
+        .shared()
+    }
+}
+
+impl Drop for Compressor {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+        if let Ok(tasks) = self.tasks.lock() {
+            tasks.iter().for_each(|t| t.abort());
+        }
     }
 }
 

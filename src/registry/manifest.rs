@@ -18,6 +18,7 @@ pub(crate) const ACCEPTED_MANIFEST_TYPES: [&str; 4] =
     [OCI_IMAGE_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE, IMAGE_MANIFEST_LIST_MEDIA_TYPE];
 
 /// The manifest schema to push.
+// pub: used by tests/it/push.rs
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ManifestFormat {
     /// OCI image manifest.
@@ -46,6 +47,7 @@ impl ManifestFormat {
 }
 
 /// How layers are compressed into blobs.
+// pub: used by tests/it/push.rs
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Compression {
     #[default]

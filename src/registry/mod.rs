@@ -44,7 +44,7 @@ pub struct RegistryConfig {
     pub ca_cert: Option<PathBuf>,
     /// From `--password-stdin`, already read by the caller; `None` looks them up per host.
     pub credentials: Option<Credentials>,
-    /// Blob uploads at once, per session.
+    /// Blob transfers at once, per session (`Default` leaves 0, which `check` refuses).
     pub jobs: usize,
     /// The blob cache file; `None` disables it. Callers pass `BlobCache::default_path()`.
     pub blob_cache: Option<PathBuf>,

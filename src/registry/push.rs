@@ -10,23 +10,21 @@
 //! (same inode, size, mtime, ctime) is not read again, unless a layer turns out to need
 //! compressing and the recalled archive cannot supply its bytes.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
-use futures::future::{BoxFuture, Shared};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use tokio::sync::Semaphore;
 
 use super::api::{manifest_type_refused, UploadBody};
-use super::blobs::{self, Compressed};
+use super::blobs::{Compressor, Pending};
 use super::cache::{BlobCache, CachedBlob};
 use super::client::Client;
 use super::manifest::{image_manifest, Compression, ManifestFormat};
 use super::{is_digest, plural, short, Reference, RegistryConfig};
-use crate::archive::{Archive, Cancellable, EntryData, SeenEntry};
+use crate::archive::{Archive, EntryData, SeenEntry};
 use crate::progress::{human_bytes, Progress};
 
 /// What one push did.
@@ -408,102 +406,6 @@ struct CancelOnDrop(Arc<AtomicBool>);
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Relaxed);
-    }
-}
-
-/// A compression started early; shared so the layer that needs it (in any push of the
-/// session) can wait for it.
-type Pending = Shared<BoxFuture<'static, std::result::Result<Arc<Compressed>, Arc<anyhow::Error>>>>;
-
-/// Runs compressions on all cores, into temporary files of its own directory; stops them,
-/// and removes the files, when dropped.
-struct Compressor {
-    slots: Arc<Semaphore>,
-    work: tempfile::TempDir,
-    compression: Compression,
-    cancel: Arc<AtomicBool>,
-    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
-    /// Compressions by diff_id, started or done; a push removes those it started when it ends.
-    pending: Mutex<HashMap<String, Pending>>,
-}
-
-impl Compressor {
-    fn new(compression: Compression) -> Result<Compressor> {
-        let work = tempfile::Builder::new()
-            .prefix("nixctr-push-")
-            .tempdir()
-            .context("cannot create a temporary directory (is TMPDIR writable?)")?;
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Ok(Compressor {
-            slots: Arc::new(Semaphore::new(cores)),
-            work,
-            compression,
-            cancel: Arc::default(),
-            tasks: Mutex::default(),
-            pending: Mutex::default(),
-        })
-    }
-
-    fn get(&self, diff_id: &str) -> Option<Pending> {
-        self.pending.lock().ok()?.get(diff_id).cloned()
-    }
-
-    /// The compression of `diff_id`, started now from `data` unless one is under way.
-    /// `Ok(job)` when started now, `Err(job)` when it was under way already.
-    fn start(&self, diff_id: &str, data: EntryData) -> std::result::Result<Pending, Pending> {
-        let Ok(mut pending) = self.pending.lock() else {
-            return Ok(self.spawn(data));
-        };
-        if let Some(job) = pending.get(diff_id) {
-            return Err(job.clone());
-        }
-        let job = self.spawn(data);
-        pending.insert(diff_id.to_string(), job.clone());
-        Ok(job)
-    }
-
-    fn forget(&self, diff_ids: &[String]) {
-        if let Ok(mut pending) = self.pending.lock() {
-            for diff_id in diff_ids {
-                pending.remove(diff_id);
-            }
-        }
-    }
-
-    fn spawn(&self, data: EntryData) -> Pending {
-        let (slots, work, compression, cancel) =
-            (self.slots.clone(), self.work.path().to_path_buf(), self.compression, self.cancel.clone());
-        let task = tokio::spawn(async move {
-            let _slot = slots.acquire_owned().await.map_err(|e| anyhow!("compression stopped: {e}"))?;
-            tokio::task::spawn_blocking(move || {
-                let reader = Cancellable { inner: data.reader()?, cancel };
-                blobs::compress(reader, compression, &work)
-            })
-            .await
-            .map_err(|e| anyhow!("compression stopped: {e}"))?
-        });
-        if let Ok(mut tasks) = self.tasks.lock() {
-            tasks.retain(|t| !t.is_finished());
-            tasks.push(task.abort_handle());
-        }
-        async move {
-            match task.await {
-                Ok(Ok(compressed)) => Ok(Arc::new(compressed)),
-                Ok(Err(e)) => Err(Arc::new(e)),
-                Err(e) => Err(Arc::new(anyhow!("compression stopped: {e}"))),
-            }
-        }
-        .boxed()
-        .shared()
-    }
-}
-
-impl Drop for Compressor {
-    fn drop(&mut self) {
-        self.cancel.store(true, Ordering::Relaxed);
-        if let Ok(tasks) = self.tasks.lock() {
-            tasks.iter().for_each(|t| t.abort());
-        }
     }
 }
 
