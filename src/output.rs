@@ -15,6 +15,13 @@ pub(crate) fn line(text: impl std::fmt::Display) -> Result<()> {
     Ok(())
 }
 
+/// Writes a whole result (a script, a page) to stdout, as [`line`] does.
+pub(crate) fn bytes(data: &[u8]) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(data).and_then(|()| out.flush())?;
+    Ok(())
+}
+
 /// A file written through a temporary file in the destination's directory, renamed over
 /// the destination only by [`AtomicFile::commit`]; dropped uncommitted, it leaves nothing.
 pub(crate) struct AtomicFile {

@@ -23,12 +23,14 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
     // These two need no project, engine or settings.
     match &cli.command {
         Command::Completions { shell } => {
-            clap_complete::generate(*shell, &mut Cli::command(), "nixctr", &mut std::io::stdout());
-            return Ok(());
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "nixctr", &mut script);
+            return crate::output::bytes(&script);
         }
         Command::Man => {
-            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
-            return Ok(());
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+            return crate::output::bytes(&page);
         }
         _ => {}
     }

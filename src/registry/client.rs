@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::error::Error as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use reqwest::header::{HeaderMap, AUTHORIZATION, WWW_AUTHENTICATE};
@@ -67,14 +67,15 @@ pub(crate) struct Rejected {
 /// When a streamed upload last made progress; a stall longer than [`ANSWER_TIMEOUT`] fails it.
 #[derive(Clone)]
 pub(crate) struct Activity {
-    start: Instant,
+    // tokio's clock, so tests can pause it.
+    start: tokio::time::Instant,
     /// Milliseconds from `start` to the last chunk sent.
     last: Arc<AtomicU64>,
 }
 
 impl Activity {
     pub fn new() -> Activity {
-        Activity { start: Instant::now(), last: Arc::default() }
+        Activity { start: tokio::time::Instant::now(), last: Arc::default() }
     }
 
     pub fn touch(&self) {
@@ -505,7 +506,8 @@ fn describe(e: &reqwest::Error) -> String {
 mod tests {
     use super::*;
 
-    #[tokio::test]
+    // Paused time: the clock moves only when every task waits, so this cannot flake.
+    #[tokio::test(start_paused = true)]
     async fn activity_stalls_only_when_idle() {
         let activity = Activity::new();
         let limit = Duration::from_millis(150);
@@ -518,10 +520,10 @@ mod tests {
                 }
             }
         };
-        let started = Instant::now();
+        let started = tokio::time::Instant::now();
         tokio::join!(toucher, activity.stalled(limit));
-        // Touched until 200 ms, so the stall ends no earlier than 200 + 150 ms.
-        assert!(started.elapsed() >= Duration::from_millis(340), "{:?}", started.elapsed());
+        // Touched until 200 ms, so the stall ends at 200 + 150 ms.
+        assert_eq!(started.elapsed().as_millis(), 350);
     }
 
     #[tokio::test]
