@@ -5,6 +5,11 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// The command line of this process; exits with clap's usage error (code 2) when it does not parse.
+pub fn parse() -> Cli {
+    Cli::parse()
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "nixctr",
