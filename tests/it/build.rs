@@ -292,6 +292,32 @@ fn gc_keeps_live_runs_and_removes_what_a_killed_run_left() {
     }
 }
 
+/// `gc --all` removes the container of a run that is still going, too. It may remove other
+/// tests' containers, so it has the engines to itself.
+#[test]
+fn gc_all_removes_the_containers_of_live_runs_too() {
+    for engine in engines_exclusive() {
+        let fx = Fixture::new();
+        let child = start_slow_build(&fx, &engine);
+        let pid = child.pid();
+        child.signal(libc::SIGSTOP);
+        container_of(&engine, pid);
+        fx.nixctr(Some(&engine)).args(["gc", "--all", "-v"]).run().success();
+        assert!(
+            engine.nixctr_containers(Some(pid)).is_empty(),
+            "{}: gc --all kept a live run's container",
+            engine.name
+        );
+        assert!(engine.nixctr_containers(None).is_empty(), "{}: gc --all left containers", engine.name);
+        // The run, woken, finds its container gone: an error, not a hang or a panic.
+        child.signal(libc::SIGCONT);
+        let out = child.wait();
+        assert_ne!(out.code(), Some(0), "{}: the build succeeded without its container", engine.name);
+        out.stderr_lacks("panicked");
+        assert_no_containers_left(&engine, &out);
+    }
+}
+
 #[test]
 fn cache_ls_lists_the_store_volume_of_the_nix_image() {
     for engine in engines() {
@@ -302,6 +328,76 @@ fn cache_ls_lists_the_store_volume_of_the_nix_image() {
         let id = engine.image_id(NIX_IMAGE).unwrap();
         let volume = engine.store_volume_of(NIX_IMAGE);
         assert!(out.stdout().contains(&format!("{volume}\t{id}\n")), "{}: {}", engine.name, out.stdout());
+    }
+}
+
+/// `cache rm` removes the store volume of the current nix image only. The image here is one
+/// the test builds `FROM` the nix image (its own ID, so its own volume), so no other test's
+/// store goes.
+#[test]
+fn cache_rm_removes_the_current_images_volume_only() {
+    for engine in engines() {
+        let fx = Fixture::new();
+        let derived = engine.derived_nix_image(&unique("rm"), fx.path());
+        let main_volume = engine.store_volume_of(NIX_IMAGE);
+        fx.nixctr(Some(&engine)).args(["version", "curl"]).run().success();
+        fx.nixctr(Some(&engine)).args(["--nix-image", &derived, "version", "curl"]).run().success();
+        let volume = engine.store_volume_of(&derived);
+        assert_ne!(volume, main_volume);
+        let id = engine.image_id(&derived).unwrap();
+        let listed = fx.nixctr(Some(&engine)).args(["cache", "ls"]).run();
+        listed.success();
+        assert!(listed.stdout().contains(&format!("{volume}\t{id}\n")), "{}: {}", engine.name, listed.stdout());
+        assert!(engine.volumes().contains(&volume));
+
+        let out = fx.nixctr(Some(&engine)).args(["--nix-image", &derived, "cache", "rm"]).run();
+        out.success();
+        assert_eq!(out.stdout(), format!("{volume}\n"), "{}", engine.name);
+        let volumes = engine.volumes();
+        assert!(!volumes.contains(&volume), "{}: {volume} is still there", engine.name);
+        assert!(volumes.contains(&main_volume), "{}: cache rm took {main_volume} too", engine.name);
+        let listed = fx.nixctr(Some(&engine)).args(["cache", "ls"]).run();
+        assert!(!listed.success().stdout().contains(&volume), "{}", listed.stdout());
+
+        // Nothing left to remove: an error that says how to see what there is.
+        fx.nixctr(Some(&engine))
+            .args(["--nix-image", &derived, "cache", "rm"])
+            .run()
+            .assert_exit(1)
+            .stderr_has("no store volume for")
+            .stderr_has("cache ls");
+        engine.remove_image(&derived);
+    }
+}
+
+/// `cache rm --all` removes every store volume, whatever image it belongs to. Other tests'
+/// builds use those volumes, so this one has the engines to itself.
+#[test]
+fn cache_rm_all_removes_every_store_volume() {
+    for engine in engines_exclusive() {
+        let fx = Fixture::new();
+        let derived = engine.derived_nix_image(&unique("rmall"), fx.path());
+        fx.nixctr(Some(&engine)).args(["version", "curl"]).run().success();
+        fx.nixctr(Some(&engine)).args(["--nix-image", &derived, "version", "curl"]).run().success();
+        let expected = [engine.store_volume_of(NIX_IMAGE), engine.store_volume_of(&derived)];
+        let out = fx.nixctr(Some(&engine)).args(["cache", "rm", "--all"]).run();
+        out.success();
+        for volume in &expected {
+            assert!(
+                out.stdout().lines().any(|l| l == volume),
+                "{}: {volume} not listed: {}",
+                engine.name,
+                out.stdout()
+            );
+        }
+        let left: Vec<String> = engine.volumes().into_iter().filter(|v| v.starts_with("nixctr-store-")).collect();
+        assert!(left.is_empty(), "{}: cache rm --all left {left:?}", engine.name);
+        let listed = fx.nixctr(Some(&engine)).args(["cache", "ls"]).run();
+        assert_eq!(listed.success().stdout(), "", "{}", engine.name);
+        engine.remove_image(&derived);
+        // The next build makes a fresh store again.
+        fx.nixctr(Some(&engine)).args(["build", "hello", "-q"]).deadline(COLD_BUILD_DEADLINE).run().success();
+        assert!(engine.volumes().contains(&expected[0]), "{}: no fresh store volume", engine.name);
     }
 }
 
