@@ -2,7 +2,7 @@
 //! skopeo and the engine.
 
 use crate::harness::*;
-use crate::registry_harness::Registry;
+use crate::registry_harness::{Registry, TestImage};
 
 #[test]
 fn publish_builds_and_pushes_under_the_version_tag() {
@@ -117,4 +117,77 @@ fn publish_without_a_registry_says_how_to_name_one() {
     let fx = Fixture::new();
     fx.git_commit_all();
     fx.nixctr(None).args(["publish", "hello", "--version", "1"]).run().assert_exit(1).stderr_has("--registry");
+}
+
+/// A small archive for the publish tests that need no engine.
+fn test_archive(fx: &Fixture) -> String {
+    TestImage::new(2, 10_000, 40).write(fx.path(), "prebuilt", false).to_str().unwrap().to_string()
+}
+
+/// `--tag` gives the tag whole; `tag` in nixctr.toml is the template; `--tag` beats it.
+#[test]
+fn publish_tag_flag_and_the_tag_template() {
+    let fx = Fixture::new();
+    fx.git_commit_all();
+    let archive = test_archive(&fx);
+    let registry = Registry::plain();
+    let host = registry.host();
+    let publish = |extra: &[&str]| {
+        fx.nixctr(None)
+            .args(["--engine", "unix:///nonexistent.sock", "publish", "hello", "--archive", &archive])
+            .args(["--registry", &host])
+            .args(extra)
+            .run()
+    };
+
+    let out = publish(&["--tag", "custom-1"]);
+    assert!(out.success().stdout().starts_with(&format!("{host}/hello:custom-1@sha256:")), "{}", out.stdout());
+    assert!(registry.skopeo_inspect("hello:custom-1", false).is_some());
+
+    let config = fx.read("nixctr.toml");
+    fx.write("nixctr.toml", &format!("tag = \"{{version}}-build-{{sha}}\"\n{config}"));
+    let head = fx.git_commit_all();
+    let out = publish(&["--version", "v2.12.1", "--json"]);
+    out.success();
+    let json: serde_json::Value = serde_json::from_str(out.stdout().trim()).unwrap();
+    let tag = format!("v2.12.1-build-{}", &head[..7]);
+    assert_eq!(json["tag"], tag, "{json}");
+    assert_eq!(json["ref"], format!("{host}/hello:{tag}"));
+    assert_eq!(registry.skopeo_inspect(&format!("hello:{tag}"), false).expect("inspect")["Digest"], json["digest"]);
+
+    let out = publish(&["--version", "v2.12.1", "--tag", "custom-2", "--json"]);
+    out.success();
+    let json: serde_json::Value = serde_json::from_str(out.stdout().trim()).unwrap();
+    assert_eq!(json["tag"], "custom-2", "--tag beats the template: {json}");
+    assert!(registry.skopeo_inspect("hello:custom-2", false).is_some());
+}
+
+/// `NIXCTR_REGISTRY` names the registry: over `registry` in nixctr.toml, under `--registry`.
+#[test]
+fn nixctr_registry_environment_variable() {
+    let fx = Fixture::new();
+    fx.git_commit_all();
+    let archive = test_archive(&fx);
+    let registry = Registry::plain();
+    let nowhere = crate::registry_harness::ClosedPort::new();
+    let bad = format!("127.0.0.1:{}", nowhere.port);
+    let config = fx.read("nixctr.toml");
+    fx.write("nixctr.toml", &format!("registry = \"{bad}\"\n{config}"));
+    fx.git_commit_all();
+    let publish = |tag: &str| {
+        let mut cmd = fx.nixctr(None);
+        cmd.args(["--engine", "unix:///nonexistent.sock", "publish", "hello", "--archive", &archive, "--tag", tag]);
+        cmd
+    };
+
+    // The file alone: its registry is tried (and is not there).
+    publish("from-file").run().assert_exit(1).stderr_has(&bad);
+    // The environment over the file.
+    let out = publish("from-env").env("NIXCTR_REGISTRY", registry.host()).run();
+    assert!(out.success().stdout().starts_with(&format!("{}/hello:from-env@", registry.host())), "{}", out.stdout());
+    assert!(registry.skopeo_inspect("hello:from-env", false).is_some());
+    // The flag over the environment.
+    let out = publish("from-flag").env("NIXCTR_REGISTRY", &bad).args(["--registry", &registry.host()]).run();
+    assert!(out.success().stdout().starts_with(&format!("{}/hello:from-flag@", registry.host())), "{}", out.stdout());
+    assert!(registry.skopeo_inspect("hello:from-flag", false).is_some());
 }
