@@ -445,6 +445,30 @@ fn write_credential_helper(home: &Sandbox, name: &str, log: &Path) {
     std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
 }
 
+/// Docker's config naming a `credsStore`: the helper of that name on PATH logs nixctr in.
+#[test]
+fn creds_store_helper_logs_in() {
+    let (registry, home) = (Registry::tls_with_auth(), home());
+    let image = TestImage::new(2, 20_000, 17);
+    let archive = image.write(home.path(), "img", false);
+    let ca = registry.ca_cert();
+    let log = home.path().join("store-stdin");
+    write_credential_helper(&home, "teststore", &log);
+    std::fs::write(home.docker_config().join("config.json"), r#"{"credsStore": "teststore"}"#).expect("write");
+    let reference = format!("{}/store/app:1", registry.host());
+    let run = home.nixctr().args(["push", "--ca-cert"]).arg(&ca).arg(&archive).arg(&reference).run();
+    run.success();
+    assert_no_password(&run);
+    assert_eq!(std::fs::read_to_string(&log).expect("the credsStore helper ran").trim(), registry.host());
+    check_with_skopeo(&registry, "store/app:1", &run.digest(&reference), &image, OCI_GZIP, home.path());
+
+    // Without the helper on PATH the push is anonymous, and refused.
+    std::fs::remove_file(home.bin().join("docker-credential-teststore")).expect("rm");
+    let reference = format!("{}/store/app:2", registry.host());
+    home.nixctr().args(["push", "--ca-cert"]).arg(&ca).arg(&archive).arg(&reference).run().failure();
+    assert!(registry.skopeo_inspect("store/app:2", false).is_none());
+}
+
 fn base64_encode(s: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(s)
