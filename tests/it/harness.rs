@@ -470,7 +470,12 @@ pub struct Cmd {
 impl Cmd {
     /// The nixctr binary in `sandbox`'s hermetic environment, working in the sandbox root.
     pub fn nixctr(sandbox: &Sandbox) -> Cmd {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixctr"));
+        Cmd::hermetic(env!("CARGO_BIN_EXE_nixctr"), "nixctr", sandbox)
+    }
+
+    /// `program` in `sandbox`'s hermetic environment.
+    fn hermetic(program: &str, shown: &str, sandbox: &Sandbox) -> Cmd {
+        let mut cmd = Command::new(program);
         let home = sandbox.path();
         cmd.env_clear()
             .current_dir(home)
@@ -487,7 +492,7 @@ impl Cmd {
             .env("XDG_CONFIG_HOME", home.join(".config"))
             .env("XDG_RUNTIME_DIR", home.join("run"))
             .env("REGISTRY_AUTH_FILE", home.join("registry-auth.json"));
-        Cmd::wrap(cmd, "nixctr".to_string())
+        Cmd::wrap(cmd, shown.to_string())
     }
 
     /// A helper program, with the environment of the test process.
@@ -867,4 +872,56 @@ pub fn wait_until<T>(what: &str, within: Duration, mut probe: impl FnMut() -> Op
         std::thread::sleep(pause); // a poll interval, not a synchronisation
         pause = (pause * 2).min(Duration::from_millis(200));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The harness's own promises.
+
+#[test]
+#[should_panic(expected = "ran over its deadline of 1s and was killed")]
+fn harness_kills_a_run_past_its_deadline() {
+    Cmd::tool("sleep").arg("60").deadline(Duration::from_secs(1)).run();
+}
+
+#[test]
+fn harness_environment_is_hermetic() {
+    let sandbox = Sandbox::new();
+    // The environment nixctr gets, shown by env(1): only what the harness sets, and a test adds.
+    let out = Cmd::hermetic("/usr/bin/env", "env", &sandbox).env("EXTRA", "1").run();
+    out.success();
+    let mut names: Vec<String> = out.stdout().lines().filter_map(|l| Some(l.split_once('=')?.0.to_string())).collect();
+    names.sort();
+    let expected = [
+        "DOCKER_CONFIG",
+        "EXTRA",
+        "HOME",
+        "LANG",
+        "PATH",
+        "REGISTRY_AUTH_FILE",
+        "TMPDIR",
+        "USER",
+        "XDG_CACHE_HOME",
+        "XDG_CONFIG_HOME",
+        "XDG_RUNTIME_DIR",
+    ];
+    assert_eq!(names, expected);
+    let home = sandbox.path().to_str().unwrap();
+    for line in out.stdout().lines() {
+        let (var, value) = line.split_once('=').unwrap();
+        if ["HOME", "DOCKER_CONFIG", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_RUNTIME_DIR", "REGISTRY_AUTH_FILE"]
+            .contains(&var)
+        {
+            assert!(value.starts_with(home), "{var}={value} is outside the sandbox");
+        }
+    }
+}
+
+#[test]
+fn harness_reads_stderr_lines_of_a_live_process() {
+    let mut child = Cmd::tool("sh").args(["-c", "echo one >&2; echo two >&2; exec sleep 60"]).spawn();
+    assert_eq!(child.wait_for_line("two", Duration::from_secs(30), |l| l == "two"), "two");
+    child.signal(libc::SIGTERM);
+    let out = child.wait();
+    assert_eq!(out.stderr(), "one\ntwo\n");
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&out.status), Some(libc::SIGTERM));
 }
