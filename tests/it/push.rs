@@ -1,87 +1,43 @@
 //! `nixctr push` against real registries; what it pushed is read back with skopeo and the
-//! Docker engine, which nixctr did not write.
+//! engines, which nixctr did not write.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use crate::harness::*;
 use crate::registry_harness::{
-    error_answer, nixctr, run_ok, sha256, write_archive, Proxy, Registry, TestImage, TokenServer, PASSWORD, USER,
+    error_answer, run_ok, sha256, write_archive, ClosedPort, Proxy, Registry, TestImage, TokenServer, PASSWORD, USER,
 };
 
-struct Run {
-    ok: bool,
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
+/// `nixctr push ARGS…` in `home`'s sandbox.
+#[track_caller]
+fn push(home: &Sandbox, args: &[&str]) -> Output {
+    home.nixctr().arg("push").args(args).run()
 }
 
-fn push(home: &Path, args: &[&str]) -> Run {
-    push_with(nixctr(home).arg("push").args(args), None)
+/// What the push tests read from a run's output.
+trait PushOutput {
+    fn failure(&self) -> &Self;
+    fn digest(&self, reference: &str) -> String;
+    fn counts(&self) -> (usize, usize, usize);
 }
 
-/// Runs nixctr; a run that outlives [`DEADLINE`] is killed and fails the test, so a hang
-/// shows as a failure rather than a stuck suite.
-fn push_with(cmd: &mut Command, stdin: Option<&str>) -> Run {
-    if stdin.is_some() {
-        cmd.stdin(Stdio::piped());
-    }
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run nixctr");
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes()).expect("write stdin");
-    }
-    let collect = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_string(&mut text);
-            }
-            text
-        })
-    };
-    let stdout = collect(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let stderr = collect(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for nixctr") {
-            break status;
-        }
-        if started.elapsed() > DEADLINE {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("nixctr ran over {DEADLINE:?}: {cmd:?}\nstderr: {}", stderr.join().unwrap_or_default());
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    Run {
-        ok: status.success(),
-        code: status.code(),
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-    }
-}
-
-const DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
-
-impl Run {
+impl PushOutput for Output {
+    /// Exit code 1 with an `error: ` line.
     #[track_caller]
-    fn success(self) -> Run {
-        assert!(self.ok, "nixctr push failed ({:?})\nstdout: {}\nstderr: {}", self.code, self.stdout, self.stderr);
-        self
-    }
-
-    #[track_caller]
-    fn failure(self) -> Run {
-        assert!(!self.ok, "nixctr push should have failed\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
-        assert_eq!(self.code, Some(1), "exit code; stderr: {}", self.stderr);
-        assert!(self.stderr.starts_with("error: ") || self.stderr.contains("\nerror: "), "{}", self.stderr);
+    fn failure(&self) -> &Output {
+        self.assert_exit(1);
+        let err = self.stderr();
+        assert!(err.starts_with("error: ") || err.contains("\nerror: "), "{err}");
         self
     }
 
     /// The digest from the `REF@sha256:…` line.
     #[track_caller]
     fn digest(&self, reference: &str) -> String {
-        let line = self.stdout.trim();
+        let stdout = self.stdout();
+        let line = stdout.trim();
         let digest = line
             .strip_prefix(&format!("{reference}@"))
             .unwrap_or_else(|| panic!("stdout {line:?} is not {reference}@sha256:…"));
@@ -92,11 +48,11 @@ impl Run {
     /// (pushed, already there, mounted) from the summary line.
     #[track_caller]
     fn counts(&self) -> (usize, usize, usize) {
-        let line = self
-            .stderr
+        let stderr = self.stderr();
+        let line = stderr
             .lines()
             .find(|l| l.starts_with("pushed ") && l.contains("already there"))
-            .unwrap_or_else(|| panic!("no summary line in {}", self.stderr));
+            .unwrap_or_else(|| panic!("no summary line in {stderr}"));
         let numbers: Vec<usize> = line
             .split(|c: char| !c.is_ascii_digit() && c != '.')
             .filter(|s| !s.is_empty() && !s.contains('.'))
@@ -148,8 +104,9 @@ const OCI_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const OCI_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 const DOCKER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
-fn home() -> tempfile::TempDir {
-    tempfile::tempdir().expect("temp dir")
+/// The test's sandbox: HOME, caches and credential files of its nixctr runs.
+fn home() -> Sandbox {
+    Sandbox::new()
 }
 
 #[test]
@@ -158,7 +115,8 @@ fn pushes_plain_tar_readable_by_skopeo() {
     let image = TestImage::new(4, 200_000, 1);
     let archive = image.write(home.path(), "img", false);
     let reference = format!("{}/team/app:v1", registry.host());
-    let run = push(home.path(), &[archive.to_str().expect("path"), &reference]).success();
+    let run = push(&home, &[archive.to_str().expect("path"), &reference]);
+    run.success();
     let digest = run.digest(&reference);
     assert_eq!(run.counts(), (4, 0, 0));
     check_with_skopeo(&registry, "team/app:v1", &digest, &image, OCI_GZIP, home.path());
@@ -170,40 +128,42 @@ fn pushes_gzip_archive_readable_by_skopeo() {
     let image = TestImage::new(3, 100_000, 2);
     let archive = image.write(home.path(), "img", true);
     let reference = format!("{}/app:gz", registry.host());
-    let run = push(home.path(), &[archive.to_str().expect("path"), &reference]).success();
+    let run = push(&home, &[archive.to_str().expect("path"), &reference]);
+    run.success();
     check_with_skopeo(&registry, "app:gz", &run.digest(&reference), &image, OCI_GZIP, home.path());
 }
 
-/// Pulls and runs through the Docker engine. Fails (does not skip) without an engine.
-fn docker_runs(reference: &str) {
-    let version = Command::new("docker").args(["version", "--format", "{{.Server.Version}}"]).output();
-    match version {
-        Ok(out) if out.status.success() => {}
-        other => panic!(
-            "no Docker engine answers at unix:///var/run/docker.sock ({other:?}); start one with scripts/setup.sh"
-        ),
+/// Pulls and runs through `engine`.
+fn engine_runs(engine: &TestEngine, reference: &str) {
+    let mut pull = engine.cli();
+    pull.arg("pull").arg("-q");
+    if engine.name == "podman" {
+        pull.arg("--tls-verify=false"); // podman's CLI wants https even on loopback
     }
-    run_ok(Command::new("docker").args(["pull", "-q", reference]));
-    let out = run_ok(Command::new("docker").args(["run", "--rm", reference, "/bin/busybox", "echo", "ok"]));
-    let _ = Command::new("docker").args(["rmi", "-f", reference]).output();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    run_ok(pull.arg(reference));
+    let out = run_ok(engine.cli().args(["run", "--rm", "--network", "none", reference, "/bin/busybox", "echo", "ok"]));
+    engine.cli().args(["rmi", "-f", reference]).run();
+    assert_eq!(out.stdout().trim(), "ok", "{}", engine.name);
 }
 
 #[test]
-fn docker_engine_pulls_and_runs_oci_and_docker_formats() {
+fn engines_pull_and_run_oci_and_docker_formats() {
     let (registry, home) = (Registry::plain(), home());
     let image = TestImage::new(3, 50_000, 3);
     let archive = image.write(home.path(), "img", true);
     let archive = archive.to_str().expect("path");
     let oci = format!("{}/engine/oci:1", registry.host());
-    push(home.path(), &[archive, &oci]).success();
-    docker_runs(&oci);
+    push(&home, &[archive, &oci]).success();
     let docker = format!("{}/engine/docker:1", registry.host());
-    let run = push(home.path(), &["--format", "docker", archive, &docker]).success();
+    let run = push(&home, &["--format", "docker", archive, &docker]);
+    run.success();
     let raw = registry.skopeo_inspect("engine/docker:1", true).expect("inspect");
     assert_eq!(raw["mediaType"], "application/vnd.docker.distribution.manifest.v2+json");
     check_with_skopeo(&registry, "engine/docker:1", &run.digest(&docker), &image, DOCKER_GZIP, home.path());
-    docker_runs(&docker);
+    for engine in engines() {
+        engine_runs(&engine, &oci);
+        engine_runs(&engine, &docker);
+    }
 }
 
 #[test]
@@ -212,14 +172,12 @@ fn zstd_layers() {
     let image = TestImage::new(3, 100_000, 4);
     let archive = image.write(home.path(), "img", false);
     let reference = format!("{}/app:zstd", registry.host());
-    let run = push(home.path(), &["--compression", "zstd", archive.to_str().expect("path"), &reference]).success();
+    let run = push(&home, &["--compression", "zstd", archive.to_str().expect("path"), &reference]);
+    run.success();
     check_with_skopeo(&registry, "app:zstd", &run.digest(&reference), &image, OCI_ZSTD, home.path());
-    let run = push(
-        home.path(),
-        &["--compression", "zstd", "--format", "docker", archive.to_str().expect("path"), &reference],
-    )
-    .failure();
-    assert!(run.stderr.contains("--compression zstd needs --format oci"), "{}", run.stderr);
+    let run =
+        push(&home, &["--compression", "zstd", "--format", "docker", archive.to_str().expect("path"), &reference]);
+    run.failure().stderr_has("--compression zstd needs --format oci");
 }
 
 #[test]
@@ -228,25 +186,28 @@ fn repush_skips_and_one_changed_layer_sends_one() {
     let image = TestImage::new(5, 300_000, 5);
     let archive = image.write(home.path(), "img", false);
     let first = format!("{}/app:1", registry.host());
-    push(home.path(), &[archive.to_str().expect("path"), &first]).success();
+    push(&home, &[archive.to_str().expect("path"), &first]).success();
 
     // Same layers, new tag: nothing but the manifest goes over.
     let second = format!("{}/app:2", registry.host());
-    let run = push(home.path(), &["-v", archive.to_str().expect("path"), &second]).success();
-    assert_eq!(run.counts(), (0, 5, 0), "{}", run.stderr);
-    assert!(run.stderr.contains("unchanged since nixctr last checked it"), "{}", run.stderr);
+    let run = push(&home, &["-v", archive.to_str().expect("path"), &second]);
+    run.success();
+    assert_eq!(run.counts(), (0, 5, 0), "{}", run.stderr());
+    run.stderr_has("unchanged since nixctr last checked it");
 
     // Without the cache the registry still has every blob: compression is deterministic.
     std::fs::remove_dir_all(home.path().join("cache")).expect("remove cache");
-    let run = push(home.path(), &[archive.to_str().expect("path"), &second]).success();
-    assert_eq!(run.counts(), (0, 5, 0), "{}", run.stderr);
+    let run = push(&home, &[archive.to_str().expect("path"), &second]);
+    run.success();
+    assert_eq!(run.counts(), (0, 5, 0), "{}", run.stderr());
 
     let changed = TestImage::new(5, 300_000, 5).with_changed_layer(3, "once");
     let archive = changed.write(home.path(), "changed", false);
     let third = format!("{}/app:3", registry.host());
     let before = registry.blob_bytes();
-    let run = push(home.path(), &[archive.to_str().expect("path"), &third]).success();
-    assert_eq!(run.counts(), (1, 4, 0), "{}", run.stderr);
+    let run = push(&home, &[archive.to_str().expect("path"), &third]);
+    run.success();
+    assert_eq!(run.counts(), (1, 4, 0), "{}", run.stderr());
     let grown = registry.blob_bytes() - before;
     assert!(grown < 300_000, "one ~160 kB layer and a config should be new, got {grown} bytes");
     check_with_skopeo(&registry, "app:3", &run.digest(&third), &changed, OCI_GZIP, home.path());
@@ -257,11 +218,12 @@ fn mounts_from_another_repository() {
     let (registry, home) = (Registry::plain(), home());
     let image = TestImage::new(3, 200_000, 6);
     let archive = image.write(home.path(), "img", false);
-    push(home.path(), &[archive.to_str().expect("path"), &format!("{}/one/app:1", registry.host())]).success();
+    push(&home, &[archive.to_str().expect("path"), &format!("{}/one/app:1", registry.host())]).success();
     let reference = format!("{}/two/app:1", registry.host());
-    let run = push(home.path(), &[archive.to_str().expect("path"), &reference]).success();
-    assert_eq!(run.counts(), (0, 0, 3), "{}", run.stderr);
-    assert!(run.stderr.contains("mounted from one/app"), "{}", run.stderr);
+    let run = push(&home, &[archive.to_str().expect("path"), &reference]);
+    run.success();
+    assert_eq!(run.counts(), (0, 0, 3), "{}", run.stderr());
+    run.stderr_has("mounted from one/app");
     check_with_skopeo(&registry, "two/app:1", &run.digest(&reference), &image, OCI_GZIP, home.path());
 }
 
@@ -270,8 +232,9 @@ fn quiet_prints_only_the_reference() {
     let (registry, home) = (Registry::plain(), home());
     let archive = TestImage::new(2, 10_000, 7).write(home.path(), "img", false);
     let reference = format!("{}/app:q", registry.host());
-    let run = push(home.path(), &["-q", archive.to_str().expect("path"), &reference]).success();
-    assert_eq!(run.stderr, "");
+    let run = push(&home, &["-q", archive.to_str().expect("path"), &reference]);
+    run.success();
+    assert_eq!(run.stderr(), "");
     run.digest(&reference);
 }
 
@@ -284,34 +247,33 @@ fn bad_archives_and_references_are_clear_errors() {
     let reference = format!("{}/app:bad", registry.host());
 
     let truncated = write_archive(home.path(), "truncated", &good[..good.len() / 2], false);
-    let run = push(home.path(), &[truncated.to_str().expect("path"), &reference]).failure();
-    assert!(run.stderr.contains("truncated") && run.stderr.contains("truncated.tar"), "{}", run.stderr);
+    let run = push(&home, &[truncated.to_str().expect("path"), &reference]);
+    run.failure().stderr_has("truncated").stderr_has("truncated.tar");
 
     let truncated_gz = write_archive(home.path(), "truncated", &good[..good.len() - 5000], true);
     let gz = std::fs::read(&truncated_gz).expect("read");
     std::fs::write(&truncated_gz, &gz[..gz.len() * 2 / 3]).expect("write");
-    let run = push(home.path(), &[truncated_gz.to_str().expect("path"), &reference]).failure();
-    assert!(run.stderr.contains("truncated") || run.stderr.contains("corrupt"), "{}", run.stderr);
+    let run = push(&home, &[truncated_gz.to_str().expect("path"), &reference]);
+    run.failure();
+    assert!(run.stderr().contains("truncated") || run.stderr().contains("corrupt"), "{}", run.stderr());
 
     let mut ids = image.diff_ids();
     ids[1] = sha256(b"something else");
     let mismatch = write_archive(home.path(), "mismatch", &image.archive_bytes(Some(ids)), true);
-    let run = push(home.path(), &[mismatch.to_str().expect("path"), &reference]).failure();
-    assert!(run.stderr.contains("layer 2") && run.stderr.contains("diff_id"), "{}", run.stderr);
+    let run = push(&home, &[mismatch.to_str().expect("path"), &reference]);
+    run.failure().stderr_has("layer 2").stderr_has("diff_id");
 
     let text = home.path().join("notes.txt");
     std::fs::write(&text, "these are not the layers you are looking for\n".repeat(40)).expect("write");
-    let run = push(home.path(), &[text.to_str().expect("path"), &reference]).failure();
-    assert!(run.stderr.contains("not a docker-archive"), "{}", run.stderr);
+    push(&home, &[text.to_str().expect("path"), &reference]).failure().stderr_has("not a docker-archive");
 
     let missing = home.path().join("missing.tar");
-    let run = push(home.path(), &[missing.to_str().expect("path"), &reference]).failure();
-    assert!(run.stderr.contains("cannot open archive") && run.stderr.contains("missing.tar"), "{}", run.stderr);
+    let run = push(&home, &[missing.to_str().expect("path"), &reference]);
+    run.failure().stderr_has("cannot open archive").stderr_has("missing.tar");
 
     let archive = image.write(home.path(), "good", false);
     for bad in ["app:1", "team/app:1", &format!("{}/Team/app:1", registry.host())] {
-        let run = push(home.path(), &[archive.to_str().expect("path"), bad]).failure();
-        assert!(run.stderr.contains(&format!("{bad:?}")), "{}", run.stderr);
+        push(&home, &[archive.to_str().expect("path"), bad]).failure().stderr_has(&format!("{bad:?}"));
     }
 
     let catalog = reqwest_free_get(&format!("{}/v2/_catalog", registry.host()));
@@ -320,8 +282,10 @@ fn bad_archives_and_references_are_clear_errors() {
 
 /// A tiny HTTP GET over a TcpStream, so the test reads the catalog with no client of ours.
 fn reqwest_free_get(host_path: &str) -> String {
+    use std::io::Write;
     let (host, path) = host_path.split_once('/').expect("host/path");
     let mut stream = std::net::TcpStream::connect(host).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
     write!(stream, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").expect("write");
     let mut answer = String::new();
     stream.read_to_string(&mut answer).expect("read");
@@ -332,19 +296,20 @@ fn reqwest_free_get(host_path: &str) -> String {
 fn unreachable_registry_is_a_clear_error() {
     let home = home();
     let archive = TestImage::new(2, 10_000, 9).write(home.path(), "img", false);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let closed = ClosedPort::new();
+    let port = closed.port;
     let reference = format!("127.0.0.1:{port}/app:1");
-    let run = push(home.path(), &[archive.to_str().expect("path"), &reference]).failure();
-    assert!(run.stderr.contains(&format!("cannot reach registry 127.0.0.1:{port}")), "{}", run.stderr);
-    assert!(run.stderr.contains("refused"), "{}", run.stderr);
+    let run = push(&home, &[archive.to_str().expect("path"), &reference]);
+    run.failure().stderr_has(&format!("cannot reach registry 127.0.0.1:{port}")).stderr_has("refused");
 }
 
-fn assert_no_password(run: &Run) {
+#[track_caller]
+fn assert_no_password(run: &Output) {
     assert!(
-        !run.stdout.contains(PASSWORD) && !run.stderr.contains(PASSWORD),
+        !run.stdout().contains(PASSWORD) && !run.stderr().contains(PASSWORD),
         "password leaked: {}{}",
-        run.stdout,
-        run.stderr
+        run.stdout(),
+        run.stderr()
     );
 }
 
@@ -360,39 +325,35 @@ fn credential_sources_and_tls() {
     let target = |tag: &str| format!("{}/secure/app:{tag}", registry.host());
 
     // No CA: the certificate check fails and says how to fix it.
-    let run = push(home.path(), &[&archive, &target("noca")]).failure();
-    assert!(run.stderr.contains("--ca-cert"), "{}", run.stderr);
+    push(&home, &[&archive, &target("noca")]).failure().stderr_has("--ca-cert");
 
     // Anonymous: told to log in.
-    let run = push(home.path(), &["--ca-cert", ca, &archive, &target("anon")]).failure();
-    assert!(run.stderr.contains("requires credentials"), "{}", run.stderr);
+    push(&home, &["--ca-cert", ca, &archive, &target("anon")]).failure().stderr_has("requires credentials");
 
     // --username + --password-stdin.
     let with_stdin = |password: &str, tag: &str| {
         let args = ["push", "--ca-cert", ca, "--username", USER, "--password-stdin", &archive, &target(tag)];
-        push_with(nixctr(home.path()).args(args), Some(password))
+        home.nixctr().args(args).stdin(password).run()
     };
-    let run = with_stdin(&format!("{PASSWORD}\n"), "stdin").success();
+    let run = with_stdin(&format!("{PASSWORD}\n"), "stdin");
+    run.success();
     assert_no_password(&run);
     check_with_skopeo(&registry, "secure/app:stdin", &run.digest(&target("stdin")), &image, OCI_GZIP, home.path());
 
     // Wrong password: a 401 naming the user and the source, never the password.
-    let run = with_stdin("not-the-password", "wrong").failure();
-    assert!(
-        run.stderr.contains("401") && run.stderr.contains(USER) && run.stderr.contains("--password-stdin"),
-        "{}",
-        run.stderr
-    );
-    assert!(!run.stderr.contains("not-the-password"), "{}", run.stderr);
+    let run = with_stdin("not-the-password", "wrong");
+    run.failure().stderr_has("401").stderr_has(USER).stderr_has("--password-stdin");
+    run.stderr_lacks("not-the-password");
     assert!(registry.skopeo_inspect("secure/app:wrong", false).is_none());
 
     // A push with the CA and `env` set: it must succeed without showing the password.
     let push_as = |env: &[(&str, &std::ffi::OsStr)], tag: &str| {
-        let mut cmd = nixctr(home.path());
+        let mut cmd = home.nixctr();
         for (key, value) in env {
             cmd.env(key, value);
         }
-        let run = push_with(cmd.args(["push", "--ca-cert", ca, &archive, &target(tag)]), None).success();
+        let run = cmd.args(["push", "--ca-cert", ca, &archive, &target(tag)]).run();
+        run.success();
         assert_no_password(&run);
         run
     };
@@ -410,6 +371,11 @@ fn credential_sources_and_tls() {
     std::fs::create_dir_all(config_home.join("containers")).expect("mkdir");
     std::fs::copy(&podman, config_home.join("containers/auth.json")).expect("copy");
     push_as(&[("XDG_CONFIG_HOME", config_home.as_os_str())], "xdg");
+    // $XDG_RUNTIME_DIR/containers/auth.json.
+    let runtime = home.path().join("run2");
+    std::fs::create_dir_all(runtime.join("containers")).expect("mkdir");
+    std::fs::copy(&podman, runtime.join("containers/auth.json")).expect("copy");
+    push_as(&[("XDG_RUNTIME_DIR", runtime.as_os_str())], "runtime");
 
     // Docker's config: `auths` with username/password fields.
     let docker_dir = home.path().join("docker");
@@ -423,12 +389,49 @@ fn credential_sources_and_tls() {
     )
     .expect("write");
     push_as(&[("DOCKER_CONFIG", docker_dir.as_os_str())], "docker");
+    // … and ~/.docker/config.json when DOCKER_CONFIG is not set.
+    std::fs::copy(docker_dir.join("config.json"), home.docker_config().join("config.json")).expect("copy");
+    let run =
+        home.nixctr().env_remove("DOCKER_CONFIG").args(["push", "--ca-cert", ca, &archive, &target("home")]).run();
+    run.success();
+    std::fs::remove_file(home.docker_config().join("config.json")).expect("rm");
 
     // Docker's config: credHelpers, with a helper on PATH for the child only.
-    let helper_dir = home.path().join("bin");
-    std::fs::create_dir_all(&helper_dir).expect("mkdir");
-    let helper = helper_dir.join("docker-credential-test");
     let log = home.path().join("helper-stdin");
+    write_credential_helper(&home, "test", &log);
+    let helper_config = home.path().join("docker-helper");
+    std::fs::create_dir_all(&helper_config).expect("mkdir");
+    std::fs::write(
+        helper_config.join("config.json"),
+        format!(r#"{{"credHelpers": {{"{}": "test"}}}}"#, registry.host()),
+    )
+    .expect("write");
+    let run = push_as(&[("DOCKER_CONFIG", helper_config.as_os_str())], "helper");
+    assert_eq!(std::fs::read_to_string(&log).expect("helper ran").trim(), registry.host());
+    check_with_skopeo(&registry, "secure/app:helper", &run.digest(&target("helper")), &image, OCI_GZIP, home.path());
+
+    // No CA, but --insecure, or the registry listed in nixctr.toml: the certificate goes unchecked.
+    home.nixctr()
+        .env("REGISTRY_AUTH_FILE", &podman)
+        .args(["push", "--insecure", &archive, &target("insecure")])
+        .run()
+        .success();
+    let project = home.path().join("project");
+    std::fs::create_dir_all(&project).expect("mkdir");
+    std::fs::write(project.join("nixctr.toml"), format!("insecure-registries = [\"{}\"]\n", registry.host()))
+        .expect("write");
+    home.nixctr()
+        .current_dir(&project)
+        .env("REGISTRY_AUTH_FILE", &podman)
+        .args(["push", &archive, &target("listed")])
+        .run()
+        .success();
+}
+
+/// `docker-credential-NAME` in the sandbox's bin (first on the runs' PATH): logs the server
+/// URL it is asked about to `log`, answers [`USER`]/[`PASSWORD`].
+fn write_credential_helper(home: &Sandbox, name: &str, log: &Path) {
+    let helper = home.bin().join(format!("docker-credential-{name}"));
     std::fs::write(
         &helper,
         format!(
@@ -438,43 +441,32 @@ fn credential_sources_and_tls() {
         ),
     )
     .expect("write helper");
-    run_ok(Command::new("chmod").arg("+x").arg(&helper));
-    let helper_config = home.path().join("docker-helper");
-    std::fs::create_dir_all(&helper_config).expect("mkdir");
-    std::fs::write(
-        helper_config.join("config.json"),
-        format!(r#"{{"credHelpers": {{"{}": "test"}}}}"#, registry.host()),
-    )
-    .expect("write");
-    let path = format!("{}:{}", helper_dir.display(), std::env::var("PATH").unwrap_or_default());
-    let run = push_as(&[("DOCKER_CONFIG", helper_config.as_os_str()), ("PATH", path.as_ref())], "helper");
-    assert_eq!(std::fs::read_to_string(&log).expect("helper ran").trim(), registry.host());
-    check_with_skopeo(&registry, "secure/app:helper", &run.digest(&target("helper")), &image, OCI_GZIP, home.path());
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
 
-    // No CA, but --insecure, or the registry listed in nixctr.toml: the certificate goes unchecked.
-    push_with(
-        nixctr(home.path()).env("REGISTRY_AUTH_FILE", &podman).args([
-            "push",
-            "--insecure",
-            &archive,
-            &target("insecure"),
-        ]),
-        None,
-    )
-    .success();
-    let project = home.path().join("project");
-    std::fs::create_dir_all(&project).expect("mkdir");
-    std::fs::write(project.join("nixctr.toml"), format!("insecure-registries = [\"{}\"]\n", registry.host()))
-        .expect("write");
-    push_with(
-        nixctr(home.path()).current_dir(&project).env("REGISTRY_AUTH_FILE", &podman).args([
-            "push",
-            &archive,
-            &target("listed"),
-        ]),
-        None,
-    )
-    .success();
+/// Docker's config naming a `credsStore`: the helper of that name on PATH logs nixctr in.
+#[test]
+fn creds_store_helper_logs_in() {
+    let (registry, home) = (Registry::tls_with_auth(), home());
+    let image = TestImage::new(2, 20_000, 17);
+    let archive = image.write(home.path(), "img", false);
+    let ca = registry.ca_cert();
+    let log = home.path().join("store-stdin");
+    write_credential_helper(&home, "teststore", &log);
+    std::fs::write(home.docker_config().join("config.json"), r#"{"credsStore": "teststore"}"#).expect("write");
+    let reference = format!("{}/store/app:1", registry.host());
+    let run = home.nixctr().args(["push", "--ca-cert"]).arg(&ca).arg(&archive).arg(&reference).run();
+    run.success();
+    assert_no_password(&run);
+    assert_eq!(std::fs::read_to_string(&log).expect("the credsStore helper ran").trim(), registry.host());
+    check_with_skopeo(&registry, "store/app:1", &run.digest(&reference), &image, OCI_GZIP, home.path());
+
+    // Without the helper on PATH the push is anonymous, and refused.
+    std::fs::remove_file(home.bin().join("docker-credential-teststore")).expect("rm");
+    let reference = format!("{}/store/app:2", registry.host());
+    home.nixctr().args(["push", "--ca-cert"]).arg(&ca).arg(&archive).arg(&reference).run().failure();
+    assert!(registry.skopeo_inspect("store/app:2", false).is_none());
 }
 
 fn base64_encode(s: &str) -> String {
@@ -490,36 +482,18 @@ fn registry_killed_mid_push_then_rerun_sends_the_rest() {
     let image = TestImage::new(8, 6_000_000, 11);
     let archive = image.write(home.path(), "big", false);
     let reference = format!("{}/app:crash", registry.host());
-    let mut child = nixctr(home.path())
-        .args(["push", "--jobs", "1", archive.to_str().expect("path"), &reference])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run nixctr");
-    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        let n = std::io::BufRead::read_line(&mut stderr, &mut line).expect("read stderr");
-        assert!(n > 0, "push ended before a layer went up: {seen}");
-        seen.push_str(&line);
-        if line.contains(" pushed (") {
-            break;
-        }
-    }
+    let mut child = home.nixctr().args(["push", "--jobs", "1", archive.to_str().expect("path"), &reference]).spawn();
+    child.wait_for_line("saying a layer was pushed", WAIT, |l| l.contains(" pushed ("));
     registry.kill();
-    let mut rest = String::new();
-    stderr.read_to_string(&mut rest).expect("read stderr");
-    let status = child.wait().expect("wait");
-    assert_eq!(status.code(), Some(1), "push should fail once the registry is gone: {seen}{rest}");
-    assert!(rest.contains("error: "), "{rest}");
-    assert!(!rest.contains("panicked"), "{rest}");
+    let out = child.wait();
+    out.assert_exit(1).stderr_has("error: ").stderr_lacks("panicked");
 
     registry.start();
     assert!(registry.skopeo_inspect("app:crash", false).is_none(), "a failed push left a tag");
-    let run = push(home.path(), &[archive.to_str().expect("path"), &reference]).success();
+    let run = push(&home, &[archive.to_str().expect("path"), &reference]);
+    run.success();
     let (pushed, already, _) = run.counts();
-    assert!(already >= 1 && pushed < 8 && pushed + already == 8, "{}", run.stderr);
+    assert!(already >= 1 && pushed < 8 && pushed + already == 8, "{}", run.stderr());
     check_with_skopeo(&registry, "app:crash", &run.digest(&reference), &image, OCI_GZIP, home.path());
 }
 
@@ -533,36 +507,27 @@ fn bearer_token_renewed_mid_push() {
     let image = TestImage::new(6, 4_000_000, 12);
     let archive = image.write(home.path(), "img", false);
     let reference = format!("{}/bearer/app:1", registry.host());
-    let started = std::time::Instant::now();
-    let run = push_with(
-        nixctr(home.path()).env("NIXCTR_REGISTRY_USERNAME", USER).env("NIXCTR_REGISTRY_PASSWORD", PASSWORD).args([
-            "push",
-            "--jobs",
-            "1",
-            archive.to_str().expect("path"),
-            &reference,
-        ]),
-        None,
-    )
-    .success();
-    let took = started.elapsed();
+    let run = home
+        .nixctr()
+        .env("NIXCTR_REGISTRY_USERNAME", USER)
+        .env("NIXCTR_REGISTRY_PASSWORD", PASSWORD)
+        .args(["push", "--jobs", "1", archive.to_str().expect("path"), &reference])
+        .run();
+    run.success();
     assert_no_password(&run);
     let issued = tokens.issued.load(std::sync::atomic::Ordering::SeqCst);
-    eprintln!("push took {took:?}; {issued} tokens issued");
+    eprintln!("push took {:?}; {issued} tokens issued", run.took);
     assert!(issued >= 2, "the first token stopped working mid-push, yet no new one was asked for");
     check_with_skopeo(&registry, "bearer/app:1", &run.digest(&reference), &image, OCI_GZIP, home.path());
 
     // Wrong password: the token server says no, and the error says whose credentials.
-    let run = push_with(
-        nixctr(home.path())
-            .env("NIXCTR_REGISTRY_USERNAME", USER)
-            .env("NIXCTR_REGISTRY_PASSWORD", "wrong-password")
-            .args(["push", archive.to_str().expect("path"), &format!("{}/bearer/app:2", registry.host())]),
-        None,
-    )
-    .failure();
-    assert!(run.stderr.contains("rejected the credentials") && run.stderr.contains(USER), "{}", run.stderr);
-    assert!(!run.stderr.contains("wrong-password"), "{}", run.stderr);
+    let run = home
+        .nixctr()
+        .env("NIXCTR_REGISTRY_USERNAME", USER)
+        .env("NIXCTR_REGISTRY_PASSWORD", "wrong-password")
+        .args(["push", archive.to_str().expect("path"), &format!("{}/bearer/app:2", registry.host())])
+        .run();
+    run.failure().stderr_has("rejected the credentials").stderr_has(USER).stderr_lacks("wrong-password");
 }
 
 /// A registry that refuses OCI manifests (as zot does unless configured): the push says so
@@ -579,12 +544,8 @@ fn refused_manifest_type_falls_back_to_the_other() {
     let image = TestImage::new(2, 50_000, 13);
     let archive = image.write(home.path(), "img", false);
     let reference = format!("{}/app:fallback", proxy.host());
-    let run = push(home.path(), &[archive.to_str().expect("path"), &reference]).success();
-    assert!(
-        run.stderr.contains("refused the OCI manifest") && run.stderr.contains("Docker schema 2"),
-        "{}",
-        run.stderr
-    );
+    let run = push(&home, &[archive.to_str().expect("path"), &reference]);
+    run.success().stderr_has("refused the OCI manifest").stderr_has("Docker schema 2");
     let raw = registry.skopeo_inspect("app:fallback", true).expect("inspect");
     assert_eq!(raw["mediaType"], "application/vnd.docker.distribution.manifest.v2+json");
     check_with_skopeo(&registry, "app:fallback", &run.digest(&reference), &image, DOCKER_GZIP, home.path());
@@ -609,15 +570,15 @@ fn transient_failures_are_retried() {
     let image = TestImage::new(3, 50_000, 14);
     let archive = image.write(home.path(), "img", false);
     let reference = format!("{}/app:flaky", proxy.host());
-    let run = push(home.path(), &["-v", archive.to_str().expect("path"), &reference]).success();
-    assert!(run.stderr.contains("retrying"), "{}", run.stderr);
+    let run = push(&home, &["-v", archive.to_str().expect("path"), &reference]);
+    run.success().stderr_has("retrying");
     check_with_skopeo(&registry, "app:flaky", &run.digest(&reference), &image, OCI_GZIP, home.path());
 
     let broken = Proxy::start(registry.port, |r| {
         (r.path != "/v2/").then(|| error_answer("500 Internal Server Error", "UNKNOWN", "disk on fire"))
     });
-    let run = push(home.path(), &[archive.to_str().expect("path"), &format!("{}/app:broken", broken.host())]).failure();
-    assert!(run.stderr.contains("answered 500 Internal Server Error"), "{}", run.stderr);
+    let run = push(&home, &[archive.to_str().expect("path"), &format!("{}/app:broken", broken.host())]);
+    run.failure().stderr_has("answered 500 Internal Server Error");
     assert!(registry.skopeo_inspect("app:broken", false).is_none());
 }
 
@@ -629,28 +590,17 @@ fn interrupted_push_leaves_no_temporary_files() {
     let archive = image.write(home.path(), "big", true);
     let tmp = home.path().join("tmp");
     std::fs::create_dir_all(&tmp).expect("mkdir");
-    let mut child = nixctr(home.path())
+    let mut child = home
+        .nixctr()
         .env("TMPDIR", &tmp)
         .args(["push", "--jobs", "1", archive.to_str().expect("path"), &format!("{}/app:int", registry.host())])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run nixctr");
-    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
-    let mut seen = String::new();
-    while !seen.contains(" pushed (") {
-        let mut line = String::new();
-        assert!(std::io::BufRead::read_line(&mut stderr, &mut line).expect("read") > 0, "push ended early: {seen}");
-        seen.push_str(&line);
-    }
+        .spawn();
+    child.wait_for_line("saying a layer was pushed", WAIT, |l| l.contains(" pushed ("));
     let listed = std::fs::read_dir(&tmp).expect("read tmp").count();
     assert!(listed > 0, "expected temporary files while pushing a compressed archive");
-    run_ok(Command::new("kill").args(["-INT", &child.id().to_string()]));
-    let mut rest = String::new();
-    stderr.read_to_string(&mut rest).expect("read");
-    let status = child.wait().expect("wait");
-    assert_eq!(status.code(), Some(130), "{seen}{rest}");
-    assert!(rest.contains("interrupted"), "{rest}");
+    child.signal(libc::SIGINT);
+    let out = child.wait();
+    out.assert_exit(130).stderr_has("interrupted");
     let left: Vec<_> = std::fs::read_dir(&tmp).expect("read tmp").flatten().map(|e| e.path()).collect();
     assert!(left.is_empty(), "left behind: {left:?}");
     assert!(registry.skopeo_inspect("app:int", false).is_none());

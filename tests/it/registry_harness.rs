@@ -1,17 +1,22 @@
 //! Real registries and test images for the push tests.
 //!
 //! [`Registry`] runs Debian's CNCF distribution registry (`docker-registry serve`) on
-//! 127.0.0.1 at a free port with its own storage, plain http or TLS + htpasswd; it can be
-//! killed and started again on the same storage and port, and is killed on drop.
-//! [`TestImage`] writes docker-archives with the tar crate.
+//! 127.0.0.1 with its own storage, plain http or TLS + htpasswd; it can be killed and started
+//! again on the same storage and port, and is killed on drop. It cannot be handed a listening
+//! socket, so a port is tried and kept only once the registry process itself is seen holding
+//! it (another port is tried when it was taken meanwhile). The token server and the proxy
+//! bind their listener first and keep it. [`TestImage`] writes docker-archives with the tar
+//! crate.
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+
+use crate::harness::{Cmd, Output};
 
 pub const USER: &str = "pusher";
 pub const PASSWORD: &str = "s3cret-Pa55word";
@@ -43,51 +48,79 @@ impl Registry {
 
     fn start_new(tls: bool, tokens: Option<&TokenServer>) -> Registry {
         let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
         let storage = dir.path().join("storage");
         std::fs::create_dir_all(&storage).expect("storage dir");
-        let mut config = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            storage.display()
-        );
+        let mut extra = String::new();
         if tls {
             make_certs(dir.path());
-            let htpasswd = run_ok(Command::new("htpasswd").args(["-Bbn", USER, PASSWORD]));
+            let htpasswd = run_ok(Cmd::tool("htpasswd").args(["-Bbn", USER, PASSWORD]));
             std::fs::write(dir.path().join("htpasswd"), htpasswd.stdout).expect("write htpasswd");
-            config.push_str(&format!(
+            extra.push_str(&format!(
                 "  tls:\n    certificate: {0}/server.pem\n    key: {0}/server.key\nauth:\n  htpasswd:\n    realm: nixctr-test\n    path: {0}/htpasswd\n",
                 dir.path().display()
             ));
         }
         if let Some(tokens) = tokens {
-            config.push_str(&format!(
+            extra.push_str(&format!(
                 "auth:\n  token:\n    realm: http://127.0.0.1:{}/token\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
                 tokens.port,
                 tokens.cert.display()
             ));
         }
-        std::fs::write(dir.path().join("config.yml"), config).expect("write registry config");
-        let mut registry = Registry { port, dir, child: None, tls, auth: tls || tokens.is_some() };
-        registry.start();
-        registry
+        let mut registry = Registry { port: 0, dir, child: None, tls, auth: tls || tokens.is_some() };
+        for _attempt in 0..20 {
+            registry.port = candidate_port();
+            let config = format!(
+                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{}\n{extra}",
+                storage.display(),
+                registry.port
+            );
+            std::fs::write(registry.dir.path().join("config.yml"), config).expect("write registry config");
+            if registry.try_start() {
+                return registry;
+            }
+        }
+        panic!("docker-registry found no free port in 20 tries: {}", registry.log());
     }
 
     /// Starts the registry (again) on the same storage and port.
     pub fn start(&mut self) {
+        assert!(self.try_start(), "docker-registry could not listen on {} again: {}", self.port, self.log());
+    }
+
+    /// Starts the registry and waits until it holds its port; false when it could not bind
+    /// it (another process took the port first).
+    fn try_start(&mut self) -> bool {
         assert!(self.child.is_none(), "registry already running");
         let log = std::fs::File::create(self.dir.path().join("registry.log")).expect("registry log");
-        let child = Command::new("docker-registry")
+        let mut child = Command::new("docker-registry")
             .arg("serve")
             .arg(self.dir.path().join("config.yml"))
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("cannot start docker-registry (apt-get install docker-registry)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "docker-registry did not listen on {}: {}", self.port, self.log());
-            std::thread::sleep(Duration::from_millis(50));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if listener_owned_by(child.id(), self.port) {
+                self.child = Some(child);
+                return true;
+            }
+            if let Some(status) = child.try_wait().expect("wait for docker-registry") {
+                let log = self.log();
+                assert!(
+                    log.contains("address already in use"),
+                    "docker-registry exited ({status}) without listening on {}: {log}",
+                    self.port
+                );
+                return false;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("docker-registry did not listen on {} within 30s: {}", self.port, self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20)); // a poll interval
         }
     }
 
@@ -146,26 +179,25 @@ impl Registry {
 
     /// `skopeo inspect` of `repo:tag`, as JSON; `None` when it fails (no such tag).
     pub fn skopeo_inspect(&self, image: &str, raw: bool) -> Option<serde_json::Value> {
-        let mut cmd = Command::new("skopeo");
+        let mut cmd = Cmd::tool("skopeo");
         cmd.arg("inspect").args(self.skopeo_flags());
         if raw {
             cmd.arg("--raw");
         }
-        cmd.arg(format!("docker://{}/{image}", self.host()));
-        let out = cmd.output().expect("run skopeo");
+        let out = cmd.arg(format!("docker://{}/{image}", self.host())).quiet().run();
         out.status.success().then(|| serde_json::from_slice(&out.stdout).expect("skopeo printed JSON"))
     }
 
     /// `skopeo copy` to a `dir:` layout, returning the directory.
     pub fn skopeo_copy_to_dir(&self, image: &str, into: &Path) -> PathBuf {
         let dest = into.join(format!("copy-{}", image.replace(['/', ':'], "-")));
-        let mut cmd = Command::new("skopeo");
+        let mut cmd = Cmd::tool("skopeo");
         cmd.arg("copy").arg("--src-tls-verify=false");
         if self.auth {
             cmd.arg(format!("--src-creds={USER}:{PASSWORD}"));
         }
         cmd.arg(format!("docker://{}/{image}", self.host())).arg(format!("dir:{}", dest.display()));
-        run_ok(&mut cmd);
+        run_ok(cmd.quiet());
         dest
     }
 }
@@ -176,14 +208,69 @@ impl Drop for Registry {
     }
 }
 
-fn free_port() -> u16 {
+/// A port that was free a moment ago: only a candidate, checked by [`listener_owned_by`].
+fn candidate_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     listener.local_addr().expect("local addr").port()
 }
 
+/// Whether process `pid` holds the socket listening on 127.0.0.1:`port` (read from
+/// /proc/net/tcp and the process's file descriptors), rather than some other process.
+pub fn listener_owned_by(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else { return false };
+    let local = format!("0100007F:{port:04X}");
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.len() > 9 && f[1] == local && f[3] == "0A").then(|| format!("socket:[{}]", f[9]))
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+    })
+}
+
+/// A port nothing listens on and nothing else can take while this lives: a socket bound to
+/// it that never listens, so connecting is refused.
+pub struct ClosedPort {
+    _fd: std::os::fd::OwnedFd,
+    pub port: u16,
+}
+
+impl ClosedPort {
+    pub fn new() -> ClosedPort {
+        use std::os::fd::FromRawFd;
+        unsafe {
+            let raw = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(raw >= 0, "socket");
+            let fd = std::os::fd::OwnedFd::from_raw_fd(raw);
+            let mut addr: libc::sockaddr_in = std::mem::zeroed();
+            addr.sin_family = libc::AF_INET as libc::sa_family_t;
+            addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            assert_eq!(libc::bind(raw, &addr as *const _ as *const libc::sockaddr, len), 0, "bind");
+            let mut len = len;
+            assert_eq!(libc::getsockname(raw, &mut addr as *mut _ as *mut libc::sockaddr, &mut len), 0);
+            ClosedPort { _fd: fd, port: u16::from_be(addr.sin_port) }
+        }
+    }
+}
+
+impl Default for ClosedPort {
+    fn default() -> Self {
+        ClosedPort::new()
+    }
+}
+
 fn make_certs(dir: &Path) {
     let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    run_ok(Command::new("openssl").current_dir(dir).args(["req", "-x509"]).args(ec).args([
+    run_ok(Cmd::tool("openssl").current_dir(dir).args(["req", "-x509"]).args(ec).args([
         "-keyout",
         "ca.key",
         "-out",
@@ -197,7 +284,7 @@ fn make_certs(dir: &Path) {
         "-addext",
         "keyUsage=critical,keyCertSign,cRLSign",
     ]));
-    run_ok(Command::new("openssl").current_dir(dir).arg("req").args(ec).args([
+    run_ok(Cmd::tool("openssl").current_dir(dir).arg("req").args(ec).args([
         "-keyout",
         "server.key",
         "-out",
@@ -210,7 +297,7 @@ fn make_certs(dir: &Path) {
         "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
     )
     .expect("write ext.cnf");
-    run_ok(Command::new("openssl").current_dir(dir).args([
+    run_ok(Cmd::tool("openssl").current_dir(dir).args([
         "x509",
         "-req",
         "-in",
@@ -229,14 +316,11 @@ fn make_certs(dir: &Path) {
     ]));
 }
 
-pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Runs a helper program (with a deadline) that must succeed.
+#[track_caller]
+pub fn run_ok(cmd: &mut Cmd) -> Output {
+    let out = cmd.run();
+    out.success();
     out
 }
 
@@ -364,23 +448,6 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// The `nixctr` binary with an environment of its own: HOME, caches and credential files
-/// under `home`, no credentials from the machine running the tests.
-pub fn nixctr(home: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixctr"));
-    cmd.current_dir(home)
-        .env("HOME", home)
-        .env("XDG_CACHE_HOME", home.join("cache"))
-        .env_remove("XDG_CONFIG_HOME")
-        .env_remove("XDG_RUNTIME_DIR")
-        .env_remove("DOCKER_CONFIG")
-        .env_remove("REGISTRY_AUTH_FILE")
-        .env_remove("NIXCTR_REGISTRY_USERNAME")
-        .env_remove("NIXCTR_REGISTRY_PASSWORD")
-        .stdin(Stdio::null());
-    cmd
-}
-
 const TOKEN_SERVICE: &str = "nixctr-test";
 const TOKEN_ISSUER: &str = "nixctr-test-issuer";
 
@@ -400,7 +467,7 @@ impl TokenServer {
     pub fn start(first_token_secs: i64) -> TokenServer {
         use std::sync::atomic::Ordering;
         let dir = tempfile::tempdir().expect("temp dir");
-        run_ok(Command::new("openssl").current_dir(dir.path()).args([
+        run_ok(Cmd::tool("openssl").current_dir(dir.path()).args([
             "req",
             "-x509",
             "-newkey",
@@ -415,13 +482,8 @@ impl TokenServer {
             "-subj",
             "/CN=nixctr test token signer",
         ]));
-        let der = run_ok(Command::new("openssl").current_dir(dir.path()).args([
-            "x509",
-            "-in",
-            "token.pem",
-            "-outform",
-            "DER",
-        ]));
+        let der =
+            run_ok(Cmd::tool("openssl").current_dir(dir.path()).args(["x509", "-in", "token.pem", "-outform", "DER"]));
         let x5c = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &der.stdout);
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();

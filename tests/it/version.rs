@@ -8,15 +8,15 @@ const NO_ENGINE: &str = "unix:///nonexistent/engine.sock";
 #[test]
 fn file_sources_answer_without_an_engine() {
     let fx = Fixture::new();
-    let out = run(fx.nixctr(None).args(["--engine", NO_ENGINE, "version", "ntfy"]));
-    assert_success(&out);
-    assert_eq!(stdout(&out), "2.17.0\n");
-    let out = run(fx.nixctr(None).args(["--engine", NO_ENGINE, "version", "authentik"]));
-    assert_success(&out);
-    assert_eq!(stdout(&out), "2025.10.1\n");
-    let out = run(fx.nixctr(None).args(["--engine", NO_ENGINE, "version", "ntfy", "authentik", "--json"]));
-    assert_success(&out);
-    let lines: Vec<serde_json::Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let out = fx.nixctr(None).args(["--engine", NO_ENGINE, "version", "ntfy"]).run();
+    out.success();
+    assert_eq!(out.stdout(), "2.17.0\n");
+    let out = fx.nixctr(None).args(["--engine", NO_ENGINE, "version", "authentik"]).run();
+    out.success();
+    assert_eq!(out.stdout(), "2025.10.1\n");
+    let out = fx.nixctr(None).args(["--engine", NO_ENGINE, "version", "ntfy", "authentik", "--json"]).run();
+    out.success();
+    let lines: Vec<serde_json::Value> = out.stdout().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines[0]["source"], "default.nix");
     assert_eq!(lines[0]["file"], "containers/ntfy/default.nix");
     assert_eq!(lines[1]["name"], "authentik");
@@ -32,10 +32,10 @@ fn an_expression_falls_through_to_the_dockerfile_and_says_why() {
         "{ pkgs ? import <nixpkgs> { } }:\nlet version = pkgs.curl.version; in pkgs.hello\n",
     );
     fx.write("containers/app/Dockerfile", "FROM scratch\r\nARG CONTAINER_APP_VERSION=\"v3.1.4\"\r\n");
-    let out = run(fx.nixctr(None).args(["--engine", NO_ENGINE, "-v", "version", "app"]));
-    assert_success(&out);
-    assert_eq!(stdout(&out), "v3.1.4\n");
-    assert!(stderr(&out).contains("expression"), "{}", stderr(&out));
+    let out = fx.nixctr(None).args(["--engine", NO_ENGINE, "-v", "version", "app"]).run();
+    out.success();
+    assert_eq!(out.stdout(), "v3.1.4\n");
+    assert!(out.stderr().contains("expression"), "{}", out.stderr());
 }
 
 #[test]
@@ -45,10 +45,10 @@ fn a_version_holding_whitespace_is_an_error_not_a_line() {
         "containers/app/default.nix",
         "{ pkgs ? import <nixpkgs> { } }:\nlet version = \"1.0 beta\"; in pkgs.hello\n",
     );
-    let out = run(fx.nixctr(None).args(["--engine", NO_ENGINE, "version", "app"]));
-    assert_exit(&out, 1);
-    assert!(stdout(&out).is_empty());
-    assert!(stderr(&out).contains("1.0 beta"), "{}", stderr(&out));
+    let out = fx.nixctr(None).args(["--engine", NO_ENGINE, "version", "app"]).run();
+    out.assert_exit(1);
+    assert!(out.stdout().is_empty());
+    assert!(out.stderr().contains("1.0 beta"), "{}", out.stderr());
 }
 
 #[test]
@@ -56,14 +56,14 @@ fn nixpkgs_versions_are_evaluated_in_one_container() {
     for engine in engines() {
         let fx = Fixture::new();
         // curl: no binding, no Dockerfile; web: mapped to nginx in nixctr.toml; ntfy-sh: not a container.
-        let out = run(fx.nixctr(Some(&engine)).args(["version", "curl", "web", "ntfy-sh", "ntfy"]));
-        assert_success(&out);
-        assert_eq!(stdout(&out), "curl 8.11.0\nweb 1.26.2\nntfy-sh 2.11.0\nntfy 2.17.0\n", "{}", engine.name);
+        let out = fx.nixctr(Some(&engine)).args(["version", "curl", "web", "ntfy-sh", "ntfy"]).run();
+        out.success();
+        assert_eq!(out.stdout(), "curl 8.11.0\nweb 1.26.2\nntfy-sh 2.11.0\nntfy 2.17.0\n", "{}", engine.name);
         assert_no_containers_left(&engine, &out);
 
-        let out = run(fx.nixctr(Some(&engine)).args(["version", "curl", "--json"]));
-        assert_success(&out);
-        let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+        let out = fx.nixctr(Some(&engine)).args(["version", "curl", "--json"]).run();
+        out.success();
+        let v: serde_json::Value = serde_json::from_str(out.stdout().trim()).unwrap();
         assert_eq!(v["source"], "nixpkgs");
         assert_eq!(v["version"], "8.11.0");
         assert!(v["nixpkgs"]["path"].as_str().unwrap().starts_with("/nix/store/"), "{v}");
@@ -76,11 +76,11 @@ fn from_nixpkgs_and_the_packages_map() {
     for engine in engines() {
         let fx = Fixture::new();
         fx.write("nixctr.toml", "nixpkgs = \"../nixpkgs\"\n[packages]\nntfy = \"ntfy-sh\"\n");
-        let out = run(fx.nixctr(Some(&engine)).args(["version", "ntfy", "--from", "nixpkgs"]));
-        assert_success(&out);
-        assert_eq!(stdout(&out), "2.11.0\n", "{}", engine.name);
-        let out = run(fx.nixctr(Some(&engine)).args(["version", "ntfy"]));
-        assert_eq!(stdout(&out), "2.17.0\n", "default.nix still wins without --from");
+        let out = fx.nixctr(Some(&engine)).args(["version", "ntfy", "--from", "nixpkgs"]).run();
+        out.success();
+        assert_eq!(out.stdout(), "2.11.0\n", "{}", engine.name);
+        let out = fx.nixctr(Some(&engine)).args(["version", "ntfy"]).run();
+        assert_eq!(out.stdout(), "2.17.0\n", "default.nix still wins without --from");
     }
 }
 
@@ -88,9 +88,9 @@ fn from_nixpkgs_and_the_packages_map() {
 fn names_nixpkgs_cannot_answer_say_what_was_tried() {
     for engine in engines() {
         let fx = Fixture::new();
-        let out = run(fx.nixctr(Some(&engine)).args(["version", "no-such-thing"]));
-        assert_exit(&out, 1);
-        let err = stderr(&out);
+        let out = fx.nixctr(Some(&engine)).args(["version", "no-such-thing"]).run();
+        out.assert_exit(1);
+        let err = out.stderr();
         assert!(err.contains("no version for no-such-thing"), "{err}");
         assert!(
             err.contains("no containers/no-such-thing/") && err.contains("has no attribute no-such-thing"),
@@ -98,26 +98,26 @@ fn names_nixpkgs_cannot_answer_say_what_was_tried() {
         );
         assert_no_containers_left(&engine, &out);
 
-        let out = run(fx.nixctr(Some(&engine)).args(["version", "novers"]));
-        assert_exit(&out, 1);
-        assert!(stderr(&out).contains("attribute novers has no version"), "{}", stderr(&out));
+        let out = fx.nixctr(Some(&engine)).args(["version", "novers"]).run();
+        out.assert_exit(1);
+        assert!(out.stderr().contains("attribute novers has no version"), "{}", out.stderr());
     }
 }
 
 #[test]
 fn evaluation_errors_show_nix_message() {
-    let engine = &engines()[0];
-    let fx = Fixture::new();
-    // A nixpkgs whose evaluation aborts: tryEval cannot catch abort, nix says why.
-    std::fs::write(fx.nixpkgs().join("default.nix"), "{ ... }: abort \"fixture nixpkgs is broken on purpose\"\n")
+    for engine in engines() {
+        let fx = Fixture::new();
+        // A nixpkgs whose evaluation aborts: tryEval cannot catch abort, nix says why.
+        std::fs::write(fx.nixpkgs().join("default.nix"), "{ ... }: abort \"fixture nixpkgs is broken on purpose\"\n")
+            .unwrap();
+        std::fs::write(
+            fx.nixpkgs().join("flake.nix"),
+            "{ outputs = { self }: { legacyPackages.x86_64-linux = import ./. { }; }; }\n",
+        )
         .unwrap();
-    std::fs::write(
-        fx.nixpkgs().join("flake.nix"),
-        "{ outputs = { self }: { legacyPackages.x86_64-linux = import ./. { }; }; }\n",
-    )
-    .unwrap();
-    let out = run(fx.nixctr(Some(engine)).args(["version", "curl"]));
-    assert_exit(&out, 1);
-    assert!(stderr(&out).contains("broken on purpose"), "{}", stderr(&out));
-    assert_no_containers_left(engine, &out);
+        let out = fx.nixctr(Some(&engine)).args(["version", "curl"]).run();
+        out.assert_exit(1).stderr_has("broken on purpose");
+        assert_no_containers_left(&engine, &out);
+    }
 }
