@@ -146,7 +146,8 @@ async fn build_in(
         match result {
             Ok(drv) => building.push((i, drv)),
             Err(e) => {
-                outcomes[i] = Some(Outcome::Failed { error: format!("{e:#}"), seconds: started.elapsed().as_secs_f64() });
+                outcomes[i] =
+                    Some(Outcome::Failed { error: format!("{e:#}"), seconds: started.elapsed().as_secs_f64() });
             }
         }
     }

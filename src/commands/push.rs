@@ -12,7 +12,7 @@ pub(crate) async fn run(settings: &Settings, args: PushArgs) -> Result<()> {
     let reference = Reference::parse(&args.reference)?;
     let config = settings.registry_config(&args.registry)?;
     let progress = Progress::new(settings.quiet, settings.verbose);
-    let session = PushSession::connect(&config, reference.registry(), &progress).await?;
+    let session = PushSession::open(&config, reference.registry(), &progress)?;
     let outcome = session.push(&args.archive, &reference, &progress).await?;
     output::line(format_args!("{}@{}", outcome.reference, outcome.digest))
 }

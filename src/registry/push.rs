@@ -23,6 +23,7 @@ use super::blobs::{Compressor, Pending};
 use super::cache::{BlobCache, CachedBlob};
 use super::client::Client;
 use super::manifest::{image_manifest, Compression, ManifestFormat};
+use super::Target;
 use super::{is_digest, plural, short, Reference, RegistryConfig};
 use crate::archive::{Archive, EntryData, SeenEntry};
 use crate::progress::{human_bytes, Progress};
@@ -49,7 +50,10 @@ pub struct PushOutcome {
 /// A connection to one registry host and everything pushes to it share.
 // pub: used by tests/it/push.rs
 pub struct PushSession {
-    client: Client,
+    /// Logged in on first use, so that a push reads its archive while it logs in.
+    client: tokio::sync::OnceCell<Client>,
+    target: Target,
+    progress: Progress,
     /// `host[:port]`, as references name it and the blob cache keys it.
     registry: String,
     format: ManifestFormat,
@@ -89,6 +93,13 @@ impl PushSession {
     /// in, so bad credentials show before any work is done. Credentials are the config's, or
     /// looked up for this host.
     pub async fn connect(config: &RegistryConfig, registry: &str, progress: &Progress) -> Result<PushSession> {
+        let session = PushSession::open(config, registry, progress)?;
+        session.client().await?;
+        Ok(session)
+    }
+
+    /// A session that logs in on its first request.
+    pub fn open(config: &RegistryConfig, registry: &str, progress: &Progress) -> Result<PushSession> {
         config.check()?;
         let target = config.target(registry)?;
         for note in &target.credential_notes {
@@ -97,13 +108,14 @@ impl PushSession {
         if let Some(c) = &target.credentials {
             progress.debug(format!("credentials: user {:?} from {}", c.username, c.source));
         }
-        let client = Client::connect(&target, progress).await?;
         let (cache, note) = BlobCache::load(config.blob_cache.clone());
         if let Some(note) = note {
             progress.debug(note);
         }
         Ok(PushSession {
-            client,
+            client: tokio::sync::OnceCell::new(),
+            target,
+            progress: progress.clone(),
             registry: registry.to_string(),
             format: config.format,
             compression: config.compression,
@@ -115,11 +127,16 @@ impl PushSession {
         })
     }
 
+    async fn client(&self) -> Result<&Client> {
+        self.client.get_or_try_init(|| Client::connect(&self.target, &self.progress)).await
+    }
+
     /// Whether `reference`'s tag exists in the registry (as any kind of manifest).
     pub async fn tag_exists(&self, reference: &Reference) -> Result<bool> {
         self.check_host(reference)?;
-        self.client.add_scope(format!("repository:{}:pull,push", reference.repository()));
-        self.client.manifest_exists(reference.repository(), reference.tag()).await
+        let client = self.client().await?;
+        client.add_scope(format!("repository:{}:pull,push", reference.repository()));
+        client.manifest_exists(reference.repository(), reference.tag()).await
     }
 
     /// Pushes `archive` as `reference`. Nothing is sent until the archive checks out; layers
@@ -127,7 +144,6 @@ impl PushSession {
     /// whether the push worked or not: what went up stays known.
     pub async fn push(&self, archive: &Path, reference: &Reference, progress: &Progress) -> Result<PushOutcome> {
         self.check_host(reference)?;
-        self.client.add_scope(format!("repository:{}:pull,push", reference.repository()));
         let started = Started { compressor: &self.compressor, diff_ids: Mutex::default() };
         let result = self.push_archive(archive, reference, progress, &started).await;
         if let Ok(mut cache) = self.cache.lock() {
@@ -136,6 +152,12 @@ impl PushSession {
             }
         }
         result
+    }
+
+    async fn login_for(&self, reference: &Reference) -> Result<()> {
+        let client = self.client().await?;
+        client.add_scope(format!("repository:{}:pull,push", reference.repository()));
+        Ok(())
     }
 
     fn check_host(&self, reference: &Reference) -> Result<()> {
@@ -155,12 +177,16 @@ impl PushSession {
         progress.info(format!("reading {}", path.display()));
         if let Some(recalled) = self.recall(path, progress).await {
             progress.debug(format!("{} is unchanged since nixctr last checked it", path.display()));
+            self.login_for(reference).await?;
             match self.push_layers(&recalled, reference, progress, started).await? {
                 Attempt::Done(outcome) => return Ok(outcome),
                 Attempt::NeedsFullRead => progress.debug("a layer needs compressing: reading the whole archive"),
             }
         }
-        let archive = self.read(path, progress, started).await?;
+        // Logs in while the archive is read; what is wrong with the archive is said first.
+        let (archive, login) = tokio::join!(self.read(path, progress, started), self.login_for(reference));
+        let archive = archive?;
+        login?;
         match self.push_layers(&archive, reference, progress, started).await? {
             Attempt::Done(outcome) => Ok(outcome),
             Attempt::NeedsFullRead => bail!("{}: a layer has no bytes even after a full read", path.display()),
@@ -279,8 +305,8 @@ impl PushSession {
         let config = (archive.config_digest.as_str(), archive.config.len() as u64);
         {
             let _transfer = self.transfers.acquire().await.context("the push session closed")?;
-            if !self.client.blob_exists(repo, config.0).await? {
-                self.client.upload_blob(repo, config, UploadBody::Bytes(archive.config.clone()), None).await?;
+            if !self.client().await?.blob_exists(repo, config.0).await? {
+                self.client().await?.upload_blob(repo, config, UploadBody::Bytes(archive.config.clone()), None).await?;
                 outcome.pushed_bytes += config.1;
             }
         }
@@ -288,7 +314,7 @@ impl PushSession {
         let mut format = self.format;
         outcome.digest = loop {
             let (media_type, body) = image_manifest(format, self.compression, config, &blobs)?;
-            match self.client.put_manifest(repo, reference.tag(), media_type, body).await? {
+            match self.client().await?.put_manifest(repo, reference.tag(), media_type, body).await? {
                 Ok(digest) => break digest,
                 Err(rejected)
                     if manifest_type_refused(&rejected)
@@ -363,12 +389,12 @@ impl PushSession {
         let blob = (compressed.digest.as_str(), compressed.size);
         let result = {
             let _transfer = self.transfers.acquire().await.context("the push session closed")?;
-            if self.client.blob_exists(repo, blob.0).await? {
+            if self.client().await?.blob_exists(repo, blob.0).await? {
                 LayerResult::Skipped
             } else {
                 let bar = progress.bar(&label, Some(blob.1));
                 let body = UploadBody::File(compressed.file.path());
-                self.client.upload_blob(repo, blob, body, Some(&bar)).await?;
+                self.client().await?.upload_blob(repo, blob, body, Some(&bar)).await?;
                 bar.finish_and_clear();
                 LayerResult::Pushed(blob.1)
             }
@@ -380,11 +406,11 @@ impl PushSession {
 
     /// A cached blob: still in this repository, or mountable from another one? `None`: neither.
     async fn reuse(&self, repo: &str, known: &CachedBlob) -> Result<Option<LayerResult>> {
-        if self.client.blob_exists(repo, &known.digest).await? {
+        if self.client().await?.blob_exists(repo, &known.digest).await? {
             return Ok(Some(LayerResult::Skipped));
         }
         for from in known.repositories.iter().rev().filter(|r| r.as_str() != repo) {
-            if self.client.mount_blob(repo, &known.digest, from).await? {
+            if self.client().await?.mount_blob(repo, &known.digest, from).await? {
                 return Ok(Some(LayerResult::Mounted(from.clone())));
             }
         }

@@ -252,8 +252,8 @@ fn interrupted_builds_exit_130_and_remove_their_container() {
                 l.contains("building '") && l.contains("busywork-1.0.drv")
             });
             let id = container_of(&engine, pid);
-            wait_until("nix-build running in the container", WAIT, || {
-                engine.processes(&id).iter().any(|p| p.contains("nix-build")).then_some(())
+            wait_until("nix-store --realise running in the container", WAIT, || {
+                engine.processes(&id).iter().any(|p| p.contains("nix-store --realise")).then_some(())
             });
             child.signal(signal);
             let out = child.wait();

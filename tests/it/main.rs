@@ -4,6 +4,7 @@
 mod build;
 mod cli;
 mod harness;
+mod many;
 mod publish;
 mod push;
 mod registry_harness;
