@@ -17,6 +17,7 @@ pub mod exit;
 mod nix;
 mod output;
 mod pipe;
+mod platform;
 // pub: used by tests/it/push.rs.
 pub mod progress;
 mod project;
