@@ -11,9 +11,11 @@ use anyhow::{bail, Result};
 use futures::StreamExt;
 use tokio::sync::Mutex;
 
+use crate::archive;
 use crate::engine::Engine;
 use crate::nix::{Inputs, NixContainer};
 use crate::output::{check_writable, AtomicFile};
+use crate::platform::Platform;
 use crate::progress::{human_bytes, Progress};
 use crate::project;
 use crate::settings::Settings;
@@ -28,10 +30,12 @@ pub(crate) enum Output {
     File(PathBuf),
 }
 
-/// One container to build and where its archive goes.
+/// One container to build, for one platform, and where its archive goes.
 #[derive(Debug, Clone)]
 pub(crate) struct Target {
     pub name: String,
+    /// `None`: the engine's own.
+    pub platform: Option<Platform>,
     pub output: Output,
 }
 
@@ -48,6 +52,8 @@ pub(crate) struct Options {
 #[derive(Debug, Clone)]
 pub(crate) struct Built {
     pub name: String,
+    /// The platform its image config says (checked against the one asked for).
+    pub platform: Platform,
     /// `None` when it went to stdout.
     pub path: Option<PathBuf>,
     pub size: u64,
@@ -67,16 +73,35 @@ pub(crate) enum Outcome {
 }
 
 /// Checks names and destinations before any engine work. `output` is `-o`: one file (or `-`
-/// for stdout) when one name is built; by default `NAME.tar.gz` in the working directory.
-pub(crate) fn plan(root: &Path, names: &[String], output: Option<&Path>, load: bool) -> Result<Vec<Target>> {
+/// for stdout) when one name is built for one platform; by default `NAME.tar.gz` in the
+/// working directory, `NAME-ARCH.tar.gz` for each of several platforms.
+pub(crate) fn plan(
+    root: &Path,
+    names: &[String],
+    platforms: &[Platform],
+    output: Option<&Path>,
+    load: bool,
+) -> Result<Vec<Target>> {
     for name in names {
         project::container_file(root, name)?;
     }
     if output.is_some() && names.len() > 1 {
         bail!("-o names one file, but {} containers were selected (drop -o: each goes to NAME.tar.gz)", names.len());
     }
+    if output.is_some() && platforms.len() > 1 {
+        bail!(
+            "-o names one file, but {} platforms were asked for (drop -o: each goes to NAME-ARCH.tar.gz)",
+            platforms.len()
+        );
+    }
+    let each: Vec<Option<&Platform>> =
+        if platforms.is_empty() { vec![None] } else { platforms.iter().map(Some).collect() };
     let mut targets = Vec::new();
-    for name in names {
+    for (name, platform) in names.iter().flat_map(|n| each.iter().map(move |p| (n, *p))) {
+        let file = match platform {
+            Some(p) if platforms.len() > 1 => format!("{name}-{}.tar.gz", p.suffix()),
+            _ => format!("{name}.tar.gz"),
+        };
         let out = match output {
             Some(p) if p == Path::new("-") => {
                 if load {
@@ -85,12 +110,12 @@ pub(crate) fn plan(root: &Path, names: &[String], output: Option<&Path>, load: b
                 Output::Stdout
             }
             Some(p) => Output::File(p.to_path_buf()),
-            None => Output::File(PathBuf::from(format!("{name}.tar.gz"))),
+            None => Output::File(PathBuf::from(file)),
         };
         if let Output::File(path) = &out {
             check_writable(path)?;
         }
-        targets.push(Target { name: name.clone(), output: out });
+        targets.push(Target { name: name.clone(), platform: platform.cloned(), output: out });
     }
     Ok(targets)
 }
@@ -106,13 +131,57 @@ pub(crate) async fn build(
     progress: &Progress,
     done: Option<tokio::sync::mpsc::UnboundedSender<Built>>,
 ) -> Result<Vec<Outcome>> {
-    let root = settings.project_root()?;
     let jobs = match options.jobs {
         Some(n) => n,
         None => engine.cpus().await,
     };
-    let nix = NixContainer::start(engine, settings, Inputs { project: Some(root), role: "build" }, progress).await?;
-    let result = build_in(&nix, targets, jobs, options.fail_fast, progress, done).await;
+    // One nix container per platform, all at once: a native build finishes (and is pushed)
+    // while an emulated one goes on.
+    let mut platforms: Vec<Option<&Platform>> = Vec::new();
+    for t in targets {
+        if !platforms.contains(&t.platform.as_ref()) {
+            platforms.push(t.platform.as_ref());
+        }
+    }
+    let several = platforms.len() > 1;
+    let groups = platforms.iter().map(|platform| {
+        let indices: Vec<usize> = (0..targets.len()).filter(|&i| targets[i].platform.as_ref() == *platform).collect();
+        let group: Vec<Target> = indices.iter().map(|&i| targets[i].clone()).collect();
+        let done = done.clone();
+        let progress = match platform {
+            Some(p) if several => progress.for_item(&p.to_string()),
+            _ => progress.clone(),
+        };
+        async move {
+            let outcomes =
+                build_on(engine, settings, &group, *platform, jobs, options.fail_fast, &progress, done).await;
+            (indices, outcomes)
+        }
+    });
+    let mut outcomes: Vec<Option<Outcome>> = targets.iter().map(|_| None).collect();
+    for (indices, result) in futures::future::join_all(groups).await {
+        for (i, outcome) in indices.into_iter().zip(result?) {
+            outcomes[i] = Some(outcome);
+        }
+    }
+    Ok(outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Stopped)).collect())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn build_on(
+    engine: &Engine,
+    settings: &Settings,
+    targets: &[Target],
+    platform: Option<&Platform>,
+    jobs: usize,
+    fail_fast: bool,
+    progress: &Progress,
+    done: Option<tokio::sync::mpsc::UnboundedSender<Built>>,
+) -> Result<Vec<Outcome>> {
+    let root = settings.project_root()?;
+    let inputs = Inputs { project: Some(root), role: "build", platform };
+    let nix = NixContainer::start(engine, settings, inputs, progress).await?;
+    let result = build_in(&nix, targets, jobs, fail_fast, progress, done).await;
     let removed = nix.finish().await;
     let outcomes = result?;
     removed?;
@@ -240,23 +309,33 @@ async fn copy_out(
     started: Instant,
     progress: &Progress,
 ) -> Result<Built> {
+    let platform = nix.platform().clone();
+    let name = target.name.clone();
     match &target.output {
         Output::Stdout => {
             let mut stdout = tokio::io::stdout();
             let size = nix.copy_out(out, &mut stdout).await?;
-            Ok(Built { name: target.name.clone(), path: None, size, seconds: started.elapsed().as_secs_f64() })
+            Ok(Built { name, platform, path: None, size, seconds: started.elapsed().as_secs_f64() })
         }
         Output::File(path) => {
             let mut file = AtomicFile::create(path)?;
             let size = nix.copy_out(out, &mut file.file).await?;
+            file.flush().await?;
+            // dockerTools writes the platform nix built on: it must be the one asked for,
+            // before the archive is kept, loaded or pushed.
+            let temp = file.temp_path().to_path_buf();
+            let says = tokio::task::spawn_blocking(move || archive::platform_of(&temp))
+                .await
+                .map_err(|e| anyhow::anyhow!("reading the archive's config stopped: {e}"))??;
+            if says != platform {
+                bail!(
+                    "containers/{name}/default.nix built an image whose config says {says}, not {platform} \
+                     (was it built for another system?)"
+                );
+            }
             file.commit().await?;
             progress.info(format!("wrote {} ({})", path.display(), human_bytes(size)));
-            Ok(Built {
-                name: target.name.clone(),
-                path: Some(path.clone()),
-                size,
-                seconds: started.elapsed().as_secs_f64(),
-            })
+            Ok(Built { name, platform, path: Some(path.clone()), size, seconds: started.elapsed().as_secs_f64() })
         }
     }
 }

@@ -39,6 +39,10 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "REF", env = "NIXCTR_NIXPKGS")]
     pub nixpkgs: Option<String>,
 
+    /// Platforms to build for, OS/ARCH[/VARIANT], comma-separated (default: the engine's own)
+    #[arg(long, global = true, value_name = "PLATFORMS", env = "DOCKER_DEFAULT_PLATFORM")]
+    pub platform: Option<String>,
+
     /// Use a throwaway nix store instead of the cache volume
     #[arg(long, global = true)]
     pub no_cache: bool,
@@ -81,7 +85,7 @@ pub enum Command {
     Build(BuildArgs),
     /// Print the version of the app a container ships
     Version(VersionArgs),
-    /// Push a docker-archive (.tar or .tar.gz) to a registry
+    /// Push a docker-archive (.tar or .tar.gz) to a registry; several as one image index
     Push(PushArgs),
     /// Build a container and push it as REGISTRY/NAMESPACE/NAME:TAG
     Publish(PublishArgs),
@@ -270,9 +274,10 @@ pub struct RegistryArgs {
 
 #[derive(Debug, Args)]
 pub struct PushArgs {
-    /// docker-archive to push (.tar or .tar.gz)
-    #[arg(value_name = "ARCHIVE")]
-    pub archive: PathBuf,
+    /// docker-archives to push (.tar or .tar.gz); several become one image index, each
+    /// entry's platform read from its config
+    #[arg(value_name = "ARCHIVE", required = true, num_args = 1..)]
+    pub archives: Vec<PathBuf>,
 
     /// Destination: host[:port]/path:tag
     #[arg(value_name = "REF")]

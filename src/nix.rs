@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::context::{self, Source};
 use crate::engine::{ContainerGuard, ContainerSpec, Engine, OutputMode};
 use crate::exit::Unexpected;
+use crate::platform::Platform;
 use crate::progress::Progress;
 use crate::settings::{Nixpkgs, Settings};
 
@@ -58,6 +59,7 @@ pub(crate) struct ResolvedNixpkgs {
 /// A running nix container.
 pub(crate) struct NixContainer {
     guard: ContainerGuard,
+    platform: Platform,
     pub(crate) nixpkgs: ResolvedNixpkgs,
     progress: Progress,
 }
@@ -67,6 +69,8 @@ pub(crate) struct Inputs<'a> {
     /// The project root, uploaded to /workspace (builds need it; version lookups do not).
     pub(crate) project: Option<&'a std::path::Path>,
     pub(crate) role: &'static str,
+    /// The platform to build for; `None`: the engine's own.
+    pub(crate) platform: Option<&'a Platform>,
 }
 
 impl NixContainer {
@@ -78,17 +82,29 @@ impl NixContainer {
         inputs: Inputs<'_>,
         progress: &Progress,
     ) -> Result<NixContainer> {
-        let image_id = engine.ensure_image(&settings.nix_image, settings.pull, progress).await?;
+        let native = engine.native_platform().await?;
+        let platform = inputs.platform.unwrap_or(&native);
+        progress.debug(format!("platform: {platform} (the engine's own: {native})"));
+        // The image of that platform, by ID: the tag may name another platform's by now.
+        let image_id = engine.ensure_image(&settings.nix_image, settings.pull, platform, progress).await?;
         let mut volumes = Vec::new();
         let mut env = Vec::new();
+        if platform != &native {
+            progress.info(format!(
+                "building for {platform} on a {native} engine: emulated, and slower than a native build"
+            ));
+            // seccomp filters cannot be loaded under QEMU's user-mode emulation.
+            env.push("NIX_CONFIG=filter-syscalls = false".to_string());
+        }
         if !settings.no_cache {
             let volume = engine.store_volume(&image_id).await?;
             progress.debug(format!("nix store: volume {volume}"));
             volumes.push((volume, "/nix".to_string()));
             env.push(format!("XDG_CACHE_HOME={CACHE_HOME}"));
         }
-        let spec = ContainerSpec { image: settings.nix_image.clone(), role: inputs.role, volumes, env };
-        let guard = ContainerGuard::start(engine, spec, progress).await?;
+        let spec = ContainerSpec { image: image_id.clone(), role: inputs.role, volumes, env };
+        let guard =
+            ContainerGuard::start(engine, spec, progress).await.map_err(|e| cannot_run(e, platform, &native))?;
 
         let mut sources = Vec::new();
         if let Some(project) = inputs.project {
@@ -118,7 +134,12 @@ impl NixContainer {
         }
         let path = resolve_nixpkgs(&guard, &reference, &shown, progress).await?;
         let nixpkgs = ResolvedNixpkgs { reference: shown, path };
-        Ok(NixContainer { guard, nixpkgs, progress: progress.clone() })
+        Ok(NixContainer { guard, platform: platform.clone(), nixpkgs, progress: progress.clone() })
+    }
+
+    /// The platform it builds for.
+    pub(crate) fn platform(&self) -> &Platform {
+        &self.platform
     }
 
     fn env(&self) -> Vec<String> {
@@ -248,6 +269,18 @@ impl NixContainer {
     pub(crate) async fn finish(self) -> Result<()> {
         self.guard.remove().await
     }
+}
+
+/// An engine that cannot run `platform` says "exec format error": say what fixes it.
+fn cannot_run(e: anyhow::Error, platform: &Platform, native: &Platform) -> anyhow::Error {
+    if !format!("{e:#}").contains("exec format error") {
+        return e;
+    }
+    e.context(format!(
+        "the engine cannot run {platform} containers (it is {native}): on Docker Desktop enable Rosetta or \
+         QEMU emulation; on Linux install qemu-user-static with binfmt (fix-binary flag); or name an engine \
+         of that platform with --engine"
+    ))
 }
 
 /// The store path nixpkgs `reference` resolves to (`shown` is what the user named).

@@ -43,6 +43,17 @@ impl AtomicFile {
         Ok(AtomicFile { path: path.to_path_buf(), temp, file })
     }
 
+    /// Where the bytes are until [`AtomicFile::commit`].
+    pub(crate) fn temp_path(&self) -> &Path {
+        self.temp.path()
+    }
+
+    /// Makes what was written readable through [`AtomicFile::temp_path`].
+    pub(crate) async fn flush(&mut self) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.file.flush().await.with_context(|| format!("cannot write {}", self.path.display()))
+    }
+
     pub(crate) async fn commit(self) -> Result<()> {
         self.file.sync_all().await.with_context(|| format!("cannot write {}", self.path.display()))?;
         drop(self.file);

@@ -5,10 +5,11 @@ use std::fmt;
 
 use anyhow::{bail, Result};
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub(crate) struct Platform {
-    pub os: String,
     pub architecture: String,
+    pub os: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
 }
 
@@ -63,22 +64,6 @@ impl Platform {
             None => self.architecture.clone(),
         }
     }
-
-    /// nix's name for it (`x86_64-linux`), when nix has one.
-    pub(crate) fn nix_system(&self) -> Option<String> {
-        let cpu = match (self.architecture.as_str(), self.variant.as_deref()) {
-            ("amd64", _) => "x86_64",
-            ("arm64", _) => "aarch64",
-            ("arm", Some("v7")) => "armv7l",
-            ("arm", Some("v6")) => "armv6l",
-            ("386", _) => "i686",
-            ("riscv64", _) => "riscv64",
-            ("ppc64le", _) => "powerpc64le",
-            ("s390x", _) => "s390x",
-            _ => return None,
-        };
-        Some(format!("{cpu}-{}", self.os))
-    }
 }
 
 impl fmt::Display for Platform {
@@ -102,7 +87,6 @@ mod tests {
         assert_eq!(Platform::parse("linux/arm64/v8").unwrap().to_string(), "linux/arm64");
         assert_eq!(Platform::parse("Linux/x86_64").unwrap().to_string(), "linux/amd64");
         assert_eq!(Platform::parse("linux/arm/v7").unwrap().suffix(), "arm-v7");
-        assert_eq!(Platform::parse("linux/arm64").unwrap().nix_system().as_deref(), Some("aarch64-linux"));
         for bad in ["linux", "linux/", "/amd64", "linux/amd64/v1/x", "linux/am d64", ""] {
             let err = Platform::parse(bad).unwrap_err().to_string();
             assert!(err.contains("OS/ARCH"), "{bad}: {err}");

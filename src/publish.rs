@@ -4,6 +4,7 @@
 //! from the template `v{version}-{sha}-nix`. A container that fails a check or its build is
 //! reported and left out; the others go on.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -11,8 +12,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 
-use crate::build::{self, Built, Outcome, Output, Target};
+use crate::build::{self, Built, Outcome, Output};
 use crate::engine::Engine;
+use crate::platform::Platform;
 use crate::progress::Progress;
 use crate::project;
 use crate::registry::{PushSession, Reference, RegistryConfig};
@@ -143,45 +145,64 @@ pub(crate) async fn publish(
         to_build.clear();
     }
 
-    // Build, and push each archive as soon as it is written.
-    let push = |plan: &Planned, archive: PathBuf| {
-        let (session, progress) = (&session, item(&plan.name));
+    // Build, and push each container as soon as its archives (one per platform) are written.
+    let platforms = &settings.platforms;
+    let annotations = annotations(&root, request);
+    let push = |plan: &Planned, archives: Vec<PathBuf>| {
+        let (session, progress, annotations) = (&session, item(&plan.name), &annotations);
         let reference = plan.reference.clone();
-        async move { session.push(&archive, &reference, &progress).await }
+        async move {
+            if platforms.len() > 1 {
+                session.push_index(&archives, &reference, annotations, &progress).await
+            } else {
+                session.push(&archives[0], &reference, &progress).await
+            }
+        }
     };
     let mut pushed: Vec<(usize, Result<crate::registry::PushOutcome>)> = Vec::new();
-    let mut built_outcomes: Vec<(usize, Outcome)> = Vec::new();
+    let mut built_outcomes: Vec<(usize, Option<Platform>, Outcome)> = Vec::new();
     let workdir;
     if let Some(archive) = &request.archive {
         for (i, plan) in &to_build {
-            pushed.push((*i, push(plan, archive.clone()).await));
+            pushed.push((*i, push(plan, vec![archive.clone()]).await));
         }
     } else if !to_build.is_empty() {
         workdir = tempfile::Builder::new()
             .prefix("nixctr-publish-")
             .tempdir()
             .context("cannot make a temporary directory")?;
-        let targets: Vec<Target> = to_build
-            .iter()
-            .map(|(_, p)| Target {
-                name: p.name.clone(),
-                output: Output::File(workdir.path().join(format!("{}.tar.gz", p.name))),
-            })
-            .collect();
+        let names: Vec<String> = to_build.iter().map(|(_, p)| p.name.clone()).collect();
+        let mut targets = build::plan(&root, &names, platforms, None, false)?;
+        for target in &mut targets {
+            if let Output::File(path) = &mut target.output {
+                *path = workdir.path().join(&*path);
+            }
+        }
+        let per_container = platforms.len().max(1);
         let engine = Engine::connect(settings.engine.as_deref(), progress).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Built>();
         let building = build::build(&engine, settings, &targets, request.build, progress, Some(tx));
         let pushing = async {
             let mut pushes = FuturesUnordered::new();
+            let mut arrived: HashMap<String, Vec<Built>> = HashMap::new();
             let mut open = true;
             loop {
                 tokio::select! {
                     got = rx.recv(), if open => match got {
                         Some(built) => {
-                            if let (Some((i, plan)), Some(path)) = (to_build.iter().find(|(_, p)| p.name == built.name), built.path) {
-                                let i = *i;
-                                let push = push(plan, path);
-                                pushes.push(async move { (i, push.await) });
+                            let ready = arrived.entry(built.name.clone()).or_default();
+                            ready.push(built);
+                            let name = ready[0].name.clone();
+                            if ready.len() == per_container {
+                                let mut ready = arrived.remove(&name).unwrap_or_default();
+                                // The index lists the platforms in the order they were asked for.
+                                ready.sort_by_key(|b| platforms.iter().position(|p| *p == b.platform));
+                                let archives: Vec<PathBuf> = ready.into_iter().filter_map(|b| b.path).collect();
+                                if let Some((i, plan)) = to_build.iter().find(|(_, p)| p.name == name) {
+                                    let i = *i;
+                                    let push = push(plan, archives);
+                                    pushes.push(async move { (i, push.await) });
+                                }
                             }
                         }
                         None => open = false,
@@ -192,19 +213,33 @@ pub(crate) async fn publish(
             }
         };
         let (outcomes, ()) = tokio::join!(building, pushing);
-        let outcomes = outcomes?;
-        built_outcomes = to_build.iter().map(|(i, _)| *i).zip(outcomes).collect();
+        for (target, outcome) in targets.iter().zip(outcomes?) {
+            if let Some((i, _)) = to_build.iter().find(|(_, p)| p.name == target.name) {
+                built_outcomes.push((*i, target.platform.clone(), outcome));
+            }
+        }
     }
-    for (i, outcome) in built_outcomes {
+    for (i, platform, outcome) in built_outcomes {
+        let on = match &platform {
+            Some(p) if platforms.len() > 1 => format!("{p}: "),
+            _ => String::new(),
+        };
         match outcome {
             Outcome::Built(_) => {}
-            Outcome::Failed { error, .. } => fail(&mut records, i, error),
-            Outcome::Stopped => {
+            Outcome::Failed { error, .. } => {
+                let error = match records[i].take() {
+                    Some(earlier) => format!("{}\n{on}{error}", earlier.error.unwrap_or_default()),
+                    None => format!("{on}{error}"),
+                };
+                fail(&mut records, i, error)
+            }
+            Outcome::Stopped if records[i].is_none() => {
                 records[i] = Some(Record {
                     error: Some("not built: --fail-fast".to_string()),
                     ..Record::new(&request.names[i], Status::Skipped)
                 });
             }
+            Outcome::Stopped => {}
         }
     }
     for (i, result) in pushed {
@@ -217,6 +252,9 @@ pub(crate) async fn publish(
                 record.pushed_bytes = Some(outcome.pushed_bytes);
                 record.bytes = Some(outcome.pushed_bytes);
                 record.skipped_layers = Some(outcome.skipped_layers);
+                if !outcome.platforms.is_empty() {
+                    record.platforms = Some(outcome.platforms.into_iter().collect());
+                }
                 record.seconds = started.elapsed().as_secs_f64();
                 records[i] = Some(record);
             }
@@ -231,6 +269,23 @@ pub(crate) async fn publish(
         })
         .collect();
     Ok(records)
+}
+
+/// The OCI annotations a registry shows for an index: the version, and the commit and
+/// repository it was built from when known.
+fn annotations(root: &std::path::Path, request: &Request) -> BTreeMap<String, String> {
+    let mut notes = BTreeMap::new();
+    if let Some(version) = &request.version {
+        notes.insert("org.opencontainers.image.version".to_string(), version.clone());
+    }
+    if let Ok(commit) = project::head_commit(root) {
+        notes.insert("org.opencontainers.image.revision".to_string(), commit);
+    }
+    // CI runners say where the repository lives (GitHub Actions and Forgejo Actions alike).
+    if let (Ok(server), Ok(repository)) = (std::env::var("GITHUB_SERVER_URL"), std::env::var("GITHUB_REPOSITORY")) {
+        notes.insert("org.opencontainers.image.source".to_string(), format!("{server}/{repository}"));
+    }
+    notes
 }
 
 fn record_of(plan: &Planned, status: Status) -> Record {

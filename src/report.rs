@@ -17,6 +17,9 @@ pub(crate) enum Status {
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Record {
     pub name: String,
+    /// The platform of a build for one of several platforms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
     pub version: Option<String>,
     pub status: Status,
     pub tag: Option<String>,
@@ -30,12 +33,16 @@ pub(crate) struct Record {
     pub bytes: Option<u64>,
     pub pushed_bytes: Option<u64>,
     pub skipped_layers: Option<usize>,
+    /// For a multi-platform image: each platform's image digest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub platforms: Option<std::collections::BTreeMap<String, String>>,
 }
 
 impl Record {
     pub(crate) fn new(name: &str, status: Status) -> Record {
         Record {
             name: name.to_string(),
+            platform: None,
             version: None,
             status,
             tag: None,
@@ -47,6 +54,7 @@ impl Record {
             bytes: None,
             pushed_bytes: None,
             skipped_layers: None,
+            platforms: None,
         }
     }
 

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::cli::Cli;
 use crate::engine::PullPolicy;
+use crate::platform::Platform;
 use crate::registry::auth::read_password_stdin;
 use crate::registry::cache::BlobCache;
 use crate::registry::{Credentials, RegistryConfig};
@@ -26,6 +27,10 @@ pub(crate) struct FileConfig {
     pub(crate) nixpkgs: Option<String>,
     pub(crate) engine: Option<String>,
     pub(crate) pull: Option<PullPolicy>,
+    /// One platform to build for (`linux/arm64`).
+    pub(crate) platform: Option<String>,
+    /// Several: one archive each, one image index when published.
+    pub(crate) platforms: Option<Vec<String>>,
     pub(crate) registry: Option<String>,
     pub(crate) namespace: Option<String>,
     pub(crate) tag: Option<String>,
@@ -54,6 +59,8 @@ pub(crate) struct Settings {
     pub(crate) engine: Option<String>,
     pub(crate) nix_image: String,
     pub(crate) pull: PullPolicy,
+    /// The platforms to build for; empty: the engine's own.
+    pub(crate) platforms: Vec<Platform>,
     pub(crate) nixpkgs: Nixpkgs,
     pub(crate) no_cache: bool,
     pub(crate) quiet: bool,
@@ -98,8 +105,18 @@ impl Settings {
             .or_else(|| non_empty_env("DOCKER_HOST"))
             .or_else(|| non_empty_env("CONTAINER_HOST"))
             .or(file.engine);
+        let platforms = match (&cli.platform, &file.platform, &file.platforms) {
+            (Some(list), _, _) => Platform::parse_list(list).context("--platform (or DOCKER_DEFAULT_PLATFORM)")?,
+            (None, Some(_), Some(_)) => bail!("{CONFIG_FILE}: set `platform` or `platforms`, not both"),
+            (None, Some(one), None) => vec![Platform::parse(one).with_context(|| format!("{CONFIG_FILE}: platform"))?],
+            (None, None, Some(list)) => {
+                Platform::parse_list(&list.join(",")).with_context(|| format!("{CONFIG_FILE}: platforms"))?
+            }
+            (None, None, None) => Vec::new(),
+        };
         Ok(Settings {
             root,
+            platforms,
             engine,
             nix_image: cli.nix_image.clone().or(file.nix_image).unwrap_or_else(|| DEFAULT_NIX_IMAGE.to_string()),
             pull: cli.pull.map(PullPolicy::from).or(file.pull).unwrap_or(PullPolicy::Missing),

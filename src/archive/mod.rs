@@ -17,6 +17,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 mod io_readers;
+mod platform;
+
+pub(crate) use platform::platform_of;
 
 use io_readers::{hash_reader, Counted, Pipelined, Tee};
 pub(crate) use io_readers::{read_up_to, sha256_digest, Cancellable, Cancelled};

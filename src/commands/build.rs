@@ -18,7 +18,8 @@ pub(crate) async fn run(settings: &Settings, args: BuildArgs) -> Result<()> {
     if names.is_empty() {
         return Ok(());
     }
-    let targets = build::plan(settings.project_root()?, &names, args.output.as_deref(), args.load)?;
+    let targets =
+        build::plan(settings.project_root()?, &names, &settings.platforms, args.output.as_deref(), args.load)?;
     let jobs = super::max_jobs(&args.many)?;
     let options = build::Options { jobs, fail_fast: args.many.fail_fast };
     let engine = Engine::connect(settings.engine.as_deref(), &progress).await?;
@@ -57,6 +58,9 @@ pub(crate) async fn run(settings: &Settings, args: BuildArgs) -> Result<()> {
         };
         let mut record = record;
         record.version = version::declared(settings, &target.name);
+        if settings.platforms.len() > 1 {
+            record.platform = target.platform.as_ref().map(ToString::to_string);
+        }
         if args.many.json {
             output::line(serde_json::to_string(&record)?)?;
         }

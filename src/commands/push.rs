@@ -1,4 +1,6 @@
-//! `nixctr push ARCHIVE REF`: the digest on stdout, progress on stderr.
+//! `nixctr push ARCHIVE… REF`: the digest on stdout, progress on stderr.
+
+use std::collections::BTreeMap;
 
 use anyhow::Result;
 
@@ -13,6 +15,9 @@ pub(crate) async fn run(settings: &Settings, args: PushArgs) -> Result<()> {
     let config = settings.registry_config(&args.registry)?;
     let progress = Progress::new(settings.quiet, settings.verbose);
     let session = PushSession::open(&config, reference.registry(), &progress)?;
-    let outcome = session.push(&args.archive, &reference, &progress).await?;
+    let outcome = match args.archives.as_slice() {
+        [one] => session.push(one, &reference, &progress).await?,
+        several => session.push_index(several, &reference, &BTreeMap::new(), &progress).await?,
+    };
     output::line(format_args!("{}@{}", outcome.reference, outcome.digest))
 }

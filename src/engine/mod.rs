@@ -6,6 +6,7 @@
 //! Everything nixctr creates carries the label [`LABEL`], so `nixctr gc` can find leftovers.
 
 mod container;
+mod image;
 mod runs;
 
 use std::collections::HashMap;
@@ -14,8 +15,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bollard::query_parameters::{
-    CreateImageOptionsBuilder, ImportImageOptionsBuilder, ListVolumesOptionsBuilder, RemoveContainerOptionsBuilder,
-    RemoveVolumeOptionsBuilder,
+    ImportImageOptionsBuilder, ListVolumesOptionsBuilder, RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder,
 };
 use bollard::Docker;
 use futures::StreamExt;
@@ -124,6 +124,10 @@ impl Engine {
         })
     }
 
+    pub(crate) fn is_podman(&self) -> bool {
+        self.flavor == Flavor::Podman
+    }
+
     pub(crate) fn flavor_name(&self) -> &'static str {
         match self.flavor {
             Flavor::Docker => "Docker",
@@ -145,62 +149,6 @@ impl Engine {
             Ok(Ok(info)) => info.ncpu.and_then(|n| usize::try_from(n).ok()).filter(|&n| n > 0).unwrap_or(2),
             _ => 2,
         }
-    }
-
-    /// The ID of `image` if the engine has it.
-    pub(crate) async fn image_id(&self, image: &str) -> Result<Option<String>> {
-        match timed("an image inspect", self.docker.inspect_image(image)).await? {
-            Ok(info) => Ok(info.id),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(engine_err(e)).context(format!("cannot inspect image {image:?}")),
-        }
-    }
-
-    /// Makes sure `image` is present according to `policy`, and returns its ID.
-    pub(crate) async fn ensure_image(&self, image: &str, policy: PullPolicy, progress: &Progress) -> Result<String> {
-        let present = self.image_id(image).await?;
-        match (policy, present) {
-            (PullPolicy::Never, None) => bail!(
-                "image {image:?} is not in the engine and --pull never forbids pulling it \
-                 (pull it, or drop --pull never)"
-            ),
-            (PullPolicy::Missing | PullPolicy::Never, Some(id)) => return Ok(id),
-            _ => {}
-        }
-        self.pull(image, progress).await?;
-        let info = timed("an image inspect", self.docker.inspect_image(image))
-            .await?
-            .with_context(|| format!("cannot inspect image {image:?} after pulling it"))?;
-        info.id.ok_or_else(|| anyhow!("the engine reports no ID for image {image:?}"))
-    }
-
-    async fn pull(&self, image: &str, progress: &Progress) -> Result<()> {
-        let (name, tag) = split_image_tag(image);
-        progress.info(format!("pulling {image}"));
-        let options = CreateImageOptionsBuilder::default().from_image(name).tag(tag).build();
-        let mut stream = self.docker.create_image(Some(options), None, None);
-        let bar = progress.bar("pull", None);
-        let mut layers: HashMap<String, (i64, i64)> = HashMap::new();
-        let result: Result<()> = async {
-            while let Some(item) = stream.next().await {
-                let info = item.map_err(engine_err)?;
-                if let (Some(id), Some(detail)) = (&info.id, &info.progress_detail) {
-                    if let (Some(cur), Some(total)) = (detail.current, detail.total) {
-                        layers.insert(id.clone(), (cur, total));
-                        bar.set_position(layers.values().map(|(c, _)| *c as u64).sum());
-                    }
-                }
-            }
-            Ok(())
-        }
-        .await;
-        bar.finish_and_clear();
-        result.with_context(|| {
-            format!(
-                "cannot pull image {image:?} (offline, or no such tag?): name another with --nix-image, \
-                 or use one already in the engine with --pull never"
-            )
-        })
     }
 
     /// Creates the store volume for `image_id` if it is missing, and returns its name.

@@ -3,6 +3,8 @@
 //! platform. Pure functions from digests to bytes, so every field is unit-tested without a
 //! registry. The manifest types are oci-client's; the index is small enough to spell here.
 
+use std::collections::BTreeMap;
+
 use anyhow::{bail, Result};
 use oci_client::manifest::{
     OciDescriptor, OciImageManifest, IMAGE_CONFIG_MEDIA_TYPE, IMAGE_DOCKER_CONFIG_MEDIA_TYPE,
@@ -10,6 +12,8 @@ use oci_client::manifest::{
     IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE,
 };
 use serde::Serialize;
+
+pub(crate) use crate::platform::Platform;
 
 const IMAGE_LAYER_ZSTD_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 
@@ -109,18 +113,7 @@ pub(crate) fn image_manifest(
     Ok((manifest_type, serde_json::to_vec_pretty(&manifest)?))
 }
 
-/// The platform an image runs on, as an index names it (`linux`, `arm64`, `v8`).
-#[cfg_attr(not(test), allow(dead_code))] // for multi-platform publish; tested here
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub(crate) struct Platform {
-    pub architecture: String,
-    pub os: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub variant: Option<String>,
-}
-
 /// One pushed manifest, as an index lists it.
-#[cfg_attr(not(test), allow(dead_code))] // for multi-platform publish; tested here
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct IndexEntry {
@@ -130,20 +123,24 @@ pub(crate) struct IndexEntry {
     pub platform: Platform,
 }
 
-#[cfg_attr(not(test), allow(dead_code))] // for multi-platform publish; tested here
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Index<'a> {
     schema_version: u8,
     media_type: &'static str,
     manifests: &'a [IndexEntry],
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: &'a BTreeMap<String, String>,
 }
 
 /// An OCI image index (or Docker manifest list) naming one manifest per platform, and its
 /// media type. The entries must be manifests of the same family: a Docker manifest list
 /// cannot name OCI manifests, and two entries for one platform leave pullers guessing.
-#[cfg_attr(not(test), allow(dead_code))] // for multi-platform publish; tested here
-pub(crate) fn image_index(format: ManifestFormat, entries: &[IndexEntry]) -> Result<(&'static str, Vec<u8>)> {
+pub(crate) fn image_index(
+    format: ManifestFormat,
+    entries: &[IndexEntry],
+    annotations: &BTreeMap<String, String>,
+) -> Result<(&'static str, Vec<u8>)> {
     let (index_type, manifest_type) = match format {
         ManifestFormat::Oci => (OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE),
         ManifestFormat::Docker => (IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE),
@@ -156,11 +153,13 @@ pub(crate) fn image_index(format: ManifestFormat, entries: &[IndexEntry]) -> Res
             bail!("a {} index cannot list a {} manifest ({})", format.name(), entry.media_type, entry.digest);
         }
         if entries[..i].iter().any(|e| e.platform == entry.platform) {
-            let p = &entry.platform;
-            bail!("two manifests for platform {}/{} in one index", p.os, p.architecture);
+            bail!("two manifests for platform {} in one index", entry.platform);
         }
     }
-    let index = Index { schema_version: 2, media_type: index_type, manifests: entries };
+    // A Docker manifest list has no annotations.
+    let none = BTreeMap::new();
+    let annotations = if format == ManifestFormat::Oci { annotations } else { &none };
+    let index = Index { schema_version: 2, media_type: index_type, manifests: entries, annotations };
     Ok((index_type, serde_json::to_vec_pretty(&index)?))
 }
 
@@ -207,7 +206,8 @@ mod tests {
             entry(OCI_IMAGE_MEDIA_TYPE, "sha256:a1", "amd64", None),
             entry(OCI_IMAGE_MEDIA_TYPE, "sha256:b2", "arm64", Some("v8")),
         ];
-        let (ty, body) = image_index(ManifestFormat::Oci, &entries).unwrap();
+        let notes = BTreeMap::from([("org.opencontainers.image.version".to_string(), "2.17.0".to_string())]);
+        let (ty, body) = image_index(ManifestFormat::Oci, &entries, &notes).unwrap();
         assert_eq!(ty, OCI_IMAGE_INDEX_MEDIA_TYPE);
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["schemaVersion"], 2);
@@ -217,23 +217,31 @@ mod tests {
         assert_eq!(json["manifests"][0]["size"], 42);
         assert_eq!(json["manifests"][0]["platform"], serde_json::json!({"architecture": "amd64", "os": "linux"}));
         assert_eq!(json["manifests"][1]["platform"]["variant"], "v8");
+        assert_eq!(json["annotations"]["org.opencontainers.image.version"], "2.17.0");
 
         let docker = [entry(IMAGE_MANIFEST_MEDIA_TYPE, "sha256:a1", "amd64", None)];
-        let (ty, body) = image_index(ManifestFormat::Docker, &docker).unwrap();
+        let (ty, body) = image_index(ManifestFormat::Docker, &docker, &notes).unwrap();
         assert_eq!(ty, IMAGE_MANIFEST_LIST_MEDIA_TYPE);
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["mediaType"], IMAGE_MANIFEST_LIST_MEDIA_TYPE);
+        assert!(json.get("annotations").is_none(), "a Docker manifest list has no annotations");
     }
 
     #[test]
     fn an_index_refuses_what_pullers_cannot_use() {
-        assert!(image_index(ManifestFormat::Oci, &[]).is_err());
+        assert!(image_index(ManifestFormat::Oci, &[], &BTreeMap::new()).is_err());
         let mixed = [entry(IMAGE_MANIFEST_MEDIA_TYPE, "sha256:a1", "amd64", None)];
-        assert!(image_index(ManifestFormat::Oci, &mixed).unwrap_err().to_string().contains("cannot list"));
+        assert!(image_index(ManifestFormat::Oci, &mixed, &BTreeMap::new())
+            .unwrap_err()
+            .to_string()
+            .contains("cannot list"));
         let twice = [
             entry(OCI_IMAGE_MEDIA_TYPE, "sha256:a1", "amd64", None),
             entry(OCI_IMAGE_MEDIA_TYPE, "sha256:b2", "amd64", None),
         ];
-        assert!(image_index(ManifestFormat::Oci, &twice).unwrap_err().to_string().contains("two manifests"));
+        assert!(image_index(ManifestFormat::Oci, &twice, &BTreeMap::new())
+            .unwrap_err()
+            .to_string()
+            .contains("two manifests"));
     }
 }

@@ -10,6 +10,7 @@
 //! (same inode, size, mtime, ctime) is not read again, unless a layer turns out to need
 //! compressing and the recalled archive cannot supply its bytes.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,10 +23,11 @@ use super::api::{manifest_type_refused, UploadBody};
 use super::blobs::{Compressor, Pending};
 use super::cache::{BlobCache, CachedBlob};
 use super::client::Client;
-use super::manifest::{image_manifest, Compression, ManifestFormat};
+use super::manifest::{image_index, image_manifest, Compression, IndexEntry, ManifestFormat};
 use super::Target;
 use super::{is_digest, plural, short, Reference, RegistryConfig};
-use crate::archive::{Archive, EntryData, SeenEntry};
+use crate::archive::{self, sha256_digest, Archive, EntryData, SeenEntry};
+use crate::platform::Platform;
 use crate::progress::{human_bytes, Progress};
 
 /// What one push did.
@@ -45,6 +47,11 @@ pub struct PushOutcome {
     pub mounted_layers: usize,
     /// The manifest format the registry took (it may differ from the one asked for).
     pub format: ManifestFormat,
+    /// The manifest's size and media type, as an index lists it.
+    pub manifest_size: u64,
+    pub media_type: String,
+    /// For an image index: each platform (`linux/arm64`) and its image manifest's digest.
+    pub platforms: Vec<(String, String)>,
 }
 
 /// A connection to one registry host and everything pushes to it share.
@@ -143,15 +150,99 @@ impl PushSession {
     /// are compressed while it is still being read. The blob cache is saved afterwards,
     /// whether the push worked or not: what went up stays known.
     pub async fn push(&self, archive: &Path, reference: &Reference, progress: &Progress) -> Result<PushOutcome> {
+        self.push_one(archive, reference, true, progress).await
+    }
+
+    /// [`PushSession::push`], tagged or (for an index) by digest only.
+    async fn push_one(
+        &self,
+        archive: &Path,
+        reference: &Reference,
+        tagged: bool,
+        progress: &Progress,
+    ) -> Result<PushOutcome> {
         self.check_host(reference)?;
         let started = Started { compressor: &self.compressor, diff_ids: Mutex::default() };
-        let result = self.push_archive(archive, reference, progress, &started).await;
+        let result = self.push_archive(archive, reference, tagged, progress, &started).await;
         if let Ok(mut cache) = self.cache.lock() {
             if let Err(e) = cache.save() {
                 progress.debug(format!("could not save the blob cache: {e:#}"));
             }
         }
         result
+    }
+
+    /// Pushes each archive's image by digest, then one image index (a Docker manifest list
+    /// with `--format docker`) naming them by platform, under `reference`'s tag. Each
+    /// archive's platform is read from its config first: two of one platform are refused
+    /// before anything is sent. Images go one after the other, so a layer they share is sent once.
+    pub async fn push_index(
+        &self,
+        archives: &[PathBuf],
+        reference: &Reference,
+        annotations: &BTreeMap<String, String>,
+        progress: &Progress,
+    ) -> Result<PushOutcome> {
+        self.check_host(reference)?;
+        let mut platforms: Vec<Platform> = Vec::new();
+        for path in archives {
+            let owned = path.clone();
+            let platform = tokio::task::spawn_blocking(move || archive::platform_of(&owned))
+                .await
+                .map_err(|e| anyhow!("reading {} stopped: {e}", path.display()))??;
+            if let Some(i) = platforms.iter().position(|p| *p == platform) {
+                bail!(
+                    "{} and {} are both {platform}: an index holds one image per platform",
+                    archives[i].display(),
+                    path.display()
+                );
+            }
+            platforms.push(platform);
+        }
+        let mut entries = Vec::new();
+        let mut total = PushOutcome {
+            reference: reference.to_string(),
+            digest: String::new(),
+            pushed_bytes: 0,
+            pushed_layers: 0,
+            skipped_layers: 0,
+            mounted_layers: 0,
+            format: self.format,
+            manifest_size: 0,
+            media_type: String::new(),
+            platforms: Vec::new(),
+        };
+        for (path, platform) in archives.iter().zip(&platforms) {
+            let one = self.push_one(path, reference, false, &progress.for_item(&platform.to_string())).await?;
+            total.pushed_bytes += one.pushed_bytes;
+            total.pushed_layers += one.pushed_layers;
+            total.skipped_layers += one.skipped_layers;
+            total.mounted_layers += one.mounted_layers;
+            total.platforms.push((platform.to_string(), one.digest.clone()));
+            entries.push((
+                one.format,
+                IndexEntry {
+                    media_type: one.media_type,
+                    digest: one.digest,
+                    size: one.manifest_size,
+                    platform: platform.clone(),
+                },
+            ));
+        }
+        // A registry that refused one manifest type took the other for every image.
+        let format = entries.first().map_or(self.format, |(f, _)| *f);
+        let entries: Vec<IndexEntry> = entries.into_iter().map(|(_, e)| e).collect();
+        let (media_type, body) = image_index(format, &entries, annotations)?;
+        total.manifest_size = body.len() as u64;
+        total.media_type = media_type.to_string();
+        total.format = format;
+        let repo = reference.repository();
+        total.digest = match self.client().await?.put_manifest(repo, reference.tag(), media_type, body).await? {
+            Ok(digest) => digest,
+            Err(rejected) => return Err(rejected.into()),
+        };
+        progress.info(format!("pushed the index of {} images as {reference}", entries.len()));
+        Ok(total)
     }
 
     async fn login_for(&self, reference: &Reference) -> Result<()> {
@@ -171,6 +262,7 @@ impl PushSession {
         &self,
         path: &Path,
         reference: &Reference,
+        tagged: bool,
         progress: &Progress,
         started: &Started<'_>,
     ) -> Result<PushOutcome> {
@@ -178,7 +270,7 @@ impl PushSession {
         if let Some(recalled) = self.recall(path, progress).await {
             progress.debug(format!("{} is unchanged since nixctr last checked it", path.display()));
             self.login_for(reference).await?;
-            match self.push_layers(&recalled, reference, progress, started).await? {
+            match self.push_layers(&recalled, reference, tagged, progress, started).await? {
                 Attempt::Done(outcome) => return Ok(outcome),
                 Attempt::NeedsFullRead => progress.debug("a layer needs compressing: reading the whole archive"),
             }
@@ -187,7 +279,7 @@ impl PushSession {
         let (archive, login) = tokio::join!(self.read(path, progress, started), self.login_for(reference));
         let archive = archive?;
         login?;
-        match self.push_layers(&archive, reference, progress, started).await? {
+        match self.push_layers(&archive, reference, tagged, progress, started).await? {
             Attempt::Done(outcome) => Ok(outcome),
             Attempt::NeedsFullRead => bail!("{}: a layer has no bytes even after a full read", path.display()),
         }
@@ -263,6 +355,7 @@ impl PushSession {
         &self,
         archive: &Archive,
         reference: &Reference,
+        tagged: bool,
         progress: &Progress,
         started: &Started<'_>,
     ) -> Result<Attempt> {
@@ -282,6 +375,9 @@ impl PushSession {
             skipped_layers: 0,
             mounted_layers: 0,
             format: self.format,
+            manifest_size: 0,
+            media_type: String::new(),
+            platforms: Vec::new(),
         };
         while let Some(step) = steps.next().await {
             let (blob, result) = match step? {
@@ -314,7 +410,11 @@ impl PushSession {
         let mut format = self.format;
         outcome.digest = loop {
             let (media_type, body) = image_manifest(format, self.compression, config, &blobs)?;
-            match self.client().await?.put_manifest(repo, reference.tag(), media_type, body).await? {
+            outcome.manifest_size = body.len() as u64;
+            outcome.media_type = media_type.to_string();
+            // Untagged, a manifest is put under its own digest.
+            let name = if tagged { reference.tag().to_string() } else { sha256_digest(&body) };
+            match self.client().await?.put_manifest(repo, &name, media_type, body).await? {
                 Ok(digest) => break digest,
                 Err(rejected)
                     if manifest_type_refused(&rejected)

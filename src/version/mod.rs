@@ -95,7 +95,13 @@ pub(crate) async fn versions(
     let mut nixpkgs = None;
     if !attrs.is_empty() {
         let engine = Engine::connect(settings.engine.as_deref(), progress).await?;
-        let nix = NixContainer::start(&engine, settings, Inputs { project: None, role: "version" }, progress).await?;
+        let nix = NixContainer::start(
+            &engine,
+            settings,
+            Inputs { project: None, role: "version", platform: settings.platforms.first() },
+            progress,
+        )
+        .await?;
         let result = nix.versions(&attrs).await;
         nixpkgs = Some(nix.nixpkgs.clone());
         let removed = nix.finish().await;
