@@ -147,13 +147,17 @@ pub(crate) async fn publish(
 
     // Build, and push each container as soon as its archives (one per platform) are written.
     let platforms = &settings.platforms;
-    let annotations = annotations(&root, request);
+    let annotations = annotations(&root);
     let push = |plan: &Planned, archives: Vec<PathBuf>| {
-        let (session, progress, annotations) = (&session, item(&plan.name), &annotations);
+        let (session, progress) = (&session, item(&plan.name));
+        let mut annotations = annotations.clone();
+        if !plan.version.is_empty() {
+            annotations.insert("org.opencontainers.image.version".to_string(), plan.version.clone());
+        }
         let reference = plan.reference.clone();
         async move {
             if platforms.len() > 1 {
-                session.push_index(&archives, &reference, annotations, &progress).await
+                session.push_index(&archives, &reference, &annotations, &progress).await
             } else {
                 session.push(&archives[0], &reference, &progress).await
             }
@@ -271,13 +275,10 @@ pub(crate) async fn publish(
     Ok(records)
 }
 
-/// The OCI annotations a registry shows for an index: the version, and the commit and
-/// repository it was built from when known.
-fn annotations(root: &std::path::Path, request: &Request) -> BTreeMap<String, String> {
+/// The OCI annotations a registry shows for an index, besides the version: the commit and
+/// the repository it was built from, when known.
+fn annotations(root: &std::path::Path) -> BTreeMap<String, String> {
     let mut notes = BTreeMap::new();
-    if let Some(version) = &request.version {
-        notes.insert("org.opencontainers.image.version".to_string(), version.clone());
-    }
     if let Ok(commit) = project::head_commit(root) {
         notes.insert("org.opencontainers.image.revision".to_string(), commit);
     }

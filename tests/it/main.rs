@@ -5,6 +5,7 @@ mod build;
 mod cli;
 mod harness;
 mod many;
+mod platforms;
 mod publish;
 mod push;
 mod registry_harness;

@@ -328,6 +328,8 @@ pub fn run_ok(cmd: &mut Cmd) -> Output {
 /// a mix of text and pseudo-random bytes (so compressed sizes are predictable).
 pub struct TestImage {
     pub layers: Vec<Vec<u8>>,
+    /// The config's `architecture` (`amd64` unless set).
+    pub architecture: String,
 }
 
 impl TestImage {
@@ -340,7 +342,13 @@ impl TestImage {
             data.extend(noise(size / 2, seed.wrapping_mul(1000).wrapping_add(n as u64)));
             layers.push(layer_tar(&[(&format!("data/layer{n}.bin"), &data, 0o644)]));
         }
-        TestImage { layers }
+        TestImage { layers, architecture: "amd64".to_string() }
+    }
+
+    /// The same layers, its config saying another architecture (`arm64`).
+    pub fn for_architecture(mut self, architecture: &str) -> TestImage {
+        self.architecture = architecture.to_string();
+        self
     }
 
     /// The same image with layer `index` (0-based) holding one more file.
@@ -367,7 +375,7 @@ impl TestImage {
 
     pub fn config(&self) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({
-            "architecture": "amd64",
+            "architecture": self.architecture,
             "os": "linux",
             "config": {"Cmd": ["/bin/busybox", "echo", "ok"]},
             "rootfs": {"type": "layers", "diff_ids": self.diff_ids()},

@@ -1,0 +1,95 @@
+//! Platforms: `--platform`, the nix image checked per platform, one archive per platform, and
+//! several archives pushed as one image index, read back with skopeo.
+
+use crate::harness::*;
+use crate::registry_harness::{Registry, TestImage};
+
+#[test]
+fn several_archives_push_as_one_index() {
+    let home = Sandbox::new();
+    let registry = Registry::plain();
+    // The same first layer in both: an index's images share what they can.
+    let amd = TestImage::new(3, 20_000, 7).write(home.path(), "amd", true);
+    let arm = TestImage::new(3, 20_000, 8).for_architecture("arm64").write(home.path(), "arm", false);
+    let reference = format!("{}/multi/app:1", registry.host());
+    let out = home.nixctr().args(["push"]).arg(&amd).arg(&arm).arg(&reference).run();
+    out.success();
+    let printed = out.stdout();
+    let (shown, digest) = printed.trim().split_once('@').expect("REF@DIGEST");
+    assert_eq!(shown, reference);
+
+    let raw = registry.skopeo_inspect("multi/app:1", true).expect("skopeo reads the index");
+    assert_eq!(raw["mediaType"], "application/vnd.oci.image.index.v1+json", "{raw}");
+    let platforms: Vec<String> = raw["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            format!("{}/{}", m["platform"]["os"].as_str().unwrap(), m["platform"]["architecture"].as_str().unwrap())
+        })
+        .collect();
+    assert_eq!(platforms, ["linux/amd64", "linux/arm64"]);
+    // skopeo resolves each platform to its own image, and the index's digest is the one printed.
+    let inspected = registry.skopeo_inspect("multi/app:1", false).expect("inspect");
+    assert_eq!(inspected["Digest"], digest);
+    let mut arm64 = Cmd::tool("skopeo");
+    arm64.args(["inspect", "--override-arch", "arm64"]).args(registry.skopeo_flags());
+    arm64.arg(format!("docker://{}/multi/app:1", registry.host()));
+    let arm64: serde_json::Value = serde_json::from_str(&arm64.run().success().stdout()).unwrap();
+    assert_eq!(arm64["Architecture"], "arm64");
+    // The shared busybox layer went up once.
+    out.stderr_has("[linux/arm64] layer 1/3").stderr_has("already there");
+
+    // --format docker pushes a Docker manifest list.
+    let list = format!("{}/multi/app:2", registry.host());
+    home.nixctr().args(["push", "--format", "docker"]).arg(&amd).arg(&arm).arg(&list).run().success();
+    let raw = registry.skopeo_inspect("multi/app:2", true).expect("skopeo reads the list");
+    assert_eq!(raw["mediaType"], "application/vnd.docker.distribution.manifest.list.v2+json", "{raw}");
+}
+
+#[test]
+fn two_archives_of_one_platform_are_refused_before_anything_is_sent() {
+    let home = Sandbox::new();
+    let registry = Registry::plain();
+    let a = TestImage::new(2, 10_000, 1).write(home.path(), "a", false);
+    let b = TestImage::new(2, 10_000, 2).write(home.path(), "b", false);
+    let out = home.nixctr().args(["push"]).arg(&a).arg(&b).arg(format!("{}/dup/app:1", registry.host())).run();
+    out.assert_exit(1).stderr_has("both linux/amd64");
+    assert!(registry.skopeo_inspect("dup/app:1", false).is_none());
+    assert_eq!(registry.blob_bytes(), 0, "nothing may be sent");
+}
+
+#[test]
+fn bad_platforms_are_refused() {
+    let fx = Fixture::new();
+    fx.nixctr(None).args(["--platform", "linux", "version", "ntfy"]).run().assert_exit(1).stderr_has("OS/ARCH");
+    fx.nixctr(None)
+        .args(["--platform", "linux/amd64,linux/x86_64", "build", "hello"])
+        .run()
+        .assert_exit(1)
+        .stderr_has("named twice");
+    fx.nixctr(None)
+        .args(["--platform", "linux/amd64,linux/arm64", "build", "hello", "-o", "x.tar.gz"])
+        .run()
+        .assert_exit(1)
+        .stderr_has("2 platforms");
+    fx.nixctr(None)
+        .args(["version", "ntfy"])
+        .env("DOCKER_DEFAULT_PLATFORM", "nope")
+        .run()
+        .assert_exit(1)
+        .stderr_has("\"nope\"");
+}
+
+#[test]
+fn a_platform_the_nix_image_lacks_names_those_it_has() {
+    for engine in engines() {
+        let fx = Fixture::new();
+        let out = fx.nixctr(Some(&engine)).args(["--platform", "linux/s390x", "build", "hello"]).run();
+        out.assert_exit(1).stderr_has("has no linux/s390x image; it has linux/amd64");
+        assert_no_containers_left(&engine, &out);
+        assert!(!fx.project().join("hello.tar.gz").exists());
+        // The engine's own copy still serves native builds.
+        fx.nixctr(Some(&engine)).args(["-q", "build", "hello"]).run().success();
+    }
+}
