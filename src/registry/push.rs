@@ -54,6 +54,24 @@ pub struct PushOutcome {
     pub platforms: Vec<(String, String)>,
 }
 
+impl PushOutcome {
+    /// Nothing pushed yet.
+    fn new(reference: &Reference, format: ManifestFormat) -> PushOutcome {
+        PushOutcome {
+            reference: reference.to_string(),
+            digest: String::new(),
+            pushed_bytes: 0,
+            pushed_layers: 0,
+            skipped_layers: 0,
+            mounted_layers: 0,
+            format,
+            manifest_size: 0,
+            media_type: String::new(),
+            platforms: Vec::new(),
+        }
+    }
+}
+
 /// A connection to one registry host and everything pushes to it share.
 // pub: used by tests/it/push.rs
 pub struct PushSession {
@@ -200,18 +218,7 @@ impl PushSession {
             platforms.push(platform);
         }
         let mut entries = Vec::new();
-        let mut total = PushOutcome {
-            reference: reference.to_string(),
-            digest: String::new(),
-            pushed_bytes: 0,
-            pushed_layers: 0,
-            skipped_layers: 0,
-            mounted_layers: 0,
-            format: self.format,
-            manifest_size: 0,
-            media_type: String::new(),
-            platforms: Vec::new(),
-        };
+        let mut total = PushOutcome::new(reference, self.format);
         for (path, platform) in archives.iter().zip(&platforms) {
             let one = self.push_one(path, reference, false, &progress.for_item(&platform.to_string())).await?;
             total.pushed_bytes += one.pushed_bytes;
@@ -367,18 +374,7 @@ impl PushSession {
             .map(|index| self.push_layer(archive, index, repo, progress, started))
             .buffered(self.jobs);
         let mut blobs = Vec::with_capacity(total);
-        let mut outcome = PushOutcome {
-            reference: reference.to_string(),
-            digest: String::new(),
-            pushed_bytes: 0,
-            pushed_layers: 0,
-            skipped_layers: 0,
-            mounted_layers: 0,
-            format: self.format,
-            manifest_size: 0,
-            media_type: String::new(),
-            platforms: Vec::new(),
-        };
+        let mut outcome = PushOutcome::new(reference, self.format);
         while let Some(step) = steps.next().await {
             let (blob, result) = match step? {
                 LayerStep::Done(blob, result) => (blob, result),

@@ -219,14 +219,7 @@ fn heredoc(word: &str) -> Option<(&str, bool)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn version(v: &str) -> Found {
-        Found::Version(v.to_string())
-    }
-
-    fn unusable(why: &str) -> Found {
-        Found::Unusable(why.to_string())
-    }
+    use crate::version::tests::{unusable, version};
 
     #[test]
     fn docker_plain_default() {

@@ -211,8 +211,16 @@ fn display(root: &Path, path: &Path) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    pub(crate) fn version(v: &str) -> Found {
+        Found::Version(v.to_string())
+    }
+
+    pub(crate) fn unusable(why: &str) -> Found {
+        Found::Unusable(why.to_string())
+    }
 
     // --- validate ----------------------------------------------------------------------------
 

@@ -320,14 +320,7 @@ fn is_uri_char(byte: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn version(v: &str) -> Found {
-        Found::Version(v.to_string())
-    }
-
-    fn unusable(why: &str) -> Found {
-        Found::Unusable(why.to_string())
-    }
+    use crate::version::tests::{unusable, version};
 
     #[test]
     fn nix_mk_derivation() {
