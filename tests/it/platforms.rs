@@ -93,3 +93,107 @@ fn a_platform_the_nix_image_lacks_names_those_it_has() {
         fx.nixctr(Some(&engine)).args(["-q", "build", "hello"]).run().success();
     }
 }
+
+#[test]
+fn an_archive_of_another_platform_is_refused() {
+    for engine in engines() {
+        let fx = Fixture::new();
+        let hello = fx.read("containers/hello/default.nix");
+        fx.write(
+            "containers/hello/default.nix",
+            &hello.replace("tag = \"latest\";", "tag = \"latest\";\n  architecture = \"s390x\";"),
+        );
+        let out = fx.nixctr(Some(&engine)).args(["build", "hello", "--load"]).run();
+        out.assert_exit(1).stderr_has("config says linux/s390x, not linux/amd64");
+        assert!(!fx.project().join("hello.tar.gz").exists(), "a refused archive was kept");
+        let left: Vec<_> = std::fs::read_dir(fx.project())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".nixctr-"))
+            .collect();
+        assert!(left.is_empty(), "temporary files left: {left:?}");
+        assert_no_containers_left(&engine, &out);
+    }
+}
+
+/// The mirror image of an arm64 laptop building for amd64: arm64 under QEMU on this amd64
+/// machine, loaded and run; then both platforms published as one index and pulled back.
+#[test]
+fn emulated_builds_and_a_two_platform_publish() {
+    for engine in engines() {
+        let fx = Fixture::new();
+        let head = fx.git_commit_all();
+        let out = fx
+            .nixctr(Some(&engine))
+            .args(["--platform", "linux/arm64", "build", "hello", "--load"])
+            .deadline(std::time::Duration::from_secs(900))
+            .run();
+        out.success().stderr_has("emulated");
+        let image = out.stdout().trim().to_string();
+        let ran = engine
+            .cli()
+            .args(["run", "--rm", "--platform", "linux/arm64", "--network", "none", &image, "uname", "-m"])
+            .run();
+        assert_eq!(ran.success().stdout().trim(), "aarch64", "{}", engine.name);
+        engine.cli().args(["rmi", &image]).run();
+
+        let registry = Registry::plain();
+        let host = registry.host();
+        let out = fx
+            .nixctr(Some(&engine))
+            .args([
+                "--platform",
+                "linux/amd64,linux/arm64",
+                "publish",
+                "ntfy",
+                "--registry",
+                &host,
+                "--namespace",
+                "team",
+                "--json",
+            ])
+            .deadline(std::time::Duration::from_secs(900))
+            .run();
+        out.success();
+        let record: serde_json::Value = serde_json::from_str(out.stdout().trim()).unwrap();
+        let tag = format!("v2.17.0-{}-nix", &head[..7]);
+        assert_eq!(record["tag"], tag);
+        let raw = registry.skopeo_inspect(&format!("team/ntfy:{tag}"), true).expect("skopeo reads the index");
+        assert_eq!(raw["mediaType"], "application/vnd.oci.image.index.v1+json", "{raw}");
+        assert_eq!(raw["annotations"]["org.opencontainers.image.version"], "2.17.0");
+        assert_eq!(raw["annotations"]["org.opencontainers.image.revision"], head);
+        for (platform, uname) in [("linux/amd64", "x86_64"), ("linux/arm64", "aarch64")] {
+            let listed = raw["manifests"].as_array().unwrap().iter().find(|m| {
+                format!("{}/{}", m["platform"]["os"].as_str().unwrap(), m["platform"]["architecture"].as_str().unwrap())
+                    == platform
+            });
+            let listed = listed.unwrap_or_else(|| panic!("{platform} missing from {raw}"));
+            assert_eq!(record["platforms"][platform], listed["digest"], "{record}");
+            let reference = format!("{host}/team/ntfy:{tag}");
+            let mut pull = engine.cli();
+            pull.args(["pull", "--platform", platform]);
+            if engine.name == "podman" {
+                pull.arg("--tls-verify=false");
+            }
+            pull.arg(&reference).run().success();
+            let ran = engine
+                .cli()
+                .args([
+                    "run",
+                    "--rm",
+                    "--platform",
+                    platform,
+                    "--network",
+                    "none",
+                    "--entrypoint",
+                    "/bin/uname",
+                    &reference,
+                    "-m",
+                ])
+                .run();
+            assert_eq!(ran.success().stdout().trim(), uname, "{}: {platform}", engine.name);
+            engine.cli().args(["rmi", &reference]).run();
+        }
+        assert_no_containers_left(&engine, &out);
+    }
+}
