@@ -10,7 +10,8 @@
 //! (same inode, size, mtime, ctime) is not read again, unless a layer turns out to need
 //! compressing and the recalled archive cannot supply its bytes.
 
-use std::collections::BTreeMap;
+mod index;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,11 +24,10 @@ use super::api::{manifest_type_refused, UploadBody};
 use super::blobs::{Compressor, Pending};
 use super::cache::{BlobCache, CachedBlob};
 use super::client::Client;
-use super::manifest::{image_index, image_manifest, Compression, IndexEntry, ManifestFormat};
+use super::manifest::{image_manifest, Compression, ManifestFormat};
 use super::Target;
 use super::{is_digest, plural, short, Reference, RegistryConfig};
-use crate::archive::{self, sha256_digest, Archive, EntryData, SeenEntry};
-use crate::platform::Platform;
+use crate::archive::{sha256_digest, Archive, EntryData, SeenEntry};
 use crate::progress::{human_bytes, Progress};
 
 /// What one push did.
@@ -188,68 +188,6 @@ impl PushSession {
             }
         }
         result
-    }
-
-    /// Pushes each archive's image by digest, then one image index (a Docker manifest list
-    /// with `--format docker`) naming them by platform, under `reference`'s tag. Each
-    /// archive's platform is read from its config first: two of one platform are refused
-    /// before anything is sent. Images go one after the other, so a layer they share is sent once.
-    pub async fn push_index(
-        &self,
-        archives: &[PathBuf],
-        reference: &Reference,
-        annotations: &BTreeMap<String, String>,
-        progress: &Progress,
-    ) -> Result<PushOutcome> {
-        self.check_host(reference)?;
-        let mut platforms: Vec<Platform> = Vec::new();
-        for path in archives {
-            let owned = path.clone();
-            let platform = tokio::task::spawn_blocking(move || archive::platform_of(&owned))
-                .await
-                .map_err(|e| anyhow!("reading {} stopped: {e}", path.display()))??;
-            if let Some(i) = platforms.iter().position(|p| *p == platform) {
-                bail!(
-                    "{} and {} are both {platform}: an index holds one image per platform",
-                    archives[i].display(),
-                    path.display()
-                );
-            }
-            platforms.push(platform);
-        }
-        let mut entries = Vec::new();
-        let mut total = PushOutcome::new(reference, self.format);
-        for (path, platform) in archives.iter().zip(&platforms) {
-            let one = self.push_one(path, reference, false, &progress.for_item(&platform.to_string())).await?;
-            total.pushed_bytes += one.pushed_bytes;
-            total.pushed_layers += one.pushed_layers;
-            total.skipped_layers += one.skipped_layers;
-            total.mounted_layers += one.mounted_layers;
-            total.platforms.push((platform.to_string(), one.digest.clone()));
-            entries.push((
-                one.format,
-                IndexEntry {
-                    media_type: one.media_type,
-                    digest: one.digest,
-                    size: one.manifest_size,
-                    platform: platform.clone(),
-                },
-            ));
-        }
-        // A registry that refused one manifest type took the other for every image.
-        let format = entries.first().map_or(self.format, |(f, _)| *f);
-        let entries: Vec<IndexEntry> = entries.into_iter().map(|(_, e)| e).collect();
-        let (media_type, body) = image_index(format, &entries, annotations)?;
-        total.manifest_size = body.len() as u64;
-        total.media_type = media_type.to_string();
-        total.format = format;
-        let repo = reference.repository();
-        total.digest = match self.client().await?.put_manifest(repo, reference.tag(), media_type, body).await? {
-            Ok(digest) => digest,
-            Err(rejected) => return Err(rejected.into()),
-        };
-        progress.info(format!("pushed the index of {} images as {reference}", entries.len()));
-        Ok(total)
     }
 
     async fn login_for(&self, reference: &Reference) -> Result<()> {
