@@ -33,16 +33,22 @@
 #     at /nix; a container whose /nix is NOT seeded from the image has no shell.
 #     Emulated (arm64) nix needs filter-syscalls = false (NIX_CONFIG; not in
 #     the image's nix.conf).
-# Timing (2 cores): from scratch the image takes ~N min (amd64 ~N, arm64
-# ~N under qemu, in parallel); the root fs tars are cached in
-# /var/lib/nixctr-test (bump ROOTFS_VERSION when the recipe changes).
+# Timing (2 cores, busy): from scratch the image step takes ~7.5 min: both
+# root fs are built in parallel, amd64 ~2.5 min, arm64 ~7 min (dpkg and nix
+# under qemu), then ~20 s to push; --verify ~30 s more.  The root fs tars
+# (and their gzip'd layers) are cached in /var/lib/nixctr-test
+# (nix-rootfs-vN-ARCH.tar; bump ROOTFS_VERSION when the recipe changes).
 # Logs: /var/log/nixctr-test/*.log.  State/caches: /var/lib/nixctr-test.
 # Daemons are started detached (setsid nohup) and keep running after exit.
 #
 # Usage: scripts/setup.sh [--verify]
 #   --verify (or NIXCTR_SETUP_VERIFY=1): also run the end-to-end checks (pull
 #   through the mirror in both engines, nix in a container, podman compat API
-#   with a named volume on /nix); they always run after the image is (re)built.
+#   with a named volume on /nix, linux/arm64 under qemu); they always run
+#   after the image is (re)built, which also makes both engines' local
+#   nixos/nix:2.33.3 the new image.
+#   NIXCTR_SETUP_NIX_TAG=TAG (development): build/verify the image as
+#   nixos/nix:TAG instead, leaving 2.33.3 alone.
 # Stdout: KEY=VALUE summary of the endpoints.  Progress: one line per step on stderr.
 set -euo pipefail
 
