@@ -2,11 +2,14 @@
 # shellcheck disable=SC2015  # "A && B || true" is intended throughout
 # nixctr test environment setup — idempotent; CI runs it from scratch (root,
 # no stdin, CI=true) and developers rerun it freely (a no-op rerun takes <1 s;
-# from scratch: ~1 min for the image plus the apt installs).
+# from scratch: see "Timing" below).
 #
 # Sets up, on this machine only (loopback):
 #   * Debian packages: docker.io podman debootstrap docker-registry skopeo curl
 #     ca-certificates openssl apache2-utils busybox-static uidmap
+#     qemu-user-static binfmt-support python3
+#   * binfmt_misc: qemu-aarch64 registered with the F (fix-binary) flag, so both
+#     engines run linux/arm64 containers (emulated) on an amd64 machine
 #   * mirror registry   127.0.0.1:5000   (docker-registry, plain HTTP, no auth;
 #                       storage /var/lib/nixctr-test/mirror), used as the
 #                       docker.io mirror by both engines
@@ -16,19 +19,36 @@
 #                       overlay if the kernel allows it, else vfs; cgroupfs,
 #                       runc, default_ulimits kept below the hard limits)
 #   * image nixos/nix:2.33.3 in the mirror, i.e. what `docker pull
-#     nixos/nix:2.33.3` (docker.io/nixos/nix:2.33.3) gets in both engines.
-#     It is NOT the upstream image: a Debian bookworm minbase root fs with
-#     Debian's nix (2.8, nix-bin), configured for root without nixbld users,
-#     sandbox or substituters (offline).  nix lives in /usr/bin; /nix holds
-#     only an empty store and an initialised (empty) nix db, which the engines
-#     copy into a new empty named volume mounted at /nix.
+#     nixos/nix:2.33.3` (docker.io/nixos/nix:2.33.3) gets in both engines:
+#     a manifest list for linux/amd64 and linux/arm64 (each platform also
+#     tagged 2.33.3-amd64 / 2.33.3-arm64).  It is NOT the upstream image but
+#     shaped like it (NixOS/nix docker.nix): Debian trixie minbase + Debian's
+#     nix 2.26 (nix-bin), with all of /usr added to /nix/store (and registered
+#     valid in the nix db) and /usr a symlink to it, so every tool -- /bin/sh,
+#     /usr/bin/env, nix -- lives in the store; profile
+#     /nix/var/nix/profiles/default (= /root/.nix-profile) on PATH; root;
+#     nixbld1..32 build users, sandbox = false, no substituters (offline).
+#     Built by scripts/nix-image/ (build-rootfs.sh, push-index.py, config.json).
+#     The engines copy the image's /nix into a new empty named volume mounted
+#     at /nix; a container whose /nix is NOT seeded from the image has no shell.
+#     Emulated (arm64) nix needs filter-syscalls = false (NIX_CONFIG; not in
+#     the image's nix.conf).
+# Timing (2 cores, busy): from scratch the image step takes ~7.5 min: both
+# root fs are built in parallel, amd64 ~2.5 min, arm64 ~7 min (dpkg and nix
+# under qemu), then ~20 s to push; --verify ~30 s more.  The root fs tars
+# (and their gzip'd layers) are cached in /var/lib/nixctr-test
+# (nix-rootfs-vN-ARCH.tar; bump ROOTFS_VERSION when the recipe changes).
 # Logs: /var/log/nixctr-test/*.log.  State/caches: /var/lib/nixctr-test.
 # Daemons are started detached (setsid nohup) and keep running after exit.
 #
 # Usage: scripts/setup.sh [--verify]
 #   --verify (or NIXCTR_SETUP_VERIFY=1): also run the end-to-end checks (pull
 #   through the mirror in both engines, nix in a container, podman compat API
-#   with a named volume on /nix); they always run after the image is (re)built.
+#   with a named volume on /nix, linux/arm64 under qemu); they always run
+#   after the image is (re)built, which also makes both engines' local
+#   nixos/nix:2.33.3 the new image.
+#   NIXCTR_SETUP_NIX_TAG=TAG (development): build/verify the image as
+#   nixos/nix:TAG instead, leaving 2.33.3 alone.
 # Stdout: KEY=VALUE summary of the endpoints.  Progress: one line per step on stderr.
 set -euo pipefail
 
@@ -36,17 +56,24 @@ MIRROR=127.0.0.1:5000
 DOCKER_SOCK=/var/run/docker.sock
 PODMAN_SOCK=/run/podman/podman.sock
 NIX_REPO=nixos/nix
-NIX_TAG=2.33.3
+# NIXCTR_SETUP_NIX_TAG: development only -- build/verify the image under
+# another tag (e.g. candidate) without touching the one the tests use.
+NIX_TAG=${NIXCTR_SETUP_NIX_TAG:-2.33.3}
 STATE=/var/lib/nixctr-test
 LOGS=/var/log/nixctr-test
 CONF=/etc/nixctr-test
 RUNDIR=/run/nixctr-test
 # Bump when the image recipe below changes: invalidates the cached root fs.
-ROOTFS_VERSION=2
-ROOTFS_CACHE=$STATE/nix-rootfs-v$ROOTFS_VERSION.tar
+# (The recipe: scripts/nix-image/build-rootfs.sh and config.json.)
+ROOTFS_VERSION=3
+ROOTFS_CACHE=$STATE/nix-rootfs-v$ROOTFS_VERSION   # + -ARCH.tar
+NIX_ARCHES=(amd64 arm64)
+NIX_IMAGE_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/nix-image
+IMAGE_STAMP=$STATE/nix-image-$NIX_TAG.pushed   # "vROOTFS_VERSION LIST_DIGEST" last pushed
 DEBIAN_MIRROR=${NIXCTR_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 PACKAGES=(docker.io podman debootstrap docker-registry skopeo curl ca-certificates
-          openssl apache2-utils busybox-static uidmap)
+          openssl apache2-utils busybox-static uidmap qemu-user-static binfmt-support
+          python3)
 MARK="# Managed by nixctr scripts/setup.sh"
 
 VERIFY=${NIXCTR_SETUP_VERIFY:-0}
@@ -148,11 +175,19 @@ stop_daemon() {
 mirror_up() { curl -sf -m 3 "http://$MIRROR/v2/" >/dev/null; }
 docker_up() { curl -sf -m 5 --unix-socket "$DOCKER_SOCK" http://d/_ping >/dev/null; }
 podman_up() { curl -sf -m 5 --unix-socket "$PODMAN_SOCK" http://d/_ping >/dev/null; }
+# mirror_nix_digest: the digest of what the mirror serves as $NIX_REPO:$NIX_TAG
+# (a manifest list), empty if nothing.
+mirror_nix_digest() {
+  curl -sfI -m 5 \
+    -H 'Accept: application/vnd.docker.distribution.manifest.list.v2+json' \
+    -H 'Accept: application/vnd.oci.image.index.v1+json' \
+    "http://$MIRROR/v2/$NIX_REPO/manifests/$NIX_TAG" \
+    | tr -d '\r' | sed -n 's/^[Dd]ocker-[Cc]ontent-[Dd]igest: *//p'
+}
+# mirror_has_nix: the mirror serves the list this recipe version pushed last.
 mirror_has_nix() {
-  curl -sf -m 5 -o /dev/null \
-    -H 'Accept: application/vnd.docker.distribution.manifest.v2+json' \
-    -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
-    "http://$MIRROR/v2/$NIX_REPO/manifests/$NIX_TAG"
+  local d
+  d=$(mirror_nix_digest) && [ -n "$d" ] && [ "$(cat "$IMAGE_STAMP" 2>/dev/null)" = "v$ROOTFS_VERSION $d" ]
 }
 
 if [ "$IS_ROOT" -eq 1 ]; then
@@ -185,6 +220,37 @@ step_packages() {
     "${missing[@]}" >>"$LOGS/apt.log" 2>&1 \
     || { tail -30 "$LOGS/apt.log" >&2; die "apt-get install failed (log: $LOGS/apt.log)"; }
   if [ "$own_policy" -eq 1 ]; then rm -f "$policy"; trap - EXIT; fi
+}
+
+# ---------------------------------------------------------------- 1b. binfmt (qemu-user)
+BINFMT=/proc/sys/fs/binfmt_misc
+binfmt_ok() { # qemu-aarch64 is registered, enabled, with the F (fix-binary) flag
+  [ -r "$BINFMT/qemu-aarch64" ] && grep -qx enabled "$BINFMT/qemu-aarch64" \
+    && grep -q '^flags:.*F' "$BINFMT/qemu-aarch64"
+}
+step_binfmt() {
+  local conf=/usr/lib/binfmt.d/qemu-aarch64.conf how=""
+  if binfmt_ok; then log "binfmt: qemu-aarch64 registered ($(grep '^flags' "$BINFMT/qemu-aarch64"))"; return; fi
+  need_root "registering qemu-aarch64 with binfmt_misc"
+  if [ ! -e "$BINFMT/register" ]; then
+    mount -t binfmt_misc binfmt_misc "$BINFMT" || die "cannot mount binfmt_misc on $BINFMT"
+    how="mounted $BINFMT; "
+  fi
+  [ "$(cat "$BINFMT/status" 2>/dev/null)" = enabled ] || echo 1 >"$BINFMT/status"
+  # The F flag makes the kernel open the interpreter now, so it works inside
+  # containers (whose root has no /usr/libexec/qemu-binfmt).  An entry
+  # without it (registered by someone else) is replaced.
+  if [ -e "$BINFMT/qemu-aarch64" ]; then echo -1 >"$BINFMT/qemu-aarch64"; how+="replaced an entry without F; "; fi
+  if [ -r "$conf" ]; then
+    grep -q ':[A-Z]*F[A-Z]*$' "$conf" || die "$conf does not ask for the F flag"
+    cat "$conf" >"$BINFMT/register" || die "writing $conf to $BINFMT/register failed"
+  else
+    # Debian's qemu-user-static entry (magic/mask of an aarch64 ELF executable).
+    printf '%s' ':qemu-aarch64:M::\x7f\x45\x4c\x46\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00:\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff:/usr/bin/qemu-aarch64-static:OCPF' \
+      >"$BINFMT/register" || die "registering qemu-aarch64 failed"
+  fi
+  binfmt_ok || die "qemu-aarch64 is not registered with the F flag after writing $BINFMT/register"
+  log "binfmt: ${how}qemu-aarch64 registered ($(grep '^flags' "$BINFMT/qemu-aarch64"))"
 }
 
 # ---------------------------------------------------------------- 2. mirror registry
@@ -409,79 +475,52 @@ EOF
 }
 
 # ---------------------------------------------------------------- 5. nix image
-umount_under() { # unmount anything left mounted below $1 (failed debootstrap)
-  local m
-  awk -v p="$1/" 'index($2, p) == 1 { print $2 }' /proc/mounts | sort -r | while read -r m; do
-    umount "$m" 2>/dev/null || umount -l "$m" || true
-  done
-}
-
+# build_rootfs ARCH: $ROOTFS_CACHE-ARCH.tar (scripts/nix-image/build-rootfs.sh).
 build_rootfs() {
-  local r=$STATE/rootfs.tmp
-  umount_under "$r"; rm -rf --one-file-system "$r"
-  mkdir -p "$STATE/debootstrap-cache"
-  log "image: debootstrap bookworm (+nix-bin) from $DEBIAN_MIRROR (log $LOGS/debootstrap.log)"
-  # libdbi-perl satisfies a virtual dependency debootstrap cannot resolve.
-  if ! debootstrap --variant=minbase --include=nix-bin,libdbi-perl,busybox-static,ca-certificates \
-       --cache-dir="$STATE/debootstrap-cache" bookworm "$r" "$DEBIAN_MIRROR" >"$LOGS/debootstrap.log" 2>&1; then
-    umount_under "$r"
-    tail -20 "$LOGS/debootstrap.log" >&2
-    die "debootstrap failed (log $LOGS/debootstrap.log)"
+  local arch=$1 t0 rc=0
+  t0=$(date +%s)
+  DEBIAN_MIRROR=$DEBIAN_MIRROR DEBOOTSTRAP_CACHE=$STATE/debootstrap-cache-trixie-$arch \
+    "$NIX_IMAGE_DIR/build-rootfs.sh" "$arch" "$ROOTFS_CACHE-$arch.tar" \
+    >"$LOGS/rootfs-$arch.log" 2>&1 || rc=$?
+  if [ $rc -ne 0 ]; then
+    tail -20 "$LOGS/rootfs-$arch.log" >&2
+    log "image: ERROR: $arch root fs failed (log $LOGS/rootfs-$arch.log)"
+    return 1
   fi
-  umount_under "$r"
-
-  # nix (Debian's 2.8) as root in a container: no build users, no sandbox,
-  # no network substituters.
-  mkdir -p "$r/etc/nix"
-  cat >"$r/etc/nix/nix.conf" <<'EOF'
-build-users-group =
-sandbox = false
-substituters =
-experimental-features = nix-command flakes
-EOF
-  mkdir -p "$r/nix/store" "$r/nix/var/nix/gcroots" "$r/nix/var/nix/profiles/per-user/root" \
-           "$r/nix/var/nix/temproots" "$r/nix/var/log/nix/drvs"
-  chmod 1775 "$r/nix/store"
-  # Initialise the (empty) nix database, like the upstream image has one.
-  chroot "$r" /usr/bin/nix-store --init >>"$LOGS/debootstrap.log" 2>&1
-  [ -f "$r/nix/var/nix/db/db.sqlite" ] || die "nix-store --init did not create the nix db"
-  rm -f "$r/nix/var/nix/db/reserved" "$r/nix/var/nix/db/big-lock"  # 8 MiB GC reserve; recreated on demand
-  install -d -m 700 "$r/root"
-  install -d -m 1777 "$r/tmp" "$r/var/tmp"
-
-  # Slim down: package caches/lists, docs, man pages, locales, logs.
-  rm -rf "${r:?}"/var/cache/apt/* "$r"/var/lib/apt/lists/* "$r"/var/cache/debconf/*-old \
-         "$r"/usr/share/doc/* "$r"/usr/share/man/* "$r"/usr/share/info/* \
-         "$r"/usr/share/locale/* "$r"/usr/share/lintian "$r"/var/log/* \
-         "${r:?}"/dev/* "$r"/proc/* "$r"/sys/* "$r"/run/* "$r"/tmp/* "$r"/var/tmp/*
-  : >"$r/etc/resolv.conf"; echo nix >"$r/etc/hostname"; : >"$r/etc/machine-id" 2>/dev/null || true
-
-  tar -C "$r" --numeric-owner --xattrs -cf "$ROOTFS_CACHE.tmp" .
-  mv "$ROOTFS_CACHE.tmp" "$ROOTFS_CACHE"
-  rm -rf --one-file-system "$r"
+  log "image: $arch root fs built in $(( $(date +%s) - t0 ))s ($(( $(stat -c %s "$ROOTFS_CACHE-$arch.tar") >> 20 )) MiB, log $LOGS/rootfs-$arch.log)"
 }
 
 IMAGE_BUILT=0
 step_image() {
-  if mirror_has_nix; then log "image: $MIRROR/$NIX_REPO:$NIX_TAG present"; return; fi
+  if mirror_has_nix; then log "image: $MIRROR/$NIX_REPO:$NIX_TAG present ($(cut -d' ' -f2 "$IMAGE_STAMP"))"; return; fi
   need_root "building the nix image"
-  local t0 ref=$MIRROR/$NIX_REPO:$NIX_TAG
+  binfmt_ok || die "qemu-aarch64 binfmt is needed to build the arm64 image"
+  local t0 arch pids=() failed=0 f digest specs=()
   t0=$(date +%s)
-  if [ -s "$ROOTFS_CACHE" ]; then
-    log "image: using cached root fs $ROOTFS_CACHE"
-  else
-    build_rootfs
-  fi
-  log "image: docker import + push $ref"
-  docker import \
-    --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-    --change 'ENV HOME=/root' --change 'ENV USER=root' --change 'CMD ["/bin/bash"]' \
-    - "$ref" <"$ROOTFS_CACHE" >/dev/null
-  docker push "$ref" >"$LOGS/push.log" 2>&1 || { tail -20 "$LOGS/push.log" >&2; die "docker push $ref failed"; }
-  mirror_has_nix || die "mirror does not serve $NIX_REPO:$NIX_TAG after push"
-  docker rmi "$ref" >/dev/null 2>&1 || true
+  # Root fs caches of older recipe versions are dead weight.
+  for f in "$STATE"/nix-rootfs-v*.tar*; do
+    case $f in "$ROOTFS_CACHE"-*) ;; *) [ -e "$f" ] && rm -f "$f" ;; esac
+  done
+  # Missing platforms are built in parallel (arm64 runs under qemu).
+  for arch in "${NIX_ARCHES[@]}"; do
+    if [ -s "$ROOTFS_CACHE-$arch.tar" ]; then
+      log "image: using cached $arch root fs $ROOTFS_CACHE-$arch.tar"
+    else
+      log "image: building the $arch root fs (debootstrap trixie + nix-bin from $DEBIAN_MIRROR, log $LOGS/rootfs-$arch.log)"
+      build_rootfs "$arch" & pids+=($!)
+    fi
+  done
+  for f in "${pids[@]}"; do wait "$f" || failed=1; done
+  [ $failed -eq 0 ] || die "building the nix image's root fs failed"
+  for arch in "${NIX_ARCHES[@]}"; do specs+=("$arch=$ROOTFS_CACHE-$arch.tar"); done
+  log "image: pushing $MIRROR/$NIX_REPO:$NIX_TAG (${NIX_ARCHES[*]}; log $LOGS/push.log)"
+  digest=$(python3 "$NIX_IMAGE_DIR/push-index.py" "$MIRROR" "$NIX_REPO" "$NIX_TAG" \
+             "$NIX_IMAGE_DIR/config.json" "${specs[@]}" 2>"$LOGS/push.log") \
+    || { tail -20 "$LOGS/push.log" >&2; die "pushing $NIX_REPO:$NIX_TAG to the mirror failed"; }
+  [ "$(mirror_nix_digest)" = "$digest" ] || die "mirror does not serve $NIX_REPO:$NIX_TAG = $digest after the push"
+  echo "v$ROOTFS_VERSION $digest" >"$IMAGE_STAMP"
   IMAGE_BUILT=1
-  log "image: built and pushed in $(( $(date +%s) - t0 ))s"
+  log "image: built and pushed in $(( $(date +%s) - t0 ))s: $NIX_REPO:$NIX_TAG = $digest"
 }
 
 # ---------------------------------------------------------------- verification
@@ -530,36 +569,57 @@ check_engine() {
       out=$(api "$sock" POST "/containers/$cid/start")
       # shellcheck disable=SC2016  # $out is for the shell in the container
       eid=$(api "$sock" POST "/containers/$cid/exec" \
-        '{"AttachStdout":true,"AttachStderr":true,"Cmd":["sh","-c","if [ -f /nix/var/nix/db/db.sqlite ]; then echo COPYUP=yes; else echo COPYUP=no; fi; cd /tmp && nix-build --no-out-link -E '\''derivation { name = \"x\"; system = builtins.currentSystem; builder = \"/bin/sh\"; args = [ \"-c\" \"echo hi > $out\" ]; }'\'' | xargs cat"]}' | json_id)
+        '{"AttachStdout":true,"AttachStderr":true,"Cmd":["sh","-c","if [ -f /nix/var/nix/db/db.sqlite ]; then echo COPYUP=yes; else echo COPYUP=no; fi; cd /tmp && nix-build --no-out-link -E '\''derivation { name = \"x\"; system = builtins.currentSystem; builder = \"/bin/sh\"; args = [ \"-c\" \"echo hi $(/bin/id -un) > $out\" ]; }'\'' | xargs cat"]}' | json_id)
       if [ -z "$eid" ]; then fail="container start/exec create: $out"
       else
         out=$(api "$sock" POST "/exec/$eid/start" '{"Detach":false,"Tty":false}' | tr -c '[:print:]\n' ' ')
         rc=$(api "$sock" GET "/exec/$eid/json" | sed -n 's/.*"ExitCode" *: *\([0-9-]*\).*/\1/p')
-        [ "$rc" = 0 ] && grep -q 'hi' <<<"$out" || fail="exec exit code '$rc': $out"
+        [ "$rc" = 0 ] && grep -q 'hi nixbld[0-9]' <<<"$out" || fail="exec exit code '$rc' (want 'hi nixbldN'): $out"
       fi
     fi
     check_cleanup "$sock" "$vol" "$vol"
     [ -z "$fail" ] || die "$name ($mode): $fail"
-    log "verify: $name API ok ($mode): pull via mirror, create/start/exec, nix-build with a named volume on /nix; image /nix copied into the new volume: $(sed -n 's/.*COPYUP=\([a-z]*\).*/\1/p' <<<"$out")"
+    log "verify: $name API ok ($mode): pull via mirror, create/start/exec, nix-build (as $(grep -o 'nixbld[0-9]*' <<<"$out" | head -1)) with a named volume on /nix; image /nix copied into the new volume: $(sed -n 's/.*COPYUP=\([a-z]*\).*/\1/p' <<<"$out")"
   done
 }
 
+NIXBUILD_CHECK='cd /tmp && nix-build --no-out-link -E '\''derivation { name = "x"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo hi $(/bin/id -un) $(/bin/uname -m) > $out" ]; }'\'' | xargs cat'
+
+# check_arm64 NAME CLI: run the arm64 image (its own tag: pulling the list's
+# tag with --platform would make that tag name arm64 locally in Docker 20.10)
+# under qemu; nix there needs filter-syscalls = false.
+check_arm64() {
+  local name=$1 cli=$2 img=$NIX_REPO:$NIX_TAG-arm64 out
+  $cli rmi -f "$img" "docker.io/$img" >/dev/null 2>&1 || true
+  $cli pull -q --platform linux/arm64 "$img" >/dev/null 2>>"$LOGS/verify.log" || die "$name pull $img failed"
+  out=$($cli run --rm --platform linux/arm64 -e NIX_CONFIG='filter-syscalls = false' "$img" \
+          sh -c "uname -m; $NIXBUILD_CHECK" 2>>"$LOGS/verify.log") || die "$name: nix-build in $img (arm64, emulated) failed: $out"
+  [ "$(head -1 <<<"$out")" = aarch64 ] && grep -qx 'hi nixbld[0-9]* aarch64' <<<"$out" \
+    || die "$name: $img did not run as aarch64: $out"
+  log "verify: $name runs linux/arm64 (qemu): uname -m = aarch64, nix-build as a build user ok"
+}
+
 step_verify() {
-  local img=$NIX_REPO:$NIX_TAG v
+  local img=$NIX_REPO:$NIX_TAG v out
+  # Both engines' local tag must name what the mirror now serves.
   docker rmi -f "$img" "docker.io/$img" >/dev/null 2>&1 || true
   docker pull -q "$img" >/dev/null || die "docker pull $img (through the mirror) failed"
+  [ "$(docker image inspect -f '{{.Architecture}}/{{.Os}}' "$img")" = amd64/linux ] || die "docker pull $img did not get linux/amd64"
   v=$(docker run --rm "$img" nix --version) || die "nix --version failed in $img"
-  docker run --rm "$img" sh -c 'cd /tmp && nix-build --no-out-link -E '\''derivation { name = "x"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo hi > $out" ]; }'\'' | xargs cat' 2>>"$LOGS/verify.log" \
-    | grep -qx hi || die "nix-build failed in $img"
+  out=$(docker run --rm "$img" sh -c "$NIXBUILD_CHECK" 2>>"$LOGS/verify.log") || true
+  grep -qx "hi nixbld[0-9]* x86_64" <<<"$out" || die "nix-build failed in $img (want 'hi nixbldN x86_64'): $out"
   docker run --rm "$img" sh -c 'mkdir -p /tmp/f && echo "{ outputs = { self }: { }; }" >/tmp/f/flake.nix && nix --extra-experimental-features "nix-command flakes" flake metadata path:/tmp/f --json' 2>>"$LOGS/verify.log" \
     | grep -q '"locked"' || die "nix flake metadata failed in $img"
-  log "verify: docker pull via mirror ok; $v; nix-build and flake metadata ok"
+  log "verify: docker pull via mirror ok (linux/amd64); $v; nix-build (as a build user) and flake metadata ok"
   check_engine docker "$DOCKER_SOCK"
   check_engine podman "$PODMAN_SOCK"
+  check_arm64 docker docker
+  check_arm64 podman podman
 }
 
 # ---------------------------------------------------------------- main
 step_packages
+step_binfmt
 step_mirror
 step_docker
 step_podman
