@@ -47,11 +47,31 @@ thread_local! {
     static HELD: Cell<u8> = const { Cell::new(0) };
 }
 
-/// A hold on the engines; released on drop. `Nested` when the thread held one already.
+/// A hold on the engines; released on drop. `Nested` when the thread held one already. The
+/// lock file extends it to other test processes on this machine (a second suite, a developer's
+/// run), whose `gc --all` would otherwise remove this one's containers.
 pub enum EngineGuard {
-    Shared(#[allow(dead_code)] RwLockReadGuard<'static, ()>),
-    Exclusive(#[allow(dead_code)] RwLockWriteGuard<'static, ()>),
+    Shared(#[allow(dead_code)] RwLockReadGuard<'static, ()>, #[allow(dead_code)] std::fs::File),
+    Exclusive(#[allow(dead_code)] RwLockWriteGuard<'static, ()>, #[allow(dead_code)] std::fs::File),
     Nested,
+}
+
+/// `flock` on the machine-wide lock file, shared or exclusive; released when the file closes.
+fn machine_lock(exclusive: bool) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let path = std::env::temp_dir().join("nixctr-test-engines.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+    let how = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
+    while unsafe { libc::flock(file.as_raw_fd(), how) } != 0 {
+        let e = std::io::Error::last_os_error();
+        assert_eq!(e.kind(), std::io::ErrorKind::Interrupted, "flock {}: {e}", path.display());
+    }
+    file
 }
 
 impl EngineGuard {
@@ -62,7 +82,7 @@ impl EngineGuard {
         }
         let guard = ENGINE_LOCK.read().unwrap_or_else(|e| e.into_inner());
         HELD.with(|h| h.set(1));
-        EngineGuard::Shared(guard)
+        EngineGuard::Shared(guard, machine_lock(false))
     }
 
     /// The engines to this test alone: waits for every other engine test to finish.
@@ -74,7 +94,7 @@ impl EngineGuard {
         }
         let guard = ENGINE_LOCK.write().unwrap_or_else(|e| e.into_inner());
         HELD.with(|h| h.set(2));
-        EngineGuard::Exclusive(guard)
+        EngineGuard::Exclusive(guard, machine_lock(true))
     }
 }
 
