@@ -259,7 +259,10 @@ impl Session {
             }
         }
         let downloaded: usize = from.iter().map(|(_, n)| n).sum();
-        let size = log.iter().rev().find_map(|l| fetch_size(l)).map(|s| format!(" ({s})")).unwrap_or_default();
+        let size = match downloaded {
+            0 => String::new(),
+            _ => log.iter().rev().find_map(|l| fetch_size(l)).map(|s| format!(" ({s})")).unwrap_or_default(),
+        };
         let sources = from.iter().map(|(u, n)| format!("{n} from {u}")).collect::<Vec<_>>().join(", ");
         progress.info(format!(
             "nix: {built} paths built, {downloaded} downloaded{size}{}",
@@ -267,7 +270,8 @@ impl Session {
         ));
         for url in &self.settings.substituters {
             let url = url.trim_end_matches('/');
-            let refused = log.iter().filter(|l| l.contains("is not signed by any of the keys") && l.contains(url)).count();
+            let refused =
+                log.iter().filter(|l| l.contains("is not signed by any of the keys") && l.contains(url)).count();
             if refused > 0 {
                 progress.warn(format!(
                     "cache {url}: {refused} paths refused: not signed by any key in trusted-public-keys \
@@ -305,7 +309,8 @@ impl Session {
         let paths: Vec<String> =
             out.stdout.lines().map(str::trim).filter(|l| l.starts_with("/nix/store/")).map(str::to_string).collect();
         // `--derivation` makes nix take a .drv itself, and an output for its deriver: two lists.
-        let (derivations, outputs): (Vec<String>, Vec<String>) = paths.iter().cloned().partition(|p| p.ends_with(".drv"));
+        let (derivations, outputs): (Vec<String>, Vec<String>) =
+            paths.iter().cloned().partition(|p| p.ends_with(".drv"));
         progress.debug(format!(
             "cache {url}: signing and copying {} paths ({} derivations)",
             paths.len(),
@@ -333,7 +338,8 @@ impl Session {
             copy.extend(list.iter().cloned());
             let out = guard.exec_keeping(&copy, &self.env, None, OutputMode::Captured, 100_000).await?;
             for line in &out.stderr_tail {
-                if let Some(path) = line.strip_prefix("copying path '").and_then(|r| r.split_once('\'')).map(|(p, _)| p) {
+                if let Some(path) = line.strip_prefix("copying path '").and_then(|r| r.split_once('\'')).map(|(p, _)| p)
+                {
                     progress.debug(format!("uploaded {path}"));
                     sent += 1;
                 }
@@ -364,7 +370,9 @@ fn hint(tail: &[String]) -> String {
     let mut text = crate::nix::error_excerpt(tail);
     let all = tail.join("\n");
     if all.contains("does not appear to be a binary cache") || all.contains("401") {
-        text.push_str("\n  (it did not answer as a binary cache: a wrong URL, or a login is needed or wrong: --netrc FILE)");
+        text.push_str(
+            "\n  (it did not answer as a binary cache: a wrong URL, or a login is needed or wrong: --netrc FILE)",
+        );
     } else if all.contains("Couldn't connect") || all.contains("Could not resolve") || all.contains("Timeout") {
         text.push_str("\n  (it does not answer: is it up, and can the build container reach it? --network host)");
     } else if all.contains("don't know how to open") {
@@ -613,6 +621,9 @@ mod tests {
                 (e.path().unwrap().display().to_string(), e.header().mode().unwrap())
             })
             .collect();
-        assert_eq!(modes, vec![("nixctr/secrets-x/".to_string(), 0o700), ("nixctr/secrets-x/netrc".to_string(), 0o600)]);
+        assert_eq!(
+            modes,
+            vec![("nixctr/secrets-x/".to_string(), 0o700), ("nixctr/secrets-x/netrc".to_string(), 0o600)]
+        );
     }
 }

@@ -142,7 +142,11 @@ impl Settings {
                 args.trusted_public_keys.clone()
             },
             cache_to: args.cache_to.clone().filter(|u| !u.is_empty()).or(file.cache_to),
-            signing_key: args.signing_key.clone().filter(|p| !p.as_os_str().is_empty()).or(file.signing_key.map(in_root)),
+            signing_key: args
+                .signing_key
+                .clone()
+                .filter(|p| !p.as_os_str().is_empty())
+                .or(file.signing_key.map(in_root)),
             netrc: args.netrc.clone().or(file.netrc.map(in_root)),
             required: args.cache_required || file.cache_required.unwrap_or(false),
             network: args.network.map(Into::into).or(file.network),
