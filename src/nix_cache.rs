@@ -284,7 +284,7 @@ impl Session {
                      FILE); nothing was downloaded from it"
                 ));
             } else if let Some(line) = log.iter().find(|l| {
-                l.starts_with("warning: unable to download") && l.contains(url) || l.contains("HTTP error 401")
+                (l.starts_with("warning: unable to download") || l.contains("HTTP error 401")) && l.contains(url)
             }) {
                 progress.warn(format!(
                     "cache {url} does not answer ({}); nothing was downloaded from it",
