@@ -270,8 +270,7 @@ impl Session {
         ));
         for url in &self.settings.substituters {
             let url = url.trim_end_matches('/');
-            let refused =
-                log.iter().filter(|l| l.contains("is not signed by any of the keys") && l.contains(url)).count();
+            let refused = log.iter().filter(|l| l.contains("not signed by any of the keys") && l.contains(url)).count();
             if refused > 0 {
                 progress.warn(format!(
                     "cache {url}: {refused} paths refused: not signed by any key in trusted-public-keys \
@@ -373,7 +372,10 @@ fn hint(tail: &[String]) -> String {
         text.push_str(
             "\n  (it did not answer as a binary cache: a wrong URL, or a login is needed or wrong: --netrc FILE)",
         );
-    } else if all.contains("Couldn't connect") || all.contains("Could not resolve") || all.contains("Timeout") {
+    } else if ["Couldn't connect", "Could not connect", "Failed to connect", "resolve host", "Timeout"]
+        .iter()
+        .any(|s| all.contains(s))
+    {
         text.push_str("\n  (it does not answer: is it up, and can the build container reach it? --network host)");
     } else if all.contains("don't know how to open") {
         text.push_str("\n  (nix does not understand this store URL)");
