@@ -6,7 +6,7 @@
 #
 # Sets up, on this machine only (loopback):
 #   * Debian packages: docker.io podman debootstrap docker-registry skopeo curl
-#     ca-certificates openssl apache2-utils busybox-static uidmap
+#     ca-certificates openssl apache2-utils busybox-static uidmap nginx
 #     qemu-user-static binfmt-support python3
 #   * binfmt_misc: qemu-aarch64 registered with the F (fix-binary) flag, so both
 #     engines run linux/arm64 containers (emulated) on an amd64 machine
@@ -18,6 +18,14 @@
 #                       Docker-compatible API, e.g. /v1.41/...; storage driver
 #                       overlay if the kernel allows it, else vfs; cgroupfs,
 #                       runc, default_ulimits kept below the hard limits)
+#   * binary cache     http://127.0.0.1:5081/ (nginx, own config
+#                       /etc/nixctr-test/cache/nginx.conf; WebDAV PUT; files
+#                       under /var/lib/nixctr-test/cache/public), and
+#                       http://127.0.0.1:5081/private/ behind basic auth
+#                       (netrc: /etc/nixctr-test/cache/netrc); a nix signing
+#                       key pair /etc/nixctr-test/cache/signing-key{,.pub}
+#                       (mode 600), made with `nix key generate-secret` in the
+#                       nix image.  Build containers reach it with --network host.
 #   * image nixos/nix:2.33.3 in the mirror, i.e. what `docker pull
 #     nixos/nix:2.33.3` (docker.io/nixos/nix:2.33.3) gets in both engines:
 #     a manifest list for linux/amd64 and linux/arm64 (each platform also
@@ -63,6 +71,9 @@ STATE=/var/lib/nixctr-test
 LOGS=/var/log/nixctr-test
 CONF=/etc/nixctr-test
 RUNDIR=/run/nixctr-test
+CACHE_ADDR=127.0.0.1:5081
+CACHE_CONF=$CONF/cache
+CACHE_STATE=$STATE/cache
 # Bump when the image recipe below changes: invalidates the cached root fs.
 # (The recipe: scripts/nix-image/build-rootfs.sh and config.json.)
 ROOTFS_VERSION=3
@@ -72,7 +83,7 @@ NIX_IMAGE_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/nix-image
 IMAGE_STAMP=$STATE/nix-image-$NIX_TAG.pushed   # "vROOTFS_VERSION LIST_DIGEST" last pushed
 DEBIAN_MIRROR=${NIXCTR_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 PACKAGES=(docker.io podman debootstrap docker-registry skopeo curl ca-certificates
-          openssl apache2-utils busybox-static uidmap qemu-user-static binfmt-support
+          openssl apache2-utils busybox-static uidmap nginx qemu-user-static binfmt-support
           python3)
 MARK="# Managed by nixctr scripts/setup.sh"
 
@@ -164,7 +175,7 @@ wait_daemon() {
 # if that pid still is that program: /run may survive a reboot here).
 stop_daemon() {
   local name=$1 pid comm
-  read -r pid comm <"$RUNDIR/$name.pid" 2>/dev/null || return 0
+  read -r pid comm 2>/dev/null <"$RUNDIR/$name.pid" || return 0
   if [ -n "$pid" ] && pid_is_live "$pid" "$comm"; then
     kill "$pid" 2>/dev/null || true
     wait_for "$name to exit" 30 pid_gone "$pid" || kill -9 "$pid" 2>/dev/null || true
@@ -523,6 +534,106 @@ step_image() {
   log "image: built and pushed in $(( $(date +%s) - t0 ))s: $NIX_REPO:$NIX_TAG = $digest"
 }
 
+# ---------------------------------------------------------------- 6. binary cache
+cache_up() { [ "$(curl -s -o /dev/null -w '%{http_code}' -m 3 "http://$CACHE_ADDR/nix-cache-info")" = 200 ]; }
+step_cache() {
+  local changed=0 t
+  need_root_if_missing() { [ -e "$1" ] || need_root "$2"; }
+  need_root_if_missing "$CACHE_CONF/signing-key" "making the binary cache signing key"
+  mkdir -p "$CACHE_CONF" "$CACHE_STATE/public" "$CACHE_STATE/private" "$CACHE_STATE/tmp"
+  chmod 700 "$CACHE_CONF"
+  if [ ! -s "$CACHE_CONF/signing-key" ] || [ ! -s "$CACHE_CONF/signing-key.pub" ]; then
+    log "cache: making the signing key pair (nix key generate-secret in $NIX_REPO:$NIX_TAG)"
+    # Through the engine: this machine has no nix.  The secret goes through a pipe only.
+    docker run --rm --network none "$NIX_REPO:$NIX_TAG" sh -c \
+      'nix --extra-experimental-features nix-command key generate-secret --key-name nixctr-test-1 > /tmp/k 2>/dev/null &&
+       cat /tmp/k && echo && nix --extra-experimental-features nix-command key convert-secret-to-public < /tmp/k 2>/dev/null' \
+      >"$CACHE_CONF/keys.tmp" 2>>"$LOGS/cache-keys.log" || die "nix key generate-secret failed (log $LOGS/cache-keys.log)"
+    chmod 600 "$CACHE_CONF/keys.tmp"
+    (umask 077; sed -n 1p "$CACHE_CONF/keys.tmp" | tr -d '\n' >"$CACHE_CONF/signing-key"
+     sed -n 2p "$CACHE_CONF/keys.tmp" | tr -d '\n' >"$CACHE_CONF/signing-key.pub")
+    rm -f "$CACHE_CONF/keys.tmp"
+    grep -q '^nixctr-test-1:' "$CACHE_CONF/signing-key.pub" || die "no public key came out of nix key convert-secret-to-public"
+  fi
+  chmod 600 "$CACHE_CONF/signing-key" "$CACHE_CONF/signing-key.pub"
+  if [ ! -s "$CACHE_CONF/htpasswd" ] || [ ! -s "$CACHE_CONF/netrc" ]; then
+    local pw
+    pw=$(openssl rand -hex 12)
+    htpasswd -bcB "$CACHE_CONF/htpasswd" nixctr "$pw" 2>/dev/null
+    (umask 077; printf 'machine 127.0.0.1\nlogin nixctr\npassword %s\n' "$pw" >"$CACHE_CONF/netrc")
+  fi
+  chmod 644 "$CACHE_CONF/htpasswd"; chmod 600 "$CACHE_CONF/netrc"
+  for d in public private; do
+    t=$CACHE_STATE/$d/nix-cache-info
+    [ -s "$t" ] || printf 'StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n' >"$t"
+  done
+  write_file "$CACHE_CONF/nginx.conf" 644 <<EOF && changed=1 || true
+$MARK
+# A nix binary cache for the tests: GET and WebDAV PUT, loopback only.
+daemon off;
+user root;
+worker_processes 2;
+pid $RUNDIR/cache-nginx.nginx.pid;   # not cache-nginx.pid: start_daemon keeps that one
+error_log $LOGS/cache-nginx.log warn;
+events { worker_connections 512; }
+http {
+  access_log off;
+  client_body_temp_path $CACHE_STATE/tmp/body;
+  proxy_temp_path $CACHE_STATE/tmp/proxy;
+  fastcgi_temp_path $CACHE_STATE/tmp/fastcgi;
+  uwsgi_temp_path $CACHE_STATE/tmp/uwsgi;
+  scgi_temp_path $CACHE_STATE/tmp/scgi;
+  client_max_body_size 0;
+  default_type application/octet-stream;
+  types { text/x-nix-narinfo narinfo; }
+  server {
+    listen $CACHE_ADDR;
+    location / {
+      root $CACHE_STATE/public;
+      dav_methods PUT;
+      create_full_put_path on;
+      dav_access user:rw group:r all:r;
+    }
+    location /private/ {
+      root $CACHE_STATE;
+      auth_basic "nixctr test cache";
+      auth_basic_user_file $CACHE_CONF/htpasswd;
+      dav_methods PUT;
+      create_full_put_path on;
+      dav_access user:rw group:r all:r;
+    }
+  }
+}
+EOF
+  if cache_up && [ $changed -eq 0 ]; then log "cache: up at http://$CACHE_ADDR (nginx, WebDAV PUT)"; return; fi
+  need_root "starting the binary cache (nginx)"
+  [ $changed -eq 1 ] && stop_daemon cache-nginx
+  if cache_up; then
+    log "cache: WARNING: something not started by this script answers on $CACHE_ADDR; keeping it"
+    return
+  fi
+  (exec 3<>"/dev/tcp/${CACHE_ADDR%:*}/${CACHE_ADDR#*:}") 2>/dev/null \
+    && die "cache: port ${CACHE_ADDR#*:} is taken by something else (see ss -ltnp)"
+  nginx -t -c "$CACHE_CONF/nginx.conf" >>"$LOGS/cache-nginx.log" 2>&1 \
+    || { tail -5 "$LOGS/cache-nginx.log" >&2; die "nginx -t refused $CACHE_CONF/nginx.conf"; }
+  start_daemon cache-nginx nginx -c "$CACHE_CONF/nginx.conf"
+  wait_daemon cache-nginx 30 cache_up
+  log "cache: started at http://$CACHE_ADDR (log $LOGS/cache-nginx.log)"
+}
+
+step_verify_cache() {
+  local base=http://$CACHE_ADDR f=nixctr-verify-$$ code
+  code=$(curl -s -o /dev/null -w '%{http_code}' -m 5 -T - "$base/verify/$f" <<<"hi") || true
+  [ "$code" = 201 ] || [ "$code" = 204 ] || die "cache: PUT $base/verify/$f answered $code (want 201)"
+  [ "$(curl -sf -m 5 "$base/verify/$f")" = hi ] || die "cache: GET of what was PUT differs"
+  rm -f "$CACHE_STATE/public/verify/$f"
+  code=$(curl -s -o /dev/null -w '%{http_code}' -m 5 "$base/private/nix-cache-info")
+  [ "$code" = 401 ] || die "cache: $base/private/ without credentials answered $code (want 401)"
+  code=$(curl -s -o /dev/null -w '%{http_code}' -m 5 --netrc-file "$CACHE_CONF/netrc" "$base/private/nix-cache-info")
+  [ "$code" = 200 ] || die "cache: $base/private/ with $CACHE_CONF/netrc answered $code (want 200)"
+  log "verify: cache PUT/GET ok at $base, basic auth on /private/ ok (401 without, 200 with netrc)"
+}
+
 # ---------------------------------------------------------------- verification
 # check_engine NAME SOCKET: drive the Docker-compatible API like nixctr does
 # (bollard): pull through the mirror, named volume on /nix, create/start/exec.
@@ -624,7 +735,8 @@ step_mirror
 step_docker
 step_podman
 step_image
-if [ "$IMAGE_BUILT" -eq 1 ] || [ "$VERIFY" = 1 ]; then step_verify; fi
+step_cache
+if [ "$IMAGE_BUILT" -eq 1 ] || [ "$VERIFY" = 1 ]; then step_verify; step_verify_cache; fi
 
 log "done in $(( $(date +%s) - T0 ))s"
 cat <<EOF
@@ -632,4 +744,9 @@ NIXCTR_DOCKER_HOST=unix://$DOCKER_SOCK
 NIXCTR_PODMAN_HOST=unix://$PODMAN_SOCK
 NIXCTR_MIRROR=$MIRROR
 NIXCTR_NIX_IMAGE=$NIX_REPO:$NIX_TAG
+NIXCTR_TEST_CACHE=http://$CACHE_ADDR
+NIXCTR_TEST_CACHE_PRIVATE=http://$CACHE_ADDR/private
+NIXCTR_TEST_CACHE_NETRC=$CACHE_CONF/netrc
+NIXCTR_TEST_CACHE_SIGNING_KEY=$CACHE_CONF/signing-key
+NIXCTR_TEST_CACHE_PUBLIC_KEY=$(cat "$CACHE_CONF/signing-key.pub")
 EOF

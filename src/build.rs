@@ -282,6 +282,13 @@ async fn build_in(
             Err(e) => Outcome::Failed { error: format!("{e:#}"), seconds: started.elapsed().as_secs_f64() },
         });
     }
+    // The binary caches (nix_cache): what nix built and downloaded; what was built goes up.
+    nix.report_cache_use(&log, progress);
+    let built: Vec<(usize, String)> =
+        building.iter().filter(|(i, _)| matches!(outcomes[*i], Some(Outcome::Built(_)))).cloned().collect();
+    for (i, error) in crate::nix_cache::after_build(nix, &built, progress).await {
+        outcomes[i] = Some(Outcome::Failed { error, seconds: started.elapsed().as_secs_f64() });
+    }
     let failed: Vec<(usize, String)> = building.into_iter().filter(|(i, _)| outcomes[*i].is_none()).collect();
     let seconds = started.elapsed().as_secs_f64();
     let reasons: Vec<Option<String>> =

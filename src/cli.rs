@@ -47,6 +47,9 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub no_cache: bool,
 
+    #[command(flatten)]
+    pub cache: CacheArgs,
+
     /// Print nothing but results and errors
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
@@ -57,6 +60,61 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The shared nix binary cache: where nix substitutes from, and where built containers go.
+#[derive(Debug, Args, Clone, Default)]
+pub struct CacheArgs {
+    /// A binary cache nix may download from, besides the image's own (repeatable; replaces
+    /// `substituters` in nixctr.toml)
+    #[arg(long = "substituter", global = true, value_name = "URL")]
+    pub substituters: Vec<String>,
+
+    /// A key the caches' paths must be signed with, NAME:BASE64 (repeatable; replaces
+    /// `trusted-public-keys` in nixctr.toml)
+    #[arg(long = "trusted-public-key", global = true, value_name = "KEY")]
+    pub trusted_public_keys: Vec<String>,
+
+    /// After each build, sign and copy the image's closure and its build-time closure to this
+    /// store (http(s)://…, s3://bucket?…, file:///…, ssh-ng://…)
+    #[arg(long, global = true, value_name = "STORE-URL", env = "NIXCTR_CACHE_TO")]
+    pub cache_to: Option<String>,
+
+    /// nix secret key to sign uploads with (mode 600)
+    #[arg(long, global = true, value_name = "FILE", env = "NIXCTR_SIGNING_KEY_FILE")]
+    pub signing_key: Option<PathBuf>,
+
+    /// netrc file with the login of an authenticated HTTP cache (mode 600)
+    #[arg(long, global = true, value_name = "FILE")]
+    pub netrc: Option<PathBuf>,
+
+    /// Fail (exit 1) when the upload to --cache-to fails (default: a warning)
+    #[arg(long, global = true)]
+    pub cache_required: bool,
+
+    /// Network of the nix container (default: the engine's default)
+    #[arg(long, global = true, value_enum, value_name = "MODE")]
+    pub network: Option<Network>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Network {
+    /// The engine's bridge network
+    Bridge,
+    /// The machine's own network (reaches services on its 127.0.0.1)
+    Host,
+    /// No network at all
+    None,
+}
+
+impl From<Network> for crate::nix_cache::Network {
+    fn from(n: Network) -> Self {
+        match n {
+            Network::Bridge => Self::Bridge,
+            Network::Host => Self::Host,
+            Network::None => Self::None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -340,8 +398,19 @@ pub struct GcArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum CacheCommand {
-    /// List the nix store volumes
-    Ls,
+    /// List the nix store volumes; with a binary cache configured, also whether it holds each
+    /// container's current output
+    Ls {
+        /// Containers to look up in the binary cache (default: all)
+        #[arg(value_name = "NAME")]
+        names: Vec<String>,
+    },
+    /// Copy containers already built (in the store volume) to the --cache-to cache, without
+    /// building
+    Push {
+        #[arg(value_name = "NAME", required = true, num_args = 1..)]
+        names: Vec<String>,
+    },
     /// Remove the store volume of the current nix image (or all with --all)
     Rm {
         /// Remove every nixctr store volume

@@ -15,6 +15,7 @@ mod engine;
 // pub: the binary reports errors and exit codes.
 pub mod exit;
 mod nix;
+mod nix_cache;
 mod output;
 mod pipe;
 mod platform;

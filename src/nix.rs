@@ -62,6 +62,8 @@ pub(crate) struct NixContainer {
     platform: Platform,
     pub(crate) nixpkgs: ResolvedNixpkgs,
     progress: Progress,
+    /// The binary caches it reads from and writes to, and their secrets (see nix_cache).
+    cache: Option<crate::nix_cache::Session>,
 }
 
 /// What to put in the container besides nix.
@@ -82,6 +84,8 @@ impl NixContainer {
         inputs: Inputs<'_>,
         progress: &Progress,
     ) -> Result<NixContainer> {
+        settings.cache.check()?;
+        settings.cache.warn_network(progress);
         let native = engine.native_platform().await?;
         let platform = inputs.platform.unwrap_or(&native);
         progress.debug(format!("platform: {platform} (the engine's own: {native})"));
@@ -89,12 +93,15 @@ impl NixContainer {
         let image_id = engine.ensure_image(&settings.nix_image, settings.pull, platform, progress).await?;
         let mut volumes = Vec::new();
         let mut env = Vec::new();
+        // Lines every NIX_CONFIG of this container needs (an exec's own hides the container's).
+        let mut nix_config = Vec::new();
         if platform != &native {
             progress.info(format!(
                 "building for {platform} on a {native} engine: emulated, and slower than a native build"
             ));
             // seccomp filters cannot be loaded under QEMU's user-mode emulation.
             env.push("NIX_CONFIG=filter-syscalls = false".to_string());
+            nix_config.push("filter-syscalls = false".to_string());
         }
         if !settings.no_cache {
             let volume = engine.store_volume(&image_id).await?;
@@ -102,9 +109,11 @@ impl NixContainer {
             volumes.push((volume, "/nix".to_string()));
             env.push(format!("XDG_CACHE_HOME={CACHE_HOME}"));
         }
-        let spec = ContainerSpec { image: image_id.clone(), role: inputs.role, volumes, env };
+        let network = settings.cache.network.map(|n| n.mode().to_string());
+        let spec = ContainerSpec { image: image_id.clone(), role: inputs.role, volumes, env, network };
         let guard =
             ContainerGuard::start(engine, spec, progress).await.map_err(|e| cannot_run(e, platform, &native))?;
+        let cache = crate::nix_cache::Session::prepare(&guard, &settings.cache, &nix_config, progress).await?;
 
         let mut sources = Vec::new();
         if let Some(project) = inputs.project {
@@ -134,7 +143,7 @@ impl NixContainer {
         }
         let path = resolve_nixpkgs(&guard, &reference, &shown, progress).await?;
         let nixpkgs = ResolvedNixpkgs { reference: shown, path };
-        Ok(NixContainer { guard, platform: platform.clone(), nixpkgs, progress: progress.clone() })
+        Ok(NixContainer { guard, platform: platform.clone(), nixpkgs, progress: progress.clone(), cache })
     }
 
     /// The platform it builds for.
@@ -143,7 +152,41 @@ impl NixContainer {
     }
 
     fn env(&self) -> Vec<String> {
-        vec![format!("NIX_PATH=nixpkgs={}", self.nixpkgs.path)]
+        let mut env = vec![format!("NIX_PATH=nixpkgs={}", self.nixpkgs.path)];
+        if let Some(cache) = &self.cache {
+            env.extend(cache.env().iter().cloned());
+        }
+        env
+    }
+
+    /// Whether built containers go to a cache (`--cache-to`).
+    pub(crate) fn caches_to(&self) -> Option<(&str, bool)> {
+        let cache = self.cache.as_ref()?;
+        let settings = cache.settings();
+        Some((settings.cache_to.as_deref()?, settings.required))
+    }
+
+    /// Reports what nix's realise log says about the caches (when any is configured).
+    pub(crate) fn report_cache_use(&self, log: &[String], progress: &Progress) {
+        if let Some(cache) = self.cache.as_ref().filter(|c| c.settings().is_active()) {
+            cache.report_realise(log, progress);
+        }
+    }
+
+    /// Signs and copies the closures of `drvs` (and their outputs) to the `--cache-to` cache.
+    pub(crate) async fn cache_push(&self, drvs: &[String], progress: &Progress) -> Result<String> {
+        match &self.cache {
+            Some(cache) => cache.push(&self.guard, drvs, progress).await,
+            None => bail!("no cache to write to (--cache-to)"),
+        }
+    }
+
+    /// Whether the cache at `url` has `path`.
+    pub(crate) async fn cache_has(&self, url: &str, path: &str) -> Result<bool> {
+        match &self.cache {
+            Some(cache) => cache.has(&self.guard, url, path).await,
+            None => bail!("no cache configured"),
+        }
     }
 
     /// Evaluates `containers/NAME/default.nix` into its derivation (`nix-instantiate`).
@@ -267,6 +310,9 @@ impl NixContainer {
 
     /// Removes the container.
     pub(crate) async fn finish(self) -> Result<()> {
+        if let Some(cache) = &self.cache {
+            cache.forget(&self.guard).await;
+        }
         self.guard.remove().await
     }
 }

@@ -40,6 +40,19 @@ pub(crate) struct FileConfig {
     /// Container name -> nixpkgs attribute, for `nixctr version`.
     #[serde(default)]
     pub(crate) packages: BTreeMap<String, String>,
+    /// Binary caches nix may download from.
+    #[serde(default)]
+    pub(crate) substituters: Vec<String>,
+    #[serde(default)]
+    pub(crate) trusted_public_keys: Vec<String>,
+    /// The store URL built containers are copied to.
+    pub(crate) cache_to: Option<String>,
+    /// Relative to the project root.
+    pub(crate) signing_key: Option<PathBuf>,
+    /// Relative to the project root.
+    pub(crate) netrc: Option<PathBuf>,
+    pub(crate) cache_required: Option<bool>,
+    pub(crate) network: Option<crate::nix_cache::Network>,
 }
 
 /// Where nixpkgs comes from.
@@ -70,6 +83,8 @@ pub(crate) struct Settings {
     pub(crate) tag_template: String,
     pub(crate) insecure_registries: Vec<String>,
     pub(crate) packages: BTreeMap<String, String>,
+    /// The binary caches (nix_cache).
+    pub(crate) cache: crate::nix_cache::CacheSettings,
 }
 
 impl Settings {
@@ -114,7 +129,30 @@ impl Settings {
             }
             (None, None, None) => Vec::new(),
         };
+        let in_root = |p: PathBuf| match &root {
+            Some(root) => root.join(p),
+            None => p,
+        };
+        let args = &cli.cache;
+        let cache = crate::nix_cache::CacheSettings {
+            substituters: if args.substituters.is_empty() { file.substituters } else { args.substituters.clone() },
+            trusted_public_keys: if args.trusted_public_keys.is_empty() {
+                file.trusted_public_keys
+            } else {
+                args.trusted_public_keys.clone()
+            },
+            cache_to: args.cache_to.clone().filter(|u| !u.is_empty()).or(file.cache_to),
+            signing_key: args
+                .signing_key
+                .clone()
+                .filter(|p| !p.as_os_str().is_empty())
+                .or(file.signing_key.map(in_root)),
+            netrc: args.netrc.clone().or(file.netrc.map(in_root)),
+            required: args.cache_required || file.cache_required.unwrap_or(false),
+            network: args.network.map(Into::into).or(file.network),
+        };
         Ok(Settings {
+            cache,
             root,
             platforms,
             engine,

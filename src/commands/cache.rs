@@ -1,5 +1,5 @@
-//! `nixctr cache ls|rm`: the nix store volumes, one per nix image. nixctr never prunes them
-//! on its own.
+//! `nixctr cache ls|rm|push`: the nix store volumes, one per nix image (nixctr never prunes them
+//! on its own), and the binary cache (nix_cache).
 
 use anyhow::{anyhow, bail, Result};
 
@@ -13,11 +13,20 @@ pub(crate) async fn run(settings: &Settings, command: CacheCommand) -> Result<()
     let engine = Engine::connect(settings.engine.as_deref(), &progress).await?;
     let volumes = engine.store_volumes().await?;
     match command {
-        CacheCommand::Ls => {
+        CacheCommand::Ls { names } => {
             for (name, image) in &volumes {
                 crate::output::line(format_args!("{name}\t{image}"))?;
             }
+            if settings.cache.primary().is_some() {
+                let names = if names.is_empty() {
+                    crate::selection::select(settings.project_root()?, &crate::selection::Select::All)?.names
+                } else {
+                    names
+                };
+                crate::nix_cache::list(&engine, settings, &names, &progress).await?;
+            }
         }
+        CacheCommand::Push { names } => crate::nix_cache::push_built(&engine, settings, &names, &progress).await?,
         CacheCommand::Rm { all } => {
             let doomed: Vec<&String> = if all {
                 volumes.iter().map(|(name, _)| name).collect()

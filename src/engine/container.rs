@@ -25,6 +25,8 @@ pub(crate) struct ContainerSpec {
     /// (volume name, mount point)
     pub(crate) volumes: Vec<(String, String)>,
     pub(crate) env: Vec<String>,
+    /// `HostConfig.NetworkMode` (`bridge`, `host`, `none`); `None`: the engine's default.
+    pub(crate) network: Option<String>,
 }
 
 /// What happens to an exec's stderr while it runs.
@@ -86,6 +88,7 @@ impl ContainerGuard {
             host_config: Some(HostConfig {
                 mounts: (!mounts.is_empty()).then_some(mounts),
                 privileged: Some(false),
+                network_mode: spec.network.clone(),
                 ..Default::default()
             }),
             ..Default::default()
