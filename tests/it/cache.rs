@@ -28,10 +28,26 @@ fn secret_bytes() -> String {
     key.trim().split_once(':').unwrap().1.to_string()
 }
 
+/// A cache directory of the test's own under nginx's root, removed when the test ends.
+struct CacheDir(PathBuf);
+
+impl std::ops::Deref for CacheDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for CacheDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A cache of the test's own: (URL, directory on this machine).
-fn fresh_cache(tag: &str) -> (String, PathBuf) {
+fn fresh_cache(tag: &str) -> (String, CacheDir) {
     let name = unique(&format!("it-{tag}-"));
-    (format!("{CACHE}/{name}"), Path::new(CACHE_DIR).join("public").join(name))
+    (format!("{CACHE}/{name}"), CacheDir(Path::new(CACHE_DIR).join("public").join(name)))
 }
 
 /// `containers/CONTAINER`: an image holding busybox and `work`, a derivation named `work` that
@@ -251,6 +267,7 @@ fn failing_uploads_warn_and_the_right_netrc_uploads() {
 
     let name = unique("it-private-");
     let private = format!("{CACHE}/private/{name}");
+    let _private_dir = CacheDir(Path::new(CACHE_DIR).join("private").join(&name));
     let wrong = secret_file(&fx, "wrong-netrc", "machine 127.0.0.1\nlogin nixctr\npassword wrong-pw\n", 0o600);
     let out = build(&["--cache-to", &private, "--netrc", wrong.to_str().unwrap()]);
     out.success().stderr_has(&format!("the upload to the cache {private} failed")).stderr_has("--netrc");
