@@ -3,6 +3,7 @@
 
 mod build;
 mod cli;
+mod engines;
 mod harness;
 mod many;
 mod publish;
