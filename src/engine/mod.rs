@@ -92,15 +92,10 @@ impl Engine {
         if let Some(address) = explicit {
             progress.debug(format!("engine: {} from {}", address.url, address.why));
             let engine = Self::connect_to(address, progress).await.map_err(|e| {
-                anyhow!(
-                    "cannot reach the engine at {}: {e:#}{}",
-                    address.described(),
-                    if address.url.starts_with("unix://") || format!("{e:#}").contains("Connection refused") {
-                        START_ONE
-                    } else {
-                        ""
-                    }
-                )
+                let reason = format!("{e:#}");
+                let absent = address.url.starts_with("unix://") || reason.contains("Connection refused");
+                let hint = if absent && !address.url.starts_with("ssh://") { START_ONE } else { "" };
+                anyhow!("cannot reach the engine at {}: {reason}{hint}", address.described())
             })?;
             progress.debug(format!("engine: {} at {} (API {})", engine.flavor_name(), address.url, engine.api_version));
             return Ok(engine);

@@ -434,7 +434,7 @@ fn read_log(path: &Path) -> String {
     }
     let lines: Vec<&str> = text
         .lines()
-        .map(|l| l.trim().trim_start_matches("ssh: "))
+        .map(|l| l.trim().trim_start_matches("ssh: ").trim_end_matches('.'))
         .filter(|l| !l.is_empty() && !l.starts_with("Warning: Permanently added") && !l.starts_with('@'))
         .collect();
     lines.iter().rev().take(3).rev().copied().collect::<Vec<_>>().join("; ")
