@@ -297,6 +297,18 @@ mod tests {
     }
 
     #[test]
+    fn engine_keys_parse() {
+        let cfg = parse_config(
+            "engines = [\"ssh://a@b\", \"tcp://c:2376\"]\n[engine-tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
+             [platform-engines]\n\"linux/arm64\" = \"ssh://pi@arm\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.engines.unwrap().len(), 2);
+        assert_eq!(cfg.engine_tls.unwrap().key, PathBuf::from("k.pem"));
+        assert_eq!(cfg.platform_engines["linux/arm64"], "ssh://pi@arm");
+    }
+
+    #[test]
     fn malformed_value_is_an_error() {
         let err = parse_config("pull = \"sometimes\"\n").unwrap_err();
         assert!(err.starts_with("1:"), "{err}");

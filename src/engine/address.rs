@@ -361,7 +361,7 @@ fn podman_connection(inputs: &Inputs, name: &str) -> Result<EngineAddress> {
     // containers.conf: [engine.service_destinations.NAME] uri, identity.
     for conf in [config_home.join("containers/containers.conf"), PathBuf::from("/etc/containers/containers.conf")] {
         let Ok(text) = std::fs::read_to_string(&conf) else { continue };
-        let value: toml::Value = text.parse().with_context(|| format!("cannot parse {}", conf.display()))?;
+        let value: toml::Table = toml::from_str(&text).with_context(|| format!("cannot parse {}", conf.display()))?;
         let Some(destinations) =
             value.get("engine").and_then(|e| e.get("service_destinations")).and_then(|d| d.as_table())
         else {
@@ -438,6 +438,48 @@ mod tests {
         assert_eq!(r.len(), 2);
         assert_eq!(r[1].why, "engines in nixctr.toml");
         assert!(resolve(&inputs(&[])).unwrap().is_empty());
+    }
+
+    #[test]
+    fn engine_tls_applies_to_tcp_engines_of_the_file() {
+        let mut i = inputs(&[]);
+        i.file_engines = vec!["tcp://h:2376".into(), "unix:///x.sock".into()];
+        i.file_tls = Some(TlsFiles::in_dir(Path::new("/t"), "[engine-tls] in nixctr.toml".into()));
+        let r = resolve(&i).unwrap();
+        assert_eq!(r[0].tls.as_ref().unwrap().ca, PathBuf::from("/t/ca.pem"));
+        assert!(r[1].tls.is_none());
+        // DOCKER_TLS_VERIFY wins over the file's files.
+        i.env.insert("DOCKER_TLS_VERIFY".into(), "1".into());
+        i.env.insert("DOCKER_CERT_PATH".into(), "/env".into());
+        assert_eq!(resolve(&i).unwrap()[0].tls.as_ref().unwrap().ca, PathBuf::from("/env/ca.pem"));
+    }
+
+    #[test]
+    fn podman_connections_come_from_json_and_containers_conf() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("containers");
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::write(
+            conf.join("podman-connections.json"),
+            r#"{"Connection":{"Default":"a","Connections":{"a":{"URI":"ssh://core@a:22/run/podman/podman.sock","Identity":"/k/a"}}}}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            conf.join("containers.conf"),
+            "[engine.service_destinations.b]\nuri = \"ssh://root@b/run/podman/podman.sock\"\nidentity = \"/k/b\"\n",
+        )
+        .unwrap();
+        let config_home = dir.path().to_str().unwrap();
+        for (name, uri, key) in [
+            ("a", "ssh://core@a:22/run/podman/podman.sock", "/k/a"),
+            ("b", "ssh://root@b/run/podman/podman.sock", "/k/b"),
+        ] {
+            let r = resolve(&inputs(&[("XDG_CONFIG_HOME", config_home), ("CONTAINER_CONNECTION", name)])).unwrap();
+            assert_eq!((r[0].url.as_str(), r[0].identity.as_deref()), (uri, Some(Path::new(key))));
+            assert!(r[0].why.contains(&format!("Podman connection \"{name}\"")), "{}", r[0].why);
+        }
+        let err = resolve(&inputs(&[("XDG_CONFIG_HOME", config_home), ("CONTAINER_CONNECTION", "c")])).unwrap_err();
+        assert!(err.to_string().contains("a, b"), "{err}");
     }
 
     #[test]
