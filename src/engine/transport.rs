@@ -330,6 +330,11 @@ impl SshTunnel {
             "ExitOnForwardFailure=yes",
             "-o",
             "StreamLocalBindUnlink=yes",
+            // A multiplexing master of the user's config would outlive nixctr and own the socket.
+            "-o",
+            "ControlMaster=no",
+            "-o",
+            "ControlPath=none",
             "-o",
             "ServerAliveInterval=15",
             "-o",
