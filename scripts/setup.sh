@@ -7,7 +7,7 @@
 # Sets up, on this machine only (loopback):
 #   * Debian packages: docker.io podman debootstrap docker-registry skopeo curl
 #     ca-certificates openssl apache2-utils busybox-static uidmap nginx
-#     qemu-user-static binfmt-support python3
+#     qemu-user-static binfmt-support python3 openssh-server openssh-client
 #   * binfmt_misc: qemu-aarch64 registered with the F (fix-binary) flag, so both
 #     engines run linux/arm64 containers (emulated) on an amd64 machine
 #   * mirror registry   127.0.0.1:5000   (docker-registry, plain HTTP, no auth;
@@ -26,6 +26,23 @@
 #                       key pair /etc/nixctr-test/cache/signing-key{,.pub}
 #                       (mode 600), made with `nix key generate-secret` in the
 #                       nix image.  Build containers reach it with --network host.
+#   * TLS Docker engine tcp://127.0.0.1:2376 (a second dockerd: --tlsverify,
+#                       its own data-root /var/lib/nixctr-test/docker-tls,
+#                       exec-root, pidfile, bridge nixctr-br1 172.31.250.1/24
+#                       made with `ip link`, --iptables=false, the same mirror;
+#                       also on unix:///run/nixctr-test/docker-tls.sock).  CA,
+#                       server (SAN IP:127.0.0.1, DNS:localhost) and client
+#                       certificates made with openssl under /etc/nixctr-test/tls;
+#                       client material in /etc/nixctr-test/tls/client/{ca,cert,
+#                       key}.pem (key mode 600), the CA's key in tls/ca-key.pem
+#                       (tests sign an expired certificate with it)
+#   * sshd              127.0.0.1:2222 (openssh-server, own config, host key,
+#                       authorized keys and pid file under /etc/nixctr-test/ssh;
+#                       PermitRootLogin prohibit-password, stream-local
+#                       forwarding on), client key /etc/nixctr-test/ssh/id_ed25519,
+#                       known_hosts /etc/nixctr-test/ssh/known_hosts: so
+#                       ssh://root@127.0.0.1:2222 reaches the Docker socket and
+#                       ssh://root@127.0.0.1:2222/run/podman/podman.sock Podman
 #   * image nixos/nix:2.33.3 in the mirror, i.e. what `docker pull
 #     nixos/nix:2.33.3` (docker.io/nixos/nix:2.33.3) gets in both engines:
 #     a manifest list for linux/amd64 and linux/arm64 (each platform also
@@ -74,6 +91,14 @@ RUNDIR=/run/nixctr-test
 CACHE_ADDR=127.0.0.1:5081
 CACHE_CONF=$CONF/cache
 CACHE_STATE=$STATE/cache
+TLS_PORT=2376
+TLS_HOST=tcp://127.0.0.1:$TLS_PORT
+TLS_SOCK=$RUNDIR/docker-tls.sock
+TLS_DIR=$CONF/tls
+TLS_BRIDGE=nixctr-br1
+TLS_BRIDGE_CIDR=172.31.250.1/24
+SSH_PORT=2222
+SSH_DIR=$CONF/ssh
 # Bump when the image recipe below changes: invalidates the cached root fs.
 # (The recipe: scripts/nix-image/build-rootfs.sh and config.json.)
 ROOTFS_VERSION=3
@@ -84,7 +109,7 @@ IMAGE_STAMP=$STATE/nix-image-$NIX_TAG.pushed   # "vROOTFS_VERSION LIST_DIGEST" l
 DEBIAN_MIRROR=${NIXCTR_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 PACKAGES=(docker.io podman debootstrap docker-registry skopeo curl ca-certificates
           openssl apache2-utils busybox-static uidmap nginx qemu-user-static binfmt-support
-          python3)
+          python3 openssh-server openssh-client)
 MARK="# Managed by nixctr scripts/setup.sh"
 
 VERIFY=${NIXCTR_SETUP_VERIFY:-0}
@@ -175,7 +200,8 @@ wait_daemon() {
 # if that pid still is that program: /run may survive a reboot here).
 stop_daemon() {
   local name=$1 pid comm
-  read -r pid comm 2>/dev/null <"$RUNDIR/$name.pid" || return 0
+  [ -f "$RUNDIR/$name.pid" ] || return 0
+  read -r pid comm <"$RUNDIR/$name.pid" || return 0
   if [ -n "$pid" ] && pid_is_live "$pid" "$comm"; then
     kill "$pid" 2>/dev/null || true
     wait_for "$name to exit" 30 pid_gone "$pid" || kill -9 "$pid" 2>/dev/null || true
@@ -186,6 +212,17 @@ stop_daemon() {
 mirror_up() { curl -sf -m 3 "http://$MIRROR/v2/" >/dev/null; }
 docker_up() { curl -sf -m 5 --unix-socket "$DOCKER_SOCK" http://d/_ping >/dev/null; }
 podman_up() { curl -sf -m 5 --unix-socket "$PODMAN_SOCK" http://d/_ping >/dev/null; }
+docker_tls_up() { curl -sf -m 5 --unix-socket "$TLS_SOCK" http://d/_ping >/dev/null; }
+docker_tls_tcp_up() {
+  curl -sf -m 5 --cacert "$TLS_DIR/client/ca.pem" --cert "$TLS_DIR/client/cert.pem" \
+    --key "$TLS_DIR/client/key.pem" "https://127.0.0.1:$TLS_PORT/_ping" >/dev/null
+}
+sshd_up() {
+  ssh -F none -o BatchMode=yes -o ConnectTimeout=5 -o IdentitiesOnly=yes -i "$SSH_DIR/id_ed25519" \
+    -o UserKnownHostsFile="$SSH_DIR/known_hosts" -o StrictHostKeyChecking=yes -p "$SSH_PORT" root@127.0.0.1 true \
+    </dev/null >/dev/null 2>&1
+}
+
 # mirror_nix_digest: the digest of what the mirror serves as $NIX_REPO:$NIX_TAG
 # (a manifest list), empty if nothing.
 mirror_nix_digest() {
@@ -485,7 +522,113 @@ EOF
   log "podman: started at unix://$PODMAN_SOCK (storage $driver, ulimits nofile=$nofile nproc=$nproc, log $LOGS/podman.log)"
 }
 
-# ---------------------------------------------------------------- 5. nix image
+# ---------------------------------------------------------------- 5. TLS docker engine
+# make_cert NAME SUBJECT [EXTFILE]: $TLS_DIR/NAME-{key,cert}.pem signed by the CA (once).
+make_cert() {
+  local name=$1 subj=$2 ext=${3:-}
+  [ -s "$TLS_DIR/$name-cert.pem" ] && [ -s "$TLS_DIR/$name-key.pem" ] && return 0
+  openssl genrsa -out "$TLS_DIR/$name-key.pem" 2048 2>/dev/null
+  chmod 600 "$TLS_DIR/$name-key.pem"
+  openssl req -new -key "$TLS_DIR/$name-key.pem" -subj "$subj" -out "$TLS_DIR/$name.csr" 2>/dev/null
+  openssl x509 -req -in "$TLS_DIR/$name.csr" -CA "$TLS_DIR/ca.pem" -CAkey "$TLS_DIR/ca-key.pem" -CAcreateserial \
+    -days 3650 -sha256 ${ext:+-extfile "$ext"} -out "$TLS_DIR/$name-cert.pem" 2>/dev/null
+  rm -f "$TLS_DIR/$name.csr"
+}
+
+step_tls_certs() {
+  if [ -s "$TLS_DIR/client/key.pem" ] && [ -s "$TLS_DIR/server-cert.pem" ]; then return; fi
+  need_root "making the TLS certificates"
+  mkdir -p "$TLS_DIR/client"; chmod 755 "$TLS_DIR"
+  if [ ! -s "$TLS_DIR/ca.pem" ]; then
+    openssl genrsa -out "$TLS_DIR/ca-key.pem" 2048 2>/dev/null; chmod 600 "$TLS_DIR/ca-key.pem"
+    openssl req -new -x509 -days 3650 -sha256 -key "$TLS_DIR/ca-key.pem" -subj "/CN=nixctr test CA" \
+      -out "$TLS_DIR/ca.pem" 2>/dev/null
+  fi
+  printf 'subjectAltName = IP:127.0.0.1,DNS:localhost\nextendedKeyUsage = serverAuth\n' >"$TLS_DIR/server.ext"
+  printf 'extendedKeyUsage = clientAuth\n' >"$TLS_DIR/client.ext"
+  make_cert server "/CN=localhost" "$TLS_DIR/server.ext"
+  make_cert client "/CN=nixctr test client" "$TLS_DIR/client.ext"
+  install -m 644 "$TLS_DIR/ca.pem" "$TLS_DIR/client/ca.pem"
+  install -m 644 "$TLS_DIR/client-cert.pem" "$TLS_DIR/client/cert.pem"
+  install -m 600 "$TLS_DIR/client-key.pem" "$TLS_DIR/client/key.pem"
+  log "tls: CA, server and client certificates made in $TLS_DIR"
+}
+
+step_docker_tls() {
+  local dir=$CONF/docker-tls changed=0
+  write_file "$dir/daemon.json" 644 <<EOF && changed=1 || true
+{
+  "registry-mirrors": ["http://$MIRROR"]
+}
+EOF
+  # Its own bridge: a dockerd with --bridge none would delete the first engine's docker0.
+  if ! ip link show "$TLS_BRIDGE" >/dev/null 2>&1; then
+    need_root "making bridge $TLS_BRIDGE"
+    ip link add "$TLS_BRIDGE" type bridge
+  fi
+  ip -4 addr show dev "$TLS_BRIDGE" | grep -qF "${TLS_BRIDGE_CIDR%/*}/" || ip addr add "$TLS_BRIDGE_CIDR" dev "$TLS_BRIDGE"
+  ip link set "$TLS_BRIDGE" up
+  if docker_tls_up && docker_tls_tcp_up && [ $changed -eq 0 ]; then log "docker-tls: up at $TLS_HOST"; return; fi
+  need_root "starting the TLS dockerd"
+  stop_daemon docker-tls
+  docker_tls_up && die "something not started by this script answers on $TLS_SOCK: stop it and rerun"
+  if ss -Hltn "sport = :$TLS_PORT" | grep -q .; then die "port $TLS_PORT is taken by something else (ss -ltnp)"; fi
+  rm -f "$RUNDIR/docker-tls.pidfile"
+  mkdir -p "$STATE/docker-tls" "$RUNDIR/docker-tls-exec"
+  start_daemon docker-tls dockerd --config-file "$dir/daemon.json" \
+    --data-root "$STATE/docker-tls" --exec-root "$RUNDIR/docker-tls-exec" --pidfile "$RUNDIR/docker-tls.pidfile" \
+    --bridge "$TLS_BRIDGE" --iptables=false --ip-masq=false \
+    -H "unix://$TLS_SOCK" -H "$TLS_HOST" \
+    --tlsverify --tlscacert "$TLS_DIR/ca.pem" --tlscert "$TLS_DIR/server-cert.pem" --tlskey "$TLS_DIR/server-key.pem"
+  wait_daemon docker-tls 60 docker_tls_up
+  wait_daemon docker-tls 30 docker_tls_tcp_up
+  log "docker-tls: started at $TLS_HOST and unix://$TLS_SOCK (log $LOGS/docker-tls.log)"
+}
+
+# ---------------------------------------------------------------- 6. sshd
+step_sshd() {
+  local changed=0
+  if [ ! -s "$SSH_DIR/ssh_host_ed25519_key" ] || [ ! -s "$SSH_DIR/id_ed25519" ]; then
+    need_root "making ssh keys"
+    mkdir -p "$SSH_DIR"; chmod 755 "$SSH_DIR"
+    [ -s "$SSH_DIR/ssh_host_ed25519_key" ] || ssh-keygen -q -t ed25519 -N '' -C nixctr-test-host -f "$SSH_DIR/ssh_host_ed25519_key"
+    [ -s "$SSH_DIR/id_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -C nixctr-test-client -f "$SSH_DIR/id_ed25519"
+  fi
+  cp "$SSH_DIR/id_ed25519.pub" "$SSH_DIR/authorized_keys.tmp" && chmod 644 "$SSH_DIR/authorized_keys.tmp"
+  cmp -s "$SSH_DIR/authorized_keys.tmp" "$SSH_DIR/authorized_keys" 2>/dev/null \
+    && rm -f "$SSH_DIR/authorized_keys.tmp" || mv -f "$SSH_DIR/authorized_keys.tmp" "$SSH_DIR/authorized_keys"
+  printf '[127.0.0.1]:%s %s\n' "$SSH_PORT" "$(cut -d' ' -f1-2 "$SSH_DIR/ssh_host_ed25519_key.pub")" \
+    | write_file "$SSH_DIR/known_hosts" 644 || true
+  write_file "$SSH_DIR/sshd_config" 644 <<EOF && changed=1 || true
+$MARK
+Port $SSH_PORT
+ListenAddress 127.0.0.1
+HostKey $SSH_DIR/ssh_host_ed25519_key
+PidFile $RUNDIR/sshd-own.pid
+AuthorizedKeysFile $SSH_DIR/authorized_keys
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+AllowStreamLocalForwarding yes
+# Stream-local forwarding is refused unless TCP forwarding is allowed too (OpenSSH 9.2).
+AllowTcpForwarding local
+X11Forwarding no
+PrintMotd no
+EOF
+  if sshd_up && [ $changed -eq 0 ]; then log "sshd: up at 127.0.0.1:$SSH_PORT"; return; fi
+  need_root "starting sshd"
+  stop_daemon sshd
+  if ss -Hltn "sport = :$SSH_PORT" | grep -q .; then die "port $SSH_PORT is taken by something else (ss -ltnp)"; fi
+  mkdir -p /run/sshd; chmod 755 /run/sshd
+  /usr/sbin/sshd -t -f "$SSH_DIR/sshd_config" || die "sshd -t rejects $SSH_DIR/sshd_config"
+  start_daemon sshd /usr/sbin/sshd -D -e -f "$SSH_DIR/sshd_config"
+  wait_daemon sshd 30 sshd_up
+  log "sshd: started at 127.0.0.1:$SSH_PORT (log $LOGS/sshd.log)"
+}
+
+# ---------------------------------------------------------------- 7. nix image
 # build_rootfs ARCH: $ROOTFS_CACHE-ARCH.tar (scripts/nix-image/build-rootfs.sh).
 build_rootfs() {
   local arch=$1 t0 rc=0
@@ -534,7 +677,7 @@ step_image() {
   log "image: built and pushed in $(( $(date +%s) - t0 ))s: $NIX_REPO:$NIX_TAG = $digest"
 }
 
-# ---------------------------------------------------------------- 6. binary cache
+# ---------------------------------------------------------------- 8. binary cache
 cache_up() { [ "$(curl -s -o /dev/null -w '%{http_code}' -m 3 "http://$CACHE_ADDR/nix-cache-info")" = 200 ]; }
 step_cache() {
   local changed=0 t
@@ -726,6 +869,28 @@ step_verify() {
   check_engine podman "$PODMAN_SOCK"
   check_arm64 docker docker
   check_arm64 podman podman
+  check_engine docker-tls "$TLS_SOCK"
+  docker --tlsverify --tlscacert "$TLS_DIR/client/ca.pem" --tlscert "$TLS_DIR/client/cert.pem" \
+    --tlskey "$TLS_DIR/client/key.pem" -H "$TLS_HOST" run --rm "$img" true \
+    || die "docker run over TLS at $TLS_HOST failed"
+  log "verify: docker-tls: docker run over $TLS_HOST with the client certificate ok"
+  check_ssh_forward /var/run/docker.sock
+  check_ssh_forward "$PODMAN_SOCK"
+}
+
+# check_ssh_forward REMOTE_SOCKET: the engine answers through an ssh-forwarded socket.
+check_ssh_forward() {
+  local d pid ok=1
+  d=$(mktemp -d)
+  ssh -F none -o BatchMode=yes -o ConnectTimeout=5 -o IdentitiesOnly=yes -i "$SSH_DIR/id_ed25519" \
+    -o UserKnownHostsFile="$SSH_DIR/known_hosts" -o StrictHostKeyChecking=yes -o ExitOnForwardFailure=yes \
+    -p "$SSH_PORT" -N -L "$d/s.sock:$1" root@127.0.0.1 </dev/null 2>>"$LOGS/verify.log" &
+  pid=$!
+  wait_for "forwarded socket" 15 curl -sf -m 5 --unix-socket "$d/s.sock" http://d/_ping && ok=0
+  kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
+  rm -rf "$d"
+  [ $ok -eq 0 ] || die "ssh -L to $1 through 127.0.0.1:$SSH_PORT: the engine does not answer"
+  log "verify: ssh: engine at $1 answers through ssh://root@127.0.0.1:$SSH_PORT"
 }
 
 # ---------------------------------------------------------------- main
@@ -734,6 +899,9 @@ step_binfmt
 step_mirror
 step_docker
 step_podman
+step_tls_certs
+step_docker_tls
+step_sshd
 step_image
 step_cache
 if [ "$IMAGE_BUILT" -eq 1 ] || [ "$VERIFY" = 1 ]; then step_verify; step_verify_cache; fi
@@ -742,6 +910,12 @@ log "done in $(( $(date +%s) - T0 ))s"
 cat <<EOF
 NIXCTR_DOCKER_HOST=unix://$DOCKER_SOCK
 NIXCTR_PODMAN_HOST=unix://$PODMAN_SOCK
+NIXCTR_DOCKER_TLS_HOST=$TLS_HOST
+NIXCTR_DOCKER_TLS_SOCKET=unix://$TLS_SOCK
+NIXCTR_DOCKER_TLS_CERT_PATH=$TLS_DIR/client
+NIXCTR_SSH=ssh://root@127.0.0.1:$SSH_PORT
+NIXCTR_SSH_IDENTITY=$SSH_DIR/id_ed25519
+NIXCTR_SSH_KNOWN_HOSTS=$SSH_DIR/known_hosts
 NIXCTR_MIRROR=$MIRROR
 NIXCTR_NIX_IMAGE=$NIX_REPO:$NIX_TAG
 NIXCTR_TEST_CACHE=http://$CACHE_ADDR

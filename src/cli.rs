@@ -21,10 +21,16 @@ pub struct Cli {
     #[arg(short = 'C', long = "directory", global = true, value_name = "DIR")]
     pub directory: Option<PathBuf>,
 
-    /// Engine API address: unix:///path.sock, tcp://host:port or http://host:port
-    /// (default: DOCKER_HOST, CONTAINER_HOST, then the usual sockets)
-    #[arg(long, global = true, value_name = "URL", env = "NIXCTR_ENGINE")]
-    pub engine: Option<String>,
+    /// Engine API address: unix:///path.sock, tcp://host:port (TLS with DOCKER_TLS_VERIFY and
+    /// DOCKER_CERT_PATH), http://host:port, ssh://user@host[:port][/path/to/engine.sock]
+    /// (default: --context, DOCKER_HOST, DOCKER_CONTEXT, the current Docker context,
+    /// CONTAINER_CONNECTION, CONTAINER_HOST, nixctr.toml, then the usual sockets)
+    #[arg(short = 'H', long, global = true, value_name = "URL", env = "NIXCTR_ENGINE")]
+    pub engine: Vec<String>,
+
+    /// Docker context to reach the engine through (`docker context ls`; `default`: none)
+    #[arg(long, global = true, value_name = "NAME")]
+    pub context: Option<String>,
 
     /// Image that provides nix (default: nixos/nix:2.33.3)
     #[arg(long, global = true, value_name = "IMAGE", env = "NIXCTR_NIX_IMAGE")]

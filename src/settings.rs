@@ -4,12 +4,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 use crate::cli::Cli;
-use crate::engine::PullPolicy;
+use crate::engine::address::{self, Inputs, TlsFiles};
+use crate::engine::{EngineAddress, PullPolicy};
 use crate::platform::Platform;
 use crate::registry::auth::read_password_stdin;
 use crate::registry::cache::BlobCache;
@@ -26,6 +28,13 @@ pub(crate) struct FileConfig {
     pub(crate) nix_image: Option<String>,
     pub(crate) nixpkgs: Option<String>,
     pub(crate) engine: Option<String>,
+    /// Several engines (the builds spread over them); not with `engine`.
+    pub(crate) engines: Option<Vec<String>>,
+    /// TLS files for a `tcp://` engine named here or by `--engine`/`DOCKER_HOST`.
+    pub(crate) engine_tls: Option<EngineTlsConfig>,
+    /// Platform (`linux/arm64`) -> the engine that builds it.
+    #[serde(default)]
+    pub(crate) platform_engines: BTreeMap<String, String>,
     pub(crate) pull: Option<PullPolicy>,
     /// One platform to build for (`linux/arm64`).
     pub(crate) platform: Option<String>,
@@ -55,6 +64,15 @@ pub(crate) struct FileConfig {
     pub(crate) network: Option<crate::nix_cache::Network>,
 }
 
+/// `[engine-tls]`: paths relative to the project root.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EngineTlsConfig {
+    pub(crate) ca: PathBuf,
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
+}
+
 /// Where nixpkgs comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Nixpkgs {
@@ -68,8 +86,15 @@ pub(crate) enum Nixpkgs {
 pub(crate) struct Settings {
     /// The project root, when one was found (push needs none).
     pub(crate) root: Option<PathBuf>,
-    /// An explicit engine address; `None` means probe the usual places.
-    pub(crate) engine: Option<String>,
+    /// The engine to use, resolved (URL, TLS files, ssh identity, and why); `None` means
+    /// probe the usual sockets. The first of [`Settings::engines`].
+    pub(crate) engine: Option<Arc<EngineAddress>>,
+    /// Every engine named (the lead's builds spread over them) (`--engine` repeated, `engines` in nixctr.toml); empty: probe.
+    #[allow(dead_code)] // read by the multi-engine builds
+    pub(crate) engines: Vec<EngineAddress>,
+    /// `[platform-engines]`: platform (`linux/arm64`) -> the engine that builds it.
+    #[allow(dead_code)] // read by the multi-engine builds
+    pub(crate) platform_engines: BTreeMap<String, EngineAddress>,
     pub(crate) nix_image: String,
     pub(crate) pull: PullPolicy,
     /// The platforms to build for; empty: the engine's own.
@@ -114,12 +139,7 @@ impl Settings {
                 parse_nixpkgs(&value, base)?
             }
         };
-        let engine = cli
-            .engine
-            .clone()
-            .or_else(|| non_empty_env("DOCKER_HOST"))
-            .or_else(|| non_empty_env("CONTAINER_HOST"))
-            .or(file.engine);
+        let (engines, platform_engines) = resolve_engines(cli, &file, root.as_deref())?;
         let platforms = match (&cli.platform, &file.platform, &file.platforms) {
             (Some(list), _, _) => Platform::parse_list(list).context("--platform (or DOCKER_DEFAULT_PLATFORM)")?,
             (None, Some(_), Some(_)) => bail!("{CONFIG_FILE}: set `platform` or `platforms`, not both"),
@@ -155,7 +175,9 @@ impl Settings {
             cache,
             root,
             platforms,
-            engine,
+            engine: engines.first().cloned().map(Arc::new),
+            engines,
+            platform_engines,
             nix_image: cli.nix_image.clone().or(file.nix_image).unwrap_or_else(|| DEFAULT_NIX_IMAGE.to_string()),
             pull: cli.pull.map(PullPolicy::from).or(file.pull).unwrap_or(PullPolicy::Missing),
             nixpkgs,
@@ -208,8 +230,42 @@ impl Settings {
     }
 }
 
-fn non_empty_env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
+/// The engines, by the address precedence (see `engine::address`), and `[platform-engines]`.
+fn resolve_engines(
+    cli: &Cli,
+    file: &FileConfig,
+    root: Option<&Path>,
+) -> Result<(Vec<EngineAddress>, BTreeMap<String, EngineAddress>)> {
+    let mut inputs = Inputs::from_env();
+    inputs.flag = cli.engine.iter().filter(|e| !e.is_empty()).cloned().collect();
+    // clap does not say whether the value came from NIXCTR_ENGINE or the flag.
+    inputs.flag_from_env =
+        !std::env::args().skip(1).any(|a| a == "-H" || a.starts_with("--engine") || a.starts_with("-H"))
+            && std::env::var("NIXCTR_ENGINE").is_ok_and(|v| !v.is_empty());
+    inputs.context = cli.context.clone().filter(|c| !c.is_empty());
+    inputs.file_engines = match (&file.engine, &file.engines) {
+        (Some(_), Some(_)) => bail!("{CONFIG_FILE}: set `engine` or `engines`, not both"),
+        (Some(one), None) => vec![one.clone()],
+        (None, Some(list)) => list.clone(),
+        (None, None) => Vec::new(),
+    };
+    inputs.file_tls = file.engine_tls.as_ref().map(|tls| {
+        let at = |p: &Path| root.map_or_else(|| p.to_path_buf(), |r| r.join(p));
+        TlsFiles {
+            ca: at(&tls.ca),
+            cert: at(&tls.cert),
+            key: at(&tls.key),
+            source: format!("[engine-tls] in {CONFIG_FILE}"),
+        }
+    });
+    let engines = address::resolve(&inputs)?;
+    let mut platform_engines = BTreeMap::new();
+    for (platform, url) in &file.platform_engines {
+        Platform::parse(platform).with_context(|| format!("{CONFIG_FILE}: [platform-engines] {platform:?}"))?;
+        let why = format!("[platform-engines] {platform:?} in {CONFIG_FILE}");
+        platform_engines.insert(platform.clone(), address::configured(&inputs, url, why)?);
+    }
+    Ok((engines, platform_engines))
 }
 
 /// The nearest ancestor of `start` holding `nixctr.toml` or `.git`.
@@ -276,6 +332,18 @@ mod tests {
     fn packages_table_parses() {
         let cfg = parse_config("[packages]\nntfy = \"ntfy-sh\"\n").unwrap();
         assert_eq!(cfg.packages["ntfy"], "ntfy-sh");
+    }
+
+    #[test]
+    fn engine_keys_parse() {
+        let cfg = parse_config(
+            "engines = [\"ssh://a@b\", \"tcp://c:2376\"]\n[engine-tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
+             [platform-engines]\n\"linux/arm64\" = \"ssh://pi@arm\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.engines.unwrap().len(), 2);
+        assert_eq!(cfg.engine_tls.unwrap().key, PathBuf::from("k.pem"));
+        assert_eq!(cfg.platform_engines["linux/arm64"], "ssh://pi@arm");
     }
 
     #[test]

@@ -276,7 +276,9 @@ impl Drop for ContainerGuard {
         }
         // The runtime this guard was made on may be stopping (Ctrl-C), so the removal gets a
         // thread and a connection of its own.
-        let address = self.engine.address().to_string();
+        // The thread holds a clone of the engine, so its transport (an ssh tunnel) stays up
+        // until the removal is done.
+        let engine = self.engine.clone();
         let id = self.id.clone();
         let progress = self.progress.clone();
         let cleanup = std::thread::spawn(move || {
@@ -284,7 +286,7 @@ impl Drop for ContainerGuard {
                 return;
             };
             runtime.block_on(async {
-                if let Ok(engine) = Engine::connect_to(&address).await {
+                if let Ok(engine) = engine.reconnect().await {
                     if let Err(e) = engine.remove_container(&id).await {
                         progress.warn(format!("{e:#} (`nixctr gc` removes it later)"));
                     }

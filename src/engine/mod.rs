@@ -5,12 +5,15 @@
 //! loads archives, and owns every container nixctr creates through [`ContainerGuard`].
 //! Everything nixctr creates carries the label [`LABEL`], so `nixctr gc` can find leftovers.
 
+pub(crate) mod address;
 mod container;
 mod image;
 mod runs;
+mod transport;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -20,8 +23,10 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use futures::StreamExt;
 
+pub(crate) use address::EngineAddress;
 pub(crate) use container::{ContainerGuard, ContainerSpec, OutputMode};
 pub(crate) use runs::{hostname, live_owner};
+use transport::Transport;
 
 use crate::progress::Progress;
 
@@ -49,6 +54,11 @@ pub(crate) const LABEL_PID: &str = "dev.nixctr.pid";
 /// The label naming the machine the nixctr process ran on (its PID means nothing elsewhere).
 pub(crate) const LABEL_HOST: &str = "dev.nixctr.host";
 
+/// The end of a message for an engine that is not there.
+const START_ONE: &str = "\n  start one (Docker: `sudo systemctl start docker` or `dockerd &`; Podman: \
+     `podman system service --time=0 unix:///run/podman/podman.sock &`), or name it with --engine URL, --context NAME \
+     or DOCKER_HOST";
+
 /// Long: a cold nix build streams its log through one request for many minutes.
 const REQUEST_TIMEOUT_SECS: u64 = 24 * 3600;
 /// For requests that answer at once from a healthy engine (inspect, create, remove, list).
@@ -65,51 +75,72 @@ enum Flavor {
 #[derive(Clone)]
 pub(crate) struct Engine {
     docker: Docker,
-    /// The address it was reached at (`unix:///var/run/docker.sock`), to reconnect from a
-    /// cleanup thread that has no runtime of its own.
+    /// The address it was reached at (`unix:///var/run/docker.sock`, `ssh://…`), for messages.
     address: String,
+    /// How it is reached; shared by the clones, so an ssh tunnel lives while any clone does
+    /// (a [`ContainerGuard`]'s cleanup thread included).
+    transport: Arc<Transport>,
     flavor: Flavor,
     api_version: String,
 }
 
 impl Engine {
-    /// Connects to `explicit` when given (flag, `DOCKER_HOST`, `CONTAINER_HOST`, nixctr.toml),
-    /// else to the first of the usual sockets that answers.
-    pub(crate) async fn connect(explicit: Option<&str>, progress: &Progress) -> Result<Engine> {
-        let candidates = match explicit {
-            Some(address) => vec![address.to_string()],
-            None => default_candidates(),
-        };
+    /// Connects to `explicit` when given (resolved by `settings`: `--engine`, `--context`,
+    /// `DOCKER_HOST`, `DOCKER_CONTEXT`, `currentContext`, `CONTAINER_CONNECTION`/`CONTAINER_HOST`,
+    /// nixctr.toml), else to the first of the usual sockets that answers. `-v` says which and why.
+    pub(crate) async fn connect(explicit: Option<&EngineAddress>, progress: &Progress) -> Result<Engine> {
+        if let Some(address) = explicit {
+            progress.debug(format!("engine: {} from {}", address.url, address.why));
+            let engine = Self::connect_to(address, progress).await.map_err(|e| {
+                let reason = format!("{e:#}");
+                let absent = address.url.starts_with("unix://") || reason.contains("Connection refused");
+                let hint = if absent && !address.url.starts_with("ssh://") { START_ONE } else { "" };
+                anyhow!("cannot reach the engine at {}: {reason}{hint}", address.described())
+            })?;
+            progress.debug(format!("engine: {} at {} (API {})", engine.flavor_name(), address.url, engine.api_version));
+            return Ok(engine);
+        }
+        progress.debug(
+            "engine: none named (--engine, --context, DOCKER_HOST, DOCKER_CONTEXT, currentContext, \
+             CONTAINER_CONNECTION, CONTAINER_HOST, nixctr.toml): trying the usual sockets",
+        );
         let mut tried = Vec::new();
-        for address in &candidates {
-            match Self::connect_to(address).await {
+        for url in default_candidates() {
+            let address = EngineAddress::new(url.clone(), "the usual sockets");
+            match Self::connect_to(&address, progress).await {
                 Ok(engine) => {
-                    progress.debug(format!(
-                        "engine: {} at {} (API {})",
-                        engine.flavor_name(),
-                        address,
-                        engine.api_version
-                    ));
+                    progress.debug(format!("engine: {} at {} (API {})", engine.flavor_name(), url, engine.api_version));
                     return Ok(engine);
                 }
-                Err(e) => tried.push(format!("{address} ({})", first_line(&format!("{e:#}")))),
+                Err(e) => tried.push(format!("{url} ({})", first_line(&format!("{e:#}")))),
             }
         }
-        bail!(
-            "no Docker or Podman engine answered; tried:\n    {}\n  start one (Docker: `sudo systemctl start docker` or `dockerd &`; \
-             Podman: `podman system service --time=0 unix:///run/podman/podman.sock &`), \
-             or name it with --engine URL or DOCKER_HOST",
-            tried.join("\n    ")
-        )
+        bail!("no Docker or Podman engine answered; tried:\n    {}{START_ONE}", tried.join("\n    "))
     }
 
     /// Connects to one address and checks that it answers.
-    pub(crate) async fn connect_to(address: &str) -> Result<Engine> {
-        let docker = client_for(address)?;
-        tokio::time::timeout(PING_TIMEOUT, docker.ping())
-            .await
-            .map_err(|_| anyhow!("no answer within {}s", PING_TIMEOUT.as_secs()))?
-            .map_err(engine_err)?;
+    pub(crate) async fn connect_to(address: &EngineAddress, progress: &Progress) -> Result<Engine> {
+        let transport = Arc::new(Transport::open(address, progress).await?);
+        Self::over(transport, &address.url).await
+    }
+
+    /// A new connection over the same transport (an ssh tunnel is shared, not reopened), for
+    /// a thread with a runtime of its own.
+    pub(crate) async fn reconnect(&self) -> Result<Engine> {
+        Self::over(self.transport.clone(), &self.address).await
+    }
+
+    async fn over(transport: Arc<Transport>, address: &str) -> Result<Engine> {
+        let docker = transport.client(REQUEST_TIMEOUT_SECS).map(with_tar_content_type)?;
+        let answered = match tokio::time::timeout(PING_TIMEOUT, docker.ping()).await {
+            Err(_) => Err(format!("no answer within {}s", PING_TIMEOUT.as_secs())),
+            Ok(Err(e)) => Err(transport::error_chain(&e).trim().to_string()),
+            Ok(Ok(_)) => Ok(()),
+        };
+        if let Err(e) = answered {
+            let address = EngineAddress::new(address, "");
+            bail!("{}", transport.explain(&address, &e));
+        }
         let docker =
             timed("the API version", docker.negotiate_version()).await?.context("cannot negotiate the API version")?;
         let version =
@@ -119,6 +150,7 @@ impl Engine {
         Ok(Engine {
             docker,
             address: address.to_string(),
+            transport,
             flavor: if is_podman { Flavor::Podman } else { Flavor::Docker },
             api_version,
         })
@@ -133,10 +165,6 @@ impl Engine {
             Flavor::Docker => "Docker",
             Flavor::Podman => "Podman",
         }
-    }
-
-    pub(crate) fn address(&self) -> &str {
-        &self.address
     }
 
     pub(crate) fn client(&self) -> &Docker {
@@ -217,6 +245,9 @@ impl Engine {
     /// Read with a plain GET rather than bollard's typed list: Podman reports states such as
     /// `stopped` that bollard's state enum rejects, failing the whole list.
     pub(crate) async fn labelled_containers(&self) -> Result<Vec<(String, HashMap<String, String>)>> {
+        if self.transport.is_tls() {
+            return self.labelled_containers_typed().await;
+        }
         // filters={"label":["dev.nixctr"]}, URL-encoded
         let list = self
             .get_json("/containers/json?all=1&filters=%7B%22label%22%3A%5B%22dev.nixctr%22%5D%7D")
@@ -234,6 +265,18 @@ impl Engine {
         Ok(found)
     }
 
+    /// [`Engine::labelled_containers`] through bollard's typed list, for TLS (no raw socket).
+    async fn labelled_containers_typed(&self) -> Result<Vec<(String, HashMap<String, String>)>> {
+        let filters = HashMap::from([("label", vec![LABEL.to_string()])]);
+        let options =
+            bollard::query_parameters::ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
+        let list = timed("a container list", self.docker.list_containers(Some(options)))
+            .await?
+            .map_err(engine_err)
+            .context("cannot list containers")?;
+        Ok(list.into_iter().filter_map(|c| Some((c.id?, c.labels.unwrap_or_default()))).collect())
+    }
+
     /// A GET against the engine API, answered as JSON (HTTP/1.0: no chunked bodies).
     async fn get_json(&self, path: &str) -> Result<serde_json::Value> {
         timed(&format!("GET {path}"), self.get_json_untimed(path)).await?
@@ -244,7 +287,7 @@ impl Engine {
         let request =
             format!("GET /v{}{path} HTTP/1.0\r\nHost: localhost\r\nAccept: application/json\r\n\r\n", self.api_version);
         let mut response = Vec::new();
-        if let Some(socket) = self.address.strip_prefix("unix://") {
+        if let Some(socket) = self.transport.local_socket() {
             let mut stream = tokio::net::UnixStream::connect(socket).await?;
             stream.write_all(request.as_bytes()).await?;
             stream.read_to_end(&mut response).await?;
@@ -366,27 +409,6 @@ pub(crate) fn default_candidates() -> Vec<String> {
         }
     }
     seen
-}
-
-fn client_for(address: &str) -> Result<Docker> {
-    let version = bollard::API_DEFAULT_VERSION;
-    if let Some(path) = address.strip_prefix("unix://") {
-        if !Path::new(path).exists() {
-            bail!("no socket there");
-        }
-        return Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECS, version)
-            .map(with_tar_content_type)
-            .map_err(|e| anyhow!("{e}"));
-    }
-    if address.starts_with("tcp://") || address.starts_with("http://") {
-        return Docker::connect_with_http(address, REQUEST_TIMEOUT_SECS, version)
-            .map(with_tar_content_type)
-            .map_err(|e| anyhow!("{e}"));
-    }
-    if address.starts_with('/') {
-        return client_for(&format!("unix://{address}"));
-    }
-    bail!("engine address {address:?} is not unix://PATH, tcp://HOST:PORT or http://HOST:PORT")
 }
 
 /// bollard labels an image load `application/json`; Podman only takes `application/x-tar`

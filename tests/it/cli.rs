@@ -133,9 +133,10 @@ fn directory_flag_works_from_another_working_directory() {
     }
 }
 
-/// `--engine` > `NIXCTR_ENGINE` > `DOCKER_HOST` > `CONTAINER_HOST` > `engine` in nixctr.toml:
-/// every loser points at a socket that does not exist, so only the winner can answer. `-v`
-/// names the engine used.
+/// `--engine` > `NIXCTR_ENGINE` > `--context` > `DOCKER_HOST` > `DOCKER_CONTEXT` >
+/// `currentContext` > `CONTAINER_HOST` > `engine` in nixctr.toml: every loser points at a
+/// socket that does not exist, so only the winner can answer. `-v` names the engine used and
+/// why. Contexts are made with the real `docker context create`.
 #[test]
 fn engine_address_precedence() {
     for engine in engines() {
@@ -199,5 +200,66 @@ fn engine_address_precedence() {
         set_config(&good);
         expect_used(&cache_ls().run(), &good);
         cache_ls().env("CONTAINER_HOST", bad("container-host")).run().assert_exit(1).stderr_has(&bad("container-host"));
+
+        // Docker contexts: "good" and "bad" in the sandbox's DOCKER_CONFIG.
+        set_config(&bad("toml"));
+        for (name, address) in [("good", good.clone()), ("bad", bad("context"))] {
+            Cmd::tool("docker")
+                .env("DOCKER_CONFIG", fx.sandbox.docker_config())
+                .args(["context", "create", name, "--docker", &format!("host={address}")])
+                .quiet()
+                .run()
+                .success();
+        }
+        let from = |why: &str| format!("engine: {good} from {why}");
+        // --context over DOCKER_HOST, DOCKER_CONTEXT, CONTAINER_HOST; --engine beats it.
+        let out = cache_ls()
+            .args(["--context", "good"])
+            .env("DOCKER_HOST", bad("docker-host"))
+            .env("DOCKER_CONTEXT", "bad")
+            .env("CONTAINER_HOST", bad("container-host"))
+            .run();
+        expect_used(&out, &good);
+        out.stderr_has(&from("Docker context \"good\" (--context)"));
+        cache_ls().args(["--engine", &bad("flag"), "--context", "good"]).run().assert_exit(1).stderr_has(&bad("flag"));
+        // DOCKER_HOST over DOCKER_CONTEXT; --context beats it.
+        expect_used(&cache_ls().env("DOCKER_HOST", &good).env("DOCKER_CONTEXT", "bad").run(), &good);
+        cache_ls()
+            .args(["--context", "bad"])
+            .env("DOCKER_HOST", &good)
+            .run()
+            .assert_exit(1)
+            .stderr_has(&bad("context"))
+            .stderr_has("Docker context \"bad\" (--context)");
+        // DOCKER_CONTEXT over currentContext and CONTAINER_HOST; DOCKER_HOST beats it.
+        let config_json = fx.sandbox.docker_config().join("config.json");
+        std::fs::write(&config_json, r#"{"currentContext": "bad"}"#).unwrap();
+        let out = cache_ls().env("DOCKER_CONTEXT", "good").env("CONTAINER_HOST", bad("container-host")).run();
+        expect_used(&out, &good);
+        out.stderr_has(&from("Docker context \"good\" (DOCKER_CONTEXT)"));
+        cache_ls()
+            .env("DOCKER_HOST", bad("docker-host"))
+            .env("DOCKER_CONTEXT", "good")
+            .run()
+            .assert_exit(1)
+            .stderr_has(&bad("docker-host"));
+        // currentContext over CONTAINER_HOST and the file; DOCKER_CONTEXT beats it, and
+        // DOCKER_CONTEXT=default means no context at all.
+        std::fs::write(&config_json, r#"{"currentContext": "good"}"#).unwrap();
+        let out = cache_ls().env("CONTAINER_HOST", bad("container-host")).run();
+        expect_used(&out, &good);
+        out.stderr_has(&from(&format!("Docker context \"good\" (currentContext in {})", config_json.display())));
+        cache_ls().env("DOCKER_CONTEXT", "bad").run().assert_exit(1).stderr_has(&bad("context"));
+        cache_ls()
+            .env("DOCKER_CONTEXT", "default")
+            .env("CONTAINER_HOST", bad("container-host"))
+            .run()
+            .assert_exit(1)
+            .stderr_has(&bad("container-host"));
+        // currentContext "default", or a config.json without one: down to CONTAINER_HOST.
+        std::fs::write(&config_json, r#"{"currentContext": "default"}"#).unwrap();
+        expect_used(&cache_ls().env("CONTAINER_HOST", &good).run(), &good);
+        // A repeated --engine is a list; the first is used for a single-engine command.
+        expect_used(&cache_ls().args(["--engine", &good, "-H", &bad("second")]).run(), &good);
     }
 }

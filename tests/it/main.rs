@@ -4,6 +4,7 @@
 mod build;
 mod cache;
 mod cli;
+mod engines;
 mod harness;
 mod many;
 mod platforms;
