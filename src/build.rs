@@ -13,6 +13,7 @@ use tokio::sync::Mutex;
 
 use crate::archive;
 use crate::engine::Engine;
+use crate::engines::{BuildTimes, Engines, Pick};
 use crate::nix::{Inputs, NixContainer};
 use crate::output::{check_writable, AtomicFile};
 use crate::platform::Platform;
@@ -52,6 +53,8 @@ pub(crate) struct Options {
 #[derive(Debug, Clone)]
 pub(crate) struct Built {
     pub name: String,
+    /// The address of the engine that built it.
+    pub engine: String,
     /// The platform its image config says (checked against the one asked for).
     pub platform: Platform,
     /// `None` when it went to stdout.
@@ -120,51 +123,80 @@ pub(crate) fn plan(
     Ok(targets)
 }
 
-/// Builds every target in one container and returns each one's outcome, in order. `done`
-/// hears of each archive as soon as it is written, while the others may still build. An
-/// error is returned only for what concerns them all (the engine, the container, nixpkgs).
+/// Builds every target and returns each one's outcome, in order: one nix container per engine
+/// and platform, all at once (a native build finishes, and is pushed, while an emulated one
+/// goes on). `done` hears of each archive as soon as it is written. An error is returned only
+/// for what concerns them all; with several engines or platforms, what goes wrong with one
+/// engine's container (the engine lost mid-build) fails only the targets it was building.
 pub(crate) async fn build(
-    engine: &Engine,
+    engines: &Engines,
     settings: &Settings,
     targets: &[Target],
     options: Options,
     progress: &Progress,
     done: Option<tokio::sync::mpsc::UnboundedSender<Built>>,
 ) -> Result<Vec<Outcome>> {
-    let jobs = match options.jobs {
-        Some(n) => n,
-        None => engine.cpus().await,
-    };
-    // One nix container per platform, all at once: a native build finishes (and is pushed)
-    // while an emulated one goes on.
-    let mut platforms: Vec<Option<&Platform>> = Vec::new();
-    for t in targets {
-        if !platforms.contains(&t.platform.as_ref()) {
-            platforms.push(t.platform.as_ref());
+    let picks = engines.assign(&targets.iter().map(|t| (t.name.as_str(), t.platform.as_ref())).collect::<Vec<_>>());
+    let mut groups: Vec<(Pick, Option<&Platform>)> = Vec::new();
+    for (t, pick) in targets.iter().zip(&picks) {
+        if !groups.contains(&(*pick, t.platform.as_ref())) {
+            groups.push((*pick, t.platform.as_ref()));
         }
     }
-    let several = platforms.len() > 1;
-    let groups = platforms.iter().map(|platform| {
-        let indices: Vec<usize> = (0..targets.len()).filter(|&i| targets[i].platform.as_ref() == *platform).collect();
+    let several_platforms = targets.iter().any(|t| t.platform.as_ref() != targets[0].platform.as_ref());
+    let several = groups.len() > 1;
+    let runs = groups.iter().map(|&(pick, platform)| {
+        let engine = engines.get(pick);
+        let indices: Vec<usize> =
+            (0..targets.len()).filter(|&i| picks[i] == pick && targets[i].platform.as_ref() == platform).collect();
         let group: Vec<Target> = indices.iter().map(|&i| targets[i].clone()).collect();
         let done = done.clone();
-        let progress = match platform {
-            Some(p) if several => progress.for_item(&p.to_string()),
-            _ => progress.clone(),
-        };
+        let mut progress = progress.clone();
+        if engines.several() {
+            progress = progress.for_item(engine.address());
+        }
+        if let (Some(p), true) = (platform, several_platforms) {
+            progress = progress.for_item(&p.to_string());
+        }
         async move {
-            let outcomes =
-                build_on(engine, settings, &group, *platform, jobs, options.fail_fast, &progress, done).await;
-            (indices, outcomes)
+            let started = Instant::now();
+            if engines.several() {
+                progress.info(format!("building {} here", names(&group)));
+            }
+            let jobs = match options.jobs {
+                Some(n) => n,
+                None => engine.cpus().await,
+            };
+            let result = build_on(engine, settings, &group, platform, jobs, options.fail_fast, &progress, done).await;
+            (indices, engine.address().to_string(), started, result)
         }
     });
     let mut outcomes: Vec<Option<Outcome>> = targets.iter().map(|_| None).collect();
-    for (indices, result) in futures::future::join_all(groups).await {
-        for (i, outcome) in indices.into_iter().zip(result?) {
+    for (indices, address, started, result) in futures::future::join_all(runs).await {
+        let result = match result {
+            Ok(result) => result,
+            // One engine's trouble is its own targets' when others build the rest.
+            Err(e) if several => {
+                let error = format!("engine {address}: {e:#}");
+                let seconds = started.elapsed().as_secs_f64();
+                indices.iter().map(|_| Outcome::Failed { error: error.clone(), seconds }).collect()
+            }
+            Err(e) => return Err(e),
+        };
+        for (i, outcome) in indices.into_iter().zip(result) {
             outcomes[i] = Some(outcome);
         }
     }
-    Ok(outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Stopped)).collect())
+    let outcomes: Vec<Outcome> = outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Stopped)).collect();
+    BuildTimes::load().record(outcomes.iter().filter_map(|o| match o {
+        Outcome::Built(b) => Some((b.name.clone(), b.seconds)),
+        _ => None,
+    }));
+    Ok(outcomes)
+}
+
+fn names(targets: &[Target]) -> String {
+    targets.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -318,11 +350,12 @@ async fn copy_out(
 ) -> Result<Built> {
     let platform = nix.platform().clone();
     let name = target.name.clone();
+    let engine = nix.engine_address().to_string();
     match &target.output {
         Output::Stdout => {
             let mut stdout = tokio::io::stdout();
             let size = nix.copy_out(out, &mut stdout).await?;
-            Ok(Built { name, platform, path: None, size, seconds: started.elapsed().as_secs_f64() })
+            Ok(Built { name, engine, platform, path: None, size, seconds: started.elapsed().as_secs_f64() })
         }
         Output::File(path) => {
             let mut file = AtomicFile::create(path)?;
@@ -342,7 +375,14 @@ async fn copy_out(
             }
             file.commit().await?;
             progress.info(format!("wrote {} ({})", path.display(), human_bytes(size)));
-            Ok(Built { name, platform, path: Some(path.clone()), size, seconds: started.elapsed().as_secs_f64() })
+            Ok(Built {
+                name,
+                engine,
+                platform,
+                path: Some(path.clone()),
+                size,
+                seconds: started.elapsed().as_secs_f64(),
+            })
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod cli;
 mod commands;
 mod context;
 mod engine;
+mod engines;
 // pub: the binary reports errors and exit codes.
 pub mod exit;
 mod nix;

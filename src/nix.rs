@@ -146,6 +146,11 @@ impl NixContainer {
         Ok(NixContainer { guard, platform: platform.clone(), nixpkgs, progress: progress.clone(), cache })
     }
 
+    /// The address of the engine it runs on.
+    pub(crate) fn engine_address(&self) -> &str {
+        self.guard.engine_address()
+    }
+
     /// The platform it builds for.
     pub(crate) fn platform(&self) -> &Platform {
         &self.platform

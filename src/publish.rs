@@ -13,7 +13,7 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 
 use crate::build::{self, Built, Outcome, Output};
-use crate::engine::Engine;
+use crate::engines::Engines;
 use crate::platform::Platform;
 use crate::progress::Progress;
 use crate::project;
@@ -183,9 +183,9 @@ pub(crate) async fn publish(
             }
         }
         let per_container = platforms.len().max(1);
-        let engine = Engine::connect(settings.engine.as_deref(), progress).await?;
+        let engines = Engines::connect(settings, platforms, progress).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Built>();
-        let building = build::build(&engine, settings, &targets, request.build, progress, Some(tx));
+        let building = build::build(&engines, settings, &targets, request.build, progress, Some(tx));
         let pushing = async {
             let mut pushes = FuturesUnordered::new();
             let mut arrived: HashMap<String, Vec<Built>> = HashMap::new();

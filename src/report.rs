@@ -33,6 +33,9 @@ pub(crate) struct Record {
     pub bytes: Option<u64>,
     pub pushed_bytes: Option<u64>,
     pub skipped_layers: Option<usize>,
+    /// The engine that built it, when several took part.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
     /// For a multi-platform image: each platform's image digest.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub platforms: Option<std::collections::BTreeMap<String, String>>,
@@ -55,6 +58,7 @@ impl Record {
             pushed_bytes: None,
             skipped_layers: None,
             platforms: None,
+            engine: None,
         }
     }
 
@@ -89,13 +93,15 @@ fn table(records: &[Record]) -> Vec<String> {
                 (None, None, Some(error)) if r.status == Status::Skipped => error.clone(),
                 _ => String::new(),
             };
-            [
-                r.name.clone(),
-                r.version.clone().unwrap_or_default(),
-                status.to_string(),
-                detail,
-                format!("{:.1}s", r.seconds),
-            ]
+            // A build for one of several platforms, or on one of several engines, says which.
+            let mut name = r.name.clone();
+            if let Some(platform) = &r.platform {
+                name = format!("{name} ({platform})");
+            }
+            if let Some(engine) = &r.engine {
+                name = format!("{name} @ {engine}");
+            }
+            [name, r.version.clone().unwrap_or_default(), status.to_string(), detail, format!("{:.1}s", r.seconds)]
         })
         .collect();
     let header = ["NAME", "VERSION", "RESULT", "SIZE/DIGEST", "TIME"].map(String::from);
@@ -135,10 +141,14 @@ mod tests {
         built.bytes = Some(2048);
         built.seconds = 3.25;
         let failed = Record::failed("broken-build", "nix said no", 1.0);
-        let lines = table(&[built, failed]);
-        assert_eq!(lines[0], "NAME          VERSION  RESULT  SIZE/DIGEST  TIME");
-        assert_eq!(lines[1], "ntfy          2.17.0   built   2.0 KiB      3.2s");
-        assert_eq!(lines[2], "broken-build           failed               1.0s");
+        let mut elsewhere = Record::new("web", Status::Built);
+        elsewhere.platform = Some("linux/arm64".into());
+        elsewhere.engine = Some("tcp://b:2376".into());
+        let lines = table(&[built, failed, elsewhere]);
+        assert_eq!(lines[0], "NAME                              VERSION  RESULT  SIZE/DIGEST  TIME");
+        assert_eq!(lines[1], "ntfy                              2.17.0   built   2.0 KiB      3.2s");
+        assert_eq!(lines[2], "broken-build                               failed               1.0s");
+        assert_eq!(lines[3], "web (linux/arm64) @ tcp://b:2376           built                0.0s");
     }
 
     #[test]

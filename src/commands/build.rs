@@ -5,7 +5,7 @@ use anyhow::{anyhow, Result};
 
 use crate::build::{self, Outcome};
 use crate::cli::BuildArgs;
-use crate::engine::Engine;
+use crate::engines::Engines;
 use crate::output;
 use crate::progress::Progress;
 use crate::report::{self, Record, Status};
@@ -22,8 +22,8 @@ pub(crate) async fn run(settings: &Settings, args: BuildArgs) -> Result<()> {
         build::plan(settings.project_root()?, &names, &settings.platforms, args.output.as_deref(), args.load)?;
     let jobs = super::max_jobs(&args.many)?;
     let options = build::Options { jobs, fail_fast: args.many.fail_fast };
-    let engine = Engine::connect(settings.engine.as_deref(), &progress).await?;
-    let outcomes = build::build(&engine, settings, &targets, options, &progress, None).await?;
+    let engines = Engines::connect(settings, &settings.platforms, &progress).await?;
+    let outcomes = build::build(&engines, settings, &targets, options, &progress, None).await?;
     if let [Outcome::Failed { error, .. }] = outcomes.as_slice() {
         // One container: its error is the command's, as it always was.
         return Err(anyhow!("{error}"));
@@ -35,9 +35,13 @@ pub(crate) async fn run(settings: &Settings, args: BuildArgs) -> Result<()> {
                 let mut record = Record::new(&target.name, Status::Built);
                 record.bytes = Some(built.size);
                 record.seconds = built.seconds;
+                if engines.several() {
+                    record.engine = Some(built.engine.clone());
+                }
                 if let Some(path) = &built.path {
                     record.archive = Some(path.display().to_string());
-                    if args.load {
+                    // Loaded into the engine that built it.
+                    if let (true, Some(engine)) = (args.load, engines.by_address(&built.engine)) {
                         for image in engine.load_archive(path).await? {
                             progress.info(format!("loaded {image} from {}", path.display()));
                             if !args.many.json {

@@ -1,5 +1,6 @@
-//! `nixctr gc`: removes the containers that killed runs left behind. Store volumes are the
-//! cache, not leftovers: `nixctr cache rm` removes those.
+//! `nixctr gc`: removes the containers that killed runs left behind, on the engine named (on
+//! each, when several are). Store volumes are the cache, not leftovers: `nixctr cache rm`
+//! removes those.
 
 use anyhow::Result;
 
@@ -10,12 +11,25 @@ use crate::settings::Settings;
 
 pub(crate) async fn run(settings: &Settings, args: GcArgs) -> Result<()> {
     let progress = Progress::new(settings.quiet, settings.verbose);
-    let engine = Engine::connect(settings.engine.as_deref(), &progress).await?;
+    let engines = if settings.engines.len() > 1 {
+        let each = settings.engines.iter().map(|a| Engine::connect(Some(a), &progress));
+        futures::future::try_join_all(each).await?
+    } else {
+        vec![Engine::connect(settings.engine.as_deref(), &progress).await?]
+    };
+    for engine in &engines {
+        let progress = if engines.len() > 1 { progress.for_item(engine.address()) } else { progress.clone() };
+        collect(engine, args.all, &progress).await?;
+    }
+    Ok(())
+}
+
+async fn collect(engine: &Engine, all: bool, progress: &Progress) -> Result<()> {
     let here = engine::hostname();
     let mut removed = 0;
     for (id, labels) in engine.labelled_containers().await? {
         let short: String = id.chars().take(12).collect();
-        if !args.all {
+        if !all {
             if let Some(owner) = engine::live_owner(&labels, &here) {
                 progress.info(format!("kept container {short} ({owner}; --all removes it anyway)"));
                 continue;

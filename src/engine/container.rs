@@ -110,6 +110,11 @@ impl ContainerGuard {
         Ok(guard)
     }
 
+    /// The address of the engine the container runs on.
+    pub(crate) fn engine_address(&self) -> &str {
+        self.engine.address()
+    }
+
     /// Streams a tar archive into the container, unpacked at `/`.
     pub(crate) async fn upload<S>(&self, tar: S) -> Result<()>
     where

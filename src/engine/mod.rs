@@ -156,6 +156,11 @@ impl Engine {
         })
     }
 
+    /// The address it was reached at, for messages and reports.
+    pub(crate) fn address(&self) -> &str {
+        &self.address
+    }
+
     pub(crate) fn is_podman(&self) -> bool {
         self.flavor == Flavor::Podman
     }

@@ -516,3 +516,95 @@ fn an_ssh_identity_readable_by_others_is_refused() {
         &[&key],
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Several engines
+
+/// The fixture without its broken containers: `build --all` succeeds.
+fn buildable() -> Fixture {
+    let fx = Fixture::new();
+    for broken in ["broken-build", "broken-eval"] {
+        std::fs::remove_dir_all(fx.project().join("containers").join(broken)).unwrap();
+    }
+    fx
+}
+
+#[test]
+fn build_all_spreads_over_two_engines_with_the_same_archives() {
+    let engines = engines();
+    let docker = engines.by_name("docker").clone();
+    let tls = tls_engine();
+    let fx = buildable();
+    let one = fx.path().join("one");
+    let two = fx.path().join("two");
+    std::fs::create_dir_all(&one).unwrap();
+    std::fs::create_dir_all(&two).unwrap();
+    let project = fx.project();
+    fx.nixctr(Some(&docker)).current_dir(&one).arg("-C").arg(&project).args(["-q", "build", "--all"]).run().success();
+
+    let out = fx
+        .nixctr(None)
+        .current_dir(&two)
+        .arg("-C")
+        .arg(&project)
+        .args(["--engine", &docker.url(), "--engine", TLS_HOST, "build", "--all", "--json"])
+        .env("DOCKER_TLS_VERIFY", "1")
+        .env("DOCKER_CERT_PATH", TLS_CLIENT)
+        .uses_engine()
+        .deadline(COLD_BUILD_DEADLINE)
+        .run();
+    out.success();
+    let records: Vec<serde_json::Value> = out.stdout().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let used: std::collections::BTreeSet<&str> = records.iter().map(|r| r["engine"].as_str().unwrap()).collect();
+    assert_eq!(used.into_iter().collect::<Vec<_>>(), [docker.url().as_str(), TLS_HOST], "both engines built something");
+    let mut names: Vec<String> =
+        std::fs::read_dir(&one).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into()).collect();
+    names.sort();
+    assert_eq!(names.len(), records.len(), "{names:?}");
+    for name in names {
+        let (a, b) = (std::fs::read(one.join(&name)).unwrap(), std::fs::read(two.join(&name)).unwrap());
+        assert!(a == b, "{name}: the two-engine build differs from the one-engine build");
+    }
+    out.stderr_has(&format!("@ {TLS_HOST}"));
+    assert_no_containers_left(&docker, &out);
+    assert_no_containers_left(&tls, &out);
+}
+
+/// An engine lost mid-build (its ssh connection cut): its container fails naming it, the
+/// other engine's container is built, and `gc` afterwards leaves nothing on either.
+#[test]
+fn an_engine_lost_mid_build_fails_only_its_containers() {
+    let engines = engines();
+    let (docker, podman) = (engines.by_name("docker").clone(), engines.by_name("podman").clone());
+    let fx = buildable();
+    ssh_sandbox(&fx.sandbox, Some(&PathBuf::from(SSH_DIR).join("id_ed25519")));
+    let remote = format!("{SSH_URL}{}", podman.socket);
+    // No build times known: round robin in the order given, heavy to the first engine.
+    let mut child = fx
+        .nixctr(None)
+        .args(["--engine", &remote, "--engine", &docker.url(), "build", "heavy", "hello", "--no-cache"])
+        .uses_engine()
+        .deadline(COLD_BUILD_DEADLINE)
+        .spawn();
+    let pid = child.pid();
+    child.wait_for_line("saying nix builds busywork", WAIT, |l| {
+        l.contains("building '") && l.contains("busywork-1.0.drv")
+    });
+    let tunnel = wait_until("the ssh tunnel", WAIT, || {
+        std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let cmdline = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?).replace('\0', " ");
+            let parent: u32 = stat.rsplit(") ").next()?.split(' ').nth(1)?.parse().ok()?;
+            (parent == pid && cmdline.contains("ssh")).then(|| e.file_name().to_string_lossy().parse::<i32>().ok())?
+        })
+    });
+    unsafe { libc::kill(tunnel, libc::SIGKILL) };
+    let out = child.wait();
+    out.assert_exit(1).stderr_has(&format!("heavy: engine {remote}")).stderr_has("1 of 2 containers failed: heavy");
+    assert!(fx.project().join("hello.tar.gz").is_file(), "the other engine's container was not built");
+    assert!(!fx.project().join("heavy.tar.gz").exists());
+    assert_no_containers_left(&docker, &out);
+    // The lost engine's container is gc's to remove, through a new connection.
+    fx.nixctr(None).args(["--engine", &remote, "gc"]).uses_engine().run().success();
+    assert_no_containers_left(&podman, &out);
+}
