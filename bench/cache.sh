@@ -10,11 +10,9 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 work=${1:-/tmp/nixctr-bench-cache}
-nixctr=${NIXCTR:-${CARGO_TARGET_DIR:-$here/../target}/release/nixctr}
-[ -x "$nixctr" ] || { echo "no nixctr at $nixctr (cargo build --release, or set NIXCTR)" >&2; exit 1; }
 keys=/etc/nixctr-test/cache
 [ -s "$keys/signing-key" ] || { echo "no $keys/signing-key: run scripts/setup.sh" >&2; exit 1; }
-rm -rf "$work"; mkdir -p "$work"
+fresh=1
 # shellcheck source=bench/lib.sh
 . "$here/lib.sh"
 docker_=unix:///var/run/docker.sock

@@ -10,9 +10,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 work=${1:-/tmp/nixctr-bench-engines}
-nixctr=${NIXCTR:-${CARGO_TARGET_DIR:-$here/../target}/release/nixctr}
-[ -x "$nixctr" ] || { echo "no nixctr at $nixctr (cargo build --release, or set NIXCTR)" >&2; exit 1; }
-rm -rf "$work"; mkdir -p "$work"
+fresh=1
 # shellcheck source=bench/lib.sh
 . "$here/lib.sh"
 cp -r "$here/../fixtures/project" "$here/../fixtures/nixpkgs" "$work/"

@@ -1,5 +1,12 @@
-# Shared by the benchmark scripts: a throwaway docker-registry on 127.0.0.1, and a timer.
-# The caller sets $work (scratch directory); registries live under $work/reg-NAME.
+# Shared by the benchmark scripts: the nixctr to measure, a scratch directory, a throwaway
+# docker-registry on 127.0.0.1, and a timer. The caller sets $here (bench/) and $work (the
+# scratch directory; emptied first when the caller sets fresh=1); registries live under
+# $work/reg-NAME.
+
+nixctr=${NIXCTR:-${CARGO_TARGET_DIR:-$here/../target}/release/nixctr}
+[ -x "$nixctr" ] || { echo "no nixctr at $nixctr (cargo build --release, or set NIXCTR)" >&2; exit 1; }
+[ "${fresh:-0}" = 1 ] && rm -rf "$work"
+mkdir -p "$work"
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"/reg-*; }

@@ -11,9 +11,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 work=${1:-/tmp/nixctr-bench-platforms}
-nixctr=${NIXCTR:-${CARGO_TARGET_DIR:-$here/../target}/release/nixctr}
-[ -x "$nixctr" ] || { echo "no nixctr at $nixctr (cargo build --release, or set NIXCTR)" >&2; exit 1; }
-rm -rf "$work"; mkdir -p "$work"
+fresh=1
 # shellcheck source=bench/lib.sh
 . "$here/lib.sh"
 export DOCKER_HOST=unix:///var/run/docker.sock

@@ -10,9 +10,8 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 work=${1:-/tmp/nixctr-bench}
-nixctr=${NIXCTR:-${CARGO_TARGET_DIR:-$here/../target}/release/nixctr}
-[ -x "$nixctr" ] || { echo "no nixctr at $nixctr (cargo build --release, or set NIXCTR)" >&2; exit 1; }
-mkdir -p "$work"
+# shellcheck source=bench/lib.sh
+. "$here/lib.sh"
 cd "$work"
 
 if [ ! -f big.tar ] || [ ! -f changed.tar ]; then
@@ -20,9 +19,6 @@ if [ ! -f big.tar ] || [ ! -f changed.tar ]; then
   python3 "$here/gen-image.py" big --layers 60 --size-mb 900 >&2
   python3 "$here/gen-image.py" changed --layers 60 --size-mb 900 --change-layer 30 >&2
 fi
-
-# shellcheck source=bench/lib.sh
-. "$here/lib.sh"
 
 blob_bytes() { find "$work/reg-$1/storage" -path '*/blobs/*' -name data -printf '%s\n' | awk '{s+=$1} END {print s+0}'; }
 

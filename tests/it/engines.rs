@@ -158,21 +158,14 @@ fn tls_engine_through_docker_tls_verify() {
     );
     assert_runs(docker_tls(), &image);
     // gc and cache ls work over TLS too.
-    let out = fx
-        .nixctr(None)
-        .args(["gc", "-v"])
-        .env("DOCKER_HOST", TLS_HOST)
-        .env("DOCKER_TLS_VERIFY", "1")
-        .env("DOCKER_CERT_PATH", TLS_CLIENT)
-        .run();
+    let over_tls = |args: &[&str]| {
+        let mut cmd = fx.nixctr(None);
+        cmd.args(args).env("DOCKER_HOST", TLS_HOST).env("DOCKER_TLS_VERIFY", "1").env("DOCKER_CERT_PATH", TLS_CLIENT);
+        cmd.run()
+    };
+    let out = over_tls(&["gc", "-v"]);
     out.success().stderr_has(&format!("engine: {TLS_HOST} from DOCKER_HOST"));
-    let out = fx
-        .nixctr(None)
-        .args(["cache", "ls"])
-        .env("DOCKER_HOST", TLS_HOST)
-        .env("DOCKER_TLS_VERIFY", "1")
-        .env("DOCKER_CERT_PATH", TLS_CLIENT)
-        .run();
+    let out = over_tls(&["cache", "ls"]);
     assert!(out.success().stdout().contains("nixctr-store-"), "no store volume listed: {}", out.stdout());
 }
 
