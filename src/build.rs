@@ -167,7 +167,7 @@ pub(crate) async fn build(
                 Some(n) => n,
                 None => engine.cpus().await,
             };
-            let result = build_on(engine, settings, &group, platform, jobs, options.fail_fast, &progress, done).await;
+            let result = build_on(engine, settings, &group, platform, (jobs, options.fail_fast), &progress, done).await;
             (indices, engine.address().to_string(), started, result)
         }
     });
@@ -199,14 +199,13 @@ fn names(targets: &[Target]) -> String {
     targets.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One engine's share for one platform, in one nix container; `jobs` is resolved by now.
 async fn build_on(
     engine: &Engine,
     settings: &Settings,
     targets: &[Target],
     platform: Option<&Platform>,
-    jobs: usize,
-    fail_fast: bool,
+    (jobs, fail_fast): (usize, bool),
     progress: &Progress,
     done: Option<tokio::sync::mpsc::UnboundedSender<Built>>,
 ) -> Result<Vec<Outcome>> {
