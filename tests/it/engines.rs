@@ -606,3 +606,34 @@ fn an_engine_lost_mid_build_fails_only_its_containers() {
     fx.nixctr(None).args(["--engine", &remote, "gc"]).uses_engine().run().success();
     assert_no_containers_left(&podman, &out);
 }
+
+/// `[platform-engines]` sends a platform's builds to its engine; a platform without one is
+/// built (emulated) on the general engine.
+#[test]
+fn platform_engines_build_each_platform_where_named() {
+    let engines = engines();
+    let docker = engines.by_name("docker").clone();
+    let tls = tls_engine();
+    let fx = buildable();
+    let config = fx.read("nixctr.toml") + &format!("\n[platform-engines]\n\"linux/amd64\" = \"{TLS_HOST}\"\n");
+    fx.write("nixctr.toml", &config);
+    let out = fx
+        .nixctr(Some(&docker))
+        .args(["--platform", "linux/amd64,linux/arm64", "build", "hello", "--json"])
+        .env("DOCKER_TLS_VERIFY", "1")
+        .env("DOCKER_CERT_PATH", TLS_CLIENT)
+        .deadline(Duration::from_secs(900))
+        .run();
+    out.success();
+    let records: Vec<serde_json::Value> = out.stdout().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let engine_of = |platform: &str| {
+        let r = records.iter().find(|r| r["platform"] == platform).unwrap_or_else(|| panic!("{records:?}"));
+        r["engine"].as_str().unwrap().to_string()
+    };
+    assert_eq!(engine_of("linux/amd64"), TLS_HOST);
+    assert_eq!(engine_of("linux/arm64"), docker.url());
+    assert_eq!(out.stderr().matches("emulated").count(), 1, "only arm64 is emulated: {}", out.stderr());
+    assert!(fx.project().join("hello-amd64.tar.gz").is_file() && fx.project().join("hello-arm64.tar.gz").is_file());
+    assert_no_containers_left(&docker, &out);
+    assert_no_containers_left(&tls, &out);
+}
