@@ -185,7 +185,21 @@ pub(crate) async fn publish(
         let per_container = platforms.len().max(1);
         let engines = Engines::connect(settings, platforms, progress).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Built>();
-        let building = build::build(&engines, settings, &targets, request.build, progress, Some(tx));
+        // An archive is pushed as soon as it is written, unless an upload to the binary cache
+        // must succeed first (--cache-required): then only what the build kept is pushed.
+        let early = !(settings.cache.required && settings.cache.cache_to.is_some());
+        let building = async move {
+            let outcomes =
+                build::build(&engines, settings, &targets, request.build, progress, early.then(|| tx.clone())).await;
+            if let (false, Ok(outcomes)) = (early, &outcomes) {
+                for outcome in outcomes {
+                    if let Outcome::Built(built) = outcome {
+                        let _ = tx.send(built.clone());
+                    }
+                }
+            }
+            (outcomes, targets)
+        };
         let pushing = async {
             let mut pushes = FuturesUnordered::new();
             let mut arrived: HashMap<String, Vec<Built>> = HashMap::new();
@@ -216,7 +230,7 @@ pub(crate) async fn publish(
                 }
             }
         };
-        let (outcomes, ()) = tokio::join!(building, pushing);
+        let ((outcomes, targets), ()) = tokio::join!(building, pushing);
         for (target, outcome) in targets.iter().zip(outcomes?) {
             if let Some((i, _)) = to_build.iter().find(|(_, p)| p.name == target.name) {
                 built_outcomes.push((*i, target.platform.clone(), outcome));
