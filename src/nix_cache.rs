@@ -372,9 +372,18 @@ fn hint(tail: &[String]) -> String {
         text.push_str(
             "\n  (it did not answer as a binary cache: a wrong URL, or a login is needed or wrong: --netrc FILE)",
         );
-    } else if ["Couldn't connect", "Could not connect", "Failed to connect", "resolve host", "Timeout"]
-        .iter()
-        .any(|s| all.contains(s))
+    } else if [
+        "Couldn't connect",
+        "Could not connect",
+        "Failed to connect",
+        "Connection refused",
+        "Connection reset",
+        "resolve host",
+        "Timeout",
+        "timed out",
+    ]
+    .iter()
+    .any(|s| all.contains(s))
     {
         text.push_str("\n  (it does not answer: is it up, and can the build container reach it? --network host)");
     } else if all.contains("don't know how to open") {
