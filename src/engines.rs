@@ -38,15 +38,19 @@ impl Engines {
             }
         }
         let needs_general = platforms.is_empty() || platforms.len() > by_platform.len();
-        let general = if !needs_general {
-            Vec::new()
-        } else if settings.engines.len() > 1 {
-            let connecting = settings.engines.iter().map(|a| Engine::connect(Some(a), progress));
-            futures::future::try_join_all(connecting).await?
-        } else {
-            vec![Engine::connect(settings.engine.as_deref(), progress).await?]
-        };
+        let general = if needs_general { Engines::named(settings, progress).await? } else { Vec::new() };
         Ok(Engines { general, by_platform })
+    }
+
+    /// Every engine named (`--engine` repeated, `engines` in nixctr.toml), at once; else the
+    /// one the address precedence finds.
+    pub(crate) async fn named(settings: &Settings, progress: &Progress) -> Result<Vec<Engine>> {
+        if settings.engines.len() > 1 {
+            let connecting = settings.engines.iter().map(|a| Engine::connect(Some(a), progress));
+            futures::future::try_join_all(connecting).await
+        } else {
+            Ok(vec![Engine::connect(settings.engine.as_deref(), progress).await?])
+        }
     }
 
     pub(crate) fn get(&self, pick: Pick) -> &Engine {

@@ -6,17 +6,13 @@ use anyhow::Result;
 
 use crate::cli::GcArgs;
 use crate::engine::{self, Engine};
+use crate::engines::Engines;
 use crate::progress::Progress;
 use crate::settings::Settings;
 
 pub(crate) async fn run(settings: &Settings, args: GcArgs) -> Result<()> {
     let progress = Progress::new(settings.quiet, settings.verbose);
-    let engines = if settings.engines.len() > 1 {
-        let each = settings.engines.iter().map(|a| Engine::connect(Some(a), &progress));
-        futures::future::try_join_all(each).await?
-    } else {
-        vec![Engine::connect(settings.engine.as_deref(), &progress).await?]
-    };
+    let engines = Engines::named(settings, &progress).await?;
     for engine in &engines {
         let progress = if engines.len() > 1 { progress.for_item(engine.address()) } else { progress.clone() };
         collect(engine, args.all, &progress).await?;
