@@ -14,12 +14,11 @@ use tokio::sync::Mutex;
 use crate::archive;
 use crate::engine::Engine;
 use crate::engines::{BuildTimes, Engines, Pick};
-use crate::nix::{Inputs, NixContainer};
+use crate::nix::{Inputs, NixContainer, NixOptions};
 use crate::output::{check_writable, AtomicFile};
 use crate::platform::Platform;
 use crate::progress::{human_bytes, Progress};
 use crate::project;
-use crate::settings::Settings;
 
 /// How often the store is asked which archives are done while nix still builds.
 const POLL: Duration = Duration::from_millis(1500);
@@ -130,7 +129,8 @@ pub(crate) fn plan(
 /// engine's container (the engine lost mid-build) fails only the targets it was building.
 pub(crate) async fn build(
     engines: &Engines,
-    settings: &Settings,
+    nix: &NixOptions,
+    root: &Path,
     targets: &[Target],
     options: Options,
     progress: &Progress,
@@ -167,7 +167,8 @@ pub(crate) async fn build(
                 Some(n) => n,
                 None => engine.cpus().await,
             };
-            let result = build_on(engine, settings, &group, platform, (jobs, options.fail_fast), &progress, done).await;
+            let result =
+                build_on(engine, (nix, root), &group, platform, (jobs, options.fail_fast), &progress, done).await;
             (indices, engine.address().to_string(), started, result)
         }
     });
@@ -202,16 +203,15 @@ fn names(targets: &[Target]) -> String {
 /// One engine's share for one platform, in one nix container; `jobs` is resolved by now.
 async fn build_on(
     engine: &Engine,
-    settings: &Settings,
+    (options, root): (&NixOptions, &Path),
     targets: &[Target],
     platform: Option<&Platform>,
     (jobs, fail_fast): (usize, bool),
     progress: &Progress,
     done: Option<tokio::sync::mpsc::UnboundedSender<Built>>,
 ) -> Result<Vec<Outcome>> {
-    let root = settings.project_root()?;
     let inputs = Inputs { project: Some(root), role: "build", platform };
-    let nix = NixContainer::start(engine, settings, inputs, progress).await?;
+    let nix = NixContainer::start(engine, options, inputs, progress).await?;
     let result = build_in(&nix, targets, jobs, fail_fast, progress, done).await;
     let removed = nix.finish().await;
     let outcomes = result?;
@@ -313,11 +313,11 @@ async fn build_in(
             Err(e) => Outcome::Failed { error: format!("{e:#}"), seconds: started.elapsed().as_secs_f64() },
         });
     }
-    // The binary caches (nix_cache): what nix built and downloaded; what was built goes up.
+    // The binary caches: what nix built and downloaded; what was built goes up.
     nix.report_cache_use(&log, progress);
     let built: Vec<(usize, String)> =
         building.iter().filter(|(i, _)| matches!(outcomes[*i], Some(Outcome::Built(_)))).cloned().collect();
-    for (i, error) in crate::nix_cache::after_build(nix, &built, progress).await {
+    for (i, error) in upload_built(nix, &built, progress).await {
         outcomes[i] = Some(Outcome::Failed { error, seconds: started.elapsed().as_secs_f64() });
     }
     let failed: Vec<(usize, String)> = building.into_iter().filter(|(i, _)| outcomes[*i].is_none()).collect();
@@ -338,6 +338,36 @@ async fn build_in(
         });
     }
     Ok(outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Stopped)).collect())
+}
+
+/// After a build: the closures of the containers built (`(target index, drv)`) go to the
+/// `--cache-to` cache. A failed upload is a warning, or, with `--cache-required`, an error
+/// for each of them (returned; their archives are written all the same).
+async fn upload_built(nix: &NixContainer, built: &[(usize, String)], progress: &Progress) -> Vec<(usize, String)> {
+    let Some((url, required)) = nix.caches_to() else {
+        return Vec::new();
+    };
+    if built.is_empty() {
+        return Vec::new();
+    }
+    let drvs: Vec<String> = built.iter().map(|(_, d)| d.clone()).collect();
+    match nix.cache_push(&drvs, progress).await {
+        Ok(line) => {
+            progress.info(line);
+            Vec::new()
+        }
+        Err(e) if required => {
+            let error = format!("the archive was written, but the upload to the cache {url} failed: {e:#}");
+            built.iter().map(|(i, _)| (*i, error.clone())).collect()
+        }
+        Err(e) => {
+            progress.warn(format!(
+                "the upload to the cache {url} failed (the archive is written; --cache-required makes this an \
+                 error): {e:#}"
+            ));
+            Vec::new()
+        }
+    }
 }
 
 async fn copy_out(

@@ -113,7 +113,7 @@ pub enum Network {
     None,
 }
 
-impl From<Network> for crate::nix_cache::Network {
+impl From<Network> for crate::nix::Network {
     fn from(n: Network) -> Self {
         match n {
             Network::Bridge => Self::Bridge,

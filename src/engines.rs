@@ -9,10 +9,20 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineAddress};
 use crate::platform::Platform;
 use crate::progress::Progress;
-use crate::settings::Settings;
+
+/// The engines a run may use, resolved from flags, environment and nixctr.toml.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct EngineChoice {
+    /// The engine of commands that use one; `None`: probe the usual sockets.
+    pub(crate) first: Option<EngineAddress>,
+    /// Every engine named; builds spread over them when there are several.
+    pub(crate) all: Vec<EngineAddress>,
+    /// `[platform-engines]`: platform (normalised, `linux/arm64`) -> the engine that builds it.
+    pub(crate) by_platform: BTreeMap<String, EngineAddress>,
+}
 
 /// Connected engines; `general` is empty when every platform asked for has an engine of its own.
 pub(crate) struct Engines {
@@ -29,27 +39,27 @@ pub(crate) enum Pick {
 
 impl Engines {
     /// Connects what a build for `platforms` (empty: the engines' own) needs.
-    pub(crate) async fn connect(settings: &Settings, platforms: &[Platform], progress: &Progress) -> Result<Engines> {
+    pub(crate) async fn connect(choice: &EngineChoice, platforms: &[Platform], progress: &Progress) -> Result<Engines> {
         let mut by_platform = Vec::new();
         for platform in platforms {
-            if let Some(address) = settings.platform_engines.get(&platform.to_string()) {
+            if let Some(address) = choice.by_platform.get(&platform.to_string()) {
                 progress.debug(format!("engine for {platform}: {} ([platform-engines])", address.url));
                 by_platform.push((platform.clone(), Engine::connect(Some(address), progress).await?));
             }
         }
         let needs_general = platforms.is_empty() || platforms.len() > by_platform.len();
-        let general = if needs_general { Engines::named(settings, progress).await? } else { Vec::new() };
+        let general = if needs_general { Engines::named(choice, progress).await? } else { Vec::new() };
         Ok(Engines { general, by_platform })
     }
 
     /// Every engine named (`--engine` repeated, `engines` in nixctr.toml), at once; else the
     /// one the address precedence finds.
-    pub(crate) async fn named(settings: &Settings, progress: &Progress) -> Result<Vec<Engine>> {
-        if settings.engines.len() > 1 {
-            let connecting = settings.engines.iter().map(|a| Engine::connect(Some(a), progress));
+    pub(crate) async fn named(choice: &EngineChoice, progress: &Progress) -> Result<Vec<Engine>> {
+        if choice.all.len() > 1 {
+            let connecting = choice.all.iter().map(|a| Engine::connect(Some(a), progress));
             futures::future::try_join_all(connecting).await
         } else {
-            Ok(vec![Engine::connect(settings.engine.as_deref(), progress).await?])
+            Ok(vec![Engine::connect(choice.first.as_ref(), progress).await?])
         }
     }
 

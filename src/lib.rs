@@ -6,6 +6,7 @@
 #![warn(clippy::unwrap_used)]
 
 mod archive;
+mod binary_cache;
 mod build;
 // pub: the binary parses the command line.
 pub mod cli;
@@ -16,7 +17,6 @@ mod engines;
 // pub: the binary reports errors and exit codes.
 pub mod exit;
 mod nix;
-mod nix_cache;
 mod output;
 mod pipe;
 mod platform;

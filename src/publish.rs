@@ -84,7 +84,7 @@ pub(crate) async fn publish(
         .collect();
     if !lookup.is_empty() {
         let names: Vec<String> = lookup.iter().map(|&i| request.names[i].clone()).collect();
-        let found = version::versions(settings, &names, version::From::Auto, progress).await?;
+        let found = version::versions(settings.version_sources(), &names, version::From::Auto, progress).await?;
         for (i, answer) in lookup.into_iter().zip(found) {
             match answer {
                 Ok(answer) => versions[i] = Some(answer.version),
@@ -183,14 +183,22 @@ pub(crate) async fn publish(
             }
         }
         let per_container = platforms.len().max(1);
-        let engines = Engines::connect(settings, platforms, progress).await?;
+        let engines = Engines::connect(&settings.engines, platforms, progress).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Built>();
         // An archive is pushed as soon as it is written, unless an upload to the binary cache
         // must succeed first (--cache-required): then only what the build kept is pushed.
-        let early = !(settings.cache.required && settings.cache.cache_to.is_some());
+        let early = !(settings.nix.cache.required && settings.nix.cache.cache_to.is_some());
         let building = async move {
-            let outcomes =
-                build::build(&engines, settings, &targets, request.build, progress, early.then(|| tx.clone())).await;
+            let outcomes = build::build(
+                &engines,
+                &settings.nix,
+                &root,
+                &targets,
+                request.build,
+                progress,
+                early.then(|| tx.clone()),
+            )
+            .await;
             if let (false, Ok(outcomes)) = (early, &outcomes) {
                 for outcome in outcomes {
                     if let Outcome::Built(built) = outcome {

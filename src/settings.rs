@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -12,10 +11,13 @@ use serde::Deserialize;
 use crate::cli::Cli;
 use crate::engine::address::{self, Inputs, TlsFiles};
 use crate::engine::{EngineAddress, PullPolicy};
+use crate::engines::EngineChoice;
+use crate::nix::{CacheSettings, Network, NixOptions, Nixpkgs};
 use crate::platform::Platform;
 use crate::registry::auth::read_password_stdin;
 use crate::registry::cache::BlobCache;
 use crate::registry::{Credentials, RegistryConfig};
+use crate::version;
 
 pub(crate) const DEFAULT_NIX_IMAGE: &str = "nixos/nix:2.33.3";
 pub(crate) const DEFAULT_TAG_TEMPLATE: &str = "v{version}-{sha}-nix";
@@ -61,7 +63,7 @@ pub(crate) struct FileConfig {
     /// Relative to the project root.
     pub(crate) netrc: Option<PathBuf>,
     pub(crate) cache_required: Option<bool>,
-    pub(crate) network: Option<crate::nix_cache::Network>,
+    pub(crate) network: Option<Network>,
 }
 
 /// `[engine-tls]`: paths relative to the project root.
@@ -73,34 +75,16 @@ pub(crate) struct EngineTlsConfig {
     pub(crate) key: PathBuf,
 }
 
-/// Where nixpkgs comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Nixpkgs {
-    /// A flake reference, resolved inside the container (`nixpkgs`, `github:NixOS/nixpkgs/…`).
-    Flake(String),
-    /// A directory on this machine, uploaded with the project.
-    Local(PathBuf),
-}
-
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
     /// The project root, when one was found (push needs none).
     pub(crate) root: Option<PathBuf>,
-    /// The engine to use, resolved (URL, TLS files, ssh identity, and why); `None` means
-    /// probe the usual sockets. The first of [`Settings::engines`].
-    pub(crate) engine: Option<Arc<EngineAddress>>,
-    /// Every engine named (the lead's builds spread over them) (`--engine` repeated, `engines` in nixctr.toml); empty: probe.
-    #[allow(dead_code)] // read by the multi-engine builds
-    pub(crate) engines: Vec<EngineAddress>,
-    /// `[platform-engines]`: platform (`linux/arm64`) -> the engine that builds it.
-    #[allow(dead_code)] // read by the multi-engine builds
-    pub(crate) platform_engines: BTreeMap<String, EngineAddress>,
-    pub(crate) nix_image: String,
-    pub(crate) pull: PullPolicy,
+    /// The engines, resolved (URL, TLS files, ssh identity, and why).
+    pub(crate) engines: EngineChoice,
+    /// The nix container: image, store, nixpkgs, binary caches.
+    pub(crate) nix: NixOptions,
     /// The platforms to build for; empty: the engine's own.
     pub(crate) platforms: Vec<Platform>,
-    pub(crate) nixpkgs: Nixpkgs,
-    pub(crate) no_cache: bool,
     pub(crate) quiet: bool,
     pub(crate) verbose: bool,
     pub(crate) registry: Option<String>,
@@ -108,8 +92,6 @@ pub(crate) struct Settings {
     pub(crate) tag_template: String,
     pub(crate) insecure_registries: Vec<String>,
     pub(crate) packages: BTreeMap<String, String>,
-    /// The binary caches (nix_cache).
-    pub(crate) cache: crate::nix_cache::CacheSettings,
 }
 
 impl Settings {
@@ -154,7 +136,7 @@ impl Settings {
             None => p,
         };
         let args = &cli.cache;
-        let cache = crate::nix_cache::CacheSettings {
+        let cache = CacheSettings {
             substituters: if args.substituters.is_empty() { file.substituters } else { args.substituters.clone() },
             trusted_public_keys: if args.trusted_public_keys.is_empty() {
                 file.trusted_public_keys
@@ -171,17 +153,18 @@ impl Settings {
             required: args.cache_required || file.cache_required.unwrap_or(false),
             network: args.network.map(Into::into).or(file.network),
         };
-        Ok(Settings {
-            cache,
-            root,
-            platforms,
-            engine: engines.first().cloned().map(Arc::new),
-            engines,
-            platform_engines,
-            nix_image: cli.nix_image.clone().or(file.nix_image).unwrap_or_else(|| DEFAULT_NIX_IMAGE.to_string()),
+        let nix = NixOptions {
+            image: cli.nix_image.clone().or(file.nix_image).unwrap_or_else(|| DEFAULT_NIX_IMAGE.to_string()),
             pull: cli.pull.map(PullPolicy::from).or(file.pull).unwrap_or(PullPolicy::Missing),
             nixpkgs,
             no_cache: cli.no_cache,
+            cache,
+        };
+        Ok(Settings {
+            root,
+            platforms,
+            engines: EngineChoice { first: engines.first().cloned(), all: engines, by_platform: platform_engines },
+            nix,
             quiet: cli.quiet,
             verbose: cli.verbose,
             registry: file.registry,
@@ -217,6 +200,17 @@ impl Settings {
             None => None,
         };
         Ok(config)
+    }
+
+    /// Where `nixctr version` looks: the project's files, then nixpkgs on the first engine.
+    pub(crate) fn version_sources(&self) -> version::Sources<'_> {
+        version::Sources {
+            root: self.root.as_deref(),
+            packages: &self.packages,
+            engine: self.engines.first.as_ref(),
+            platform: self.platforms.first(),
+            nix: &self.nix,
+        }
     }
 
     /// The project root, or an error that says how to name one.

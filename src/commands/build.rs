@@ -22,8 +22,9 @@ pub(crate) async fn run(settings: &Settings, args: BuildArgs) -> Result<()> {
         build::plan(settings.project_root()?, &names, &settings.platforms, args.output.as_deref(), args.load)?;
     let jobs = super::max_jobs(&args.many)?;
     let options = build::Options { jobs, fail_fast: args.many.fail_fast };
-    let engines = Engines::connect(settings, &settings.platforms, &progress).await?;
-    let outcomes = build::build(&engines, settings, &targets, options, &progress, None).await?;
+    let engines = Engines::connect(&settings.engines, &settings.platforms, &progress).await?;
+    let root = settings.project_root()?;
+    let outcomes = build::build(&engines, &settings.nix, root, &targets, options, &progress, None).await?;
     if let [Outcome::Failed { error, .. }] = outcomes.as_slice() {
         // One container: its error is the command's, as it always was.
         return Err(anyhow!("{error}"));
@@ -61,7 +62,7 @@ pub(crate) async fn run(settings: &Settings, args: BuildArgs) -> Result<()> {
             },
         };
         let mut record = record;
-        record.version = version::declared(settings, &target.name);
+        record.version = version::declared(root, &settings.packages, &target.name);
         if settings.platforms.len() > 1 {
             record.platform = target.platform.as_ref().map(ToString::to_string);
         }

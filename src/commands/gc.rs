@@ -12,7 +12,7 @@ use crate::settings::Settings;
 
 pub(crate) async fn run(settings: &Settings, args: GcArgs) -> Result<()> {
     let progress = Progress::new(settings.quiet, settings.verbose);
-    let engines = Engines::named(settings, &progress).await?;
+    let engines = Engines::named(&settings.engines, &progress).await?;
     for engine in &engines {
         let progress = if engines.len() > 1 { progress.for_item(engine.address()) } else { progress.clone() };
         collect(engine, args.all, &progress).await?;

@@ -20,7 +20,7 @@ pub(crate) async fn run(settings: &Settings, args: VersionArgs) -> Result<()> {
     } else {
         args.names.clone()
     };
-    let answers = version::versions(settings, &names, args.from.into(), &progress)
+    let answers = version::versions(settings.version_sources(), &names, args.from.into(), &progress)
         .await?
         .into_iter()
         .collect::<Result<Vec<_>>>()?;

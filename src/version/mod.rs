@@ -8,19 +8,34 @@
 mod dockerfile;
 mod nix_file;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use crate::engine::Engine;
-use crate::nix::{Inputs, NixContainer, ResolvedNixpkgs};
+use crate::engine::{Engine, EngineAddress};
+use crate::nix::{Inputs, NixContainer, NixOptions, ResolvedNixpkgs};
+use crate::platform::Platform;
 use crate::progress::Progress;
 use crate::project;
-use crate::settings::Settings;
 
 pub(crate) use dockerfile::from_dockerfile;
 pub(crate) use nix_file::from_default_nix;
+
+/// Where versions are found: the project's files, then nixpkgs, evaluated in a nix container.
+#[derive(Clone, Copy)]
+pub(crate) struct Sources<'a> {
+    /// The project root; `None`: only nixpkgs is asked.
+    pub(crate) root: Option<&'a Path>,
+    /// Container name -> nixpkgs attribute (`[packages]` in nixctr.toml).
+    pub(crate) packages: &'a BTreeMap<String, String>,
+    /// The engine; `None`: probe the usual sockets.
+    pub(crate) engine: Option<&'a EngineAddress>,
+    /// The platform nixpkgs is evaluated for; `None`: the engine's own.
+    pub(crate) platform: Option<&'a Platform>,
+    pub(crate) nix: &'a NixOptions,
+}
 
 /// Where to look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,12 +93,13 @@ enum Lookup {
 /// Every name's version, in the order given: an answer, or why there is none. Errors that
 /// concern no single name (the engine, nix itself) end the whole lookup.
 pub(crate) async fn versions(
-    settings: &Settings,
+    sources: Sources<'_>,
     names: &[String],
     from: From,
     progress: &Progress,
 ) -> Result<Vec<Result<Answer>>> {
-    let lookups: Vec<Result<Lookup>> = names.iter().map(|name| from_files(settings, name, from, progress)).collect();
+    let lookups: Vec<Result<Lookup>> =
+        names.iter().map(|name| from_files(sources.root, sources.packages, name, from, progress)).collect();
     let attrs: Vec<String> = lookups
         .iter()
         .filter_map(|l| match l {
@@ -94,11 +110,11 @@ pub(crate) async fn versions(
     let mut evaluated = Vec::new().into_iter();
     let mut nixpkgs = None;
     if !attrs.is_empty() {
-        let engine = Engine::connect(settings.engine.as_deref(), progress).await?;
+        let engine = Engine::connect(sources.engine, progress).await?;
         let nix = NixContainer::start(
             &engine,
-            settings,
-            Inputs { project: None, role: "version", platform: settings.platforms.first() },
+            sources.nix,
+            Inputs { project: None, role: "version", platform: sources.platform },
             progress,
         )
         .await?;
@@ -142,23 +158,28 @@ pub(crate) async fn versions(
 }
 
 /// The version a container's own files declare, if any: no engine, no nixpkgs.
-pub(crate) fn declared(settings: &Settings, name: &str) -> Option<String> {
-    match from_files(settings, name, From::Auto, &Progress::new(true, false)) {
+pub(crate) fn declared(root: &Path, packages: &BTreeMap<String, String>, name: &str) -> Option<String> {
+    match from_files(Some(root), packages, name, From::Auto, &Progress::new(true, false)) {
         Ok(Lookup::Found(answer)) => Some(answer.version),
         _ => None,
     }
 }
 
-fn from_files(settings: &Settings, name: &str, from: From, progress: &Progress) -> Result<Lookup> {
-    let attr = settings.packages.get(name).cloned().unwrap_or_else(|| name.to_string());
+fn from_files(
+    root: Option<&Path>,
+    packages: &BTreeMap<String, String>,
+    name: &str,
+    from: From,
+    progress: &Progress,
+) -> Result<Lookup> {
+    let attr = packages.get(name).cloned().unwrap_or_else(|| name.to_string());
     let mut tried = Vec::new();
-    let dir = match &settings.root {
-        Some(root) => Some(project::container_dir(root, name)?),
+    let dir = match root {
+        Some(root) => Some((root, project::container_dir(root, name)?)),
         None => None,
     };
     match dir {
-        Some(dir) if dir.is_dir() && from == From::Auto => {
-            let root = settings.project_root()?;
+        Some((root, dir)) if dir.is_dir() && from == From::Auto => {
             for (file, source, read) in [
                 ("default.nix", "default.nix", from_default_nix as fn(&str) -> Found),
                 ("Dockerfile", "Dockerfile", from_dockerfile as fn(&str) -> Found),
@@ -192,7 +213,7 @@ fn from_files(settings: &Settings, name: &str, from: From, progress: &Progress) 
                 }
             }
         }
-        Some(dir) if !dir.is_dir() => tried.push(format!("no containers/{name}/")),
+        Some((_, dir)) if !dir.is_dir() => tried.push(format!("no containers/{name}/")),
         None => tried.push("no project".to_string()),
         _ => {}
     }

@@ -2,15 +2,22 @@
 //! sources, resolving nixpkgs as the CI this replaces did (`nix flake metadata`, then
 //! `NIX_PATH=nixpkgs=<its store path>`), `nix-build`, and evaluating package versions.
 
+mod cache;
+mod cache_settings;
+mod text;
+
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::context::{self, Source};
-use crate::engine::{ContainerGuard, ContainerSpec, Engine, OutputMode};
+use crate::engine::{ContainerGuard, ContainerSpec, Engine, OutputMode, PullPolicy};
 use crate::exit::Unexpected;
 use crate::platform::Platform;
 use crate::progress::Progress;
-use crate::settings::{Nixpkgs, Settings};
+use cache::{Phase, Session};
+pub(crate) use cache_settings::{CacheSettings, Network};
+pub(crate) use text::error_excerpt;
+use text::{failed_builder, nix_cmd, store_paths, strings};
 
 /// Where the project lands in the container.
 pub(crate) const WORKSPACE: &str = "/workspace";
@@ -19,33 +26,29 @@ pub(crate) const NIXPKGS_DIR: &str = "/nixctr/nixpkgs";
 /// nix's download cache lives in the store volume, so a warm build fetches nothing.
 const CACHE_HOME: &str = "/nix/var/nixctr/cache";
 
-/// The stock image enables neither; every nix call gets them.
-fn nix_cmd(args: &[&str]) -> Vec<String> {
-    let mut cmd =
-        vec!["nix".to_string(), "--extra-experimental-features".to_string(), "nix-command flakes".to_string()];
-    cmd.extend(args.iter().map(|s| s.to_string()));
-    cmd
-}
-
 /// Lines of nix's log kept while building many derivations, to find each failure in.
 const REALISE_LOG_LINES: usize = 20_000;
 /// The end of a failed builder's log shown with its error.
 const LOG_LINES_SHOWN: usize = 10;
 
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
+/// Where nixpkgs comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Nixpkgs {
+    /// A flake reference, resolved inside the container (`nixpkgs`, `github:NixOS/nixpkgs/…`).
+    Flake(String),
+    /// A directory on this machine, uploaded with the project.
+    Local(std::path::PathBuf),
 }
 
-/// The `/nix/store/…` lines of a command's output.
-fn store_paths(stdout: &str) -> Vec<String> {
-    stdout.lines().map(str::trim).filter(|l| l.starts_with("/nix/store/")).map(str::to_string).collect()
-}
-
-/// The derivation of nix's `error: builder for '/nix/store/…drv' failed …` line.
-fn failed_builder(line: &str) -> Option<&str> {
-    let rest = line.trim_start().strip_prefix("error: builder for '")?;
-    let (drv, _) = rest.split_once('\'')?;
-    drv.ends_with(".drv").then_some(drv)
+/// What a nix container is made of: the image, its store, nixpkgs and the binary caches.
+#[derive(Debug, Clone)]
+pub(crate) struct NixOptions {
+    pub(crate) image: String,
+    pub(crate) pull: PullPolicy,
+    pub(crate) nixpkgs: Nixpkgs,
+    /// A throwaway store instead of the store volume.
+    pub(crate) no_cache: bool,
+    pub(crate) cache: CacheSettings,
 }
 
 /// nixpkgs after resolution: the reference asked for and the store path it became.
@@ -62,8 +65,8 @@ pub(crate) struct NixContainer {
     platform: Platform,
     pub(crate) nixpkgs: ResolvedNixpkgs,
     progress: Progress,
-    /// The binary caches it reads from and writes to, and their secrets (see nix_cache).
-    cache: Option<crate::nix_cache::Session>,
+    /// The binary caches it reads from and writes to, and their secrets (see `cache`).
+    cache: Option<Session>,
 }
 
 /// What to put in the container besides nix.
@@ -80,17 +83,17 @@ impl NixContainer {
     /// inputs and resolves nixpkgs.
     pub(crate) async fn start(
         engine: &Engine,
-        settings: &Settings,
+        options: &NixOptions,
         inputs: Inputs<'_>,
         progress: &Progress,
     ) -> Result<NixContainer> {
-        settings.cache.check()?;
-        settings.cache.warn_network(progress);
+        options.cache.check()?;
+        options.cache.warn_network(progress);
         let native = engine.native_platform().await?;
         let platform = inputs.platform.unwrap_or(&native);
         progress.debug(format!("platform: {platform} (the engine's own: {native})"));
         // The image of that platform, by ID: the tag may name another platform's by now.
-        let image_id = engine.ensure_image(&settings.nix_image, settings.pull, platform, progress).await?;
+        let image_id = engine.ensure_image(&options.image, options.pull, platform, progress).await?;
         let mut volumes = Vec::new();
         let mut env = Vec::new();
         // Lines every NIX_CONFIG of this container needs (an exec's own hides the container's).
@@ -103,24 +106,24 @@ impl NixContainer {
             env.push("NIX_CONFIG=filter-syscalls = false".to_string());
             nix_config.push("filter-syscalls = false".to_string());
         }
-        if !settings.no_cache {
+        if !options.no_cache {
             let volume = engine.store_volume(&image_id).await?;
             progress.debug(format!("nix store: volume {volume}"));
             volumes.push((volume, "/nix".to_string()));
             env.push(format!("XDG_CACHE_HOME={CACHE_HOME}"));
         }
-        let network = settings.cache.network.map(|n| n.mode().to_string());
+        let network = options.cache.network.map(|n| n.mode().to_string());
         let spec = ContainerSpec { image: image_id.clone(), role: inputs.role, volumes, env, network };
         let guard =
             ContainerGuard::start(engine, spec, progress).await.map_err(|e| cannot_run(e, platform, &native))?;
-        let cache = crate::nix_cache::Session::prepare(&guard, &settings.cache, &nix_config, progress).await?;
+        let cache = Session::new(&options.cache, &nix_config, progress);
 
         let mut sources = Vec::new();
         if let Some(project) = inputs.project {
             sources.push(Source { dir: project.to_path_buf(), prefix: WORKSPACE.trim_start_matches('/').to_string() });
         }
         // (what nix resolves, what the user is shown)
-        let (reference, shown) = match &settings.nixpkgs {
+        let (reference, shown) = match &options.nixpkgs {
             Nixpkgs::Flake(reference) => (reference.clone(), reference.clone()),
             Nixpkgs::Local(dir) => {
                 sources.push(Source { dir: dir.clone(), prefix: NIXPKGS_DIR.trim_start_matches('/').to_string() });
@@ -156,10 +159,11 @@ impl NixContainer {
         &self.platform
     }
 
-    fn env(&self) -> Vec<String> {
+    /// The environment of an exec that evaluates project code: no secret (see `cache`).
+    fn eval_env(&self) -> Vec<String> {
         let mut env = vec![format!("NIX_PATH=nixpkgs={}", self.nixpkgs.path)];
         if let Some(cache) = &self.cache {
-            env.extend(cache.env().iter().cloned());
+            env.extend(cache.eval_env());
         }
         env
     }
@@ -179,6 +183,7 @@ impl NixContainer {
     }
 
     /// Signs and copies the closures of `drvs` (and their outputs) to the `--cache-to` cache.
+    /// The signing key is in the container only meanwhile.
     pub(crate) async fn cache_push(&self, drvs: &[String], progress: &Progress) -> Result<String> {
         match &self.cache {
             Some(cache) => cache.push(&self.guard, drvs, progress).await,
@@ -186,10 +191,10 @@ impl NixContainer {
         }
     }
 
-    /// Whether the cache at `url` has `path`.
-    pub(crate) async fn cache_has(&self, url: &str, path: &str) -> Result<bool> {
+    /// Whether the cache at `url` has each of `paths`.
+    pub(crate) async fn cache_has(&self, url: &str, paths: &[String]) -> Result<Vec<Result<bool>>> {
         match &self.cache {
-            Some(cache) => cache.has(&self.guard, url, path).await,
+            Some(cache) => cache.has(&self.guard, url, paths).await,
             None => bail!("no cache configured"),
         }
     }
@@ -198,7 +203,7 @@ impl NixContainer {
     pub(crate) async fn instantiate(&self, name: &str) -> Result<String> {
         let file = format!("containers/{name}/default.nix");
         let cmd = strings(&["nix-instantiate", "--extra-experimental-features", "nix-command flakes", &file]);
-        let out = self.guard.exec(&cmd, &self.env(), Some(WORKSPACE), OutputMode::Captured).await?;
+        let out = self.guard.exec(&cmd, &self.eval_env(), Some(WORKSPACE), OutputMode::Captured).await?;
         if out.exit_code != 0 {
             bail!("cannot evaluate {file} (exit code {}):\n{}", out.exit_code, error_excerpt(&out.stderr_tail));
         }
@@ -221,7 +226,18 @@ impl NixContainer {
         }
         cmd.extend(drvs.iter().cloned());
         let mode = if live { OutputMode::Live } else { OutputMode::Captured };
-        let out = self.guard.exec_keeping(&cmd, &self.env(), Some(WORKSPACE), mode, REALISE_LOG_LINES).await?;
+        // Builders run as build users, who cannot read what is staged (root only, 0600).
+        let mut env = vec![format!("NIX_PATH=nixpkgs={}", self.nixpkgs.path)];
+        let staged = match &self.cache {
+            Some(cache) => Some(cache.stage(&self.guard, Phase::Build).await?),
+            None => None,
+        };
+        env.extend(staged.as_ref().map(|s| s.env().to_vec()).unwrap_or_default());
+        let out = self.guard.exec_keeping(&cmd, &env, Some(WORKSPACE), mode, REALISE_LOG_LINES).await;
+        if let Some(staged) = staged {
+            staged.remove(&self.guard).await?;
+        }
+        let out = out?;
         self.progress.debug(format!("nix-store --realise: exit code {}", out.exit_code));
         Ok(out.stderr_tail)
     }
@@ -315,9 +331,6 @@ impl NixContainer {
 
     /// Removes the container.
     pub(crate) async fn finish(self) -> Result<()> {
-        if let Some(cache) = &self.cache {
-            cache.forget(&self.guard).await;
-        }
         self.guard.remove().await
     }
 }
@@ -406,36 +419,9 @@ fn attr_selector(attr: &str) -> Result<String> {
     Ok(attr.split('.').map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join("."))
 }
 
-/// The part of nix's stderr worth repeating in an error: from the first `error:` line on,
-/// with the few lines a failing builder printed just before it; else the last lines.
-pub(crate) fn error_excerpt(tail: &[String]) -> String {
-    const CONTEXT: usize = 5;
-    let start = match tail.iter().position(|l| l.trim_start().starts_with("error:")) {
-        Some(first) => {
-            // Builder output sits between nix's last `building '…'` line and the error.
-            let floor = tail[..first].iter().rposition(|l| l.starts_with("building '")).map_or(0, |i| i + 1);
-            first.saturating_sub(CONTEXT).max(floor)
-        }
-        None => 0,
-    };
-    let lines: Vec<&str> = tail[start..].iter().map(String::as_str).filter(|l| !l.trim().is_empty()).collect();
-    if lines.is_empty() {
-        return "    (nix printed nothing on stderr)".to_string();
-    }
-    lines.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn failed_builders_are_read_from_the_log() {
-        let line = "error: builder for '/nix/store/nr5w-broken-build-step.drv' failed with exit code 1";
-        assert_eq!(failed_builder(line), Some("/nix/store/nr5w-broken-build-step.drv"));
-        assert_eq!(failed_builder("error: 1 dependencies of derivation '/nix/store/x.drv' failed to build"), None);
-        assert_eq!(store_paths("warning: x\n/nix/store/a.drv\n"), vec!["/nix/store/a.drv"]);
-    }
 
     #[test]
     fn flake_metadata_path_is_read() {
@@ -452,23 +438,5 @@ mod tests {
         assert!(attr_selector("a\"; builtins.exec").is_err());
         assert!(attr_selector("a..b").is_err());
         assert!(attr_selector("${x}").is_err());
-    }
-
-    #[test]
-    fn excerpt_holds_the_builder_output_and_every_error() {
-        let tail: Vec<String> = [
-            "these 2 derivations will be built:",
-            "building '/nix/store/x-step.drv'...",
-            "step: this fails on purpose",
-            "error: builder for '/nix/store/x-step.drv' failed with exit code 1",
-            "error: 1 dependencies of derivation failed to build",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let excerpt = error_excerpt(&tail);
-        assert!(excerpt.starts_with("    step: this fails on purpose\n"), "{excerpt}");
-        assert!(excerpt.ends_with("failed to build"), "{excerpt}");
-        assert_eq!(error_excerpt(&[]), "    (nix printed nothing on stderr)");
     }
 }

@@ -101,7 +101,7 @@ impl CacheSettings {
         }
     }
 
-    pub(super) fn uses_s3(&self) -> bool {
+    pub(crate) fn uses_s3(&self) -> bool {
         self.substituters.iter().chain(&self.cache_to).any(|u| u.starts_with("s3://"))
     }
 }
@@ -149,4 +149,29 @@ pub(super) fn read_secret(path: &Path, what: &str) -> Result<String> {
         );
     }
     std::fs::read_to_string(path).with_context(|| format!("cannot read {what} {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls_are_checked() {
+        assert!(check_store_url("http://127.0.0.1:5081").is_ok());
+        assert!(check_store_url("s3://bucket?endpoint=minio:9000").is_ok());
+        assert!(check_store_url("file:///tmp/cache").is_ok());
+        assert!(check_store_url("ssh-ng://builder").is_ok());
+        assert!(check_store_url("ftp://x").unwrap_err().to_string().contains("ftp://"));
+        assert!(check_store_url("cache.example.com").is_err());
+    }
+
+    #[test]
+    fn keys_are_checked_without_showing_them() {
+        let public = "nixctr-test-1:Wu7cCvxtulxmupL5SOFvCZ6oxfa7mFTeQxyMmXE0pdE=";
+        assert!(check_key(public, 32).is_ok());
+        assert!(check_key(public, 64).is_err());
+        let err = check_key("nixctr-test-1:not base64!", 32).unwrap_err();
+        assert!(!err.contains("not base64!"), "{err}");
+        assert!(check_key("nocolon", 32).is_err());
+    }
 }

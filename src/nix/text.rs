@@ -1,0 +1,200 @@
+//! How nix is asked and what of its output nixctr reads. Text scraped from nix's stderr is a
+//! contract nobody signed, so every reading of it lives here, each with a test holding the
+//! wording of the nix versions seen (2.18 to 2.33).
+
+/// The stock image enables neither; every `nix` call gets them.
+pub(crate) fn nix_cmd(args: &[&str]) -> Vec<String> {
+    let mut cmd = strings(&["nix", "--extra-experimental-features", "nix-command flakes"]);
+    cmd.extend(strings(args));
+    cmd
+}
+
+pub(crate) fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// The `/nix/store/…` lines of a command's output.
+pub(crate) fn store_paths(stdout: &str) -> Vec<String> {
+    stdout.lines().map(str::trim).filter(|l| l.starts_with("/nix/store/")).map(str::to_string).collect()
+}
+
+/// The derivation of a build failure line: `error: builder for '/nix/store/….drv' failed …`
+/// (2.18–2.29) or `error: Cannot build '/nix/store/….drv'.` (2.30 on).
+pub(crate) fn failed_builder(line: &str) -> Option<&str> {
+    let line = line.trim_start();
+    let rest = line.strip_prefix("error: builder for '").or_else(|| line.strip_prefix("error: Cannot build '"))?;
+    let (drv, _) = rest.split_once('\'')?;
+    drv.ends_with(".drv").then_some(drv)
+}
+
+/// A derivation nix started building: `building '/nix/store/….drv'...`.
+pub(crate) fn is_building(line: &str) -> bool {
+    line.starts_with("building '/nix/store/")
+}
+
+/// `(path, url)` of nix's `copying path '…' from '…'...` line (a substitution).
+pub(crate) fn copied_from(line: &str) -> Option<(&str, &str)> {
+    let rest = line.trim_start().strip_prefix("copying path '")?;
+    let (path, rest) = rest.split_once('\'')?;
+    let rest = rest.strip_prefix(" from '")?;
+    let (url, _) = rest.split_once('\'')?;
+    Some((path, url))
+}
+
+/// The path of `nix copy --to`'s `copying path '…' to '…'...` line (an upload).
+pub(crate) fn copied_to(line: &str) -> Option<&str> {
+    let rest = line.trim_start().strip_prefix("copying path '")?;
+    let (path, rest) = rest.split_once('\'')?;
+    rest.starts_with(" to '").then_some(path)
+}
+
+/// `0.01 MiB download` of nix's `these N paths will be fetched (0.01 MiB download, …)` line.
+pub(crate) fn fetch_size(line: &str) -> Option<String> {
+    let rest = line.split_once("will be fetched (")?.1;
+    let (size, _) = rest.split_once(',')?;
+    Some(size.trim().to_string())
+}
+
+/// How nix said a cache refused or failed it, for the warnings after a build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CacheTrouble {
+    /// A substitute not signed by a trusted key.
+    Unsigned,
+    /// Not a binary cache (a wrong URL, or a login page).
+    NotACache,
+    /// It did not answer, or refused the login.
+    Unreachable,
+}
+
+/// What a line of nix's log says about the cache at `url`, if anything.
+pub(crate) fn cache_trouble(line: &str, url: &str) -> Option<CacheTrouble> {
+    if !line.contains(url) {
+        return None;
+    }
+    if line.contains("not signed by any of the keys") {
+        Some(CacheTrouble::Unsigned)
+    } else if line.contains("does not appear to be a binary cache") {
+        Some(CacheTrouble::NotACache)
+    } else if line.starts_with("warning: unable to download") || line.contains("HTTP error 401") {
+        Some(CacheTrouble::Unreachable)
+    } else {
+        None
+    }
+}
+
+/// `nix path-info` on a path the store lacks: `path '…' is not valid` (all versions seen).
+pub(crate) fn says_not_valid(tail: &[String]) -> bool {
+    tail.iter().any(|l| l.contains("is not valid"))
+}
+
+/// nix's error about a store, with what it likely means.
+pub(crate) fn store_hint(tail: &[String]) -> String {
+    let mut text = error_excerpt(tail);
+    let all = tail.join("\n");
+    if all.contains("does not appear to be a binary cache") || all.contains("401") {
+        text.push_str(
+            "\n  (it did not answer as a binary cache: a wrong URL, or a login is needed or wrong: --netrc FILE)",
+        );
+    } else if [
+        "Couldn't connect",
+        "Could not connect",
+        "Failed to connect",
+        "Connection refused",
+        "Connection reset",
+        "resolve host",
+        "Timeout",
+        "timed out",
+    ]
+    .iter()
+    .any(|s| all.contains(s))
+    {
+        text.push_str("\n  (it does not answer: is it up, and can the build container reach it? --network host)");
+    } else if all.contains("don't know how to open") {
+        text.push_str("\n  (nix does not understand this store URL)");
+    }
+    text
+}
+
+/// The part of nix's stderr worth repeating in an error: from the first `error:` line on,
+/// with the few lines a failing builder printed just before it; else the last lines.
+pub(crate) fn error_excerpt(tail: &[String]) -> String {
+    const CONTEXT: usize = 5;
+    let start = match tail.iter().position(|l| l.trim_start().starts_with("error:")) {
+        Some(first) => {
+            // Builder output sits between nix's last `building '…'` line and the error.
+            let floor = tail[..first].iter().rposition(|l| l.starts_with("building '")).map_or(0, |i| i + 1);
+            first.saturating_sub(CONTEXT).max(floor)
+        }
+        None => 0,
+    };
+    let lines: Vec<&str> = tail[start..].iter().map(String::as_str).filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return "    (nix printed nothing on stderr)".to_string();
+    }
+    lines.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_builders_are_read_in_every_wording() {
+        // 2.18 to 2.29 (2.26 is the test image's).
+        let old = "error: builder for '/nix/store/nr5w-broken-build-step.drv' failed with exit code 1";
+        assert_eq!(failed_builder(old), Some("/nix/store/nr5w-broken-build-step.drv"));
+        // 2.18 ended the line with a semicolon when it showed the log.
+        let semi = "error: builder for '/nix/store/nr5w-step.drv' failed with exit code 2;";
+        assert_eq!(failed_builder(semi), Some("/nix/store/nr5w-step.drv"));
+        // 2.30 on.
+        let new = "error: Cannot build '/nix/store/nr5w-step.drv'.";
+        assert_eq!(failed_builder(new), Some("/nix/store/nr5w-step.drv"));
+        assert_eq!(failed_builder("error: 1 dependencies of derivation '/nix/store/x.drv' failed to build"), None);
+        assert_eq!(store_paths("warning: x\n/nix/store/a.drv\n"), vec!["/nix/store/a.drv"]);
+    }
+
+    #[test]
+    fn copied_lines_are_read() {
+        let line = "copying path '/nix/store/abc-x' from 'http://127.0.0.1:5081/t'...";
+        assert_eq!(copied_from(line), Some(("/nix/store/abc-x", "http://127.0.0.1:5081/t")));
+        assert_eq!(copied_from("copying path '/nix/store/abc-x' to 'http://c'..."), None);
+        assert_eq!(copied_to("copying path '/nix/store/abc-x' to 'http://c'..."), Some("/nix/store/abc-x"));
+        assert_eq!(copied_to(line), None);
+        let fetched = "these 3 paths will be fetched (0.05 MiB download, 0.20 MiB unpacked):";
+        assert_eq!(fetch_size(fetched).as_deref(), Some("0.05 MiB download"));
+    }
+
+    #[test]
+    fn cache_trouble_is_read_in_every_wording() {
+        let url = "http://127.0.0.1:5081/t";
+        let unsigned = "warning: substitute for '/nix/store/x' from 'http://127.0.0.1:5081/t' is not signed by any of the keys in 'trusted-public-keys'";
+        assert_eq!(cache_trouble(unsigned, url), Some(CacheTrouble::Unsigned));
+        // 2.26: "ignoring substitute for '…' from '…', as it's not signed by any of the keys …"
+        let ignoring = "warning: ignoring substitute for '/nix/store/x' from 'http://127.0.0.1:5081/t', as it's not signed by any of the keys in 'trusted-public-keys'";
+        assert_eq!(cache_trouble(ignoring, url), Some(CacheTrouble::Unsigned));
+        let not_cache = "warning: 'http://127.0.0.1:5081/t' does not appear to be a binary cache";
+        assert_eq!(cache_trouble(not_cache, url), Some(CacheTrouble::NotACache));
+        let down =
+            "warning: unable to download 'http://127.0.0.1:5081/t/nix-cache-info': Couldn't connect to server (7)";
+        assert_eq!(cache_trouble(down, url), Some(CacheTrouble::Unreachable));
+        assert_eq!(cache_trouble(down, "http://other"), None);
+    }
+
+    #[test]
+    fn excerpt_holds_the_builder_output_and_every_error() {
+        let tail: Vec<String> = [
+            "these 2 derivations will be built:",
+            "building '/nix/store/x-step.drv'...",
+            "step: this fails on purpose",
+            "error: builder for '/nix/store/x-step.drv' failed with exit code 1",
+            "error: 1 dependencies of derivation failed to build",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let excerpt = error_excerpt(&tail);
+        assert!(excerpt.starts_with("    step: this fails on purpose\n"), "{excerpt}");
+        assert!(excerpt.ends_with("failed to build"), "{excerpt}");
+        assert_eq!(error_excerpt(&[]), "    (nix printed nothing on stderr)");
+    }
+}
