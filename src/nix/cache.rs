@@ -103,42 +103,25 @@ impl Session {
 
     /// The environment of an exec that evaluates project code: nix settings, no secret.
     pub(crate) fn eval_env(&self) -> Vec<String> {
-        vec![format!("NIX_CONFIG={}", self.base.join("\n"))]
+        phase_env(&self.settings, &self.base, Phase::Evaluate, "", &[])
     }
 
     /// Puts in the container what `phase` needs, in a fresh root-only directory.
     pub(crate) async fn stage(&self, guard: &ContainerGuard, phase: Phase) -> Result<Staged> {
         let settings = &self.settings;
-        let mut lines = self.base.clone();
         let mut files: Vec<(&str, String)> = Vec::new();
-        if phase == Phase::Evaluate {
-            return Ok(Staged { dir: None, env: self.eval_env(), signing_key: None });
-        }
-        if let Some(netrc) = &settings.netrc {
-            files.push(("netrc", read_secret(netrc, "netrc file")?));
+        if phase != Phase::Evaluate {
+            if let Some(netrc) = &settings.netrc {
+                files.push(("netrc", read_secret(netrc, "netrc file")?));
+            }
         }
         if phase == Phase::Upload {
             let key = settings.signing_key.as_ref().ok_or_else(|| anyhow!("no signing key (--signing-key)"))?;
             files.push(("signing-key", read_secret(key, "signing key")?));
         }
-        if matches!(phase, Phase::Query | Phase::Upload) {
-            // nix's narinfo disk cache (in the store volume) believes "the cache has it" for
-            // 30 days: a cache emptied since would never be refilled.
-            lines.push("narinfo-cache-positive-ttl = 0".to_string());
-            lines.push("narinfo-cache-negative-ttl = 0".to_string());
-        }
         let dir = format!("{SECRETS_PARENT}/secrets-{}", random_hex());
-        if settings.netrc.is_some() {
-            lines.push(format!("netrc-file = {dir}/netrc"));
-        }
-        let mut env = vec![format!("NIX_CONFIG={}", lines.join("\n"))];
-        let s3 = match phase {
-            Phase::Build => settings.substituters.iter().any(|u| u.starts_with("s3://")),
-            _ => settings.uses_s3(),
-        };
-        if s3 {
-            env.extend(std::env::vars().filter(|(k, _)| k.starts_with("AWS_")).map(|(k, v)| format!("{k}={v}")));
-        }
+        let aws: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with("AWS_")).collect();
+        let env = phase_env(settings, &self.base, phase, &dir, &aws);
         if files.is_empty() {
             return Ok(Staged { dir: None, env, signing_key: None });
         }
@@ -244,6 +227,38 @@ impl Session {
     }
 }
 
+/// The environment of an exec of `phase`: nix settings (a netrc in `dir` when one is
+/// staged), and the `AWS_*` variables only where an `s3://` store is reached.
+fn phase_env(
+    settings: &CacheSettings,
+    base: &[String],
+    phase: Phase,
+    dir: &str,
+    aws: &[(String, String)],
+) -> Vec<String> {
+    let mut lines = base.to_vec();
+    if matches!(phase, Phase::Query | Phase::Upload) {
+        // nix's narinfo disk cache (in the store volume) believes "the cache has it" for
+        // 30 days: a cache emptied since would never be refilled.
+        lines.push("narinfo-cache-positive-ttl = 0".to_string());
+        lines.push("narinfo-cache-negative-ttl = 0".to_string());
+    }
+    if phase != Phase::Evaluate && settings.netrc.is_some() {
+        lines.push(format!("netrc-file = {dir}/netrc"));
+    }
+    let mut env = vec![format!("NIX_CONFIG={}", lines.join("\n"))];
+    let s3 = match phase {
+        Phase::Evaluate => false,
+        Phase::Build => settings.substituters.iter().any(|u| u.starts_with("s3://")),
+        Phase::Query => settings.primary().is_some_and(|u| u.starts_with("s3://")),
+        Phase::Upload => settings.cache_to.as_deref().is_some_and(|u| u.starts_with("s3://")),
+    };
+    if s3 {
+        env.extend(aws.iter().map(|(k, v)| format!("{k}={v}")));
+    }
+    env
+}
+
 /// `nix store sign` then `nix copy --to url` for each list; the number of paths sent.
 async fn sign_and_copy(
     guard: &ContainerGuard,
@@ -317,6 +332,30 @@ fn secrets_tar(dir: &str, files: &[(&str, String)]) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_reach_only_the_phases_that_need_them() {
+        let settings = CacheSettings {
+            substituters: vec!["s3://in?region=x".to_string()],
+            cache_to: Some("https://out".to_string()),
+            netrc: Some("/n".into()),
+            ..Default::default()
+        };
+        let aws = vec![("AWS_SECRET_ACCESS_KEY".to_string(), "s3cr3t".to_string())];
+        let env =
+            |phase, settings: &CacheSettings| phase_env(settings, &[], phase, "/nixctr/secrets-x", &aws).join(" ");
+        let eval = env(Phase::Evaluate, &settings);
+        assert!(!eval.contains("s3cr3t") && !eval.contains("netrc"), "{eval}");
+        let build = env(Phase::Build, &settings);
+        assert!(build.contains("s3cr3t") && build.contains("netrc-file = /nixctr/secrets-x/netrc"), "{build}");
+        assert!(!build.contains("ttl"), "{build}");
+        // The upload goes to https: no AWS variable; nix asks the cache afresh.
+        let upload = env(Phase::Upload, &settings);
+        assert!(!upload.contains("s3cr3t") && upload.contains("narinfo-cache-positive-ttl = 0"), "{upload}");
+        let to_s3 = CacheSettings { substituters: Vec::new(), cache_to: Some("s3://out".to_string()), ..settings };
+        assert!(!env(Phase::Build, &to_s3).contains("s3cr3t"));
+        assert!(env(Phase::Upload, &to_s3).contains("AWS_SECRET_ACCESS_KEY=s3cr3t"));
+    }
 
     #[test]
     fn secrets_tar_is_private() {

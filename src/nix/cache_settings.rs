@@ -100,10 +100,6 @@ impl CacheSettings {
             );
         }
     }
-
-    pub(crate) fn uses_s3(&self) -> bool {
-        self.substituters.iter().chain(&self.cache_to).any(|u| u.starts_with("s3://"))
-    }
 }
 
 /// A store URL nix understands: a known scheme, or an absolute path.
