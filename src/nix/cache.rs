@@ -203,8 +203,9 @@ impl Session {
         ));
         let staged = self.stage(guard, Phase::Upload).await?;
         let result = sign_and_copy(guard, &staged, url, [(&outputs, false), (&derivations, true)], progress).await;
-        staged.remove(guard).await?;
+        let removed = staged.remove(guard).await;
         let sent = result?;
+        removed?;
         Ok(format!("cache {url}: {sent} paths uploaded, {} there already", paths.len() - sent))
     }
 

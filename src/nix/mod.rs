@@ -234,10 +234,13 @@ impl NixContainer {
         };
         env.extend(staged.as_ref().map(|s| s.env().to_vec()).unwrap_or_default());
         let out = self.guard.exec_keeping(&cmd, &env, Some(WORKSPACE), mode, REALISE_LOG_LINES).await;
-        if let Some(staged) = staged {
-            staged.remove(&self.guard).await?;
-        }
+        let removed = match staged {
+            Some(staged) => staged.remove(&self.guard).await,
+            None => Ok(()),
+        };
+        // The exec's own error says more than the removal's that follows from it.
         let out = out?;
+        removed?;
         self.progress.debug(format!("nix-store --realise: exit code {}", out.exit_code));
         Ok(out.stderr_tail)
     }
