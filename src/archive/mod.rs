@@ -183,19 +183,28 @@ impl Archive {
                 .prefix("nixctr-archive-")
                 .tempfile()
                 .context("cannot create a temporary file for the uncompressed archive (is TMPDIR writable?)")?;
+            let compressed = file.metadata().with_context(|| format!("cannot read archive {shown}"))?.len();
+            let bound = SpoolBound::for_file(compressed, spool.path());
             // Unbuffered, so an entry's bytes are in the file by the time `on_entry` hears of it.
-            let writer = spool.as_file().try_clone()?;
+            let writer = Spool { file: spool.as_file().try_clone()?, written: 0, bound: bound.clone() };
             let decoder = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 20, file));
             let decoded = Pipelined::spawn(Cancellable { inner: decoder, cancel: cancel.clone() });
             let mut tee = Tee { inner: decoded, copy: writer };
-            let entries = scan(&mut tee, spool.path(), on_entry).map_err(|e| describe_read_error(path, e))?;
-            // Read what follows the end-of-archive blocks too, so a truncated gzip stream shows.
-            io::copy(&mut tee, &mut io::sink()).map_err(|e| describe_read_error(path, e.into()))?;
-            tee.copy.flush().context("cannot write the uncompressed archive to TMPDIR")?;
+            let entries =
+                scan(&mut tee, spool.path(), Some(&bound), on_entry).map_err(|e| describe_read_error(path, e))?;
+            // Read what follows the end-of-archive blocks too, so a truncated gzip stream shows;
+            // but only the little padding tar writers add, not a bomb's endless zeros.
+            let end = tee.copy.written;
+            let tail = io::copy(&mut (&mut tee).take(TAR_TAIL + 1), &mut io::sink())
+                .map_err(|e| describe_read_error(path, e.into()))?;
+            if tail > TAR_TAIL {
+                return Err(describe_read_error(path, io::Error::other(Refusal::BeyondEnd { end }).into()));
+            }
+            tee.copy.file.flush().context("cannot write the uncompressed archive to TMPDIR")?;
             (entries, Some(spool))
         } else {
             let reader = Cancellable { inner: BufReader::with_capacity(1 << 20, file), cancel };
-            let entries = scan(reader, path, on_entry).map_err(|e| describe_read_error(path, e))?;
+            let entries = scan(reader, path, None, on_entry).map_err(|e| describe_read_error(path, e))?;
             (entries, None)
         };
 
@@ -361,9 +370,112 @@ impl Archive {
     }
 }
 
+/// Padding accepted after a tar's end-of-archive blocks: writers pad to their record size
+/// (GNU tar's is 10 KiB); anything much longer is not part of the archive.
+const TAR_TAIL: u64 = 1 << 20;
+/// DEFLATE's largest expansion: one 258-byte match per 2 bits, about 1032 to 1.
+const DEFLATE_MAX_RATIO: u64 = 1032;
+/// Room left free in TMPDIR for everything else (compressed layers go there too), at most.
+const TMP_RESERVE: u64 = 1 << 30;
+
+/// How far the uncompressed copy of a `.tar.gz` may grow.
+///
+/// A gzip file cannot say how much it holds: its ISIZE trailer is the size modulo 2^32
+/// (useless past 4 GiB) of the last member only (useless for multi-member files, such as
+/// pigz --independent or bgzip write), and a real bomb's trailer is honest anyway. What
+/// the archive does say is in its tar headers: each entry declares its size before its
+/// bytes, and the tar reader consumes exactly those. So every spooled byte is one a header
+/// declared, or at most [`TAR_TAIL`] of padding after the end (the classic bomb, gzipped
+/// zeros, reads as an empty tar followed by gigabytes). A declared size is checked before
+/// its entry is read: against what the compressed file could hold at DEFLATE's maximum
+/// ratio (more is a lie), and against the free space in TMPDIR less a reserve. A large
+/// legitimate archive (any size, any number of members) passes: its headers are true.
+#[derive(Debug, Clone)]
+struct SpoolBound {
+    /// Bytes the compressed file could decompress to at most.
+    ceiling: u64,
+    compressed: u64,
+    /// TMPDIR's free space, less the reserve; `None` when it cannot be asked.
+    room: Option<(u64, PathBuf)>,
+}
+
+/// Why a compressed archive was not spooled further.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("decompresses to more than it says (its tar ends at {end} bytes, and more than {} MiB of something else follows): refusing a possible gzip bomb", TAR_TAIL >> 20)]
+    BeyondEnd { end: u64 },
+    #[error("decompresses to more than it says (its tar headers declare {declared}+ bytes, more than {compressed} bytes of gzip can hold): refusing a possible gzip bomb")]
+    Impossible { declared: u64, compressed: u64 },
+    #[error("decompresses to {needed}+ bytes, more than {} has free ({room} bytes after a reserve; point TMPDIR at a roomier place)", .dir.display())]
+    NoRoom { needed: u64, room: u64, dir: PathBuf },
+}
+
+impl SpoolBound {
+    fn for_file(compressed: u64, spool: &Path) -> SpoolBound {
+        let dir = spool.parent().unwrap_or(Path::new("/"));
+        let room = free_space(dir).map(|free| (free - TMP_RESERVE.min(free / 10), dir.to_path_buf()));
+        SpoolBound { ceiling: compressed.saturating_mul(DEFLATE_MAX_RATIO).saturating_add(TAR_TAIL), compressed, room }
+    }
+
+    /// Whether the stream may grow to `end` bytes.
+    fn check(&self, end: u64) -> io::Result<()> {
+        if end > self.ceiling {
+            return Err(io::Error::other(Refusal::Impossible { declared: end, compressed: self.compressed }));
+        }
+        match &self.room {
+            Some((room, dir)) if end > *room => {
+                Err(io::Error::other(Refusal::NoRoom { needed: end, room: *room, dir: dir.clone() }))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Bytes available to this user in the file system holding `dir`.
+fn free_space(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is NUL-terminated and `stat` is written by statvfs before it is read.
+    let stat = unsafe {
+        if libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) != 0 {
+            return None;
+        }
+        stat.assume_init()
+    };
+    Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
+}
+
+/// The uncompressed copy's file, refusing to grow past its bound (a backstop behind the
+/// declared-size checks, for what the tar reader reads on its own: long names, pax headers).
+struct Spool {
+    file: File,
+    written: u64,
+    bound: SpoolBound,
+}
+
+impl Write for Spool {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.bound.check(self.written.saturating_add(buf.len() as u64))?;
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
 /// Reads every entry of a tar stream, hashing file contents (after gunzip when an entry is
 /// itself gzip-compressed).
-fn scan(reader: impl Read, source: &Path, on_entry: &mut dyn FnMut(&SeenEntry)) -> Result<HashMap<String, Entry>> {
+/// `bound`, for a stream being spooled: an entry whose declared size would take the stream
+/// past it is refused before any of its bytes are read.
+fn scan(
+    reader: impl Read,
+    source: &Path,
+    bound: Option<&SpoolBound>,
+    on_entry: &mut dyn FnMut(&SeenEntry),
+) -> Result<HashMap<String, Entry>> {
     let mut tar = tar::Archive::new(reader);
     let mut entries = HashMap::new();
     for entry in tar.entries()? {
@@ -387,6 +499,9 @@ fn scan(reader: impl Read, source: &Path, on_entry: &mut dyn FnMut(&SeenEntry)) 
         }
         let offset = entry.raw_file_position();
         let size = entry.size();
+        if let Some(bound) = bound {
+            bound.check(offset.saturating_add(size))?;
+        }
         let mut head = [0u8; 2];
         let got = read_up_to(&mut entry, &mut head)?;
         let gzipped = got == 2 && head == GZIP_MAGIC;
@@ -446,9 +561,27 @@ fn normalize(path: &Path) -> String {
     parts.join("/")
 }
 
+/// The [`Refusal`] under an I/O error, through the tar reader's wrapping.
+fn refusal(io: &io::Error) -> Option<&Refusal> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = io.get_ref().map(|e| e as _);
+    while let Some(err) = next {
+        if let Some(refusal) = err.downcast_ref::<Refusal>() {
+            return Some(refusal);
+        }
+        next = match err.downcast_ref::<io::Error>() {
+            Some(inner) => inner.get_ref().map(|e| e as _),
+            None => err.source(),
+        };
+    }
+    None
+}
+
 fn describe_read_error(path: &Path, err: anyhow::Error) -> anyhow::Error {
     let shown = path.display();
     if let Some(io) = err.downcast_ref::<io::Error>() {
+        if let Some(refusal) = refusal(io) {
+            return anyhow!("{shown}: {refusal}");
+        }
         if io.get_ref().is_some_and(|inner| inner.is::<Cancelled>()) {
             return anyhow!("reading {shown} was cancelled");
         }
@@ -557,6 +690,56 @@ mod tests {
         let gz = gzip(&bytes);
         let err = Archive::open(&write(&dir, "t.tar.gz", &gz[..gz.len() - 30]), None).unwrap_err().to_string();
         assert!(err.contains("truncated") || err.contains("corrupt"), "{err}");
+    }
+
+    /// `count` gzip members of 1 MiB of zeros each: a bomb made in microseconds.
+    fn zero_members(count: usize) -> Vec<u8> {
+        let member = gzip(&vec![0u8; 1 << 20]);
+        member.repeat(count)
+    }
+
+    #[test]
+    fn gzip_bombs_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // Gzipped zeros: an empty tar, then far more than padding.
+        let err = Archive::open(&write(&dir, "zeros.tar.gz", &zero_members(64)), None).unwrap_err().to_string();
+        assert!(err.contains("decompresses to more than it says") && err.contains("tar ends at"), "{err}");
+        assert!(err.contains("refusing a possible gzip bomb") && err.contains("zeros.tar.gz"), "{err}");
+        // A real image followed by the same.
+        let image = image(&[&tar_with(&[("a", b"hello")])], None);
+        let mut bomb = gzip(&image);
+        bomb.extend(zero_members(64));
+        let err = Archive::open(&write(&dir, "tail.tar.gz", &bomb), None).unwrap_err().to_string();
+        assert!(err.contains("refusing a possible gzip bomb"), "{err}");
+        // A header declaring a terabyte, in a file that cannot hold one.
+        let mut header = tar::Header::new_gnu();
+        header.set_path("l0/layer.tar").unwrap();
+        header.set_size(1 << 40);
+        header.set_cksum();
+        let mut bomb = gzip(header.as_bytes());
+        bomb.extend(zero_members(4));
+        let err = Archive::open(&write(&dir, "declared.tar.gz", &bomb), None).unwrap_err().to_string();
+        assert!(err.contains("tar headers declare") && err.contains("refusing a possible gzip bomb"), "{err}");
+    }
+
+    #[test]
+    fn spool_bound_names_the_full_disk() {
+        let bound = SpoolBound { ceiling: 1 << 40, compressed: 1 << 30, room: Some((1000, PathBuf::from("/tmp/x"))) };
+        assert!(bound.check(1000).is_ok());
+        let err = bound.check(1001).unwrap_err();
+        let text = refusal(&err).unwrap().to_string();
+        assert!(text.contains("/tmp/x has free") && text.contains("TMPDIR"), "{text}");
+        assert!(matches!(refusal(&err), Some(Refusal::NoRoom { needed: 1001, .. })));
+    }
+
+    #[test]
+    fn multi_member_archives_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = tar_with(&[("a", &[9u8; 300_000])]);
+        let bytes = image(&[&layer], None);
+        let members: Vec<u8> = bytes.chunks(4096).flat_map(gzip).collect();
+        let archive = Archive::open(&write(&dir, "m.tar.gz", &members), None).unwrap();
+        assert_eq!(archive.layers[0].diff_id, sha256_digest(&layer));
     }
 
     #[test]

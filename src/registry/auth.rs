@@ -390,17 +390,17 @@ fn run_helper(name: &str, registry: &str, limit: Duration, origin: &str) -> Resu
             if let Ok(answer) = answered.try_recv() {
                 answer
             } else {
-            kill_group();
-            // The reader thread reaps it; waiting for that keeps the group's id from reuse
-            // while it matters, and the kill makes the wait short.
-            let _ = answered.recv();
-            return Err(HelperTimedOut {
-                program,
-                registry: registry.to_string(),
-                limit,
-                origin: origin.to_string(),
-            }
-            .into());
+                kill_group();
+                // The reader thread reaps it; waiting for that keeps the group's id from reuse
+                // while it matters, and the kill makes the wait short.
+                let _ = answered.recv();
+                return Err(HelperTimedOut {
+                    program,
+                    registry: registry.to_string(),
+                    limit,
+                    origin: origin.to_string(),
+                }
+                .into());
             }
         }
     };

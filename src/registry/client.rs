@@ -397,7 +397,8 @@ impl Client {
                     .await
                     .map_err(|e| anyhow!("cannot read the token from {realm}: {}", self.redact(&describe(&e))))?;
                 let token: TokenAnswer = serde_json::from_slice(&body.bytes).map_err(|_| {
-                    let cut = if body.cut { format!(" (more than {} KiB)", TOKEN_BODY_LIMIT >> 10) } else { String::new() };
+                    let cut =
+                        if body.cut { format!(" (more than {} KiB)", TOKEN_BODY_LIMIT >> 10) } else { String::new() };
                     anyhow!("token server {realm} answered something that is not a token{cut}")
                 })?;
                 let token = token
