@@ -41,6 +41,10 @@ pub(crate) struct Archive {
     pub(crate) layers: Vec<Layer>,
     /// Whether the archive file itself was gzip-compressed.
     pub(crate) gzipped: bool,
+    /// Where the config's bytes are in a plain archive, for [`Archive::recall`] to re-read.
+    config_data: Option<EntryData>,
+    /// The file as it was before the read, so a file changed meanwhile is not remembered.
+    opened_as: Option<Identity>,
 }
 
 /// One layer: a tar entry whose (uncompressed) sha256 is the `diff_id`.
@@ -105,10 +109,21 @@ struct Rootfs {
 }
 
 /// A full read's findings, stored by [`Archive::remember`].
+///
+/// The memory is a hint, like the blob cache: being wrong about an archive would push
+/// another image than the one named, so a recalled entry must show it is this file's. Its
+/// key is the file's identity (inode, size, mtime, ctime: any write changes the ctime); but
+/// a file replaced by another of the same size can reuse the inode, and timestamps are
+/// coarse, so its content is sampled too ([`fingerprint`]). Then what the entry says must
+/// hang together (the config's `rootfs.diff_ids` are the layers'), and a plain archive's
+/// config is read again from the file. Layer bytes read later are checked against their
+/// diff_ids as they are compressed.
 #[derive(Debug, Serialize, Deserialize)]
 struct Checked {
     key: FileKey,
+    fingerprint: String,
     config: String,
+    config_data: Option<EntryData>,
     repo_tags: Vec<String>,
     gzipped: bool,
     layers: Vec<CheckedLayer>,
@@ -149,6 +164,46 @@ impl FileKey {
     }
 }
 
+/// What the file is: its identity and a sample of its content.
+#[derive(Debug, PartialEq, Eq)]
+struct Identity {
+    key: FileKey,
+    fingerprint: String,
+}
+
+impl Identity {
+    fn of(path: &Path) -> Option<Identity> {
+        let key = FileKey::of(path)?;
+        let fingerprint = fingerprint(path).ok()?;
+        (FileKey::of(path)? == key).then_some(Identity { key, fingerprint })
+    }
+}
+
+/// Bytes sampled at each end of a file by [`fingerprint`].
+const SAMPLE: u64 = 1 << 20;
+
+/// sha256 of a file's size, first and last MiB: in a docker-archive those hold the first
+/// layer's start and the manifest and config (or, gzipped, the trailer's CRC of the whole),
+/// which differ between builds. Cheap next to hashing the whole file, which recall avoids.
+fn fingerprint(path: &Path) -> io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut file = File::open(path)?;
+    let size = file.metadata()?.len();
+    let mut hasher = Sha256::new();
+    hasher.update(size.to_le_bytes());
+    let mut buf = vec![0u8; SAMPLE.min(size) as usize];
+    file.read_exact(&mut buf)?;
+    hasher.update(&buf);
+    if size > SAMPLE {
+        let start = size.saturating_sub(SAMPLE).max(SAMPLE);
+        file.seek(SeekFrom::Start(start))?;
+        buf.clear();
+        file.take(SAMPLE).read_to_end(&mut buf)?;
+        hasher.update(&buf);
+    }
+    Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
+}
+
 /// What the first pass learned about one tar entry.
 #[derive(Debug, Clone)]
 enum Entry {
@@ -171,6 +226,7 @@ impl Archive {
         on_entry: &mut dyn FnMut(&SeenEntry),
     ) -> Result<Archive> {
         let shown = path.display();
+        let opened_as = Identity::of(path);
         let mut file = File::open(path).with_context(|| format!("cannot open archive {shown}"))?;
         let mut magic = [0u8; 2];
         let n = read_up_to(&mut file, &mut magic).with_context(|| format!("cannot read archive {shown}"))?;
@@ -216,6 +272,8 @@ impl Archive {
             repo_tags: Vec::new(),
             layers: Vec::new(),
             gzipped,
+            config_data: None,
+            opened_as,
         };
         archive.check(&entries)?;
         Ok(archive)
@@ -236,24 +294,40 @@ impl Archive {
     }
 
     /// The archive as a full read found it before, when the file has not changed since
-    /// (same inode, size, mtime and ctime), so an unchanged archive is not hashed again.
+    /// (see [`Checked`] for how that is told), so an unchanged archive is not hashed again.
     pub(crate) fn recall(path: &Path, memory: &Path) -> Option<Archive> {
         let key = FileKey::of(path)?;
         let text = std::fs::read(memory).ok()?;
         let mut all: Vec<Checked> = serde_json::from_slice(&text).ok()?;
         let index = all.iter().position(|c| c.key == key)?;
         let checked = all.swap_remove(index);
+        if fingerprint(path).ok()? != checked.fingerprint {
+            return None;
+        }
         // The file is the user's to edit: anything not shaped as nixctr wrote it is ignored,
         // and the archive is read again.
         let length = std::fs::metadata(path).ok()?.len();
-        let sane = checked.layers.iter().all(|l| {
-            is_digest(&l.diff_id)
-                && l.data.as_ref().is_none_or(|d| d.offset.checked_add(d.size).is_some_and(|end| end <= length))
-        });
+        let within = |d: &EntryData| d.offset.checked_add(d.size).is_some_and(|end| end <= length);
+        let sane = checked.layers.iter().all(|l| is_digest(&l.diff_id) && l.data.as_ref().is_none_or(within))
+            && checked.config_data.as_ref().is_none_or(within);
         if !sane {
             return None;
         }
         let plain = !checked.gzipped;
+        let here = |d: EntryData| EntryData { path: path.to_path_buf(), ..d };
+        // A plain archive's config is a few KiB at a known place: read it again.
+        let config_data = checked.config_data.filter(|_| plain).map(here);
+        if plain {
+            let mut bytes = Vec::new();
+            config_data.as_ref()?.reader().ok()?.take(64 << 20).read_to_end(&mut bytes).ok()?;
+            if bytes != checked.config.as_bytes() {
+                return None;
+            }
+        }
+        let diff_ids = serde_json::from_str::<ConfigRootfs>(&checked.config).ok()?.rootfs.diff_ids;
+        if !diff_ids.iter().eq(checked.layers.iter().map(|l| &l.diff_id)) {
+            return None;
+        }
         Some(Archive {
             path: path.to_path_buf(),
             _spool: None,
@@ -268,16 +342,21 @@ impl Archive {
                     diff_id: l.diff_id,
                     size: l.size,
                     // The path as given now: the one stored may be relative to another directory.
-                    data: l.data.filter(|_| plain).map(|d| EntryData { path: path.to_path_buf(), ..d }),
+                    data: l.data.filter(|_| plain).map(here),
                 })
                 .collect(),
             gzipped: checked.gzipped,
+            config_data,
+            opened_as: None,
         })
     }
 
-    /// Remembers this archive's check for [`Archive::recall`] (the last 32 archives).
+    /// Remembers this archive's check for [`Archive::recall`] (the last 32 archives), unless
+    /// the file changed while it was read.
     pub(crate) fn remember(&self, memory: &Path) -> Result<()> {
-        let Some(key) = FileKey::of(&self.path) else {
+        let Some(Identity { key, fingerprint }) =
+            Identity::of(&self.path).filter(|now| self.opened_as.as_ref() == Some(now))
+        else {
             return Ok(());
         };
         let Ok(config) = String::from_utf8(self.config.clone()) else {
@@ -288,7 +367,9 @@ impl Archive {
         all.retain(|c| c.key.path != key.path);
         all.push(Checked {
             key,
+            fingerprint,
             config,
+            config_data: if self.gzipped { None } else { self.config_data.clone() },
             repo_tags: self.repo_tags.clone(),
             gzipped: self.gzipped,
             layers: self
@@ -312,7 +393,7 @@ impl Archive {
         Ok(())
     }
 
-    fn read_entry(&self, entries: &HashMap<String, Entry>, name: &str, what: &str) -> Result<Vec<u8>> {
+    fn read_entry(&self, entries: &HashMap<String, Entry>, name: &str, what: &str) -> Result<(Vec<u8>, EntryData)> {
         let Some(Entry::File { data, content_size, .. }) = resolve(entries, name) else {
             bail!("{}: {what} {name:?} is missing (the archive may be truncated)", self.path.display());
         };
@@ -321,7 +402,7 @@ impl Archive {
         }
         let mut bytes = Vec::with_capacity(content_size as usize);
         data.reader()?.read_to_end(&mut bytes)?;
-        Ok(bytes)
+        Ok((bytes, data))
     }
 
     /// Reads manifest.json and the config, and matches the layers with `rootfs.diff_ids`.
@@ -333,7 +414,7 @@ impl Archive {
                  tar? build it with nix's dockerTools or `docker save`; it may also be truncated)"
             );
         }
-        let manifest = self.read_entry(entries, "manifest.json", "manifest")?;
+        let (manifest, _) = self.read_entry(entries, "manifest.json", "manifest")?;
         let manifest: Vec<ManifestEntry> = serde_json::from_slice(&manifest)
             .with_context(|| format!("{shown}: manifest.json is not a docker-archive manifest"))?;
         let image = match manifest.as_slice() {
@@ -341,7 +422,9 @@ impl Archive {
             [] => bail!("{shown}: manifest.json lists no image"),
             more => bail!("{shown}: manifest.json lists {} images; push supports one per archive", more.len()),
         };
-        self.config = self.read_entry(entries, &image.config, "config")?;
+        let (config, config_data) = self.read_entry(entries, &image.config, "config")?;
+        self.config = config;
+        self.config_data = Some(config_data);
         self.config_digest = sha256_digest(&self.config);
         let config: ConfigRootfs = serde_json::from_slice(&self.config)
             .with_context(|| format!("{shown}: config {:?} has no rootfs.diff_ids", image.config))?;
@@ -820,6 +903,36 @@ mod tests {
         let recalled = Archive::recall(&gz, &memory).unwrap();
         assert!(recalled.layers[0].data.is_none() && recalled.layer_reader(0).is_err());
         assert!(Archive::recall(&path, &memory).is_none());
+    }
+
+    /// An entry whose key matches another file (as when a new build reuses the old one's
+    /// inode, size and timestamps) or whose parts disagree is not recalled.
+    #[test]
+    fn stale_or_inconsistent_memories_are_not_recalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = dir.path().join("archives.json");
+        let old = write(&dir, "old.tar", &image(&[&tar_with(&[("a", b"hello")])], None));
+        let new = write(&dir, "new.tar", &image(&[&tar_with(&[("a", b"world")])], None));
+        assert_eq!(std::fs::metadata(&old).unwrap().len(), std::fs::metadata(&new).unwrap().len());
+        Archive::open(&old, None).unwrap().remember(&memory).unwrap();
+        let pristine: serde_json::Value = serde_json::from_slice(&std::fs::read(&memory).unwrap()).unwrap();
+        let recall_with = |edit: &dyn Fn(&mut serde_json::Value), path: &Path| {
+            let mut entry = pristine.clone();
+            edit(&mut entry[0]);
+            std::fs::write(&memory, entry.to_string()).unwrap();
+            Archive::recall(path, &memory)
+        };
+        assert!(recall_with(&|_| {}, &old).is_some());
+        let new_key = serde_json::to_value(FileKey::of(&new).unwrap()).unwrap();
+        assert!(recall_with(&|e| e["key"] = new_key.clone(), &new).is_none(), "same key, other content");
+        let new_print = serde_json::json!(fingerprint(&new).unwrap());
+        let both = |e: &mut serde_json::Value| {
+            e["key"] = new_key.clone();
+            e["fingerprint"] = new_print.clone();
+        };
+        assert!(recall_with(&both, &new).is_none(), "the config read again differs");
+        let other = serde_json::json!(sha256_digest(b"other"));
+        assert!(recall_with(&|e| e["layers"][0]["diff_id"] = other.clone(), &old).is_none(), "diff_ids disagree");
     }
 
     #[test]

@@ -224,6 +224,11 @@ impl Client {
         bail!("cannot reach registry {}: {err} (is it running, and is the address right?)", self.registry)
     }
 
+    /// A line for `-v`.
+    pub fn debug(&self, line: String) {
+        self.progress.debug(line);
+    }
+
     /// `host[:port]` as the user named it.
     pub fn registry(&self) -> &str {
         &self.registry

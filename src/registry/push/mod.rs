@@ -335,7 +335,7 @@ impl PushSession {
         let config = (archive.config_digest.as_str(), archive.config.len() as u64);
         {
             let _transfer = self.transfers.acquire().await.context("the push session closed")?;
-            if !self.client().await?.blob_exists(repo, config.0).await? {
+            if !self.client().await?.blob_exists(repo, config).await? {
                 self.client().await?.upload_blob(repo, config, UploadBody::Bytes(archive.config.clone()), None).await?;
                 outcome.pushed_bytes += config.1;
             }
@@ -423,7 +423,7 @@ impl PushSession {
         let blob = (compressed.digest.as_str(), compressed.size);
         let result = {
             let _transfer = self.transfers.acquire().await.context("the push session closed")?;
-            if self.client().await?.blob_exists(repo, blob.0).await? {
+            if self.client().await?.blob_exists(repo, blob).await? {
                 LayerResult::Skipped
             } else {
                 let bar = progress.bar(&label, Some(blob.1));
@@ -440,7 +440,7 @@ impl PushSession {
 
     /// A cached blob: still in this repository, or mountable from another one? `None`: neither.
     async fn reuse(&self, repo: &str, known: &CachedBlob) -> Result<Option<LayerResult>> {
-        if self.client().await?.blob_exists(repo, &known.digest).await? {
+        if self.client().await?.blob_exists(repo, (&known.digest, known.size)).await? {
             return Ok(Some(LayerResult::Skipped));
         }
         for from in known.repositories.iter().rev().filter(|r| r.as_str() != repo) {
