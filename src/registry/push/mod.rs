@@ -7,8 +7,11 @@
 //! Once the whole archive checks out, per layer: skip it when the registry has it, mount it
 //! from another repository when the cache knows one, else upload it; then the config; the
 //! manifest last, so a failed push leaves no tag. An archive unchanged since its last check
-//! (same inode, size, mtime, ctime) is not read again, unless a layer turns out to need
-//! compressing and the recalled archive cannot supply its bytes.
+//! (same inode, size, mtime, ctime and content sample, its config agreeing) is not read
+//! again, unless a layer turns out to need compressing and the recalled archive cannot supply
+//! its bytes. Both cache files are hints: a layer goes into a manifest only as a blob whose
+//! link to its diff_id nixctr proved (compressed it from bytes hashing to that diff_id, then
+//! or in a signed cache entry), at the size the registry's HEAD confirms.
 
 mod index;
 
