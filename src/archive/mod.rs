@@ -41,6 +41,10 @@ pub(crate) struct Archive {
     pub(crate) layers: Vec<Layer>,
     /// Whether the archive file itself was gzip-compressed.
     pub(crate) gzipped: bool,
+    /// Where the config's bytes are in a plain archive, for [`Archive::recall`] to re-read.
+    config_data: Option<EntryData>,
+    /// The file as it was before the read, so a file changed meanwhile is not remembered.
+    opened_as: Option<Identity>,
 }
 
 /// One layer: a tar entry whose (uncompressed) sha256 is the `diff_id`.
@@ -105,10 +109,21 @@ struct Rootfs {
 }
 
 /// A full read's findings, stored by [`Archive::remember`].
+///
+/// The memory is a hint, like the blob cache: being wrong about an archive would push
+/// another image than the one named, so a recalled entry must show it is this file's. Its
+/// key is the file's identity (inode, size, mtime, ctime: any write changes the ctime); but
+/// a file replaced by another of the same size can reuse the inode, and timestamps are
+/// coarse, so its content is sampled too ([`fingerprint`]). Then what the entry says must
+/// hang together (the config's `rootfs.diff_ids` are the layers'), and a plain archive's
+/// config is read again from the file. Layer bytes read later are checked against their
+/// diff_ids as they are compressed.
 #[derive(Debug, Serialize, Deserialize)]
 struct Checked {
     key: FileKey,
+    fingerprint: String,
     config: String,
+    config_data: Option<EntryData>,
     repo_tags: Vec<String>,
     gzipped: bool,
     layers: Vec<CheckedLayer>,
@@ -149,6 +164,46 @@ impl FileKey {
     }
 }
 
+/// What the file is: its identity and a sample of its content.
+#[derive(Debug, PartialEq, Eq)]
+struct Identity {
+    key: FileKey,
+    fingerprint: String,
+}
+
+impl Identity {
+    fn of(path: &Path) -> Option<Identity> {
+        let key = FileKey::of(path)?;
+        let fingerprint = fingerprint(path).ok()?;
+        (FileKey::of(path)? == key).then_some(Identity { key, fingerprint })
+    }
+}
+
+/// Bytes sampled at each end of a file by [`fingerprint`].
+const SAMPLE: u64 = 1 << 20;
+
+/// sha256 of a file's size, first and last MiB: in a docker-archive those hold the first
+/// layer's start and the manifest and config (or, gzipped, the trailer's CRC of the whole),
+/// which differ between builds. Cheap next to hashing the whole file, which recall avoids.
+fn fingerprint(path: &Path) -> io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut file = File::open(path)?;
+    let size = file.metadata()?.len();
+    let mut hasher = Sha256::new();
+    hasher.update(size.to_le_bytes());
+    let mut buf = vec![0u8; SAMPLE.min(size) as usize];
+    file.read_exact(&mut buf)?;
+    hasher.update(&buf);
+    if size > SAMPLE {
+        let start = size.saturating_sub(SAMPLE).max(SAMPLE);
+        file.seek(SeekFrom::Start(start))?;
+        buf.clear();
+        file.take(SAMPLE).read_to_end(&mut buf)?;
+        hasher.update(&buf);
+    }
+    Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
+}
+
 /// What the first pass learned about one tar entry.
 #[derive(Debug, Clone)]
 enum Entry {
@@ -171,6 +226,7 @@ impl Archive {
         on_entry: &mut dyn FnMut(&SeenEntry),
     ) -> Result<Archive> {
         let shown = path.display();
+        let opened_as = Identity::of(path);
         let mut file = File::open(path).with_context(|| format!("cannot open archive {shown}"))?;
         let mut magic = [0u8; 2];
         let n = read_up_to(&mut file, &mut magic).with_context(|| format!("cannot read archive {shown}"))?;
@@ -183,19 +239,28 @@ impl Archive {
                 .prefix("nixctr-archive-")
                 .tempfile()
                 .context("cannot create a temporary file for the uncompressed archive (is TMPDIR writable?)")?;
+            let compressed = file.metadata().with_context(|| format!("cannot read archive {shown}"))?.len();
+            let bound = SpoolBound::for_file(compressed, spool.path());
             // Unbuffered, so an entry's bytes are in the file by the time `on_entry` hears of it.
-            let writer = spool.as_file().try_clone()?;
+            let writer = Spool { file: spool.as_file().try_clone()?, written: 0, bound: bound.clone() };
             let decoder = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 20, file));
             let decoded = Pipelined::spawn(Cancellable { inner: decoder, cancel: cancel.clone() });
             let mut tee = Tee { inner: decoded, copy: writer };
-            let entries = scan(&mut tee, spool.path(), on_entry).map_err(|e| describe_read_error(path, e))?;
-            // Read what follows the end-of-archive blocks too, so a truncated gzip stream shows.
-            io::copy(&mut tee, &mut io::sink()).map_err(|e| describe_read_error(path, e.into()))?;
-            tee.copy.flush().context("cannot write the uncompressed archive to TMPDIR")?;
+            let entries =
+                scan(&mut tee, spool.path(), Some(&bound), on_entry).map_err(|e| describe_read_error(path, e))?;
+            // Read what follows the end-of-archive blocks too, so a truncated gzip stream shows;
+            // but only the little padding tar writers add, not a bomb's endless zeros.
+            let end = tee.copy.written;
+            let tail = io::copy(&mut (&mut tee).take(TAR_TAIL + 1), &mut io::sink())
+                .map_err(|e| describe_read_error(path, e.into()))?;
+            if tail > TAR_TAIL {
+                return Err(describe_read_error(path, io::Error::other(Refusal::BeyondEnd { end }).into()));
+            }
+            tee.copy.file.flush().context("cannot write the uncompressed archive to TMPDIR")?;
             (entries, Some(spool))
         } else {
             let reader = Cancellable { inner: BufReader::with_capacity(1 << 20, file), cancel };
-            let entries = scan(reader, path, on_entry).map_err(|e| describe_read_error(path, e))?;
+            let entries = scan(reader, path, None, on_entry).map_err(|e| describe_read_error(path, e))?;
             (entries, None)
         };
 
@@ -207,6 +272,8 @@ impl Archive {
             repo_tags: Vec::new(),
             layers: Vec::new(),
             gzipped,
+            config_data: None,
+            opened_as,
         };
         archive.check(&entries)?;
         Ok(archive)
@@ -227,24 +294,40 @@ impl Archive {
     }
 
     /// The archive as a full read found it before, when the file has not changed since
-    /// (same inode, size, mtime and ctime), so an unchanged archive is not hashed again.
+    /// (see [`Checked`] for how that is told), so an unchanged archive is not hashed again.
     pub(crate) fn recall(path: &Path, memory: &Path) -> Option<Archive> {
         let key = FileKey::of(path)?;
         let text = std::fs::read(memory).ok()?;
         let mut all: Vec<Checked> = serde_json::from_slice(&text).ok()?;
         let index = all.iter().position(|c| c.key == key)?;
         let checked = all.swap_remove(index);
+        if fingerprint(path).ok()? != checked.fingerprint {
+            return None;
+        }
         // The file is the user's to edit: anything not shaped as nixctr wrote it is ignored,
         // and the archive is read again.
         let length = std::fs::metadata(path).ok()?.len();
-        let sane = checked.layers.iter().all(|l| {
-            is_digest(&l.diff_id)
-                && l.data.as_ref().is_none_or(|d| d.offset.checked_add(d.size).is_some_and(|end| end <= length))
-        });
+        let within = |d: &EntryData| d.offset.checked_add(d.size).is_some_and(|end| end <= length);
+        let sane = checked.layers.iter().all(|l| is_digest(&l.diff_id) && l.data.as_ref().is_none_or(within))
+            && checked.config_data.as_ref().is_none_or(within);
         if !sane {
             return None;
         }
         let plain = !checked.gzipped;
+        let here = |d: EntryData| EntryData { path: path.to_path_buf(), ..d };
+        // A plain archive's config is a few KiB at a known place: read it again.
+        let config_data = checked.config_data.filter(|_| plain).map(here);
+        if plain {
+            let mut bytes = Vec::new();
+            config_data.as_ref()?.reader().ok()?.take(64 << 20).read_to_end(&mut bytes).ok()?;
+            if bytes != checked.config.as_bytes() {
+                return None;
+            }
+        }
+        let diff_ids = serde_json::from_str::<ConfigRootfs>(&checked.config).ok()?.rootfs.diff_ids;
+        if !diff_ids.iter().eq(checked.layers.iter().map(|l| &l.diff_id)) {
+            return None;
+        }
         Some(Archive {
             path: path.to_path_buf(),
             _spool: None,
@@ -259,16 +342,21 @@ impl Archive {
                     diff_id: l.diff_id,
                     size: l.size,
                     // The path as given now: the one stored may be relative to another directory.
-                    data: l.data.filter(|_| plain).map(|d| EntryData { path: path.to_path_buf(), ..d }),
+                    data: l.data.filter(|_| plain).map(here),
                 })
                 .collect(),
             gzipped: checked.gzipped,
+            config_data,
+            opened_as: None,
         })
     }
 
-    /// Remembers this archive's check for [`Archive::recall`] (the last 32 archives).
+    /// Remembers this archive's check for [`Archive::recall`] (the last 32 archives), unless
+    /// the file changed while it was read.
     pub(crate) fn remember(&self, memory: &Path) -> Result<()> {
-        let Some(key) = FileKey::of(&self.path) else {
+        let Some(Identity { key, fingerprint }) =
+            Identity::of(&self.path).filter(|now| self.opened_as.as_ref() == Some(now))
+        else {
             return Ok(());
         };
         let Ok(config) = String::from_utf8(self.config.clone()) else {
@@ -279,7 +367,9 @@ impl Archive {
         all.retain(|c| c.key.path != key.path);
         all.push(Checked {
             key,
+            fingerprint,
             config,
+            config_data: if self.gzipped { None } else { self.config_data.clone() },
             repo_tags: self.repo_tags.clone(),
             gzipped: self.gzipped,
             layers: self
@@ -303,7 +393,7 @@ impl Archive {
         Ok(())
     }
 
-    fn read_entry(&self, entries: &HashMap<String, Entry>, name: &str, what: &str) -> Result<Vec<u8>> {
+    fn read_entry(&self, entries: &HashMap<String, Entry>, name: &str, what: &str) -> Result<(Vec<u8>, EntryData)> {
         let Some(Entry::File { data, content_size, .. }) = resolve(entries, name) else {
             bail!("{}: {what} {name:?} is missing (the archive may be truncated)", self.path.display());
         };
@@ -312,7 +402,7 @@ impl Archive {
         }
         let mut bytes = Vec::with_capacity(content_size as usize);
         data.reader()?.read_to_end(&mut bytes)?;
-        Ok(bytes)
+        Ok((bytes, data))
     }
 
     /// Reads manifest.json and the config, and matches the layers with `rootfs.diff_ids`.
@@ -324,7 +414,7 @@ impl Archive {
                  tar? build it with nix's dockerTools or `docker save`; it may also be truncated)"
             );
         }
-        let manifest = self.read_entry(entries, "manifest.json", "manifest")?;
+        let (manifest, _) = self.read_entry(entries, "manifest.json", "manifest")?;
         let manifest: Vec<ManifestEntry> = serde_json::from_slice(&manifest)
             .with_context(|| format!("{shown}: manifest.json is not a docker-archive manifest"))?;
         let image = match manifest.as_slice() {
@@ -332,7 +422,9 @@ impl Archive {
             [] => bail!("{shown}: manifest.json lists no image"),
             more => bail!("{shown}: manifest.json lists {} images; push supports one per archive", more.len()),
         };
-        self.config = self.read_entry(entries, &image.config, "config")?;
+        let (config, config_data) = self.read_entry(entries, &image.config, "config")?;
+        self.config = config;
+        self.config_data = Some(config_data);
         self.config_digest = sha256_digest(&self.config);
         let config: ConfigRootfs = serde_json::from_slice(&self.config)
             .with_context(|| format!("{shown}: config {:?} has no rootfs.diff_ids", image.config))?;
@@ -361,9 +453,112 @@ impl Archive {
     }
 }
 
+/// Padding accepted after a tar's end-of-archive blocks: writers pad to their record size
+/// (GNU tar's is 10 KiB); anything much longer is not part of the archive.
+const TAR_TAIL: u64 = 1 << 20;
+/// DEFLATE's largest expansion: one 258-byte match per 2 bits, about 1032 to 1.
+const DEFLATE_MAX_RATIO: u64 = 1032;
+/// Room left free in TMPDIR for everything else (compressed layers go there too), at most.
+const TMP_RESERVE: u64 = 1 << 30;
+
+/// How far the uncompressed copy of a `.tar.gz` may grow.
+///
+/// A gzip file cannot say how much it holds: its ISIZE trailer is the size modulo 2^32
+/// (useless past 4 GiB) of the last member only (useless for multi-member files, such as
+/// pigz --independent or bgzip write), and a real bomb's trailer is honest anyway. What
+/// the archive does say is in its tar headers: each entry declares its size before its
+/// bytes, and the tar reader consumes exactly those. So every spooled byte is one a header
+/// declared, or at most [`TAR_TAIL`] of padding after the end (the classic bomb, gzipped
+/// zeros, reads as an empty tar followed by gigabytes). A declared size is checked before
+/// its entry is read: against what the compressed file could hold at DEFLATE's maximum
+/// ratio (more is a lie), and against the free space in TMPDIR less a reserve. A large
+/// legitimate archive (any size, any number of members) passes: its headers are true.
+#[derive(Debug, Clone)]
+struct SpoolBound {
+    /// Bytes the compressed file could decompress to at most.
+    ceiling: u64,
+    compressed: u64,
+    /// TMPDIR's free space, less the reserve; `None` when it cannot be asked.
+    room: Option<(u64, PathBuf)>,
+}
+
+/// Why a compressed archive was not spooled further.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("decompresses to more than it says (its tar ends at {end} bytes, and more than {} MiB of something else follows): refusing a possible gzip bomb", TAR_TAIL >> 20)]
+    BeyondEnd { end: u64 },
+    #[error("decompresses to more than it says (its tar headers declare {declared}+ bytes, more than {compressed} bytes of gzip can hold): refusing a possible gzip bomb")]
+    Impossible { declared: u64, compressed: u64 },
+    #[error("decompresses to {needed}+ bytes, more than {} has free ({room} bytes after a reserve; point TMPDIR at a roomier place)", .dir.display())]
+    NoRoom { needed: u64, room: u64, dir: PathBuf },
+}
+
+impl SpoolBound {
+    fn for_file(compressed: u64, spool: &Path) -> SpoolBound {
+        let dir = spool.parent().unwrap_or(Path::new("/"));
+        let room = free_space(dir).map(|free| (free - TMP_RESERVE.min(free / 10), dir.to_path_buf()));
+        SpoolBound { ceiling: compressed.saturating_mul(DEFLATE_MAX_RATIO).saturating_add(TAR_TAIL), compressed, room }
+    }
+
+    /// Whether the stream may grow to `end` bytes.
+    fn check(&self, end: u64) -> io::Result<()> {
+        if end > self.ceiling {
+            return Err(io::Error::other(Refusal::Impossible { declared: end, compressed: self.compressed }));
+        }
+        match &self.room {
+            Some((room, dir)) if end > *room => {
+                Err(io::Error::other(Refusal::NoRoom { needed: end, room: *room, dir: dir.clone() }))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Bytes available to this user in the file system holding `dir`.
+fn free_space(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is NUL-terminated and `stat` is written by statvfs before it is read.
+    let stat = unsafe {
+        if libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) != 0 {
+            return None;
+        }
+        stat.assume_init()
+    };
+    Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
+}
+
+/// The uncompressed copy's file, refusing to grow past its bound (a backstop behind the
+/// declared-size checks, for what the tar reader reads on its own: long names, pax headers).
+struct Spool {
+    file: File,
+    written: u64,
+    bound: SpoolBound,
+}
+
+impl Write for Spool {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.bound.check(self.written.saturating_add(buf.len() as u64))?;
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
 /// Reads every entry of a tar stream, hashing file contents (after gunzip when an entry is
 /// itself gzip-compressed).
-fn scan(reader: impl Read, source: &Path, on_entry: &mut dyn FnMut(&SeenEntry)) -> Result<HashMap<String, Entry>> {
+/// `bound`, for a stream being spooled: an entry whose declared size would take the stream
+/// past it is refused before any of its bytes are read.
+fn scan(
+    reader: impl Read,
+    source: &Path,
+    bound: Option<&SpoolBound>,
+    on_entry: &mut dyn FnMut(&SeenEntry),
+) -> Result<HashMap<String, Entry>> {
     let mut tar = tar::Archive::new(reader);
     let mut entries = HashMap::new();
     for entry in tar.entries()? {
@@ -387,6 +582,9 @@ fn scan(reader: impl Read, source: &Path, on_entry: &mut dyn FnMut(&SeenEntry)) 
         }
         let offset = entry.raw_file_position();
         let size = entry.size();
+        if let Some(bound) = bound {
+            bound.check(offset.saturating_add(size))?;
+        }
         let mut head = [0u8; 2];
         let got = read_up_to(&mut entry, &mut head)?;
         let gzipped = got == 2 && head == GZIP_MAGIC;
@@ -446,9 +644,27 @@ fn normalize(path: &Path) -> String {
     parts.join("/")
 }
 
+/// The [`Refusal`] under an I/O error, through the tar reader's wrapping.
+fn refusal(io: &io::Error) -> Option<&Refusal> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = io.get_ref().map(|e| e as _);
+    while let Some(err) = next {
+        if let Some(refusal) = err.downcast_ref::<Refusal>() {
+            return Some(refusal);
+        }
+        next = match err.downcast_ref::<io::Error>() {
+            Some(inner) => inner.get_ref().map(|e| e as _),
+            None => err.source(),
+        };
+    }
+    None
+}
+
 fn describe_read_error(path: &Path, err: anyhow::Error) -> anyhow::Error {
     let shown = path.display();
     if let Some(io) = err.downcast_ref::<io::Error>() {
+        if let Some(refusal) = refusal(io) {
+            return anyhow!("{shown}: {refusal}");
+        }
         if io.get_ref().is_some_and(|inner| inner.is::<Cancelled>()) {
             return anyhow!("reading {shown} was cancelled");
         }
@@ -559,6 +775,56 @@ mod tests {
         assert!(err.contains("truncated") || err.contains("corrupt"), "{err}");
     }
 
+    /// `count` gzip members of 1 MiB of zeros each: a bomb made in microseconds.
+    fn zero_members(count: usize) -> Vec<u8> {
+        let member = gzip(&vec![0u8; 1 << 20]);
+        member.repeat(count)
+    }
+
+    #[test]
+    fn gzip_bombs_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // Gzipped zeros: an empty tar, then far more than padding.
+        let err = Archive::open(&write(&dir, "zeros.tar.gz", &zero_members(64)), None).unwrap_err().to_string();
+        assert!(err.contains("decompresses to more than it says") && err.contains("tar ends at"), "{err}");
+        assert!(err.contains("refusing a possible gzip bomb") && err.contains("zeros.tar.gz"), "{err}");
+        // A real image followed by the same.
+        let image = image(&[&tar_with(&[("a", b"hello")])], None);
+        let mut bomb = gzip(&image);
+        bomb.extend(zero_members(64));
+        let err = Archive::open(&write(&dir, "tail.tar.gz", &bomb), None).unwrap_err().to_string();
+        assert!(err.contains("refusing a possible gzip bomb"), "{err}");
+        // A header declaring a terabyte, in a file that cannot hold one.
+        let mut header = tar::Header::new_gnu();
+        header.set_path("l0/layer.tar").unwrap();
+        header.set_size(1 << 40);
+        header.set_cksum();
+        let mut bomb = gzip(header.as_bytes());
+        bomb.extend(zero_members(4));
+        let err = Archive::open(&write(&dir, "declared.tar.gz", &bomb), None).unwrap_err().to_string();
+        assert!(err.contains("tar headers declare") && err.contains("refusing a possible gzip bomb"), "{err}");
+    }
+
+    #[test]
+    fn spool_bound_names_the_full_disk() {
+        let bound = SpoolBound { ceiling: 1 << 40, compressed: 1 << 30, room: Some((1000, PathBuf::from("/tmp/x"))) };
+        assert!(bound.check(1000).is_ok());
+        let err = bound.check(1001).unwrap_err();
+        let text = refusal(&err).unwrap().to_string();
+        assert!(text.contains("/tmp/x has free") && text.contains("TMPDIR"), "{text}");
+        assert!(matches!(refusal(&err), Some(Refusal::NoRoom { needed: 1001, .. })));
+    }
+
+    #[test]
+    fn multi_member_archives_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = tar_with(&[("a", &[9u8; 300_000])]);
+        let bytes = image(&[&layer], None);
+        let members: Vec<u8> = bytes.chunks(4096).flat_map(gzip).collect();
+        let archive = Archive::open(&write(&dir, "m.tar.gz", &members), None).unwrap();
+        assert_eq!(archive.layers[0].diff_id, sha256_digest(&layer));
+    }
+
     #[test]
     fn other_files_are_not_archives() {
         let dir = tempfile::tempdir().unwrap();
@@ -637,6 +903,36 @@ mod tests {
         let recalled = Archive::recall(&gz, &memory).unwrap();
         assert!(recalled.layers[0].data.is_none() && recalled.layer_reader(0).is_err());
         assert!(Archive::recall(&path, &memory).is_none());
+    }
+
+    /// An entry whose key matches another file (as when a new build reuses the old one's
+    /// inode, size and timestamps) or whose parts disagree is not recalled.
+    #[test]
+    fn stale_or_inconsistent_memories_are_not_recalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = dir.path().join("archives.json");
+        let old = write(&dir, "old.tar", &image(&[&tar_with(&[("a", b"hello")])], None));
+        let new = write(&dir, "new.tar", &image(&[&tar_with(&[("a", b"world")])], None));
+        assert_eq!(std::fs::metadata(&old).unwrap().len(), std::fs::metadata(&new).unwrap().len());
+        Archive::open(&old, None).unwrap().remember(&memory).unwrap();
+        let pristine: serde_json::Value = serde_json::from_slice(&std::fs::read(&memory).unwrap()).unwrap();
+        let recall_with = |edit: &dyn Fn(&mut serde_json::Value), path: &Path| {
+            let mut entry = pristine.clone();
+            edit(&mut entry[0]);
+            std::fs::write(&memory, entry.to_string()).unwrap();
+            Archive::recall(path, &memory)
+        };
+        assert!(recall_with(&|_| {}, &old).is_some());
+        let new_key = serde_json::to_value(FileKey::of(&new).unwrap()).unwrap();
+        assert!(recall_with(&|e| e["key"] = new_key.clone(), &new).is_none(), "same key, other content");
+        let new_print = serde_json::json!(fingerprint(&new).unwrap());
+        let both = |e: &mut serde_json::Value| {
+            e["key"] = new_key.clone();
+            e["fingerprint"] = new_print.clone();
+        };
+        assert!(recall_with(&both, &new).is_none(), "the config read again differs");
+        let other = serde_json::json!(sha256_digest(b"other"));
+        assert!(recall_with(&|e| e["layers"][0]["diff_id"] = other.clone(), &old).is_none(), "diff_ids disagree");
     }
 
     #[test]

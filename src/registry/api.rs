@@ -22,12 +22,27 @@ pub(crate) enum UploadBody<'a> {
 }
 
 impl Client {
-    /// Whether `repo` has the blob.
-    pub async fn blob_exists(&self, repo: &str, digest: &str) -> Result<bool> {
+    /// Whether `repo` has the blob `digest` of `size` bytes. An answer naming another size
+    /// or digest counts as no: what would go into a manifest must be what the registry has.
+    pub async fn blob_exists(&self, repo: &str, (digest, size): (&str, u64)) -> Result<bool> {
         let what = format!("HEAD blob {}", short(digest));
         let answer = self.send(&what, |http, base| http.head(format!("{base}/v2/{repo}/blobs/{digest}"))).await?;
         match answer.status() {
-            s if s.is_success() => Ok(true),
+            s if s.is_success() => {
+                // The header itself: reqwest's content_length() is the (empty) body's for HEAD.
+                let header = |name| answer.headers().get(name).and_then(|v| v.to_str().ok());
+                let their_size = header(CONTENT_LENGTH.as_str()).and_then(|v| v.trim().parse::<u64>().ok());
+                let their_digest = header("Docker-Content-Digest");
+                if their_size.is_some_and(|s| s != size) || their_digest.is_some_and(|d| d != digest) {
+                    self.debug(format!(
+                        "{what}: the registry has it as {} bytes, digest {}; expected {size} bytes: not using it",
+                        their_size.map_or("?".to_string(), |s| s.to_string()),
+                        their_digest.unwrap_or("?")
+                    ));
+                    return Ok(false);
+                }
+                Ok(true)
+            }
             StatusCode::NOT_FOUND => Ok(false),
             StatusCode::FORBIDDEN => Err(self.forbidden(repo, &what)),
             _ => Err(self.rejected(answer, &what).await.into()),

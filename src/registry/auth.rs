@@ -7,9 +7,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine;
@@ -109,6 +110,7 @@ impl Lookup {
             "XDG_CONFIG_HOME",
             "DOCKER_CONFIG",
             "HOME",
+            HELPER_TIMEOUT_ENV,
         ];
         let env = names
             .iter()
@@ -167,6 +169,7 @@ impl Lookup {
             (None, Some(_)) => bail!("{PASSWORD_ENV} is set but {USERNAME_ENV} is not (set both, or neither)"),
             (None, None) => {}
         }
+        let limit = helper_timeout(self.var(HELPER_TIMEOUT_ENV))?;
         let mut notes = Vec::new();
         let mut note = |r: Result<Option<Credentials>>| {
             r.unwrap_or_else(|e| {
@@ -191,21 +194,25 @@ impl Lookup {
                     None
                 }
             };
-            let mut note = |r: Result<Option<Credentials>>| {
-                r.unwrap_or_else(|e| {
+            // A helper that hangs is an error; other failures are passed over with a note.
+            let mut note = |r: Result<Option<Credentials>>| match r {
+                Err(e) if e.is::<HelperTimedOut>() => Err(e),
+                r => Ok(r.unwrap_or_else(|e| {
                     notes.push(format!("{e:#}"));
                     None
-                })
+                })),
             };
             if let Some(config) = config {
+                let shown = file.display();
                 if let Some(helper) = config.cred_helpers.get(registry) {
-                    found = note(run_helper(helper, registry));
+                    let origin = format!("the credHelpers entry for {registry} from {shown}");
+                    found = note(run_helper(helper, registry, limit, &origin))?;
                 }
                 if found.is_none() {
-                    found = note(config.auths_entry(registry, &file));
+                    found = note(config.auths_entry(registry, &file))?;
                 }
                 if let (None, Some(store)) = (&found, &config.creds_store) {
-                    found = note(run_helper(store, registry));
+                    found = note(run_helper(store, registry, limit, &format!("credsStore from {shown}")))?;
                 }
             }
         }
@@ -302,15 +309,49 @@ struct HelperAnswer {
     secret: String,
 }
 
+/// How long a credential helper may take, unless [`HELPER_TIMEOUT_ENV`] says otherwise. A
+/// helper may unlock a keyring or ask a daemon, so this is generous; one that hangs must not
+/// hang the push with it.
+const HELPER_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const HELPER_TIMEOUT_ENV: &str = "NIXCTR_CREDENTIAL_HELPER_TIMEOUT";
+/// A helper's answer is a small JSON object; more than this is not one.
+const HELPER_OUTPUT_LIMIT: u64 = 64 << 10;
+
+/// A credential helper that did not answer in time: an error of its own, because passing
+/// over it silently would turn a stuck keyring into a confusing "requires credentials".
+#[derive(Debug, thiserror::Error)]
+#[error("credential helper {program} did not answer within {}s for registry {registry} (check the helper, or remove {origin})", .limit.as_secs())]
+pub(crate) struct HelperTimedOut {
+    program: String,
+    registry: String,
+    limit: Duration,
+    /// Where it is configured, as the fix names it (`credsStore from ~/.docker/config.json`).
+    origin: String,
+}
+
+/// `NIXCTR_CREDENTIAL_HELPER_TIMEOUT=SECONDS`, else [`HELPER_TIMEOUT`].
+fn helper_timeout(value: Option<&str>) -> Result<Duration> {
+    let Some(value) = value else { return Ok(HELPER_TIMEOUT) };
+    match value.trim().parse::<u64>() {
+        Ok(secs) if (1..=3600).contains(&secs) => Ok(Duration::from_secs(secs)),
+        _ => bail!("{HELPER_TIMEOUT_ENV}={value:?}: give a whole number of seconds from 1 to 3600"),
+    }
+}
+
 /// Runs `docker-credential-<name> get` with the registry on stdin. A helper that does not
-/// know the registry answers non-zero: that is "no credentials", not an error.
-fn run_helper(name: &str, registry: &str) -> Result<Option<Credentials>> {
+/// know the registry answers non-zero: that is "no credentials", not an error. The helper
+/// runs in a process group of its own, so that one that does not answer within `limit`
+/// is killed together with whatever it started; at most [`HELPER_OUTPUT_LIMIT`] of its
+/// answer is read.
+fn run_helper(name: &str, registry: &str, limit: Duration, origin: &str) -> Result<Option<Credentials>> {
+    use std::os::unix::process::CommandExt;
     let program = format!("docker-credential-{name}");
     let mut child = match Command::new(&program)
         .arg("get")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0)
         .spawn()
     {
         Ok(c) => c,
@@ -319,15 +360,58 @@ fn run_helper(name: &str, registry: &str) -> Result<Option<Credentials>> {
         }
         Err(e) => return Err(e).with_context(|| format!("cannot run {program}")),
     };
+    // The group's id is the helper's pid, which stays ours until the helper is reaped below.
+    let group = child.id() as libc::pid_t;
+    let kill_group = move || {
+        // SAFETY: kill(2) with a negative pid signals that process group; no memory involved.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
+    };
     if let Some(mut stdin) = child.stdin.take() {
         // A helper that exits without reading closes the pipe; its exit status says why.
         let _ = stdin.write_all(registry.as_bytes());
     }
-    let out = child.wait_with_output().with_context(|| format!("cannot run {program}"))?;
-    if !out.status.success() {
+    let mut stdout = child.stdout.take().context("the helper's stdout")?;
+    let (tx, answered) = std::sync::mpsc::channel();
+    // Reads the answer and reaps the helper; the caller's timeout kills the group, which
+    // ends both the read and the wait.
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let read = (&mut stdout).take(HELPER_OUTPUT_LIMIT + 1).read_to_end(&mut out);
+        if out.len() as u64 > HELPER_OUTPUT_LIMIT {
+            kill_group();
+        }
+        drop(stdout);
+        let status = child.wait();
+        let _ = tx.send((read.and(status), out));
+    });
+    let (status, out) = match answered.recv_timeout(limit) {
+        Ok(answer) => answer,
+        Err(_) => {
+            if let Ok(answer) = answered.try_recv() {
+                answer
+            } else {
+                kill_group();
+                // The reader thread reaps it; waiting for that keeps the group's id from reuse
+                // while it matters, and the kill makes the wait short.
+                let _ = answered.recv();
+                return Err(HelperTimedOut {
+                    program,
+                    registry: registry.to_string(),
+                    limit,
+                    origin: origin.to_string(),
+                }
+                .into());
+            }
+        }
+    };
+    let status = status.with_context(|| format!("cannot run {program}"))?;
+    if out.len() as u64 > HELPER_OUTPUT_LIMIT {
+        bail!("{program} get answered more than {} KiB, which is not credentials", HELPER_OUTPUT_LIMIT >> 10);
+    }
+    if !status.success() {
         return Ok(None);
     }
-    let answer: HelperAnswer = serde_json::from_slice(&out.stdout)
+    let answer: HelperAnswer = serde_json::from_slice(&out)
         .map_err(|_| anyhow!("{program} get answered something that is not {{\"Username\",\"Secret\"}} JSON"))?;
     if answer.username == "<token>" {
         // An identity token for an OAuth flow nixctr does not speak; try other sources.
@@ -465,6 +549,16 @@ mod tests {
         assert!(found.credentials.is_none());
         let note = found.notes.join("\n");
         assert!(note.contains("not valid JSON") && !note.contains("hunter2"), "{note}");
+    }
+
+    #[test]
+    fn helper_timeout_is_whole_seconds() {
+        assert_eq!(helper_timeout(None).unwrap(), HELPER_TIMEOUT);
+        assert_eq!(helper_timeout(Some("5")).unwrap(), Duration::from_secs(5));
+        for bad in ["", "0", "-1", "1.5", "30s", "99999"] {
+            let err = helper_timeout(Some(bad)).unwrap_err().to_string();
+            assert!(err.contains(HELPER_TIMEOUT_ENV) && err.contains(&format!("{bad:?}")), "{err}");
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use futures::future::{BoxFuture, Shared};
 use futures::FutureExt;
 use sha2::{Digest, Sha256};
@@ -39,9 +39,12 @@ pub(crate) struct Compressed {
     pub file: tempfile::NamedTempFile,
     pub digest: String,
     pub size: u64,
+    /// sha256 of what went in: the diff_id the blob is proven to hold.
+    pub input_digest: String,
 }
 
-pub(crate) fn compress(mut reader: impl Read, compression: Compression, dir: &Path) -> Result<Compressed> {
+pub(crate) fn compress(reader: impl Read, compression: Compression, dir: &Path) -> Result<Compressed> {
+    let mut reader = HashingReader { inner: reader, hasher: Sha256::new() };
     let file = tempfile::Builder::new()
         .prefix("layer-")
         .tempfile_in(dir)
@@ -93,7 +96,22 @@ pub(crate) fn compress(mut reader: impl Read, compression: Compression, dir: &Pa
     };
     let Hashing { mut inner, hasher, size } = sink;
     inner.flush()?;
-    Ok(Compressed { file, digest: format!("sha256:{}", hex::encode(hasher.finalize())), size })
+    let input_digest = format!("sha256:{}", hex::encode(reader.hasher.finalize()));
+    Ok(Compressed { file, digest: format!("sha256:{}", hex::encode(hasher.finalize())), size, input_digest })
+}
+
+/// Hashes what is read through it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
 }
 
 fn copy(reader: &mut impl Read, writer: &mut impl Write) -> io::Result<u64> {
@@ -170,12 +188,12 @@ impl Compressor {
     /// `Ok(job)` when started now, `Err(job)` when it was under way already.
     pub(crate) fn start(&self, diff_id: &str, data: EntryData) -> std::result::Result<Pending, Pending> {
         let Ok(mut pending) = self.pending.lock() else {
-            return Ok(self.spawn(data));
+            return Ok(self.spawn(diff_id, data));
         };
         if let Some(job) = pending.get(diff_id) {
             return Err(job.clone());
         }
-        let job = self.spawn(data);
+        let job = self.spawn(diff_id, data);
         pending.insert(diff_id.to_string(), job.clone());
         Ok(job)
     }
@@ -188,14 +206,25 @@ impl Compressor {
         }
     }
 
-    fn spawn(&self, data: EntryData) -> Pending {
+    /// Compresses `data`, which must hash to `diff_id`: the bytes are read again from the
+    /// archive (or its spool), which may have changed since they were checked, and a blob
+    /// is recorded as `diff_id`'s only when it was made from exactly those bytes.
+    fn spawn(&self, diff_id: &str, data: EntryData) -> Pending {
         let (slots, work, compression, cancel) =
             (self.slots.clone(), self.work.path().to_path_buf(), self.compression, self.cancel.clone());
+        let diff_id = diff_id.to_string();
         let task = tokio::spawn(async move {
             let _slot = slots.acquire_owned().await.map_err(|e| anyhow!("compression stopped: {e}"))?;
             tokio::task::spawn_blocking(move || {
                 let reader = Cancellable { inner: data.reader()?, cancel };
-                compress(reader, compression, &work)
+                let compressed = compress(reader, compression, &work)?;
+                if compressed.input_digest != diff_id {
+                    bail!(
+                        "its bytes changed since they were checked: they now hash to {}, not {diff_id} (was the archive rewritten during the push? push again)",
+                        compressed.input_digest
+                    );
+                }
+                Ok(compressed)
             })
             .await
             .map_err(|e| anyhow!("compression stopped: {e}"))?
@@ -237,6 +266,7 @@ mod tests {
             let a = compress(&data[..], compression, dir.path()).unwrap();
             let b = compress(&data[..], compression, dir.path()).unwrap();
             assert_eq!(a.digest, b.digest);
+            assert_eq!(a.input_digest, crate::archive::sha256_digest(&data));
             let bytes = std::fs::read(a.file.path()).unwrap();
             assert_eq!(bytes.len() as u64, a.size);
             assert_eq!(crate::archive::sha256_digest(&bytes), a.digest);

@@ -29,6 +29,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// The longest a registry may stay silent: before its answer, and between chunks of a body
 /// (in either direction). Long, because committing a big blob to object storage is slow.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
+/// The most of an error answer's body read: distribution error bodies are a few hundred
+/// bytes, and a hostile or broken server may send without end.
+const ERROR_BODY_LIMIT: usize = 64 << 10;
+/// The most of a token server's answer read: tokens are JWTs of a few KiB.
+const TOKEN_BODY_LIMIT: usize = 1 << 20;
 /// Timed-out attempts per request: a registry that hung once is likely to hang again, and
 /// each wait is long.
 const TIMEOUT_ATTEMPTS: u32 = 2;
@@ -219,6 +224,11 @@ impl Client {
         bail!("cannot reach registry {}: {err} (is it running, and is the address right?)", self.registry)
     }
 
+    /// A line for `-v`.
+    pub fn debug(&self, line: String) {
+        self.progress.debug(line);
+    }
+
     /// `host[:port]` as the user named it.
     pub fn registry(&self) -> &str {
         &self.registry
@@ -388,10 +398,14 @@ impl Client {
                 if !answer.status().is_success() {
                     return Err(self.rejected(answer, &format!("token request to {realm}")).await.into());
                 }
-                let token: TokenAnswer = answer
-                    .json()
+                let body = read_limited(answer, TOKEN_BODY_LIMIT)
                     .await
-                    .map_err(|_| anyhow!("token server {realm} answered something that is not a token"))?;
+                    .map_err(|e| anyhow!("cannot read the token from {realm}: {}", self.redact(&describe(&e))))?;
+                let token: TokenAnswer = serde_json::from_slice(&body.bytes).map_err(|_| {
+                    let cut =
+                        if body.cut { format!(" (more than {} KiB)", TOKEN_BODY_LIMIT >> 10) } else { String::new() };
+                    anyhow!("token server {realm} answered something that is not a token{cut}")
+                })?;
                 let token = token
                     .token
                     .or(token.access_token)
@@ -405,7 +419,8 @@ impl Client {
     /// Turns an unwanted answer into a [`Rejected`] error, reading the distribution error body.
     pub async fn rejected(&self, response: Response, what: &str) -> Rejected {
         let status = response.status();
-        let body = response.text().await.unwrap_or_default();
+        let body = read_limited(response, ERROR_BODY_LIMIT).await.map(|b| b.bytes).unwrap_or_default();
+        let body = String::from_utf8_lossy(&body);
         let (code, detail) = match serde_json::from_str::<ErrorBody>(&body) {
             Ok(parsed) if !parsed.errors.is_empty() => {
                 let first = &parsed.errors[0];
@@ -440,6 +455,27 @@ impl Client {
             format!("{}{}", self.base, location)
         }
     }
+}
+
+/// The first bytes of a body, streamed: never more than `limit` are held, and the rest is
+/// not read at all (the connection is dropped rather than drained).
+struct Limited {
+    bytes: Vec<u8>,
+    /// Whether the body went on past `limit`.
+    cut: bool,
+}
+
+async fn read_limited(mut response: Response, limit: usize) -> reqwest::Result<Limited> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = limit - bytes.len();
+        if chunk.len() > room {
+            bytes.extend_from_slice(&chunk[..room]);
+            return Ok(Limited { bytes, cut: true });
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(Limited { bytes, cut: false })
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -524,6 +560,24 @@ mod tests {
         tokio::join!(toucher, activity.stalled(limit));
         // Touched until 200 ms, so the stall ends at 200 + 150 ms.
         assert_eq!(started.elapsed().as_millis(), 350);
+    }
+
+    /// An endless body: what a hostile server could send as an error or a token.
+    fn endless() -> Response {
+        let chunk = bytes::Bytes::from(vec![b'x'; 10_000]);
+        let stream = futures::stream::repeat_with(move || Ok::<_, std::io::Error>(chunk.clone()));
+        Response::from(http::Response::new(reqwest::Body::wrap_stream(stream)))
+    }
+
+    #[tokio::test]
+    async fn bodies_are_read_only_up_to_a_limit() {
+        let body = read_limited(endless(), ERROR_BODY_LIMIT).await.unwrap();
+        assert!(body.cut);
+        assert_eq!(body.bytes.len(), ERROR_BODY_LIMIT);
+        let short = Response::from(http::Response::new(reqwest::Body::from("{\"errors\": []}")));
+        let body = read_limited(short, ERROR_BODY_LIMIT).await.unwrap();
+        assert!(!body.cut);
+        assert_eq!(body.bytes, b"{\"errors\": []}");
     }
 
     #[tokio::test]

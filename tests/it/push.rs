@@ -640,3 +640,204 @@ fn tag_exists_sees_pushed_tags() {
     assert!(!runtime.block_on(session.tag_exists(&other)).expect("tag_exists"));
     assert_eq!(registry.skopeo_inspect("lib/app:1", false).expect("inspect")["Digest"], outcome.digest);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Cache files are hints; untrusted input is bounded
+
+/// The blob cache of `home`'s runs.
+fn blob_cache(home: &Sandbox) -> std::path::PathBuf {
+    home.path().join("cache/nixctr/blobs.json")
+}
+
+/// HMAC-SHA256 as nixctr signs blob cache entries, with the sandbox's key: lets the test
+/// write entries nixctr trusts, to reach the registry checks behind the signature.
+fn signed(home: &Sandbox, diff_id: &str, digest: &str, size: u64) -> String {
+    use sha2::{Digest, Sha256};
+    let key = hex::decode(std::fs::read_to_string(home.path().join("cache/nixctr/blobs.key")).expect("key").trim())
+        .expect("hex key");
+    let message = format!("nixctr blob cache\0gzip\0{diff_id}\0{digest}\0{size}");
+    let pad = |byte: u8| -> Vec<u8> {
+        let mut block = vec![byte; 64];
+        block.iter_mut().zip(&key).for_each(|(b, k)| *b ^= k);
+        block
+    };
+    let inner = Sha256::new().chain_update(pad(0x36)).chain_update(message).finalize();
+    hex::encode(Sha256::new().chain_update(pad(0x5c)).chain_update(inner).finalize())
+}
+
+/// A `blobs.json` whose entries were swapped between layers, or point at a blob that is not
+/// there or has another size, costs time but never puts a wrong layer in a manifest: skopeo
+/// reads back every layer decompressing to its diff_id.
+#[test]
+fn a_wrong_blob_cache_never_mixes_up_layers() {
+    let (registry, home) = (Registry::plain(), home());
+    let image = TestImage::new(4, 200_000, 21);
+    let archive = image.write(home.path(), "img", false);
+    let archive = archive.to_str().expect("path");
+    push(&home, &[archive, &format!("{}/hint/app:1", registry.host())]).success();
+
+    let ids = image.diff_ids();
+    let key = |n: usize| format!("gzip:{}", ids[n]);
+    let read = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(blob_cache(&home)).expect("blobs.json")).expect("JSON")
+    };
+    let pristine = read();
+    let host = registry.host();
+    let mut edited = pristine.clone();
+    let entries = &mut edited["registries"][&host];
+    assert_eq!(entries.as_object().map(|o| o.len()), Some(4), "{pristine}");
+    let first = entries[&key(1)].clone();
+    entries[&key(1)] = entries[&key(2)].clone();
+    entries[&key(2)] = first;
+    entries[&key(3)]["digest"] = serde_json::json!(sha256(b"no such blob"));
+    let size = entries[&key(0)]["size"].as_u64().expect("size");
+    entries[&key(0)]["size"] = serde_json::json!(size + 1);
+    std::fs::write(blob_cache(&home), edited.to_string()).expect("write blobs.json");
+    let reference = format!("{host}/hint/app:2");
+    let run = push(&home, &["-v", archive, &reference]);
+    run.success().stderr_has("ignored 4 entries not signed by this machine's key");
+    // Compressed again, found in the registry by the right digests: nothing is uploaded.
+    assert_eq!(run.counts(), (0, 4, 0), "{}", run.stderr());
+    check_with_skopeo(&registry, "hint/app:2", &run.digest(&reference), &image, OCI_GZIP, home.path());
+
+    // Signed entries the registry contradicts: a blob it does not have, one it has at
+    // another size. The registry's answer wins.
+    let mut edited = read();
+    let entries = &mut edited["registries"][&host];
+    let missing = sha256(b"no such blob");
+    entries[&key(3)]["digest"] = serde_json::json!(missing);
+    entries[&key(3)]["mac"] = serde_json::json!(signed(&home, &ids[3], &missing, 1234));
+    entries[&key(3)]["size"] = serde_json::json!(1234);
+    let digest = entries[&key(0)]["digest"].as_str().expect("digest").to_string();
+    entries[&key(0)]["size"] = serde_json::json!(size + 1);
+    entries[&key(0)]["mac"] = serde_json::json!(signed(&home, &ids[0], &digest, size + 1));
+    std::fs::write(blob_cache(&home), edited.to_string()).expect("write blobs.json");
+    let reference = format!("{host}/hint/app:3");
+    let run = push(&home, &["-v", archive, &reference]);
+    run.success().stderr_lacks("not signed").stderr_has(&format!("expected {} bytes: not using it", size + 1));
+    check_with_skopeo(&registry, "hint/app:3", &run.digest(&reference), &image, OCI_GZIP, home.path());
+}
+
+/// The file's identity as nixctr's archive memory keys it.
+fn file_key(path: &Path) -> serde_json::Value {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).expect("stat");
+    let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+    serde_json::json!({
+        "path": path.canonicalize().expect("canonicalize"),
+        "dev": m.dev(), "ino": m.ino(), "size": m.size(),
+        "mtime_ns": ns(m.mtime(), m.mtime_nsec()), "ctime_ns": ns(m.ctime(), m.ctime_nsec()),
+    })
+}
+
+/// `archives.json` remembers an archive; the file is then replaced by another build of the
+/// same size, and the memory made to match its identity (as a reused inode and a coarse
+/// clock could): the push reads the new archive and pushes it, not the remembered one.
+#[test]
+fn a_stale_archive_memory_is_not_trusted() {
+    let (registry, home) = (Registry::plain(), home());
+    let old = TestImage::new(3, 100_000, 22);
+    let new = TestImage::new(3, 100_000, 23);
+    let archive = old.write(home.path(), "img", false);
+    let path = archive.to_str().expect("path");
+    push(&home, &[path, &format!("{}/stale/app:1", registry.host())]).success();
+    let size = std::fs::metadata(&archive).expect("stat").len();
+    assert_eq!(new.write(home.path(), "img", false), archive);
+    assert_eq!(std::fs::metadata(&archive).expect("stat").len(), size, "the two builds should be the same size");
+
+    let memory = home.path().join("cache/nixctr/archives.json");
+    let mut remembered: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&memory).expect("archives.json")).expect("JSON");
+    assert_eq!(remembered.as_array().map(Vec::len), Some(1), "{remembered}");
+    remembered[0]["key"] = file_key(&archive);
+    std::fs::write(&memory, remembered.to_string()).expect("write archives.json");
+
+    let reference = format!("{}/stale/app:2", registry.host());
+    let run = push(&home, &["-v", path, &reference]);
+    run.success().stderr_lacks("unchanged since nixctr last checked it");
+    check_with_skopeo(&registry, "stale/app:2", &run.digest(&reference), &new, OCI_GZIP, home.path());
+    // And what it now remembers is the new build, recalled as such.
+    let reference = format!("{}/stale/app:3", registry.host());
+    let run = push(&home, &["-v", path, &reference]);
+    run.success().stderr_has("unchanged since nixctr last checked it");
+    check_with_skopeo(&registry, "stale/app:3", &run.digest(&reference), &new, OCI_GZIP, home.path());
+}
+
+/// Gzipped zeros decompress to far more than the tar in them declares: one error naming
+/// the file, exit 1, no temporary file left, nothing pushed.
+#[test]
+fn a_gzip_bomb_is_refused() {
+    let (registry, home) = (Registry::plain(), home());
+    let mut member = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    std::io::Write::write_all(&mut member, &vec![0u8; 1 << 20]).expect("gzip");
+    // 4 GiB of zeros in about 4 MB, as gzip members of 1 MiB each.
+    let bomb = member.finish().expect("gzip").repeat(4096);
+    let path = home.path().join("bomb.tar.gz");
+    std::fs::write(&path, &bomb).expect("write bomb");
+    let tmp = home.path().join("tmp");
+    std::fs::create_dir_all(&tmp).expect("mkdir");
+    let run = home
+        .nixctr()
+        .env("TMPDIR", &tmp)
+        .args(["push", path.to_str().expect("path"), &format!("{}/bomb/app:1", registry.host())])
+        .run();
+    run.failure()
+        .stderr_has("bomb.tar.gz: decompresses to more than it says")
+        .stderr_has("refusing a possible gzip bomb");
+    assert_eq!(run.stderr().matches("error: ").count(), 1, "{}", run.stderr());
+    let left: Vec<_> = std::fs::read_dir(&tmp).expect("read tmp").flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(registry.skopeo_inspect("bomb/app:1", false).is_none());
+}
+
+/// Whether process `pid` is gone (or a zombie waiting for a reaper).
+fn process_gone(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// A credential helper that never answers: one error naming it and the registry, exit 1,
+/// and the helper and what it started are killed.
+#[test]
+fn a_hanging_credential_helper_is_an_error() {
+    let (registry, home) = (Registry::plain(), home());
+    let archive = TestImage::new(2, 10_000, 24).write(home.path(), "img", false);
+    let pids = home.path().join("helper-pids");
+    let helper = home.bin().join("docker-credential-hang");
+    std::fs::write(
+        &helper,
+        format!("#!/bin/sh\necho $$ > {0}\nsleep 100000 &\necho $! >> {0}\nwait\n", pids.display()),
+    )
+    .expect("write helper");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::write(home.docker_config().join("config.json"), r#"{"credsStore": "hang"}"#).expect("write");
+    let reference = format!("{}/hang/app:1", registry.host());
+    let run = home
+        .nixctr()
+        .env("NIXCTR_CREDENTIAL_HELPER_TIMEOUT", "2")
+        .args(["push", archive.to_str().expect("path"), &reference])
+        .run();
+    run.failure().stderr_has(&format!(
+        "credential helper docker-credential-hang did not answer within 2s for registry {}",
+        registry.host()
+    ));
+    run.stderr_has("remove credsStore from");
+    assert_eq!(run.stderr().matches("error: ").count(), 1, "{}", run.stderr());
+    let pids = std::fs::read_to_string(&pids).expect("the helper ran");
+    let pids: Vec<&str> = pids.split_whitespace().collect();
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    for pid in &pids {
+        wait_until(&format!("process {pid} to be gone"), WAIT, || process_gone(pid).then_some(()));
+    }
+    assert!(registry.skopeo_inspect("hang/app:1", false).is_none());
+
+    let run = home
+        .nixctr()
+        .env("NIXCTR_CREDENTIAL_HELPER_TIMEOUT", "soon")
+        .args(["push", archive.to_str().expect("path"), &reference])
+        .run();
+    run.failure().stderr_has("NIXCTR_CREDENTIAL_HELPER_TIMEOUT=\"soon\"");
+}

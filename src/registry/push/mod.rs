@@ -7,8 +7,11 @@
 //! Once the whole archive checks out, per layer: skip it when the registry has it, mount it
 //! from another repository when the cache knows one, else upload it; then the config; the
 //! manifest last, so a failed push leaves no tag. An archive unchanged since its last check
-//! (same inode, size, mtime, ctime) is not read again, unless a layer turns out to need
-//! compressing and the recalled archive cannot supply its bytes.
+//! (same inode, size, mtime, ctime and content sample, its config agreeing) is not read
+//! again, unless a layer turns out to need compressing and the recalled archive cannot supply
+//! its bytes. Both cache files are hints: a layer goes into a manifest only as a blob whose
+//! link to its diff_id nixctr proved (compressed it from bytes hashing to that diff_id, then
+//! or in a signed cache entry), at the size the registry's HEAD confirms.
 
 mod index;
 
@@ -335,7 +338,7 @@ impl PushSession {
         let config = (archive.config_digest.as_str(), archive.config.len() as u64);
         {
             let _transfer = self.transfers.acquire().await.context("the push session closed")?;
-            if !self.client().await?.blob_exists(repo, config.0).await? {
+            if !self.client().await?.blob_exists(repo, config).await? {
                 self.client().await?.upload_blob(repo, config, UploadBody::Bytes(archive.config.clone()), None).await?;
                 outcome.pushed_bytes += config.1;
             }
@@ -423,7 +426,7 @@ impl PushSession {
         let blob = (compressed.digest.as_str(), compressed.size);
         let result = {
             let _transfer = self.transfers.acquire().await.context("the push session closed")?;
-            if self.client().await?.blob_exists(repo, blob.0).await? {
+            if self.client().await?.blob_exists(repo, blob).await? {
                 LayerResult::Skipped
             } else {
                 let bar = progress.bar(&label, Some(blob.1));
@@ -440,7 +443,7 @@ impl PushSession {
 
     /// A cached blob: still in this repository, or mountable from another one? `None`: neither.
     async fn reuse(&self, repo: &str, known: &CachedBlob) -> Result<Option<LayerResult>> {
-        if self.client().await?.blob_exists(repo, &known.digest).await? {
+        if self.client().await?.blob_exists(repo, (&known.digest, known.size)).await? {
             return Ok(Some(LayerResult::Skipped));
         }
         for from in known.repositories.iter().rev().filter(|r| r.as_str() != repo) {
