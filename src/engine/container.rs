@@ -298,6 +298,11 @@ impl ContainerGuard {
         if !running && *ended_before {
             return Err(watch.stalled().into());
         }
+        self.progress.debug(format!(
+            "engine: no output for {}s; the engine answers, the process {}",
+            watch.limit().as_secs(),
+            if running { "still runs: waiting" } else { "ended: waiting for the rest of its output" }
+        ));
         *ended_before = !running;
         watch.touch();
         Ok(())

@@ -11,4 +11,5 @@ mod platforms;
 mod publish;
 mod push;
 mod registry_harness;
+mod stall;
 mod version;
