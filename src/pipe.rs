@@ -39,6 +39,12 @@ where
     (futures::stream::poll_fn(move |cx| rx.poll_recv(cx)), handle)
 }
 
+/// Whether a producer failed only because the consumer stopped taking its bytes (the
+/// consumer's own error is then the one to report).
+pub(crate) fn receiver_stopped(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
 /// A `Write` that hands full chunks to the async side; blocks while the reader is behind.
 struct ChannelWriter {
     tx: mpsc::Sender<std::io::Result<Bytes>>,

@@ -14,6 +14,7 @@ use bollard::query_parameters::{
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
+use super::watch::Watch;
 use super::{engine_err, engine_error_text, timed, Engine, LABEL, LABEL_HOST, LABEL_PID, LABEL_ROLE};
 use crate::progress::Progress;
 
@@ -48,6 +49,8 @@ pub(crate) struct ExecOutput {
 const STDERR_TAIL_LINES: usize = 25;
 /// How long the engine may take to record an exec's exit code once its output has ended.
 const EXIT_CODE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// The most a probe of a quiet exec waits for the engine (less when the stall interval is).
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub(crate) struct ContainerGuard {
     engine: Engine,
@@ -121,24 +124,27 @@ impl ContainerGuard {
         S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     {
         let options = UploadToContainerOptionsBuilder::default().path("/").build();
-        self.engine
-            .client()
-            .upload_to_container(&self.id, Some(options), bollard::body_try_stream(tar))
-            .await
-            .map_err(engine_err)
-            .context("cannot upload the project into the container")
+        let watch = self.engine.watch("uploading into the container");
+        let upload = self.engine.client().upload_to_container(
+            &self.id,
+            Some(options),
+            bollard::body_try_stream(watch.body(tar)),
+        );
+        watch.run(upload).await?.map_err(engine_err).context("cannot upload the project into the container")
     }
 
     /// A tar stream of `path` in the container. A symlink comes back as a symlink, so
     /// callers pass resolved paths.
     pub(crate) fn download(&self, path: &str) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
         let options = DownloadFromContainerOptionsBuilder::default().path(path).build();
+        let watch = self.engine.watch(format!("copying {path} out of the container"));
         let path = path.to_string();
-        self.engine.client().download_from_container(&self.id, Some(options)).map(move |chunk| {
+        let chunks = self.engine.client().download_from_container(&self.id, Some(options)).map(move |chunk| {
             chunk.map_err(|e| {
                 std::io::Error::other(format!("cannot copy {path} out of the container: {}", engine_error_text(&e)))
             })
-        })
+        });
+        watch.stream(chunks)
     }
 
     /// Copies one regular file out of the container into `dest`, streaming. The engine sends
@@ -149,9 +155,10 @@ impl ContainerGuard {
     {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut reader = tokio_util::io::StreamReader::new(Box::pin(self.download(path)));
+        let failed = |e: std::io::Error| copy_error(e, path);
         let mut block = [0u8; 512];
         loop {
-            reader.read_exact(&mut block).await.with_context(|| format!("cannot copy {path} out of the container"))?;
+            reader.read_exact(&mut block).await.map_err(failed)?;
             if block.iter().all(|&b| b == 0) {
                 anyhow::bail!("{path} in the container is not a file");
             }
@@ -159,9 +166,7 @@ impl ContainerGuard {
             let size = header.entry_size().with_context(|| format!("bad tar header copying {path}"))?;
             match header.entry_type() {
                 tar::EntryType::Regular | tar::EntryType::Continuous => {
-                    let copied = tokio::io::copy(&mut (&mut reader).take(size), dest)
-                        .await
-                        .with_context(|| format!("cannot copy {path} out of the container"))?;
+                    let copied = tokio::io::copy(&mut (&mut reader).take(size), dest).await.map_err(failed)?;
                     if copied != size {
                         anyhow::bail!("copying {path} out of the container stopped after {copied} of {size} bytes");
                     }
@@ -174,7 +179,7 @@ impl ContainerGuard {
                 | tar::EntryType::GNULongName
                 | tar::EntryType::GNULongLink => {
                     let padded = size.div_ceil(512) * 512;
-                    tokio::io::copy(&mut (&mut reader).take(padded), &mut tokio::io::sink()).await?;
+                    tokio::io::copy(&mut (&mut reader).take(padded), &mut tokio::io::sink()).await.map_err(failed)?;
                 }
                 other => anyhow::bail!("{path} in the container is not a regular file ({other:?})"),
             }
@@ -227,7 +232,19 @@ impl ContainerGuard {
         let mut tail = LineTail::new(keep);
         if let StartExecResults::Attached { mut output, .. } = started {
             let mut err = std::io::stderr();
-            while let Some(item) = output.next().await {
+            let watch = self.engine.watch(format!("running {what} in the container"));
+            let mut ended = false;
+            loop {
+                let item = tokio::select! {
+                    biased;
+                    item = output.next() => item,
+                    () = watch.idle() => {
+                        self.quiet_exec(&created.id, &watch, &mut ended).await?;
+                        continue;
+                    }
+                };
+                let Some(item) = item else { break };
+                watch.touch();
                 let item = item.map_err(engine_err).with_context(|| format!("lost the output of {what}"))?;
                 match item {
                     bollard::container::LogOutput::StdOut { message } => stdout.extend_from_slice(&message),
@@ -266,6 +283,31 @@ impl ContainerGuard {
         Ok(ExecOutput { exit_code, stdout: String::from_utf8_lossy(&stdout).into_owned(), stderr_tail: tail.finish() })
     }
 
+    /// The output of exec `id` has been quiet for the stall interval: a build thinking, or a
+    /// stream that stopped? The engine, asked on a fresh connection, tells: no answer is a
+    /// stall; a process that still runs is waited for; one that ended gets one more interval
+    /// for its output to drain.
+    async fn quiet_exec(&self, id: &str, watch: &Watch, ended_before: &mut bool) -> Result<()> {
+        let limit = watch.limit().min(PROBE_TIMEOUT);
+        let probe = async { self.engine.fresh_client(limit)?.inspect_exec(id).await.map_err(engine_err) };
+        let running = match tokio::time::timeout(limit, probe).await {
+            Err(_) => return Err(watch.stalled().into()),
+            Ok(Err(e)) => return Err(e.context(watch.stalled())),
+            Ok(Ok(info)) => info.running == Some(true),
+        };
+        if !running && *ended_before {
+            return Err(watch.stalled().into());
+        }
+        self.progress.debug(format!(
+            "engine: no output for {}s; the engine answers, the process {}",
+            watch.limit().as_secs(),
+            if running { "still runs: waiting" } else { "ended: waiting for the rest of its output" }
+        ));
+        *ended_before = !running;
+        watch.touch();
+        Ok(())
+    }
+
     /// Removes the container (killing what runs in it). Errors are reported: the caller
     /// has finished its work and would rather know.
     pub(crate) async fn remove(mut self) -> Result<()> {
@@ -291,15 +333,25 @@ impl Drop for ContainerGuard {
                 return;
             };
             runtime.block_on(async {
-                if let Ok(engine) = engine.reconnect().await {
-                    if let Err(e) = engine.remove_container(&id).await {
-                        progress.warn(format!("{e:#} (`nixctr gc` removes it later)"));
-                    }
+                let removed = match engine.reconnect().await {
+                    Ok(engine) => engine.remove_container(&id).await,
+                    Err(e) => Err(e.context(format!("cannot remove container {id}"))),
+                };
+                if let Err(e) = removed {
+                    progress.warn(format!("{e:#} (`nixctr gc` removes it later)"));
                 }
             });
         });
         let _ = cleanup.join();
     }
+}
+
+/// A failed copy out of the container; a stall is its own message.
+fn copy_error(e: std::io::Error, path: &str) -> anyhow::Error {
+    if e.get_ref().is_some_and(|inner| inner.is::<super::watch::Stalled>()) {
+        return anyhow::Error::new(e);
+    }
+    anyhow::Error::new(e).context(format!("cannot copy {path} out of the container"))
 }
 
 fn unique_suffix() -> String {

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bollard::query_parameters::CreateImageOptionsBuilder;
-use futures::StreamExt;
 
 use super::{engine_err, is_not_found, split_image_tag, timed, Engine, PullPolicy};
 use crate::platform::Platform;
@@ -89,10 +88,11 @@ impl Engine {
         let wanted = platform.to_string();
         let options = CreateImageOptionsBuilder::default().from_image(name).tag(tag).platform(&wanted).build();
         let mut stream = self.docker.create_image(Some(options), None, None);
+        let watch = self.watch(format!("pulling {image}"));
         let bar = progress.bar("pull", None);
         let mut layers: HashMap<String, (i64, i64)> = HashMap::new();
         let result: Result<()> = async {
-            while let Some(item) = stream.next().await {
+            while let Some(item) = watch.next(&mut stream).await? {
                 let info = item.map_err(engine_err)?;
                 if let (Some(id), Some(detail)) = (&info.id, &info.progress_detail) {
                     if let (Some(cur), Some(total)) = (detail.current, detail.total) {
@@ -105,6 +105,10 @@ impl Engine {
         }
         .await;
         bar.finish_and_clear();
+        match &result {
+            Err(e) if super::is_stall(e) => return result,
+            _ => {}
+        }
         if result.is_err() {
             // Say which platforms the image has, when the engine can tell.
             if let Some(has) = self.platforms_of(image).await.filter(|has| !has.iter().any(|p| same(p, platform))) {

@@ -10,6 +10,7 @@ mod container;
 mod image;
 mod runs;
 mod transport;
+mod watch;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -27,6 +28,8 @@ pub(crate) use address::EngineAddress;
 pub(crate) use container::{ContainerGuard, ContainerSpec, OutputMode};
 pub(crate) use runs::{hostname, live_owner};
 use transport::Transport;
+pub(crate) use watch::is_stall;
+use watch::Watch;
 
 use crate::progress::Progress;
 
@@ -64,6 +67,8 @@ const REQUEST_TIMEOUT_SECS: u64 = 24 * 3600;
 /// For requests that answer at once from a healthy engine (inspect, create, remove, list).
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 const PING_TIMEOUT: Duration = Duration::from_secs(3);
+/// The most of an engine's JSON answer nixctr reads (a container list of thousands fits).
+const ANSWER_LIMIT: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Flavor {
@@ -81,7 +86,9 @@ pub(crate) struct Engine {
     /// (a [`ContainerGuard`]'s cleanup thread included).
     transport: Arc<Transport>,
     flavor: Flavor,
-    api_version: String,
+    api_version: bollard::ClientVersion,
+    /// How long a stream may make no progress (see [`watch`]).
+    stall: Duration,
 }
 
 impl Engine {
@@ -89,6 +96,7 @@ impl Engine {
     /// `DOCKER_HOST`, `DOCKER_CONTEXT`, `currentContext`, `CONTAINER_CONNECTION`/`CONTAINER_HOST`,
     /// nixctr.toml), else to the first of the usual sockets that answers. `-v` says which and why.
     pub(crate) async fn connect(explicit: Option<&EngineAddress>, progress: &Progress) -> Result<Engine> {
+        watch::stall_timeout()?;
         if let Some(address) = explicit {
             progress.debug(format!("engine: {} from {}", address.url, address.why));
             let engine = Self::connect_to(address, progress).await.map_err(|e| {
@@ -131,7 +139,7 @@ impl Engine {
     }
 
     async fn over(transport: Arc<Transport>, address: &str) -> Result<Engine> {
-        let docker = transport.client(REQUEST_TIMEOUT_SECS).map(with_tar_content_type)?;
+        let docker = transport.client(REQUEST_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION).map(with_tar_content_type)?;
         let answered = match tokio::time::timeout(PING_TIMEOUT, docker.ping()).await {
             Err(_) => Err(format!("no answer within {}s", PING_TIMEOUT.as_secs())),
             Ok(Err(e)) => Err(transport::error_chain(&e).trim().to_string()),
@@ -146,14 +154,26 @@ impl Engine {
         let version =
             timed("the version request", docker.version()).await?.context("cannot read the engine's version")?;
         let is_podman = version.components.iter().flatten().any(|c| c.name.to_ascii_lowercase().contains("podman"));
-        let api_version = docker.client_version().to_string();
+        let api_version = docker.client_version();
         Ok(Engine {
             docker,
             address: address.to_string(),
             transport,
             flavor: if is_podman { Flavor::Podman } else { Flavor::Docker },
             api_version,
+            stall: watch::stall_timeout()?,
         })
+    }
+
+    /// A client with a connection pool of its own, speaking the negotiated API version: a
+    /// probe on it does not queue behind (or reuse) a connection that stopped answering.
+    fn fresh_client(&self, timeout: Duration) -> Result<Docker> {
+        self.transport.client(timeout.as_secs().max(1), &self.api_version)
+    }
+
+    /// The watchdog of one streaming step.
+    fn watch(&self, step: impl Into<String>) -> Watch {
+        Watch::new(&self.address, step, self.stall)
     }
 
     /// The address it was reached at, for messages and reports.
@@ -247,12 +267,9 @@ impl Engine {
 
     /// The containers labelled [`LABEL`], running or not: (ID, labels).
     ///
-    /// Read with a plain GET rather than bollard's typed list: Podman reports states such as
-    /// `stopped` that bollard's state enum rejects, failing the whole list.
+    /// Read untyped: Podman reports states such as `stopped` that bollard's state enum
+    /// rejects, which would fail the whole list.
     pub(crate) async fn labelled_containers(&self) -> Result<Vec<(String, HashMap<String, String>)>> {
-        if self.transport.is_tls() {
-            return self.labelled_containers_typed().await;
-        }
         // filters={"label":["dev.nixctr"]}, URL-encoded
         let list = self
             .get_json("/containers/json?all=1&filters=%7B%22label%22%3A%5B%22dev.nixctr%22%5D%7D")
@@ -270,48 +287,38 @@ impl Engine {
         Ok(found)
     }
 
-    /// [`Engine::labelled_containers`] through bollard's typed list, for TLS (no raw socket).
-    async fn labelled_containers_typed(&self) -> Result<Vec<(String, HashMap<String, String>)>> {
-        let filters = HashMap::from([("label", vec![LABEL.to_string()])]);
-        let options =
-            bollard::query_parameters::ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
-        let list = timed("a container list", self.docker.list_containers(Some(options)))
-            .await?
-            .map_err(engine_err)
-            .context("cannot list containers")?;
-        Ok(list.into_iter().filter_map(|c| Some((c.id?, c.labels.unwrap_or_default()))).collect())
-    }
-
-    /// A GET against the engine API, answered as JSON (HTTP/1.0: no chunked bodies).
+    /// A GET of `path` (query included) answered as JSON, for answers bollard has no type for
+    /// (Podman's manifest list) or a type too strict for (Podman's container states).
+    ///
+    /// bollard has no untyped request, so this borrows a GET of its own that answers raw bytes
+    /// (an image export) and points it at `path` on its way out: the request still goes
+    /// through bollard's transport (unix, tcp, TLS, the ssh tunnel), its status handling and
+    /// its timeout.
     async fn get_json(&self, path: &str) -> Result<serde_json::Value> {
-        timed(&format!("GET {path}"), self.get_json_untimed(path)).await?
-    }
-
-    async fn get_json_untimed(&self, path: &str) -> Result<serde_json::Value> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let request =
-            format!("GET /v{}{path} HTTP/1.0\r\nHost: localhost\r\nAccept: application/json\r\n\r\n", self.api_version);
-        let mut response = Vec::new();
-        if let Some(socket) = self.transport.local_socket() {
-            let mut stream = tokio::net::UnixStream::connect(socket).await?;
-            stream.write_all(request.as_bytes()).await?;
-            stream.read_to_end(&mut response).await?;
-        } else {
-            let host = self.address.trim_start_matches("tcp://").trim_start_matches("http://").trim_end_matches('/');
-            let mut stream = tokio::net::TcpStream::connect(host).await?;
-            stream.write_all(request.as_bytes()).await?;
-            stream.read_to_end(&mut response).await?;
-        }
-        let split = response
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .ok_or_else(|| anyhow!("the engine sent no HTTP answer"))?;
-        let head = String::from_utf8_lossy(&response[..split]);
-        let body = &response[split + 4..];
-        if !head.split_whitespace().nth(1).is_some_and(|code| code.starts_with('2')) {
-            bail!("{} ({})", String::from_utf8_lossy(body).trim(), head.lines().next().unwrap_or_default());
-        }
-        Ok(serde_json::from_slice(body)?)
+        let target: http::uri::PathAndQuery = format!("/v{}{path}", self.api_version)
+            .parse()
+            .map_err(|e| anyhow!("bad engine API path {path:?}: {e}"))?;
+        let docker = self.docker.clone().with_request_modifier(move |mut request| {
+            let mut parts = request.uri().clone().into_parts();
+            parts.path_and_query = Some(target.clone());
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *request.uri_mut() = uri;
+            }
+            request
+        });
+        let read = async {
+            let mut body = Box::pin(docker.export_image("nixctr-untyped-get"));
+            let mut answer = Vec::new();
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(engine_err)?;
+                if answer.len() + chunk.len() > ANSWER_LIMIT {
+                    bail!("the engine's answer to GET {path} is larger than {} MiB", ANSWER_LIMIT >> 20);
+                }
+                answer.extend_from_slice(&chunk);
+            }
+            serde_json::from_slice(&answer).map_err(|e| anyhow!("the engine's answer to GET {path} is not JSON: {e}"))
+        };
+        timed(&format!("GET {path}"), read).await?
     }
 
     pub(crate) async fn remove_container(&self, id: &str) -> Result<()> {
@@ -356,20 +363,30 @@ impl Engine {
             }
             Ok(())
         });
-        let options = ImportImageOptionsBuilder::default().quiet(true).build();
-        let stream = self.docker.import_image_stream(options, body, None);
-        let loaded = collect_loaded(stream, path).await;
-        reader.await.map_err(|e| anyhow!("the archive reader failed: {e}"))??;
-        loaded
+        // Not quiet: Docker reports progress while it registers the layers, which the
+        // watchdog takes as a sign of life.
+        let options = ImportImageOptionsBuilder::default().quiet(false).build();
+        let watch = self.watch(format!("loading {}", path.display()));
+        let stream = self.docker.import_image_stream(options, watch.body(body), None);
+        let loaded = collect_loaded(stream, path, &watch).await;
+        let read = reader.await.map_err(|e| anyhow!("the archive reader failed: {e}"))?;
+        match (loaded, read) {
+            // The reader stopped because the engine did: the engine's failure is the news.
+            (Err(e), Err(r)) if crate::pipe::receiver_stopped(&r) => Err(e),
+            (_, Err(r)) => Err(r),
+            (loaded, Ok(())) => loaded,
+        }
     }
 }
 
 async fn collect_loaded(
-    mut stream: impl futures::Stream<Item = Result<bollard::models::BuildInfo, bollard::errors::Error>> + Unpin,
+    stream: impl futures::Stream<Item = Result<bollard::models::BuildInfo, bollard::errors::Error>>,
     path: &Path,
+    watch: &Watch,
 ) -> Result<Vec<String>> {
+    let mut stream = std::pin::pin!(stream);
     let mut loaded = Vec::new();
-    while let Some(item) = stream.next().await {
+    while let Some(item) = watch.next(&mut stream).await? {
         let info =
             item.map_err(engine_err).with_context(|| format!("cannot load {} into the engine", path.display()))?;
         // Docker says "Loaded image: NAME" (or "Loaded image ID: …"); Podman says

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use bollard::Docker;
+use x509_parser::pem::Pem;
+use x509_parser::time::ASN1Time;
 
 use super::address::{EngineAddress, SshTarget, TlsFiles};
 use crate::progress::Progress;
@@ -66,9 +68,8 @@ impl Transport {
         bail!("engine address {url:?} is not unix://PATH, tcp://HOST:PORT, http://HOST:PORT or ssh://USER@HOST")
     }
 
-    /// A fresh client over this transport.
-    pub(crate) fn client(&self, timeout_secs: u64) -> Result<Docker> {
-        let version = bollard::API_DEFAULT_VERSION;
+    /// A fresh client (a connection pool of its own) over this transport.
+    pub(crate) fn client(&self, timeout_secs: u64, version: &bollard::ClientVersion) -> Result<Docker> {
         let docker = match self {
             Transport::Unix(path) => Docker::connect_with_unix(&path.to_string_lossy(), timeout_secs, version),
             Transport::Ssh(tunnel) => {
@@ -80,19 +81,6 @@ impl Transport {
             }
         };
         docker.map_err(|e| anyhow!("{}", error_chain(&e)))
-    }
-
-    /// The local socket that speaks the engine API unencrypted, when there is one.
-    pub(crate) fn local_socket(&self) -> Option<&Path> {
-        match self {
-            Transport::Unix(path) => Some(path),
-            Transport::Ssh(tunnel) => Some(&tunnel.socket),
-            _ => None,
-        }
-    }
-
-    pub(crate) fn is_tls(&self) -> bool {
-        matches!(self, Transport::Tls { .. })
     }
 
     /// What to do when the engine behind this transport failed to answer `error`.
@@ -172,10 +160,10 @@ fn check_tls_files(files: &TlsFiles) -> Result<()> {
         }
     }
     check_private_file(&files.key, "TLS client key")?;
-    let pem = std::fs::read_to_string(&files.cert)
+    let pem = std::fs::read(&files.cert)
         .with_context(|| format!("cannot read the client certificate {}", files.cert.display()))?;
     if let Some(not_after) = certificate_not_after(&pem) {
-        if not_after < now_utc() {
+        if not_after < ASN1Time::now() {
             bail!(
                 "the client certificate {} (from {}) expired on {}; fix: get a new one signed by the engine's CA",
                 files.cert.display(),
@@ -214,79 +202,25 @@ fn tls_advice(files: &TlsFiles, error: &str) -> String {
     format!("{error}\n  {fix}")
 }
 
-/// notAfter of the first certificate in `pem`, as `YYYYMMDDHHMMSS` (UTC).
-fn certificate_not_after(pem: &str) -> Option<String> {
-    use base64::Engine as _;
-    let body = pem.split("-----BEGIN CERTIFICATE-----").nth(1)?.split("-----END CERTIFICATE-----").next()?;
-    let der = base64::engine::general_purpose::STANDARD.decode(body.split_whitespace().collect::<String>()).ok()?;
-    let (_, cert, _) = der_item(&der)?;
-    let (_, mut tbs, _) = der_item(cert)?;
-    // [0] version (optional), serial, signature algorithm, issuer, validity
-    let (tag, _, rest) = der_item(tbs)?;
-    if tag == 0xa0 {
-        tbs = rest;
-        let (_, _, rest) = der_item(tbs)?; // serial
-        tbs = rest;
-    } else {
-        tbs = rest; // that was the serial
-    }
-    let (_, _, rest) = der_item(tbs)?; // signature algorithm
-    let (_, _, rest) = der_item(rest)?; // issuer
-    let (_, validity, _) = der_item(rest)?;
-    let (_, _, rest) = der_item(validity)?; // notBefore
-    let (tag, time, _) = der_item(rest)?;
-    let text = std::str::from_utf8(time).ok()?.trim_end_matches('Z');
-    match (tag, text.len()) {
-        // UTCTime: YYMMDDHHMMSS, years 1950-2049
-        (0x17, 12) => {
-            let century = if text[..2].parse::<u32>().ok()? < 50 { "20" } else { "19" };
-            Some(format!("{century}{text}"))
-        }
-        (0x18, 14) => Some(text.to_string()),
-        _ => None,
-    }
+/// notAfter of the first certificate in `pem`; `None` when there is none to read (the TLS
+/// handshake then says what is wrong).
+fn certificate_not_after(pem: &[u8]) -> Option<ASN1Time> {
+    let block = Pem::iter_from_buffer(pem).filter_map(Result::ok).find(|p| p.label == "CERTIFICATE")?;
+    Some(block.parse_x509().ok()?.validity().not_after)
 }
 
-/// (tag, content, rest) of the DER item at the start of `buf`.
-fn der_item(buf: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let tag = *buf.first()?;
-    let first = *buf.get(1)? as usize;
-    let (len, header) = if first < 0x80 {
-        (first, 2)
-    } else {
-        let n = first & 0x7f;
-        if n == 0 || n > 4 {
-            return None;
-        }
-        let len = buf.get(2..2 + n)?.iter().fold(0usize, |acc, &b| (acc << 8) | b as usize);
-        (len, 2 + n)
-    };
-    let content = buf.get(header..header + len)?;
-    Some((tag, content, &buf[header + len..]))
-}
-
-/// Now as `YYYYMMDDHHMMSS` (UTC).
-fn now_utc() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let (days, rem) = ((secs / 86400) as i64, secs % 86400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}{month:02}{day:02}{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
-fn shown_time(t: &str) -> String {
-    if t.len() != 14 {
-        return t.to_string();
-    }
-    format!("{}-{}-{} {}:{}:{} UTC", &t[..4], &t[4..6], &t[6..8], &t[8..10], &t[10..12], &t[12..])
+/// `2020-01-02 00:00:00 UTC`.
+fn shown_time(t: &ASN1Time) -> String {
+    let t = t.to_datetime();
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -486,11 +420,24 @@ fn ssh_advice(target: &SshTarget, said: &str) -> String {
 mod tests {
     use super::*;
 
+    /// A self-signed certificate valid from 2020-01-01 to 2020-01-02 (`openssl ca -selfsign`).
+    const EXPIRED: &str = "comment lines before the block are allowed
+-----BEGIN CERTIFICATE-----
+MIIBDDCBswICEAAwCgYIKoZIzj0EAwIwEjEQMA4GA1UEAwwHZXhwaXJlZDAeFw0y
+MDAxMDEwMDAwMDBaFw0yMDAxMDIwMDAwMDBaMBIxEDAOBgNVBAMMB2V4cGlyZWQw
+WTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAASxrpW03QWzwKcTBX3TAHngI1fhFusp
+MCC76BUwQmsgf77p5WRgK8uTAnpncU3hDrg1nLE7ViFy+dTwwbEgGtOnMAoGCCqG
+SM49BAMCA0gAMEUCIFULDdrCLCBp8GYcIGCHfontCjgbn3jVQ3MQaK8X/FC+AiEA
+0kAY6tJiab7UNt5vzFmJURGtalC/WFKynM+G4VXIbmw=
+-----END CERTIFICATE-----
+";
+
     #[test]
-    fn the_date_of_now_is_plausible() {
-        let now = now_utc();
-        assert_eq!(now.len(), 14);
-        assert!(now.as_str() > "20240101000000", "{now}");
+    fn the_expiry_of_a_certificate_is_read_and_shown_in_utc() {
+        let not_after = certificate_not_after(EXPIRED.as_bytes()).unwrap();
+        assert_eq!(shown_time(&not_after), "2020-01-02 00:00:00 UTC");
+        assert!(not_after < ASN1Time::now());
+        assert!(certificate_not_after(b"not a certificate").is_none());
     }
 
     #[test]

@@ -134,9 +134,16 @@ impl NixContainer {
             let started = std::time::Instant::now();
             let (body, walk) = context::tar_stream(sources);
             let sent = guard.upload(body).await;
-            let stats =
-                walk.await.map_err(|e| anyhow!("the upload thread failed: {e}"))?.context("cannot send the project")?;
-            sent?;
+            let walked = walk.await.map_err(|e| anyhow!("the upload thread failed: {e}"))?;
+            let stats = match (walked, sent) {
+                // The walk stopped because the engine stopped taking the tar: that is the news.
+                (Err(w), Err(e)) if crate::pipe::receiver_stopped(&w) => return Err(e),
+                (walked, sent) => {
+                    let stats = walked.context("cannot send the project")?;
+                    sent?;
+                    stats
+                }
+            };
             progress.debug(format!(
                 "context: {} files, {} bytes in {:.2}s",
                 stats.files,

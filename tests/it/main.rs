@@ -11,5 +11,6 @@ mod platforms;
 mod publish;
 mod push;
 mod registry_harness;
+mod stall;
 mod trust;
 mod version;
