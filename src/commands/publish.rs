@@ -20,7 +20,7 @@ pub(crate) async fn run(settings: &Settings, args: PublishArgs) -> Result<()> {
     let Some(registry) = args.registry_host.clone().or(settings.registry.clone()) else {
         bail!("no registry to publish to: pass --registry HOST[:PORT] or set `registry` in nixctr.toml");
     };
-    let config = settings.registry_config(&args.registry)?;
+    let config = settings.registry_config(&super::registry_inputs(&args.registry))?;
     let request = Request {
         names,
         version: args.version.clone(),
