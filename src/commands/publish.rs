@@ -33,7 +33,14 @@ pub(crate) async fn run(settings: &Settings, args: PublishArgs) -> Result<()> {
         archive: args.archive.clone(),
         build: build::Options { jobs: super::max_jobs(&args.many)?, fail_fast: args.many.fail_fast },
     };
-    let records = publish::publish(settings, &request, &config, &progress).await?;
+    let options = publish::Options {
+        root: settings.project_root()?,
+        tag_template: &settings.tag_template,
+        platforms: &settings.platforms,
+        cache_first: settings.cache.required && settings.cache.cache_to.is_some(),
+        settings,
+    };
+    let records = publish::publish(&options, &request, &config, &progress).await?;
     if let [record] = records.as_slice() {
         if record.status == Status::Failed {
             // One container: its error is the command's, as it always was.
