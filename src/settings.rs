@@ -1,6 +1,6 @@
 //! Settings resolved once: command-line flags win over the environment, which wins over
 //! `nixctr.toml` at the project root, which wins over the defaults. The command line arrives
-//! as plain [`Inputs`] (nothing here knows clap); the rest of the program reads only [`Settings`].
+//! as plain [`Inputs`] (no parser types here); the rest of the program reads only [`Settings`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
