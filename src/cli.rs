@@ -1,13 +1,30 @@
 //! The command line: global flags and one `Command` enum. Each flag's doc comment is its help.
-//! Settings that can also come from `nixctr.toml` are `Option`s here; `settings` resolves them.
+//! Settings that can also come from `nixctr.toml` are `Option`s here; `commands` turns them
+//! into plain `settings::Inputs`, which `settings` resolves without knowing clap.
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 /// The command line of this process; exits with clap's usage error (code 2) when it does not parse.
-pub fn parse() -> Cli {
-    Cli::parse()
+pub fn parse() -> Parsed {
+    Parsed::from_matches(&Cli::command().get_matches()).unwrap_or_else(|e| e.exit())
+}
+
+/// The parsed command line, and what only clap's matches know about where a value came from.
+#[derive(Debug)]
+pub struct Parsed {
+    pub cli: Cli,
+    /// `--engine` was not given and its value came from `NIXCTR_ENGINE`.
+    pub engine_from_env: bool,
+}
+
+impl Parsed {
+    fn from_matches(matches: &ArgMatches) -> Result<Parsed, clap::Error> {
+        let engine_from_env = matches.value_source("engine") == Some(ValueSource::EnvVariable);
+        Ok(Parsed { cli: Cli::from_arg_matches(matches)?, engine_from_env })
+    }
 }
 
 #[derive(Debug, Parser)]
@@ -423,4 +440,37 @@ pub enum CacheCommand {
         #[arg(long)]
         all: bool,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_from(args: &[&str]) -> Parsed {
+        Parsed::from_matches(&Cli::command().try_get_matches_from(args).unwrap()).unwrap()
+    }
+
+    /// The only test that sets `NIXCTR_ENGINE`: every case runs in this one function.
+    #[test]
+    fn engine_source_is_the_flag_or_the_environment() {
+        std::env::remove_var("NIXCTR_ENGINE");
+        let parsed = parse_from(&["nixctr", "-H", "unix:///a.sock", "gc"]);
+        assert_eq!((parsed.cli.engine, parsed.engine_from_env), (vec!["unix:///a.sock".to_string()], false));
+        std::env::set_var("NIXCTR_ENGINE", "unix:///env.sock");
+        let parsed = parse_from(&["nixctr", "gc"]);
+        assert_eq!((parsed.cli.engine, parsed.engine_from_env), (vec!["unix:///env.sock".to_string()], true));
+        for args in [&["nixctr", "--engine", "unix:///a.sock", "gc"][..], &["nixctr", "gc", "-H", "unix:///a.sock"]] {
+            let parsed = parse_from(args);
+            assert_eq!(
+                (parsed.cli.engine, parsed.engine_from_env),
+                (vec!["unix:///a.sock".to_string()], false),
+                "{args:?}"
+            );
+        }
+        // Empty names no engine: `settings` drops empty values.
+        std::env::set_var("NIXCTR_ENGINE", "");
+        let parsed = parse_from(&["nixctr", "gc"]);
+        assert!(parsed.cli.engine.iter().all(String::is_empty), "{:?}", parsed.cli.engine);
+        std::env::remove_var("NIXCTR_ENGINE");
+    }
 }

@@ -13,7 +13,7 @@ pub struct Interrupted(pub &'static str);
 #[error("{0}")]
 pub struct Unexpected(pub String);
 
-/// The command line asks for something that cannot be: exit code 2, as clap's own errors.
+/// The command line asks for something that cannot be: exit code 2, as the parser's own usage errors.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Usage(pub String);

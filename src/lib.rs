@@ -35,7 +35,7 @@ use exit::Interrupted;
 
 /// Runs one command to completion. Ctrl-C and SIGTERM abort the command's future, whose
 /// guards (containers, temporary files) clean up as they drop, and end in [`Interrupted`].
-pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
+pub fn run(cli: cli::Parsed) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         tokio::select! {

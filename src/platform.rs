@@ -57,6 +57,33 @@ impl Platform {
         Platform { os, architecture, variant }
     }
 
+    /// Whether the OS and architecture are ones images are made for (Go's names, which OCI
+    /// uses), so that a typo such as `linux/amd46` is caught where it is written.
+    pub(crate) fn is_known(&self) -> bool {
+        const OSES: &[&str] = &[
+            "aix",
+            "android",
+            "darwin",
+            "dragonfly",
+            "freebsd",
+            "illumos",
+            "ios",
+            "js",
+            "linux",
+            "netbsd",
+            "openbsd",
+            "plan9",
+            "solaris",
+            "wasip1",
+            "windows",
+        ];
+        const ARCHITECTURES: &[&str] = &[
+            "386", "amd64", "arm", "arm64", "loong64", "mips", "mipsle", "mips64", "mips64le", "ppc64", "ppc64le",
+            "riscv64", "s390x", "wasm",
+        ];
+        OSES.contains(&self.os.as_str()) && ARCHITECTURES.contains(&self.architecture.as_str())
+    }
+
     /// For file names: `amd64`, `arm64`, `arm-v7`.
     pub(crate) fn suffix(&self) -> String {
         match &self.variant {
@@ -90,6 +117,16 @@ mod tests {
         for bad in ["linux", "linux/", "/amd64", "linux/amd64/v1/x", "linux/am d64", ""] {
             let err = Platform::parse(bad).unwrap_err().to_string();
             assert!(err.contains("OS/ARCH"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn known_platforms_are_told_from_typos() {
+        for known in ["linux/amd64", "linux/aarch64", "linux/arm/v7", "linux/riscv64", "windows/amd64"] {
+            assert!(Platform::parse(known).unwrap().is_known(), "{known}");
+        }
+        for unknown in ["linux/potato", "linux/amd46", "linx/amd64"] {
+            assert!(!Platform::parse(unknown).unwrap().is_known(), "{unknown}");
         }
     }
 

@@ -1,9 +1,11 @@
 //! The ops repository nixctr works on: `containers/<name>/` directories, and the git
 //! metadata that names a build's source (HEAD commit, uncommitted changes).
 
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 /// `containers/NAME`, checked: NAME is a plain directory name.
 pub(crate) fn container_dir(root: &Path, name: &str) -> Result<PathBuf> {
@@ -42,63 +44,43 @@ pub(crate) fn container_names(root: &Path) -> Vec<String> {
     names
 }
 
-/// The git directory of the repository holding `root` (following a worktree's `.git` file).
-pub(crate) fn git_dir(root: &Path) -> Result<PathBuf> {
-    for dir in root.ancestors() {
-        let dot_git = dir.join(".git");
-        if dot_git.is_dir() {
-            return Ok(dot_git);
-        }
-        if dot_git.is_file() {
-            let text =
-                std::fs::read_to_string(&dot_git).with_context(|| format!("cannot read {}", dot_git.display()))?;
-            let Some(target) = text.trim().strip_prefix("gitdir:") else {
-                bail!("{} is not a gitdir link", dot_git.display());
-            };
-            return Ok(dir.join(target.trim()));
-        }
+/// `git -C root`, for the repository that holds root whatever the environment names.
+pub(crate) fn git_command(program: &str, root: &Path) -> Command {
+    let mut command = Command::new(program);
+    command.arg("-C").arg(root).stdin(Stdio::null());
+    for var in ["GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR"] {
+        command.env_remove(var);
     }
-    bail!("{} is not in a git repository (give the tag whole with --tag)", root.display())
+    command
 }
 
-/// The full commit id HEAD points at, read from the repository's files.
+/// The full commit id HEAD points at, as git reads it (worktrees, packed refs and all).
 pub(crate) fn head_commit(root: &Path) -> Result<String> {
-    let git = git_dir(root)?;
-    let head = std::fs::read_to_string(git.join("HEAD"))
-        .with_context(|| format!("cannot read {}", git.join("HEAD").display()))?;
-    let head = head.trim();
-    let Some(reference) = head.strip_prefix("ref:") else {
-        return check_commit_id(head); // detached HEAD
-    };
-    let reference = reference.trim();
-    // A worktree keeps its HEAD apart but shares refs with the main repository.
-    let common = match std::fs::read_to_string(git.join("commondir")) {
-        Ok(rel) => git.join(rel.trim()),
-        Err(_) => git.clone(),
-    };
-    for base in [&git, &common] {
-        if let Ok(id) = std::fs::read_to_string(base.join(reference)) {
-            return check_commit_id(id.trim());
-        }
-    }
-    if let Ok(packed) = std::fs::read_to_string(common.join("packed-refs")) {
-        for line in packed.lines() {
-            if let Some((id, name)) = line.split_once(' ') {
-                if name == reference {
-                    return check_commit_id(id);
-                }
-            }
-        }
-    }
-    bail!("HEAD names {reference}, which has no commit yet (commit first, or give the tag whole with --tag)")
+    head_commit_with("git", root)
 }
 
-fn check_commit_id(id: &str) -> Result<String> {
-    if id.len() >= 40 && id.chars().all(|c| c.is_ascii_hexdigit()) {
-        Ok(id.to_string())
-    } else {
-        bail!("HEAD holds {id:?}, not a commit id")
+fn head_commit_with(git: &str, root: &Path) -> Result<String> {
+    let out = git_command(git, root).args(["rev-parse", "--verify", "--quiet", "HEAD^{commit}"]).output();
+    let out = match out {
+        Ok(out) => out,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            bail!("the commit to tag needs git, which is not installed ({e}): install git, or give the tag whole with --tag")
+        }
+        Err(e) => bail!("cannot run git to read the HEAD commit ({e})"),
+    };
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if out.status.success() && id.len() >= 40 && id.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Ok(id);
     }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("not a git repository") {
+        bail!("{} is not in a git repository (give the tag whole with --tag)", root.display());
+    }
+    if stderr.trim().is_empty() {
+        // --quiet: HEAD names a branch without a commit yet.
+        bail!("HEAD has no commit yet in {} (commit first, or give the tag whole with --tag)", root.display());
+    }
+    bail!("git cannot read the HEAD commit in {}: {}", root.display(), stderr.trim())
 }
 
 #[cfg(test)]
@@ -120,19 +102,46 @@ mod tests {
         assert!(container_dir(dir.path(), "../x").is_err());
     }
 
+    fn git(dir: &Path, args: &[&str]) -> String {
+        let out = git_command("git", dir)
+            .args(["-c", "user.name=nixctr test", "-c", "user.email=test@nixctr.invalid", "-c", "commit.gpgsign=false"])
+            .args(["-c", "init.defaultBranch=main"])
+            .args(args)
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
     #[test]
-    fn head_is_read_from_loose_and_packed_refs() {
+    fn head_commit_is_what_git_says() {
         let dir = tempfile::tempdir().unwrap();
-        let git = dir.path().join(".git");
-        std::fs::create_dir_all(git.join("refs/heads")).unwrap();
-        std::fs::write(git.join("HEAD"), "ref: refs/heads/main\n").unwrap();
-        let id = "0123456789abcdef0123456789abcdef01234567";
-        std::fs::write(git.join("packed-refs"), format!("# pack-refs\n{id} refs/heads/main\n")).unwrap();
-        assert_eq!(head_commit(dir.path()).unwrap(), id);
-        let newer = "89abcdef0123456789abcdef0123456789abcdef";
-        std::fs::write(git.join("refs/heads/main"), format!("{newer}\n")).unwrap();
-        assert_eq!(head_commit(dir.path()).unwrap(), newer);
-        std::fs::write(git.join("HEAD"), "ref: refs/heads/other\n").unwrap();
-        assert!(head_commit(dir.path()).is_err());
+        git(dir.path(), &["init", "-q"]);
+        let err = head_commit(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("HEAD has no commit yet"), "{err}");
+        git(dir.path(), &["commit", "-q", "--allow-empty", "-m", "one"]);
+        let first = git(dir.path(), &["rev-parse", "HEAD"]);
+        assert_eq!(head_commit(dir.path()).unwrap(), first);
+        // Packed refs, a second commit, and a subdirectory of the repository.
+        git(dir.path(), &["pack-refs", "--all"]);
+        git(dir.path(), &["commit", "-q", "--allow-empty", "-m", "two"]);
+        std::fs::create_dir_all(dir.path().join("containers")).unwrap();
+        let second = head_commit(&dir.path().join("containers")).unwrap();
+        assert_eq!(second, git(dir.path(), &["rev-parse", "HEAD"]));
+        assert_ne!(second, first);
+        // A detached HEAD.
+        git(dir.path(), &["checkout", "-q", "--detach", &first]);
+        assert_eq!(head_commit(dir.path()).unwrap(), first);
+    }
+
+    #[test]
+    fn head_commit_outside_a_repository_or_without_git_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = head_commit(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("is not in a git repository") && err.contains("--tag"), "{err}");
+        let err = head_commit_with("nixctr-no-such-git", dir.path()).unwrap_err().to_string();
+        assert!(err.contains("needs git, which is not installed"), "{err}");
     }
 }

@@ -5,22 +5,24 @@
 //! reported and left out; the others go on.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 
-use crate::build::{self, Built, Outcome, Output};
-use crate::engines::Engines;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::build::{self, Built, Outcome, Output, Target};
+use crate::engines::{EngineChoice, Engines};
+use crate::nix::NixOptions;
 use crate::platform::Platform;
 use crate::progress::Progress;
 use crate::project;
-use crate::registry::{PushSession, Reference, RegistryConfig};
+use crate::registry::{PushOutcome, PushSession, Reference, RegistryConfig};
 use crate::report::{Record, Status};
 use crate::selection;
-use crate::settings::Settings;
 use crate::version;
 
 /// What to publish and how; resolved from flags and nixctr.toml.
@@ -42,6 +44,32 @@ pub(crate) struct Request {
     pub build: build::Options,
 }
 
+/// What publishing reads of the settings.
+pub(crate) struct Options<'a> {
+    /// The project root.
+    pub root: &'a Path,
+    /// The tag template (`v{version}-{sha}-nix` unless nixctr.toml says otherwise).
+    pub tag_template: &'a str,
+    /// The platforms built; several make an image index. Empty: the engine's own.
+    pub platforms: &'a [Platform],
+    /// Push an archive only once its upload to the binary cache succeeded (`--cache-required`
+    /// with `--cache-to`), rather than as soon as it is written.
+    pub cache_first: bool,
+    /// The engines to build on.
+    pub engines: &'a EngineChoice,
+    /// The nix container the builds run in.
+    pub nix: &'a NixOptions,
+    /// Where the versions of the tags are found.
+    pub versions: version::Sources<'a>,
+}
+
+/// A container whose source passed the checks, and the app version for its tag (empty when
+/// the tag is given whole).
+struct Versioned {
+    name: String,
+    version: String,
+}
+
 /// A container that passed the checks, and where it goes.
 struct Planned {
     name: String,
@@ -51,225 +79,269 @@ struct Planned {
 }
 
 /// Publishes every container of the request; one record each, in order. An error is returned
-/// only for what concerns them all (no registry, no engine, the nix container).
+/// only for what concerns them all (no registry, no engine, the nix container). Each step
+/// passes on the containers still going and settles the others' records.
 pub(crate) async fn publish(
-    settings: &Settings,
+    options: &Options<'_>,
     request: &Request,
     registry: &RegistryConfig,
     progress: &Progress,
 ) -> Result<Vec<Record>> {
-    let started = Instant::now();
-    let root = settings.project_root()?.to_path_buf();
-    let several = request.names.len() > 1;
-    if several && (request.version.is_some() || request.archive.is_some()) {
+    if request.names.len() > 1 && (request.version.is_some() || request.archive.is_some()) {
         bail!("--version and --archive name one container's, but {} were selected", request.names.len());
     }
-    let item = |name: &str| if several { progress.for_item(name) } else { progress.clone() };
-    let mut records: Vec<Option<Record>> = request.names.iter().map(|_| None).collect();
-    let fail = |records: &mut Vec<Option<Record>>, i: usize, error: String| {
-        records[i] = Some(Record::failed(&request.names[i], error, started.elapsed().as_secs_f64()));
-    };
-
+    let mut records = Records::new(&request.names);
     // The cheap checks first: a dirty directory needs no version lookup (which may start a container).
-    if request.archive.is_none() {
-        for (i, name) in request.names.iter().enumerate() {
-            if let Err(e) = check_clean(&root, name, request.allow_dirty) {
-                fail(&mut records, i, format!("{e:#}"));
-            }
+    let committed = check_sources(options.root, request, &mut records);
+    let versioned = find_versions(options, request, committed, &mut records, progress).await?;
+    let planned = plan_tags(options, request, versioned, &mut records)?;
+    let session = PushSession::connect(registry, &request.registry, progress).await?;
+    let pusher = Pusher::new(&session, options, request.names.len() > 1, progress);
+    let mut to_publish = keep_new_tags(&pusher, request, planned, &mut records).await;
+    if request.build.fail_fast && records.any_failed() {
+        to_publish.clear();
+    }
+    let (builds, pushes) = match &request.archive {
+        Some(archive) => (Vec::new(), push_archive(&pusher, archive, &to_publish).await),
+        None => build_and_push(options, request, &pusher, &to_publish, progress).await?,
+    };
+    record_builds(builds, options.platforms.len() > 1, &mut records);
+    record_pushes(pushes, &mut records);
+    Ok(records.finish())
+}
+
+/// The containers whose directory git has committed (all of them for `--archive`, which
+/// builds nothing); the others fail.
+fn check_sources(root: &Path, request: &Request, records: &mut Records) -> Vec<String> {
+    if request.archive.is_some() {
+        return request.names.clone();
+    }
+    let mut committed = Vec::new();
+    for name in &request.names {
+        match check_clean(root, name, request.allow_dirty) {
+            Ok(()) => committed.push(name.clone()),
+            Err(e) => records.fail(name, format!("{e:#}")),
         }
     }
-    let mut versions: Vec<Option<String>> = request.names.iter().map(|_| request.version.clone()).collect();
-    let lookup: Vec<usize> = (0..request.names.len())
-        .filter(|&i| records[i].is_none() && request.tag.is_none() && request.version.is_none())
-        .collect();
-    if !lookup.is_empty() {
-        let names: Vec<String> = lookup.iter().map(|&i| request.names[i].clone()).collect();
-        let found = version::versions(settings.version_sources(), &names, version::From::Auto, progress).await?;
-        for (i, answer) in lookup.into_iter().zip(found) {
-            match answer {
-                Ok(answer) => versions[i] = Some(answer.version),
-                Err(e) => fail(&mut records, i, format!("{e:#}")),
-            }
+    committed
+}
+
+/// The version each tag names: `--version`, nothing when `--tag` gives the whole tag, else
+/// what the version lookup finds (a container whose version is not found fails).
+async fn find_versions(
+    options: &Options<'_>,
+    request: &Request,
+    names: Vec<String>,
+    records: &mut Records,
+    progress: &Progress,
+) -> Result<Vec<Versioned>> {
+    if request.tag.is_some() || request.version.is_some() || names.is_empty() {
+        let version = request.version.clone().unwrap_or_default();
+        return Ok(names.into_iter().map(|name| Versioned { name, version: version.clone() }).collect());
+    }
+    let found = version::versions(options.versions, &names, version::From::Auto, progress).await?;
+    let mut versioned = Vec::new();
+    for (name, answer) in names.into_iter().zip(found) {
+        match answer {
+            Ok(answer) => versioned.push(Versioned { name, version: answer.version }),
+            Err(e) => records.fail(&name, format!("{e:#}")),
         }
     }
-    let sha = if request.tag.is_none() && settings.tag_template.contains("{sha}") {
-        project::head_commit(&root)?.chars().take(7).collect()
+    Ok(versioned)
+}
+
+/// Each container's tag (`--tag`, or the template filled in) and reference; a container whose
+/// tag is not valid fails. Reading the HEAD commit for `{sha}` failing is an error for all.
+fn plan_tags(
+    options: &Options<'_>,
+    request: &Request,
+    versioned: Vec<Versioned>,
+    records: &mut Records,
+) -> Result<Vec<Planned>> {
+    let sha: String = if request.tag.is_none() && options.tag_template.contains("{sha}") {
+        project::head_commit(options.root)?.chars().take(7).collect()
     } else {
         String::new()
     };
-    let mut planned: Vec<(usize, Planned)> = Vec::new();
-    for (i, name) in request.names.iter().enumerate() {
-        if records[i].is_some() {
-            continue;
-        }
-        let version = versions[i].clone().unwrap_or_default();
+    let mut planned = Vec::new();
+    for Versioned { name, version } in versioned {
         let tag = match &request.tag {
             Some(tag) => Ok(tag.clone()),
-            None => render_tag(&settings.tag_template, &version, &sha),
+            None => render_tag(options.tag_template, &version, &sha),
         };
         let reference = tag.and_then(|tag| {
-            let repository = repository(&request.registry, request.namespace.as_deref(), name);
+            let repository = repository(&request.registry, request.namespace.as_deref(), &name);
             Ok((Reference::parse(&format!("{repository}:{tag}"))?, tag))
         });
         match reference {
-            Ok((reference, tag)) => planned.push((i, Planned { name: name.clone(), version, tag, reference })),
-            Err(e) => fail(&mut records, i, format!("{e:#}")),
+            Ok((reference, tag)) => planned.push(Planned { name, version, tag, reference }),
+            Err(e) => records.fail(&name, format!("{e:#}")),
         }
     }
+    Ok(planned)
+}
 
-    let session = PushSession::connect(registry, &request.registry, progress).await?;
+/// The containers whose tag the registry does not have yet (or may overwrite, with `--force`).
+/// An existing tag is skipped with `--skip-existing`, and fails otherwise.
+async fn keep_new_tags(
+    pusher: &Pusher<'_>,
+    request: &Request,
+    planned: Vec<Planned>,
+    records: &mut Records,
+) -> Vec<Planned> {
     let existing: Vec<Result<bool>> =
-        futures::future::join_all(planned.iter().map(|(_, p)| session.tag_exists(&p.reference))).await;
-    let mut to_build = Vec::new();
-    for ((i, plan), exists) in planned.into_iter().zip(existing) {
+        futures::future::join_all(planned.iter().map(|p| pusher.session.tag_exists(&p.reference))).await;
+    let mut new = Vec::new();
+    for (plan, exists) in planned.into_iter().zip(existing) {
         match exists {
-            Err(e) => fail(&mut records, i, format!("{e:#}")),
+            Err(e) => records.fail(&plan.name, format!("{e:#}")),
             Ok(true) if request.skip_existing => {
-                item(&plan.name).info(format!("{} already exists: skipped", plan.reference));
+                pusher.progress_of(&plan.name).info(format!("{} already exists: skipped", plan.reference));
                 let mut record = record_of(&plan, Status::Skipped);
                 record.error = Some("tag exists".to_string());
-                records[i] = Some(record);
+                records.settle(record);
             }
-            Ok(true) if !request.force => fail(
-                &mut records,
-                i,
+            Ok(true) if !request.force => records.fail(
+                &plan.name,
                 format!(
                     "{} already exists in the registry (a tag names one build: bump the version, or overwrite it with --force; --skip-existing counts it as done)",
                     plan.reference
                 ),
             ),
-            Ok(_) => to_build.push((i, plan)),
+            Ok(_) => new.push(plan),
         }
     }
-    if request.build.fail_fast && records.iter().any(|r| r.as_ref().is_some_and(|r| r.status == Status::Failed)) {
-        to_build.clear();
-    }
+    new
+}
 
-    // Build, and push each container as soon as its archives (one per platform) are written.
-    let platforms = &settings.platforms;
-    let annotations = annotations(&root);
-    let push = |plan: &Planned, archives: Vec<PathBuf>| {
-        let (session, progress) = (&session, item(&plan.name));
-        let mut annotations = annotations.clone();
-        if !plan.version.is_empty() {
-            annotations.insert("org.opencontainers.image.version".to_string(), plan.version.clone());
+/// `--archive`: the one archive given, pushed as it is.
+async fn push_archive<'p>(
+    pusher: &Pusher<'_>,
+    archive: &Path,
+    to_publish: &'p [Planned],
+) -> Vec<(&'p Planned, Result<PushOutcome>)> {
+    let mut pushed = Vec::new();
+    for plan in to_publish {
+        pushed.push((plan, pusher.push(plan, vec![archive.to_path_buf()]).await));
+    }
+    pushed
+}
+
+/// Each build's outcome (per container and platform) and each push's.
+type BuildsAndPushes<'p> = (Vec<(Target, Outcome)>, Vec<(&'p Planned, Result<PushOutcome>)>);
+
+/// Builds the containers into a temporary directory, and pushes each as soon as its archives
+/// (one per platform) are written, while the others still build.
+async fn build_and_push<'p>(
+    options: &Options<'_>,
+    request: &Request,
+    pusher: &Pusher<'_>,
+    to_publish: &'p [Planned],
+    progress: &Progress,
+) -> Result<BuildsAndPushes<'p>> {
+    if to_publish.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let workdir =
+        tempfile::Builder::new().prefix("nixctr-publish-").tempdir().context("cannot make a temporary directory")?;
+    let names: Vec<String> = to_publish.iter().map(|p| p.name.clone()).collect();
+    let mut targets = build::plan(options.root, &names, options.platforms, None, false)?;
+    for target in &mut targets {
+        if let Output::File(path) = &mut target.output {
+            *path = workdir.path().join(&*path);
         }
-        let reference = plan.reference.clone();
-        async move {
-            if platforms.len() > 1 {
-                session.push_index(&archives, &reference, &annotations, &progress).await
-            } else {
-                session.push(&archives[0], &reference, &progress).await
+    }
+    let engines = Engines::connect(options.engines, options.platforms, progress).await?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Built>();
+    // Unless the binary-cache upload must succeed first, build hands each archive over as
+    // soon as it is written; else only what the build kept is pushed, once it is done.
+    let early = !options.cache_first;
+    let (nix, root, build_options) = (options.nix, options.root, request.build);
+    let building = async move {
+        let outcomes =
+            build::build(&engines, nix, root, &targets, build_options, progress, early.then(|| tx.clone())).await;
+        if let (false, Ok(outcomes)) = (early, &outcomes) {
+            for outcome in outcomes {
+                if let Outcome::Built(built) = outcome {
+                    let _ = tx.send(built.clone());
+                }
             }
         }
+        // `tx` drops here: the pushing side sees the channel close.
+        (outcomes, targets)
     };
-    let mut pushed: Vec<(usize, Result<crate::registry::PushOutcome>)> = Vec::new();
-    let mut built_outcomes: Vec<(usize, Option<Platform>, Outcome)> = Vec::new();
-    let workdir;
-    if let Some(archive) = &request.archive {
-        for (i, plan) in &to_build {
-            pushed.push((*i, push(plan, vec![archive.clone()]).await));
-        }
-    } else if !to_build.is_empty() {
-        workdir = tempfile::Builder::new()
-            .prefix("nixctr-publish-")
-            .tempdir()
-            .context("cannot make a temporary directory")?;
-        let names: Vec<String> = to_build.iter().map(|(_, p)| p.name.clone()).collect();
-        let mut targets = build::plan(&root, &names, platforms, None, false)?;
-        for target in &mut targets {
-            if let Output::File(path) = &mut target.output {
-                *path = workdir.path().join(&*path);
-            }
-        }
-        let per_container = platforms.len().max(1);
-        let engines = Engines::connect(&settings.engines, platforms, progress).await?;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Built>();
-        // An archive is pushed as soon as it is written, unless an upload to the binary cache
-        // must succeed first (--cache-required): then only what the build kept is pushed.
-        let early = !(settings.nix.cache.required && settings.nix.cache.cache_to.is_some());
-        let building = async move {
-            let outcomes = build::build(
-                &engines,
-                &settings.nix,
-                &root,
-                &targets,
-                request.build,
-                progress,
-                early.then(|| tx.clone()),
-            )
-            .await;
-            if let (false, Ok(outcomes)) = (early, &outcomes) {
-                for outcome in outcomes {
-                    if let Outcome::Built(built) = outcome {
-                        let _ = tx.send(built.clone());
+    let ((outcomes, targets), pushes) = tokio::join!(building, push_as_built(pusher, to_publish, rx));
+    Ok((targets.into_iter().zip(outcomes?).collect(), pushes))
+}
+
+/// Pushes each container once all its archives (one per platform) have arrived, until the
+/// builds are done and every push has finished.
+async fn push_as_built<'p>(
+    pusher: &Pusher<'_>,
+    to_publish: &'p [Planned],
+    mut rx: UnboundedReceiver<Built>,
+) -> Vec<(&'p Planned, Result<PushOutcome>)> {
+    let platforms = pusher.platforms;
+    let per_container = platforms.len().max(1);
+    let mut arrived: HashMap<String, Vec<Built>> = HashMap::new();
+    let mut pushes = FuturesUnordered::new();
+    let mut pushed = Vec::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            got = rx.recv(), if open => match got {
+                Some(built) => {
+                    let name = built.name.clone();
+                    let ready = arrived.entry(name.clone()).or_default();
+                    ready.push(built);
+                    if ready.len() == per_container {
+                        let mut ready = arrived.remove(&name).unwrap_or_default();
+                        // The index lists the platforms in the order they were asked for.
+                        ready.sort_by_key(|b| platforms.iter().position(|p| *p == b.platform));
+                        let archives: Vec<PathBuf> = ready.into_iter().filter_map(|b| b.path).collect();
+                        if let Some(plan) = to_publish.iter().find(|p| p.name == name) {
+                            pushes.push(async move { (plan, pusher.push(plan, archives).await) });
+                        }
                     }
                 }
-            }
-            (outcomes, targets)
-        };
-        let pushing = async {
-            let mut pushes = FuturesUnordered::new();
-            let mut arrived: HashMap<String, Vec<Built>> = HashMap::new();
-            let mut open = true;
-            loop {
-                tokio::select! {
-                    got = rx.recv(), if open => match got {
-                        Some(built) => {
-                            let ready = arrived.entry(built.name.clone()).or_default();
-                            ready.push(built);
-                            let name = ready[0].name.clone();
-                            if ready.len() == per_container {
-                                let mut ready = arrived.remove(&name).unwrap_or_default();
-                                // The index lists the platforms in the order they were asked for.
-                                ready.sort_by_key(|b| platforms.iter().position(|p| *p == b.platform));
-                                let archives: Vec<PathBuf> = ready.into_iter().filter_map(|b| b.path).collect();
-                                if let Some((i, plan)) = to_build.iter().find(|(_, p)| p.name == name) {
-                                    let i = *i;
-                                    let push = push(plan, archives);
-                                    pushes.push(async move { (i, push.await) });
-                                }
-                            }
-                        }
-                        None => open = false,
-                    },
-                    Some(done) = pushes.next(), if !pushes.is_empty() => pushed.push(done),
-                    else => break,
-                }
-            }
-        };
-        let ((outcomes, targets), ()) = tokio::join!(building, pushing);
-        for (target, outcome) in targets.iter().zip(outcomes?) {
-            if let Some((i, _)) = to_build.iter().find(|(_, p)| p.name == target.name) {
-                built_outcomes.push((*i, target.platform.clone(), outcome));
-            }
+                None => open = false,
+            },
+            Some(done) = pushes.next(), if !pushes.is_empty() => pushed.push(done),
+            else => break,
         }
     }
-    for (i, platform, outcome) in built_outcomes {
-        let on = match &platform {
-            Some(p) if platforms.len() > 1 => format!("{p}: "),
+    pushed
+}
+
+/// A failed or stopped build settles its container's record; with several platforms, each
+/// failure is named by its platform.
+fn record_builds(builds: Vec<(Target, Outcome)>, several_platforms: bool, records: &mut Records) {
+    for (target, outcome) in builds {
+        let on = match &target.platform {
+            Some(p) if several_platforms => format!("{p}: "),
             _ => String::new(),
         };
         match outcome {
             Outcome::Built(_) => {}
             Outcome::Failed { error, .. } => {
-                let error = match records[i].take() {
+                let error = match records.take(&target.name) {
                     Some(earlier) => format!("{}\n{on}{error}", earlier.error.unwrap_or_default()),
                     None => format!("{on}{error}"),
                 };
-                fail(&mut records, i, error)
+                records.fail(&target.name, error);
             }
-            Outcome::Stopped if records[i].is_none() => {
-                records[i] = Some(Record {
-                    error: Some("not built: --fail-fast".to_string()),
-                    ..Record::new(&request.names[i], Status::Skipped)
-                });
-            }
+            Outcome::Stopped if !records.is_settled(&target.name) => records.settle(Record {
+                error: Some("not built: --fail-fast".to_string()),
+                ..Record::new(&target.name, Status::Skipped)
+            }),
             Outcome::Stopped => {}
         }
     }
-    for (i, result) in pushed {
-        let Some((_, plan)) = to_build.iter().find(|(j, _)| *j == i) else { continue };
+}
+
+/// Each push settles its container's record: pushed (with the digest), or failed.
+fn record_pushes(pushes: Vec<(&Planned, Result<PushOutcome>)>, records: &mut Records) {
+    for (plan, result) in pushes {
         match result {
             Ok(outcome) => {
                 let mut record = record_of(plan, Status::Pushed);
@@ -281,25 +353,105 @@ pub(crate) async fn publish(
                 if !outcome.platforms.is_empty() {
                     record.platforms = Some(outcome.platforms.into_iter().collect());
                 }
-                record.seconds = started.elapsed().as_secs_f64();
-                records[i] = Some(record);
+                record.seconds = records.seconds();
+                records.settle(record);
             }
-            Err(e) => fail(&mut records, i, format!("{e:#}")),
+            Err(e) => records.fail(&plan.name, format!("{e:#}")),
         }
     }
-    let records: Vec<Record> = records
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| {
-            r.unwrap_or_else(|| Record::failed(&request.names[i], "not published", started.elapsed().as_secs_f64()))
-        })
-        .collect();
-    Ok(records)
+}
+
+/// Pushes a container's archives to its tag: one image, or an image index of several
+/// platforms (annotated with the version, commit and repository).
+struct Pusher<'a> {
+    session: &'a PushSession,
+    platforms: &'a [Platform],
+    annotations: BTreeMap<String, String>,
+    /// Several containers: each one's messages carry its name.
+    several: bool,
+    progress: &'a Progress,
+}
+
+impl<'a> Pusher<'a> {
+    fn new(session: &'a PushSession, options: &Options<'a>, several: bool, progress: &'a Progress) -> Pusher<'a> {
+        let annotations = if options.platforms.len() > 1 { annotations(options.root) } else { BTreeMap::new() };
+        Pusher { session, platforms: options.platforms, annotations, several, progress }
+    }
+
+    fn progress_of(&self, name: &str) -> Progress {
+        if self.several {
+            self.progress.for_item(name)
+        } else {
+            self.progress.clone()
+        }
+    }
+
+    async fn push(&self, plan: &Planned, archives: Vec<PathBuf>) -> Result<PushOutcome> {
+        let progress = self.progress_of(&plan.name);
+        if self.platforms.len() > 1 {
+            let mut annotations = self.annotations.clone();
+            if !plan.version.is_empty() {
+                annotations.insert("org.opencontainers.image.version".to_string(), plan.version.clone());
+            }
+            self.session.push_index(&archives, &plan.reference, &annotations, &progress).await
+        } else {
+            self.session.push(&archives[0], &plan.reference, &progress).await
+        }
+    }
+}
+
+/// Each container's record, as the steps settle it; the request's order at the end.
+struct Records {
+    names: Vec<String>,
+    settled: HashMap<String, Record>,
+    started: Instant,
+}
+
+impl Records {
+    fn new(names: &[String]) -> Records {
+        Records { names: names.to_vec(), settled: HashMap::new(), started: Instant::now() }
+    }
+
+    /// Seconds since publishing started.
+    fn seconds(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    fn settle(&mut self, record: Record) {
+        self.settled.insert(record.name.clone(), record);
+    }
+
+    fn fail(&mut self, name: &str, error: String) {
+        let record = Record::failed(name, error, self.seconds());
+        self.settle(record);
+    }
+
+    fn take(&mut self, name: &str) -> Option<Record> {
+        self.settled.remove(name)
+    }
+
+    fn is_settled(&self, name: &str) -> bool {
+        self.settled.contains_key(name)
+    }
+
+    fn any_failed(&self) -> bool {
+        self.settled.values().any(|r| r.status == Status::Failed)
+    }
+
+    /// One record per name, in order; a container no step settled was not published.
+    fn finish(mut self) -> Vec<Record> {
+        let seconds = self.seconds();
+        let names = std::mem::take(&mut self.names);
+        names
+            .into_iter()
+            .map(|name| self.settled.remove(&name).unwrap_or_else(|| Record::failed(&name, "not published", seconds)))
+            .collect()
+    }
 }
 
 /// The OCI annotations a registry shows for an index, besides the version: the commit and
 /// the repository it was built from, when known.
-fn annotations(root: &std::path::Path) -> BTreeMap<String, String> {
+fn annotations(root: &Path) -> BTreeMap<String, String> {
     let mut notes = BTreeMap::new();
     if let Ok(commit) = project::head_commit(root) {
         notes.insert("org.opencontainers.image.revision".to_string(), commit);
@@ -329,7 +481,7 @@ fn repository(host: &str, namespace: Option<&str>, name: &str) -> String {
 
 /// Refuses when `containers/NAME/` has changes git has not committed: a tag must name the
 /// source it was built from.
-fn check_clean(root: &std::path::Path, name: &str, allow_dirty: bool) -> Result<()> {
+fn check_clean(root: &Path, name: &str, allow_dirty: bool) -> Result<()> {
     project::container_file(root, name)?;
     if allow_dirty {
         return Ok(());

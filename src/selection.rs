@@ -5,11 +5,11 @@
 use std::collections::BTreeSet;
 use std::io::ErrorKind;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use anyhow::{anyhow, bail, Result};
 
-use crate::project;
+use crate::project::{self, git_command};
 
 /// Files at the project root that every build reads: a change to one selects every container.
 const AFFECTS_ALL: [&str; 3] = ["nixctr.toml", "flake.lock", "flake.nix"];
@@ -262,16 +262,6 @@ fn commits_back(rev: &str) -> Option<u32> {
         return u32::try_from(rest.len()).ok();
     }
     None
-}
-
-/// `git -C root`, for the repository that holds root whatever the environment names.
-fn git_command(program: &str, root: &Path) -> Command {
-    let mut command = Command::new(program);
-    command.arg("-C").arg(root).stdin(Stdio::null());
-    for var in ["GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR"] {
-        command.env_remove(var);
-    }
-    command
 }
 
 /// The uncommitted changes under `containers/NAME` (untracked files included, ignored ones not),

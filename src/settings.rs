@@ -1,6 +1,6 @@
 //! Settings resolved once: command-line flags win over the environment, which wins over
-//! `nixctr.toml` at the project root, which wins over the defaults. The rest of the program
-//! reads only [`Settings`].
+//! `nixctr.toml` at the project root, which wins over the defaults. The command line arrives
+//! as plain [`Inputs`] (no parser types here); the rest of the program reads only [`Settings`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,15 +8,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::cli::Cli;
-use crate::engine::address::{self, Inputs, TlsFiles};
+use crate::engine::address::{self, TlsFiles};
 use crate::engine::{EngineAddress, PullPolicy};
 use crate::engines::EngineChoice;
 use crate::nix::{CacheSettings, Network, NixOptions, Nixpkgs};
 use crate::platform::Platform;
 use crate::registry::auth::read_password_stdin;
 use crate::registry::cache::BlobCache;
-use crate::registry::{Credentials, RegistryConfig};
+use crate::registry::{Compression, Credentials, ManifestFormat, RegistryConfig};
 use crate::version;
 
 pub(crate) const DEFAULT_NIX_IMAGE: &str = "nixos/nix:2.33.3";
@@ -94,9 +93,57 @@ pub(crate) struct Settings {
     pub(crate) packages: BTreeMap<String, String>,
 }
 
+/// What the command line says (its flags, and the environment variables read in their place),
+/// as plain values: `None` or empty where it says nothing. The command-line layer fills this in.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Inputs {
+    /// `-C DIR`.
+    pub(crate) directory: Option<PathBuf>,
+    /// `--engine`, repeated (or `NIXCTR_ENGINE`).
+    pub(crate) engines: Vec<String>,
+    /// Whether [`Inputs::engines`] came from `NIXCTR_ENGINE` rather than the flag.
+    pub(crate) engines_from_env: bool,
+    pub(crate) context: Option<String>,
+    pub(crate) nix_image: Option<String>,
+    pub(crate) pull: Option<PullPolicy>,
+    pub(crate) nixpkgs: Option<String>,
+    /// Comma-separated platforms (`--platform`, `DOCKER_DEFAULT_PLATFORM`).
+    pub(crate) platform: Option<String>,
+    pub(crate) no_cache: bool,
+    pub(crate) cache: CacheInputs,
+    pub(crate) quiet: bool,
+    pub(crate) verbose: bool,
+}
+
+/// The binary-cache flags; each replaces its key in `nixctr.toml`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CacheInputs {
+    pub(crate) substituters: Vec<String>,
+    pub(crate) trusted_public_keys: Vec<String>,
+    pub(crate) cache_to: Option<String>,
+    pub(crate) signing_key: Option<PathBuf>,
+    pub(crate) netrc: Option<PathBuf>,
+    /// `--cache-required`: can only turn the requirement on.
+    pub(crate) required: bool,
+    pub(crate) network: Option<Network>,
+}
+
+/// How to reach and log in to a registry, as the command line says it.
+#[derive(Debug, Clone)]
+pub(crate) struct RegistryInputs {
+    pub(crate) format: ManifestFormat,
+    pub(crate) compression: Compression,
+    pub(crate) insecure: bool,
+    pub(crate) ca_cert: Option<PathBuf>,
+    pub(crate) username: Option<String>,
+    pub(crate) password_stdin: bool,
+    /// Layers uploaded at once.
+    pub(crate) jobs: usize,
+}
+
 impl Settings {
-    pub(crate) fn resolve(cli: &Cli) -> Result<Settings> {
-        let root = match &cli.directory {
+    pub(crate) fn resolve(inputs: &Inputs) -> Result<Settings> {
+        let root = match &inputs.directory {
             Some(dir) => {
                 if !dir.is_dir() {
                     bail!(
@@ -112,17 +159,17 @@ impl Settings {
             Some(root) => load_config(&root.join(CONFIG_FILE))?,
             None => FileConfig::default(),
         };
-        let nixpkgs = match cli.nixpkgs.clone().or(file.nixpkgs.clone()) {
+        let nixpkgs = match inputs.nixpkgs.clone().or(file.nixpkgs.clone()) {
             None => Nixpkgs::Flake("nixpkgs".to_string()),
             // A directory given in nixctr.toml is relative to the project root, on the
             // command line relative to the working directory.
             Some(value) => {
-                let base = if cli.nixpkgs.is_some() { None } else { root.as_deref() };
+                let base = if inputs.nixpkgs.is_some() { None } else { root.as_deref() };
                 parse_nixpkgs(&value, base)?
             }
         };
-        let (engines, platform_engines) = resolve_engines(cli, &file, root.as_deref())?;
-        let platforms = match (&cli.platform, &file.platform, &file.platforms) {
+        let (engines, platform_engines) = resolve_engines(inputs, &file, root.as_deref())?;
+        let platforms = match (&inputs.platform, &file.platform, &file.platforms) {
             (Some(list), _, _) => Platform::parse_list(list).context("--platform (or DOCKER_DEFAULT_PLATFORM)")?,
             (None, Some(_), Some(_)) => bail!("{CONFIG_FILE}: set `platform` or `platforms`, not both"),
             (None, Some(one), None) => vec![Platform::parse(one).with_context(|| format!("{CONFIG_FILE}: platform"))?],
@@ -135,7 +182,7 @@ impl Settings {
             Some(root) => root.join(p),
             None => p,
         };
-        let args = &cli.cache;
+        let args = &inputs.cache;
         let cache = CacheSettings {
             substituters: if args.substituters.is_empty() { file.substituters } else { args.substituters.clone() },
             trusted_public_keys: if args.trusted_public_keys.is_empty() {
@@ -150,14 +197,14 @@ impl Settings {
                 .filter(|p| !p.as_os_str().is_empty())
                 .or(file.signing_key.map(in_root)),
             netrc: args.netrc.clone().or(file.netrc.map(in_root)),
-            required: args.cache_required || file.cache_required.unwrap_or(false),
-            network: args.network.map(Into::into).or(file.network),
+            required: args.required || file.cache_required.unwrap_or(false),
+            network: args.network.or(file.network),
         };
         let nix = NixOptions {
-            image: cli.nix_image.clone().or(file.nix_image).unwrap_or_else(|| DEFAULT_NIX_IMAGE.to_string()),
-            pull: cli.pull.map(PullPolicy::from).or(file.pull).unwrap_or(PullPolicy::Missing),
+            image: inputs.nix_image.clone().or(file.nix_image).unwrap_or_else(|| DEFAULT_NIX_IMAGE.to_string()),
+            pull: inputs.pull.or(file.pull).unwrap_or(PullPolicy::Missing),
             nixpkgs,
-            no_cache: cli.no_cache,
+            no_cache: inputs.no_cache,
             cache,
         };
         Ok(Settings {
@@ -165,8 +212,8 @@ impl Settings {
             platforms,
             engines: EngineChoice { first: engines.first().cloned(), all: engines, by_platform: platform_engines },
             nix,
-            quiet: cli.quiet,
-            verbose: cli.verbose,
+            quiet: inputs.quiet,
+            verbose: inputs.verbose,
             registry: file.registry,
             namespace: file.namespace,
             tag_template: file.tag.unwrap_or_else(|| DEFAULT_TAG_TEMPLATE.to_string()),
@@ -177,10 +224,10 @@ impl Settings {
 
     /// How to reach registries: the flags, nixctr.toml's insecure registries, and the password
     /// from stdin (read here, once).
-    pub(crate) fn registry_config(&self, args: &crate::cli::RegistryArgs) -> Result<RegistryConfig> {
+    pub(crate) fn registry_config(&self, args: &RegistryInputs) -> Result<RegistryConfig> {
         let mut config = RegistryConfig {
-            format: args.format.into(),
-            compression: args.compression.into(),
+            format: args.format,
+            compression: args.compression,
             insecure: args.insecure,
             insecure_registries: self.insecure_registries.clone(),
             ca_cert: args.ca_cert.clone(),
@@ -224,19 +271,17 @@ impl Settings {
     }
 }
 
-/// The engines, by the address precedence (see `engine::address`), and `[platform-engines]`.
+/// The engines, by the address precedence (see `engine::address`), and `[platform-engines]`
+/// keyed by the platform's normal name (`linux/arm64`, whether written `linux/aarch64` or not).
 fn resolve_engines(
-    cli: &Cli,
+    given: &Inputs,
     file: &FileConfig,
     root: Option<&Path>,
 ) -> Result<(Vec<EngineAddress>, BTreeMap<String, EngineAddress>)> {
-    let mut inputs = Inputs::from_env();
-    inputs.flag = cli.engine.iter().filter(|e| !e.is_empty()).cloned().collect();
-    // clap does not say whether the value came from NIXCTR_ENGINE or the flag.
-    inputs.flag_from_env =
-        !std::env::args().skip(1).any(|a| a == "-H" || a.starts_with("--engine") || a.starts_with("-H"))
-            && std::env::var("NIXCTR_ENGINE").is_ok_and(|v| !v.is_empty());
-    inputs.context = cli.context.clone().filter(|c| !c.is_empty());
+    let mut inputs = address::Inputs::from_env();
+    inputs.flag = given.engines.iter().filter(|e| !e.is_empty()).cloned().collect();
+    inputs.flag_from_env = given.engines_from_env;
+    inputs.context = given.context.clone().filter(|c| !c.is_empty());
     inputs.file_engines = match (&file.engine, &file.engines) {
         (Some(_), Some(_)) => bail!("{CONFIG_FILE}: set `engine` or `engines`, not both"),
         (Some(one), None) => vec![one.clone()],
@@ -254,12 +299,32 @@ fn resolve_engines(
     });
     let engines = address::resolve(&inputs)?;
     let mut platform_engines = BTreeMap::new();
-    for (platform, url) in &file.platform_engines {
-        Platform::parse(platform).with_context(|| format!("{CONFIG_FILE}: [platform-engines] {platform:?}"))?;
-        let why = format!("[platform-engines] {platform:?} in {CONFIG_FILE}");
-        platform_engines.insert(platform.clone(), address::configured(&inputs, url, why)?);
+    for (platform, (key, url)) in platform_engine_keys(&file.platform_engines)? {
+        let why = format!("[platform-engines] {key:?} in {CONFIG_FILE}");
+        platform_engines.insert(platform, address::configured(&inputs, url, why)?);
     }
     Ok((engines, platform_engines))
+}
+
+/// `[platform-engines]` by the platform's normal name (engines look a platform up by it), with
+/// the key as written and its engine URL. A key that names no platform, or the same platform
+/// as another key, is refused.
+fn platform_engine_keys(table: &BTreeMap<String, String>) -> Result<BTreeMap<String, (&str, &str)>> {
+    let mut keys: BTreeMap<String, (&str, &str)> = BTreeMap::new();
+    for (key, url) in table {
+        let Some(platform) = Platform::parse(key).ok().filter(Platform::is_known) else {
+            bail!(
+                "{CONFIG_FILE}: [platform-engines] {key:?}: not a platform (OS/ARCH[/VARIANT] with a known \
+                 architecture, e.g. linux/amd64, linux/arm64, linux/arm/v7)"
+            );
+        };
+        let name = platform.to_string();
+        if let Some((other, _)) = keys.get(&name) {
+            bail!("{CONFIG_FILE}: [platform-engines] {other:?} and {key:?} both name {name}: keep one");
+        }
+        keys.insert(name, (key, url));
+    }
+    Ok(keys)
 }
 
 /// The nearest ancestor of `start` holding `nixctr.toml` or `.git`.
@@ -338,6 +403,37 @@ mod tests {
         assert_eq!(cfg.engines.unwrap().len(), 2);
         assert_eq!(cfg.engine_tls.unwrap().key, PathBuf::from("k.pem"));
         assert_eq!(cfg.platform_engines["linux/arm64"], "ssh://pi@arm");
+    }
+
+    fn table(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn platform_engine_keys_are_normalised() {
+        let written =
+            table(&[("linux/aarch64", "ssh://pi@arm"), ("Linux/x86_64", "tcp://x:2376"), ("linux/arm/v7", "ssh://b")]);
+        let keys = platform_engine_keys(&written).unwrap();
+        assert_eq!(keys.keys().collect::<Vec<_>>(), ["linux/amd64", "linux/arm/v7", "linux/arm64"]);
+        assert_eq!(keys["linux/arm64"], ("linux/aarch64", "ssh://pi@arm"));
+    }
+
+    #[test]
+    fn platform_engine_keys_that_name_no_platform_are_refused() {
+        for bad in ["linux/potato", "linux", "arm64", "linux/arm64/v8/x"] {
+            let err = platform_engine_keys(&table(&[("linux/amd64", "tcp://x:2376"), (bad, "ssh://b")]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(&format!("nixctr.toml: [platform-engines] {bad:?}: not a platform (")), "{err}");
+        }
+    }
+
+    #[test]
+    fn platform_engine_keys_naming_one_platform_twice_are_refused() {
+        let err = platform_engine_keys(&table(&[("linux/aarch64", "ssh://a"), ("linux/arm64/v8", "ssh://b")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"linux/aarch64\" and \"linux/arm64/v8\" both name linux/arm64"), "{err}");
     }
 
     #[test]

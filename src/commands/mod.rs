@@ -12,14 +12,16 @@ pub(crate) mod version;
 use anyhow::Result;
 use clap::CommandFactory;
 
-use crate::cli::{self, Cli, Command};
+use crate::cli::{self, Cli, Command, Parsed};
 use crate::exit::Usage;
 use crate::progress::Progress;
 use crate::selection::{self, Select};
-use crate::settings::Settings;
+use crate::settings::{self, Settings};
 
 /// Resolves the settings once and runs the command.
-pub(crate) async fn run(cli: Cli) -> Result<()> {
+pub(crate) async fn run(parsed: Parsed) -> Result<()> {
+    let inputs = settings_inputs(&parsed);
+    let cli = parsed.cli;
     // These two need no project, engine or settings.
     match &cli.command {
         Command::Completions { shell } => {
@@ -34,7 +36,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
         }
         _ => {}
     }
-    let settings = Settings::resolve(&cli)?;
+    let settings = Settings::resolve(&inputs)?;
     match cli.command {
         Command::Build(args) => build::run(&settings, args).await,
         Command::Version(args) => version::run(&settings, args).await,
@@ -44,6 +46,47 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
         Command::Gc(args) => gc::run(&settings, args).await,
         Command::List(args) => list::run(&settings, args).await,
         Command::Completions { .. } | Command::Man => Ok(()),
+    }
+}
+
+/// The global flags as plain values for `settings`.
+fn settings_inputs(parsed: &Parsed) -> settings::Inputs {
+    let cli = &parsed.cli;
+    let cache = &cli.cache;
+    settings::Inputs {
+        directory: cli.directory.clone(),
+        engines: cli.engine.clone(),
+        engines_from_env: parsed.engine_from_env,
+        context: cli.context.clone(),
+        nix_image: cli.nix_image.clone(),
+        pull: cli.pull.map(Into::into),
+        nixpkgs: cli.nixpkgs.clone(),
+        platform: cli.platform.clone(),
+        no_cache: cli.no_cache,
+        cache: settings::CacheInputs {
+            substituters: cache.substituters.clone(),
+            trusted_public_keys: cache.trusted_public_keys.clone(),
+            cache_to: cache.cache_to.clone(),
+            signing_key: cache.signing_key.clone(),
+            netrc: cache.netrc.clone(),
+            required: cache.cache_required,
+            network: cache.network.map(Into::into),
+        },
+        quiet: cli.quiet,
+        verbose: cli.verbose,
+    }
+}
+
+/// The registry flags of push and publish as plain values for `settings`.
+fn registry_inputs(args: &cli::RegistryArgs) -> settings::RegistryInputs {
+    settings::RegistryInputs {
+        format: args.format.into(),
+        compression: args.compression.into(),
+        insecure: args.insecure,
+        ca_cert: args.ca_cert.clone(),
+        username: args.username.clone(),
+        password_stdin: args.password_stdin,
+        jobs: args.jobs,
     }
 }
 

@@ -20,7 +20,7 @@ pub(crate) async fn run(settings: &Settings, args: PublishArgs) -> Result<()> {
     let Some(registry) = args.registry_host.clone().or(settings.registry.clone()) else {
         bail!("no registry to publish to: pass --registry HOST[:PORT] or set `registry` in nixctr.toml");
     };
-    let config = settings.registry_config(&args.registry)?;
+    let config = settings.registry_config(&super::registry_inputs(&args.registry))?;
     let request = Request {
         names,
         version: args.version.clone(),
@@ -33,7 +33,16 @@ pub(crate) async fn run(settings: &Settings, args: PublishArgs) -> Result<()> {
         archive: args.archive.clone(),
         build: build::Options { jobs: super::max_jobs(&args.many)?, fail_fast: args.many.fail_fast },
     };
-    let records = publish::publish(settings, &request, &config, &progress).await?;
+    let options = publish::Options {
+        root: settings.project_root()?,
+        tag_template: &settings.tag_template,
+        platforms: &settings.platforms,
+        cache_first: settings.nix.cache.required && settings.nix.cache.cache_to.is_some(),
+        engines: &settings.engines,
+        nix: &settings.nix,
+        versions: settings.version_sources(),
+    };
+    let records = publish::publish(&options, &request, &config, &progress).await?;
     if let [record] = records.as_slice() {
         if record.status == Status::Failed {
             // One container: its error is the command's, as it always was.

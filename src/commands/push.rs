@@ -12,7 +12,7 @@ use crate::settings::Settings;
 
 pub(crate) async fn run(settings: &Settings, args: PushArgs) -> Result<()> {
     let reference = Reference::parse(&args.reference)?;
-    let config = settings.registry_config(&args.registry)?;
+    let config = settings.registry_config(&super::registry_inputs(&args.registry))?;
     let progress = Progress::new(settings.quiet, settings.verbose);
     let session = PushSession::open(&config, reference.registry(), &progress)?;
     let outcome = match args.archives.as_slice() {

@@ -58,7 +58,7 @@ impl EngineAddress {
 }
 
 /// What the address is resolved from: the command line, the environment, nixctr.toml and
-/// the user's Docker/Podman configuration. No clap types: `settings` fills this in.
+/// the user's Docker/Podman configuration. No parser types: `settings` fills this in.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Inputs {
     /// `--engine`/`-H`, repeated; the flag's value and whether it came from `NIXCTR_ENGINE`.

@@ -164,6 +164,7 @@ fn engine_address_precedence() {
             .env("CONTAINER_HOST", bad("container-host"))
             .run();
         expect_used(&out, &good);
+        out.stderr_has(&format!("engine: {good} from --engine"));
         // NIXCTR_ENGINE over DOCKER_HOST and below; and --engine beats it (a bad flag fails).
         let out = cache_ls()
             .env("NIXCTR_ENGINE", &good)
@@ -171,6 +172,7 @@ fn engine_address_precedence() {
             .env("CONTAINER_HOST", bad("container-host"))
             .run();
         expect_used(&out, &good);
+        out.stderr_has(&format!("engine: {good} from NIXCTR_ENGINE"));
         cache_ls()
             .args(["--engine", &bad("flag")])
             .env("NIXCTR_ENGINE", &good)

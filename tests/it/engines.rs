@@ -607,19 +607,20 @@ fn an_engine_lost_mid_build_fails_only_its_containers() {
     assert_no_containers_left(&podman, &out);
 }
 
-/// `[platform-engines]` sends a platform's builds to its engine; a platform without one is
-/// built (emulated) on the general engine.
+/// `[platform-engines]` sends a platform's builds to its engine, whatever name the key gives
+/// the platform (`linux/aarch64` is `linux/arm64`); a platform without one is built on the
+/// general engine.
 #[test]
 fn platform_engines_build_each_platform_where_named() {
     let engines = engines();
     let docker = engines.by_name("docker").clone();
     let tls = tls_engine();
     let fx = buildable();
-    let config = fx.read("nixctr.toml") + &format!("\n[platform-engines]\n\"linux/amd64\" = \"{TLS_HOST}\"\n");
+    let config = fx.read("nixctr.toml") + &format!("\n[platform-engines]\n\"linux/aarch64\" = \"{TLS_HOST}\"\n");
     fx.write("nixctr.toml", &config);
     let out = fx
         .nixctr(Some(&docker))
-        .args(["--platform", "linux/amd64,linux/arm64", "build", "hello", "--json"])
+        .args(["--platform", "linux/amd64,linux/arm64", "build", "hello", "--json", "-v"])
         .env("DOCKER_TLS_VERIFY", "1")
         .env("DOCKER_CERT_PATH", TLS_CLIENT)
         .deadline(Duration::from_secs(900))
@@ -630,10 +631,31 @@ fn platform_engines_build_each_platform_where_named() {
         let r = records.iter().find(|r| r["platform"] == platform).unwrap_or_else(|| panic!("{records:?}"));
         r["engine"].as_str().unwrap().to_string()
     };
-    assert_eq!(engine_of("linux/amd64"), TLS_HOST);
-    assert_eq!(engine_of("linux/arm64"), docker.url());
+    assert_eq!(engine_of("linux/arm64"), TLS_HOST);
+    assert_eq!(engine_of("linux/amd64"), docker.url());
+    out.stderr_has(&format!("engine: {TLS_HOST} from [platform-engines] \"linux/aarch64\" in nixctr.toml"));
     assert_eq!(out.stderr().matches("emulated").count(), 1, "only arm64 is emulated: {}", out.stderr());
     assert!(fx.project().join("hello-amd64.tar.gz").is_file() && fx.project().join("hello-arm64.tar.gz").is_file());
     assert_no_containers_left(&docker, &out);
     assert_no_containers_left(&tls, &out);
+}
+
+/// A `[platform-engines]` key that names no platform, or the same platform as another key,
+/// is refused before any engine work, the key named.
+#[test]
+fn platform_engines_keys_that_name_no_platform_are_refused() {
+    let fx = Fixture::new();
+    let config = fx.read("nixctr.toml");
+    fx.write("nixctr.toml", &format!("{config}\n[platform-engines]\n\"linux/potato\" = \"{TLS_HOST}\"\n"));
+    let out = fx.nixctr(None).args(["list", "--all"]).run();
+    out.assert_exit(1).stderr_has("nixctr.toml: [platform-engines] \"linux/potato\": not a platform (");
+    assert!(out.stdout().is_empty(), "{}", out.stdout());
+    let twice =
+        format!("{config}\n[platform-engines]\n\"linux/aarch64\" = \"{TLS_HOST}\"\n\"linux/arm64\" = \"{TLS_HOST}\"\n");
+    fx.write("nixctr.toml", &twice);
+    fx.nixctr(None)
+        .args(["list", "--all"])
+        .run()
+        .assert_exit(1)
+        .stderr_has("[platform-engines] \"linux/aarch64\" and \"linux/arm64\" both name linux/arm64");
 }
