@@ -84,7 +84,7 @@ fn head_commit_with(git: &str, root: &Path) -> Result<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -102,17 +102,18 @@ mod tests {
         assert!(container_dir(dir.path(), "../x").is_err());
     }
 
-    fn git(dir: &Path, args: &[&str]) -> String {
+    /// git in `dir`, configured for tests only (no user config, a fixed identity); its stdout.
+    pub(crate) fn git(dir: &Path, args: &[&str]) -> String {
         let out = git_command("git", dir)
             .args(["-c", "user.name=nixctr test", "-c", "user.email=test@nixctr.invalid", "-c", "commit.gpgsign=false"])
-            .args(["-c", "init.defaultBranch=main"])
+            .args(["-c", "init.defaultBranch=main", "-c", "protocol.file.allow=always"])
             .args(args)
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .output()
             .unwrap();
         assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+        String::from_utf8(out.stdout).unwrap()
     }
 
     #[test]
@@ -122,14 +123,14 @@ mod tests {
         let err = head_commit(dir.path()).unwrap_err().to_string();
         assert!(err.contains("HEAD has no commit yet"), "{err}");
         git(dir.path(), &["commit", "-q", "--allow-empty", "-m", "one"]);
-        let first = git(dir.path(), &["rev-parse", "HEAD"]);
+        let first = git(dir.path(), &["rev-parse", "HEAD"]).trim().to_string();
         assert_eq!(head_commit(dir.path()).unwrap(), first);
         // Packed refs, a second commit, and a subdirectory of the repository.
         git(dir.path(), &["pack-refs", "--all"]);
         git(dir.path(), &["commit", "-q", "--allow-empty", "-m", "two"]);
         std::fs::create_dir_all(dir.path().join("containers")).unwrap();
         let second = head_commit(&dir.path().join("containers")).unwrap();
-        assert_eq!(second, git(dir.path(), &["rev-parse", "HEAD"]));
+        assert_eq!(second, git(dir.path(), &["rev-parse", "HEAD"]).trim());
         assert_ne!(second, first);
         // A detached HEAD.
         git(dir.path(), &["checkout", "-q", "--detach", &first]);

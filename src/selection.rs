@@ -292,6 +292,7 @@ pub(crate) fn dirty_files(root: &Path, name: &str) -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::project::tests::git;
     use std::collections::BTreeMap;
     use std::path::PathBuf;
 
@@ -301,18 +302,6 @@ mod tests {
     }
 
     /// git for setting up fixtures, away from the user's and the system's configuration.
-    fn git(dir: &Path, args: &[&str]) -> String {
-        let out = git_command("git", dir)
-            .args(["-c", "user.name=nixctr test", "-c", "user.email=test@nixctr.invalid", "-c", "commit.gpgsign=false"])
-            .args(["-c", "init.defaultBranch=main", "-c", "protocol.file.allow=always"])
-            .args(args)
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    }
 
     fn write(root: &Path, rel: &str, text: &str) {
         let path = root.join(rel);

@@ -110,22 +110,11 @@ pub(crate) struct Inputs {
     /// Comma-separated platforms (`--platform`, `DOCKER_DEFAULT_PLATFORM`).
     pub(crate) platform: Option<String>,
     pub(crate) no_cache: bool,
-    pub(crate) cache: CacheInputs,
+    /// The binary-cache flags; each replaces its key in `nixctr.toml` (`required` can only
+    /// turn the requirement on).
+    pub(crate) cache: CacheSettings,
     pub(crate) quiet: bool,
     pub(crate) verbose: bool,
-}
-
-/// The binary-cache flags; each replaces its key in `nixctr.toml`.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct CacheInputs {
-    pub(crate) substituters: Vec<String>,
-    pub(crate) trusted_public_keys: Vec<String>,
-    pub(crate) cache_to: Option<String>,
-    pub(crate) signing_key: Option<PathBuf>,
-    pub(crate) netrc: Option<PathBuf>,
-    /// `--cache-required`: can only turn the requirement on.
-    pub(crate) required: bool,
-    pub(crate) network: Option<Network>,
 }
 
 /// How to reach and log in to a registry, as the command line says it.

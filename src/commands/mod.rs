@@ -63,7 +63,7 @@ fn settings_inputs(parsed: &Parsed) -> settings::Inputs {
         nixpkgs: cli.nixpkgs.clone(),
         platform: cli.platform.clone(),
         no_cache: cli.no_cache,
-        cache: settings::CacheInputs {
+        cache: crate::nix::CacheSettings {
             substituters: cache.substituters.clone(),
             trusted_public_keys: cache.trusted_public_keys.clone(),
             cache_to: cache.cache_to.clone(),
