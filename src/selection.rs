@@ -301,8 +301,6 @@ mod tests {
         skipped.iter().map(|s| (s.name.as_str(), s.reason.as_str())).collect()
     }
 
-    /// git for setting up fixtures, away from the user's and the system's configuration.
-
     fn write(root: &Path, rel: &str, text: &str) {
         let path = root.join(rel);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
