@@ -74,7 +74,10 @@ echo "context: nixctr ${o}s vs tar|docker cp ${t}s -> ratio $(ratio "$o" "$t") (
 # --- overhead: nixctr build vs the hand-written docker sequence (warm store both) ---
 PROJ=$PWD/fixtures/project
 "$NIXCTR" -q -C "$PROJ" build hello -o "$WORK/hello.tar.gz" >/dev/null # warm the store
-vol=$(docker volume ls -q --filter label=dev.nixctr.role=store | head -1)
+# The nix image's own store volume (README: nixctr-store-<first 12 hex of its ID>), not
+# whichever store volume the engine lists first.
+id=$(docker image inspect -f '{{.Id}}' "$IMAGE"); id=${id#sha256:}
+vol=nixctr-store-${id:0:12}
 ours=(); theirs=()
 for _ in $(seq "$ROUNDS"); do
   s=$(now); "$NIXCTR" -q -C "$PROJ" build hello -o "$WORK/hello.tar.gz" >/dev/null; e=$(now)
