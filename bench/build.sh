@@ -73,11 +73,13 @@ echo "context: nixctr ${o}s vs tar|docker cp ${t}s -> ratio $(ratio "$o" "$t") (
 
 # --- overhead: nixctr build vs the hand-written docker sequence (warm store both) ---
 PROJ=$PWD/fixtures/project
-"$NIXCTR" -q -C "$PROJ" build hello -o "$WORK/hello.tar.gz" >/dev/null # warm the store
 # The nix image's own store volume (README: nixctr-store-<first 12 hex of its ID>), not
 # whichever store volume the engine lists first.
+# Docker 20.10 retags the tag on a platform pull (the arm64 tests do one): name the native image.
+docker pull -q --platform "linux/$(dpkg --print-architecture)" "$IMAGE" >/dev/null
 id=$(docker image inspect -f '{{.Id}}' "$IMAGE"); id=${id#sha256:}
 vol=nixctr-store-${id:0:12}
+"$NIXCTR" -q -C "$PROJ" build hello -o "$WORK/hello.tar.gz" >/dev/null # warm the store
 ours=(); theirs=()
 for _ in $(seq "$ROUNDS"); do
   s=$(now); "$NIXCTR" -q -C "$PROJ" build hello -o "$WORK/hello.tar.gz" >/dev/null; e=$(now)
