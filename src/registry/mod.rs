@@ -28,7 +28,7 @@ use anyhow::{bail, Result};
 // pub: used by tests/it/push.rs
 pub use auth::{Credentials, Secret};
 pub use manifest::{Compression, ManifestFormat};
-pub use push::{PushOutcome, PushSession};
+pub use push::{Destination, ExistingTags, PushOutcome, PushSession};
 pub use reference::Reference;
 
 /// What settings resolved for talking to registries (flags + nixctr.toml + stdin password).
