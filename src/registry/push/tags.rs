@@ -177,7 +177,7 @@ impl PushSession {
         let (index, missing) = match verdict(states, &digests) {
             Verdict::Same { index, missing } => (index, missing),
             Verdict::Other { tag, theirs } => bail!(
-                "{} already names {theirs}, not {} (the image now): a tag names one build; publish a new version, or overwrite the tag with --force (nothing was pushed)",
+                "{} already names {theirs}, another image than this one ({}): a tag names one build; publish a new version, or overwrite the tag with --force (nothing was pushed)",
                 reference.with_tag(&tag)?,
                 digests[0]
             ),
