@@ -15,6 +15,9 @@ use super::manifest::ACCEPTED_MANIFEST_TYPES;
 use super::short;
 use crate::archive::sha256_digest;
 
+/// The most of a manifest read when a registry does not say its digest.
+const MANIFEST_LIMIT: usize = 4 << 20;
+
 /// A registry's answer to a manifest PUT it took.
 pub(crate) struct PutManifest {
     /// Its `Docker-Content-Digest`, when it said one.
@@ -245,7 +248,17 @@ impl Client {
         if !answer.status().is_success() {
             return Err(self.rejected(answer, &what).await.into());
         }
-        let body = answer.bytes().await.map_err(|e| anyhow!("{what} to registry {} failed: {e}", self.registry()))?;
+        // Manifests are small (registries refuse those over 4 MiB): read no more than that.
+        let mut answer = answer;
+        let mut body = Vec::new();
+        while let Some(chunk) =
+            answer.chunk().await.map_err(|e| anyhow!("{what} to registry {} failed: {e}", self.registry()))?
+        {
+            body.extend_from_slice(&chunk);
+            if body.len() > MANIFEST_LIMIT {
+                bail!("registry {} answered {what} with more than {} MiB", self.registry(), MANIFEST_LIMIT >> 20);
+            }
+        }
         Ok(Some(sha256_digest(&body)))
     }
 
