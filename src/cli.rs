@@ -214,7 +214,7 @@ pub struct ManyArgs {
     #[arg(long)]
     pub fail_fast: bool,
 
-    /// Print one JSON object per container: {name, version, status, tag, ref, digest, archive, error, seconds}
+    /// Print one JSON object per container: {name, version, status, tag, tags, ref, digest, archive, error, seconds}
     #[arg(long)]
     pub json: bool,
 }
@@ -364,6 +364,10 @@ pub struct PushArgs {
     #[arg(value_name = "REF")]
     pub reference: String,
 
+    /// Also tag the image TAG in REF's repository (repeatable): one manifest, several tags
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+
     #[command(flatten)]
     pub registry: RegistryArgs,
 }
@@ -388,19 +392,21 @@ pub struct PublishArgs {
     #[arg(long, value_name = "PATH")]
     pub namespace: Option<String>,
 
-    /// The whole tag, instead of the template (`tag` in nixctr.toml)
+    /// The whole tag, instead of the templates (`tag` or `tags` in nixctr.toml); repeat it
+    /// for several tags on one image
     #[arg(long, value_name = "TAG")]
-    pub tag: Option<String>,
+    pub tag: Vec<String>,
 
     /// Publish even when containers/NAME has uncommitted changes
     #[arg(long)]
     pub allow_dirty: bool,
 
-    /// Overwrite a tag that already exists in the registry
+    /// Overwrite a tag that names another image in the registry (a tag that names the same
+    /// image is never pushed again)
     #[arg(long, conflicts_with = "skip_existing")]
     pub force: bool,
 
-    /// Count a tag that already exists as done (a re-run of the same commit succeeds)
+    /// Count a tag that already exists as done, whatever it names (the others are pushed)
     #[arg(long)]
     pub skip_existing: bool,
 

@@ -1,8 +1,12 @@
 //! Publishing containers: every check first (each directory committed, each version found,
-//! each tag new), then one build of all that passed, each archive pushed as soon as it is
-//! written (while the others still build) as `REGISTRY/NAMESPACE/NAME:TAG`, the tag rendered
-//! from the template `v{version}-{sha}-nix`. A container that fails a check or its build is
-//! reported and left out; the others go on.
+//! each tag valid, what the registry has under each), then one build of all that passed,
+//! each archive pushed as soon as it is written (while the others still build) as
+//! `REGISTRY/NAMESPACE/NAME:TAG` under each of its tags, rendered from the templates
+//! (`v{version}-{sha}-nix` unless nixctr.toml says otherwise). A tag the registry has
+//! already must name the image built now: then nothing is pushed for it ("already
+//! published", so a re-run of the same commit succeeds); another image is an error, unless
+//! `--force` (overwrite) or `--skip-existing` (leave it). A container that fails a check or
+//! its build is reported and left out; the others go on.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -20,7 +24,7 @@ use crate::nix::NixOptions;
 use crate::platform::Platform;
 use crate::progress::Progress;
 use crate::project;
-use crate::registry::{PushOutcome, PushSession, Reference, RegistryConfig};
+use crate::registry::{Destination, ExistingTags, PushOutcome, PushSession, Reference, RegistryConfig};
 use crate::report::{Record, Status};
 use crate::selection;
 use crate::version;
@@ -33,11 +37,11 @@ pub(crate) struct Request {
     /// `host[:port]`.
     pub registry: String,
     pub namespace: Option<String>,
-    /// The whole tag, instead of the template.
-    pub tag: Option<String>,
+    /// The whole tags, instead of the templates.
+    pub tags: Vec<String>,
     pub allow_dirty: bool,
     pub force: bool,
-    /// An existing tag counts as done.
+    /// An existing tag counts as done, whatever it names.
     pub skip_existing: bool,
     /// Publish this archive (one container only) instead of building.
     pub archive: Option<PathBuf>,
@@ -48,8 +52,8 @@ pub(crate) struct Request {
 pub(crate) struct Options<'a> {
     /// The project root.
     pub root: &'a Path,
-    /// The tag template (`v{version}-{sha}-nix` unless nixctr.toml says otherwise).
-    pub tag_template: &'a str,
+    /// The tag templates (`v{version}-{sha}-nix` unless nixctr.toml says otherwise).
+    pub tag_templates: &'a [String],
     /// The platforms built; several make an image index. Empty: the engine's own.
     pub platforms: &'a [Platform],
     /// Push an archive only once its upload to the binary cache succeeded (`--cache-required`
@@ -74,8 +78,12 @@ struct Versioned {
 struct Planned {
     name: String,
     version: String,
-    tag: String,
+    /// Its tags, the first one's reference.
+    tags: Vec<String>,
     reference: Reference,
+    /// The tags to push: all, or with `--skip-existing` those the registry does not have.
+    to_push: Vec<String>,
+    existing: ExistingTags,
 }
 
 /// Publishes every container of the request; one record each, in order. An error is returned
@@ -97,7 +105,7 @@ pub(crate) async fn publish(
     let planned = plan_tags(options, request, versioned, &mut records)?;
     let session = PushSession::connect(registry, &request.registry, progress).await?;
     let pusher = Pusher::new(&session, options, request.names.len() > 1, progress);
-    let mut to_publish = keep_new_tags(&pusher, request, planned, &mut records).await;
+    let mut to_publish = check_existing_tags(&pusher, request, planned, &mut records).await;
     if request.build.fail_fast && records.any_failed() {
         to_publish.clear();
     }
@@ -126,7 +134,7 @@ fn check_sources(root: &Path, request: &Request, records: &mut Records) -> Vec<S
     committed
 }
 
-/// The version each tag names: `--version`, nothing when `--tag` gives the whole tag, else
+/// The version each tag names: `--version`, nothing when `--tag` gives the whole tags, else
 /// what the version lookup finds (a container whose version is not found fails).
 async fn find_versions(
     options: &Options<'_>,
@@ -135,7 +143,7 @@ async fn find_versions(
     records: &mut Records,
     progress: &Progress,
 ) -> Result<Vec<Versioned>> {
-    if request.tag.is_some() || request.version.is_some() || names.is_empty() {
+    if !request.tags.is_empty() || request.version.is_some() || names.is_empty() {
         let version = request.version.clone().unwrap_or_default();
         return Ok(names.into_iter().map(|name| Versioned { name, version: version.clone() }).collect());
     }
@@ -150,68 +158,101 @@ async fn find_versions(
     Ok(versioned)
 }
 
-/// Each container's tag (`--tag`, or the template filled in) and reference; a container whose
-/// tag is not valid fails. Reading the HEAD commit for `{sha}` failing is an error for all.
+/// Each container's tags (`--tag`, or the templates filled in) and reference; a container
+/// whose tags are not all valid fails. Reading the HEAD commit for `{sha}` failing is an
+/// error for all.
 fn plan_tags(
     options: &Options<'_>,
     request: &Request,
     versioned: Vec<Versioned>,
     records: &mut Records,
 ) -> Result<Vec<Planned>> {
-    let sha: String = if request.tag.is_none() && options.tag_template.contains("{sha}") {
+    let given = !request.tags.is_empty();
+    let sha: String = if !given && options.tag_templates.iter().any(|t| t.contains("{sha}")) {
         project::head_commit(options.root)?.chars().take(7).collect()
     } else {
         String::new()
     };
+    let existing = if request.force { ExistingTags::Overwrite } else { ExistingTags::MustMatch };
     let mut planned = Vec::new();
     for Versioned { name, version } in versioned {
-        let tag = match &request.tag {
-            Some(tag) => Ok(tag.clone()),
-            None => render_tag(options.tag_template, &version, &sha),
+        let tags: Result<Vec<String>> = if given {
+            request.tags.iter().map(|tag| check_tag(tag)).collect()
+        } else {
+            options.tag_templates.iter().map(|template| render_tag(template, &version, &sha)).collect()
         };
-        let reference = tag.and_then(|tag| {
+        let plan = tags.and_then(|mut tags| {
+            // Two templates may render alike (`{version}` of a version that is all `v`s, say).
+            let mut seen = std::collections::HashSet::new();
+            tags.retain(|t| seen.insert(t.clone()));
             let repository = repository(&request.registry, request.namespace.as_deref(), &name);
-            Ok((Reference::parse(&format!("{repository}:{tag}"))?, tag))
+            let reference = Reference::parse(&format!("{repository}:{}", tags[0]))?;
+            Ok(Planned {
+                name: name.clone(),
+                version: version.clone(),
+                to_push: tags.clone(),
+                tags,
+                reference,
+                existing,
+            })
         });
-        match reference {
-            Ok((reference, tag)) => planned.push(Planned { name, version, tag, reference }),
+        match plan {
+            Ok(plan) => planned.push(plan),
             Err(e) => records.fail(&name, format!("{e:#}")),
         }
     }
     Ok(planned)
 }
 
-/// The containers whose tag the registry does not have yet (or may overwrite, with `--force`).
-/// An existing tag is skipped with `--skip-existing`, and fails otherwise.
-async fn keep_new_tags(
+/// What the registry has under each container's tags, asked before anything is built (so a
+/// registry that cannot be read stops the container early). With `--skip-existing` a tag it
+/// has counts as done, and a container whose tags all exist is skipped. Otherwise existing
+/// tags are compared with the image once it is built (see [`Pusher::push`]).
+async fn check_existing_tags(
     pusher: &Pusher<'_>,
     request: &Request,
     planned: Vec<Planned>,
     records: &mut Records,
 ) -> Vec<Planned> {
-    let existing: Vec<Result<bool>> =
-        futures::future::join_all(planned.iter().map(|p| pusher.session.tag_exists(&p.reference))).await;
-    let mut new = Vec::new();
-    for (plan, exists) in planned.into_iter().zip(existing) {
-        match exists {
-            Err(e) => records.fail(&plan.name, format!("{e:#}")),
-            Ok(true) if request.skip_existing => {
-                pusher.progress_of(&plan.name).info(format!("{} already exists: skipped", plan.reference));
-                let mut record = record_of(&plan, Status::Skipped);
-                record.error = Some("tag exists".to_string());
-                records.settle(record);
+    let session = pusher.session;
+    let asked = planned.iter().map(|p| async move {
+        let lookups = p.tags.iter().map(|tag| async move {
+            let reference = p.reference.with_tag(tag)?;
+            Ok::<_, anyhow::Error>((tag.clone(), session.tag_digest(&reference).await?.is_some()))
+        });
+        futures::future::try_join_all(lookups).await
+    });
+    let existing: Vec<Result<Vec<(String, bool)>>> = futures::future::join_all(asked).await;
+    let mut to_publish = Vec::new();
+    for (mut plan, found) in planned.into_iter().zip(existing) {
+        let found = match found {
+            Ok(found) => found,
+            Err(e) => {
+                records.fail(&plan.name, format!("{e:#}"));
+                continue;
             }
-            Ok(true) if !request.force => records.fail(
-                &plan.name,
-                format!(
-                    "{} already exists in the registry (a tag names one build: bump the version, or overwrite it with --force; --skip-existing counts it as done)",
-                    plan.reference
-                ),
-            ),
-            Ok(_) => new.push(plan),
+        };
+        if !request.skip_existing {
+            to_publish.push(plan);
+            continue;
         }
+        let (there, new): (Vec<_>, Vec<_>) = found.into_iter().partition(|(_, exists)| *exists);
+        let progress = pusher.progress_of(&plan.name);
+        for (tag, _) in &there {
+            let reference = plan.reference.with_tag(tag).map_or_else(|_| tag.clone(), |r| r.to_string());
+            let left = if new.is_empty() { "skipped" } else { "left as it is" };
+            progress.info(format!("{reference} already exists: {left}"));
+        }
+        if new.is_empty() {
+            let mut record = record_of(&plan, Status::Skipped);
+            record.error = Some(if plan.tags.len() == 1 { "tag exists" } else { "tags exist" }.to_string());
+            records.settle(record);
+            continue;
+        }
+        plan.to_push = new.into_iter().map(|(tag, _)| tag).collect();
+        to_publish.push(plan);
     }
-    new
+    to_publish
 }
 
 /// `--archive`: the one archive given, pushed as it is.
@@ -339,12 +380,17 @@ fn record_builds(builds: Vec<(Target, Outcome)>, several_platforms: bool, record
     }
 }
 
-/// Each push settles its container's record: pushed (with the digest), or failed.
+/// Each push settles its container's record: pushed (with the digest), already published
+/// (skipped, with the digest its tags name), or failed.
 fn record_pushes(pushes: Vec<(&Planned, Result<PushOutcome>)>, records: &mut Records) {
     for (plan, result) in pushes {
         match result {
             Ok(outcome) => {
                 let mut record = record_of(plan, Status::Pushed);
+                if outcome.already_published() {
+                    record.status = Status::Skipped;
+                    record.error = Some("already published".to_string());
+                }
                 record.reference = Some(outcome.reference);
                 record.digest = Some(outcome.digest);
                 record.pushed_bytes = Some(outcome.pushed_bytes);
@@ -386,16 +432,22 @@ impl<'a> Pusher<'a> {
         }
     }
 
+    /// Pushes the archives under the plan's tags. Tags the registry has must name the image
+    /// built (nothing is sent then), unless `--force`.
     async fn push(&self, plan: &Planned, archives: Vec<PathBuf>) -> Result<PushOutcome> {
         let progress = self.progress_of(&plan.name);
+        let Some((first, more)) = plan.to_push.split_first() else {
+            bail!("{}: no tag to push", plan.name);
+        };
+        let destination = Destination::with_tags(plan.reference.with_tag(first)?, more, plan.existing)?;
         if self.platforms.len() > 1 {
             let mut annotations = self.annotations.clone();
             if !plan.version.is_empty() {
                 annotations.insert("org.opencontainers.image.version".to_string(), plan.version.clone());
             }
-            self.session.push_index(&archives, &plan.reference, &annotations, &progress).await
+            self.session.push_index(&archives, &destination, &annotations, &progress).await
         } else {
-            self.session.push(&archives[0], &plan.reference, &progress).await
+            self.session.push_to(&archives[0], &destination, &progress).await
         }
     }
 }
@@ -466,7 +518,8 @@ fn annotations(root: &Path) -> BTreeMap<String, String> {
 fn record_of(plan: &Planned, status: Status) -> Record {
     let mut record = Record::new(&plan.name, status);
     record.version = Some(plan.version.clone()).filter(|v| !v.is_empty());
-    record.tag = Some(plan.tag.clone());
+    record.tag = plan.tags.first().cloned();
+    record.tags = Some(plan.tags.clone());
     record.reference = Some(plan.reference.to_string());
     record
 }
@@ -508,6 +561,11 @@ pub fn render_tag(template: &str, version: &str, sha: &str) -> Result<String> {
     if tag.contains('{') || tag.contains('}') {
         bail!("tag template {template:?} has an unknown placeholder (known: {{version}}, {{sha}})");
     }
+    check_tag(&tag)
+}
+
+/// The tag, if an image tag may be it.
+fn check_tag(tag: &str) -> Result<String> {
     let valid = !tag.is_empty()
         && tag.len() <= 128
         && tag.chars().next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -515,7 +573,7 @@ pub fn render_tag(template: &str, version: &str, sha: &str) -> Result<String> {
     if !valid {
         bail!("tag {tag:?} is not a valid image tag (letters, digits, _ . -; at most 128)");
     }
-    Ok(tag)
+    Ok(tag.to_string())
 }
 
 #[cfg(test)]
@@ -534,5 +592,8 @@ mod tests {
         assert!(render_tag("v{verison}", "1", "").is_err());
         assert!(render_tag("v{version}", "1+build", "").is_err());
         assert!(render_tag("{version}", ".1", "").is_err());
+        assert!(check_tag("v1-nix").is_ok());
+        let err = check_tag("v1 nix").unwrap_err().to_string();
+        assert!(err.contains("\"v1 nix\""), "{err}");
     }
 }

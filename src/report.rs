@@ -22,7 +22,11 @@ pub(crate) struct Record {
     pub platform: Option<String>,
     pub version: Option<String>,
     pub status: Status,
+    /// The first of `tags` (what a single-tag run always said).
     pub tag: Option<String>,
+    /// Every tag of a publish.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<String>>,
     #[serde(rename = "ref")]
     pub reference: Option<String>,
     pub digest: Option<String>,
@@ -49,6 +53,7 @@ impl Record {
             version: None,
             status,
             tag: None,
+            tags: None,
             reference: None,
             digest: None,
             archive: None,

@@ -43,7 +43,10 @@ pub(crate) struct FileConfig {
     pub(crate) platforms: Option<Vec<String>>,
     pub(crate) registry: Option<String>,
     pub(crate) namespace: Option<String>,
+    /// The tag template; not with `tags`.
     pub(crate) tag: Option<String>,
+    /// Several tag templates: one image, several tags.
+    pub(crate) tags: Option<Vec<String>>,
     /// Registries reached over plain http (host or host:port).
     #[serde(default)]
     pub(crate) insecure_registries: Vec<String>,
@@ -88,7 +91,8 @@ pub(crate) struct Settings {
     pub(crate) verbose: bool,
     pub(crate) registry: Option<String>,
     pub(crate) namespace: Option<String>,
-    pub(crate) tag_template: String,
+    /// The tag templates (one unless `tags` names several), each `{version}` and `{sha}` filled in.
+    pub(crate) tag_templates: Vec<String>,
     pub(crate) insecure_registries: Vec<String>,
     pub(crate) packages: BTreeMap<String, String>,
 }
@@ -205,7 +209,15 @@ impl Settings {
             verbose: inputs.verbose,
             registry: file.registry,
             namespace: file.namespace,
-            tag_template: file.tag.unwrap_or_else(|| DEFAULT_TAG_TEMPLATE.to_string()),
+            tag_templates: match (file.tag, file.tags) {
+                (Some(_), Some(_)) => bail!("{CONFIG_FILE}: set `tag` or `tags`, not both"),
+                (Some(one), None) => vec![one],
+                (None, Some(list)) if list.is_empty() => {
+                    bail!("{CONFIG_FILE}: `tags` is empty: name at least one tag template, e.g. [\"v{{version}}-{{sha}}-nix\"]")
+                }
+                (None, Some(list)) => list,
+                (None, None) => vec![DEFAULT_TAG_TEMPLATE.to_string()],
+            },
             insecure_registries: file.insecure_registries,
             packages: file.packages,
         })

@@ -1,5 +1,5 @@
-//! `nixctr publish`: `REF@DIGEST` on stdout for each pushed container (or, with `--json`, one
-//! object per container), a summary on stderr when several were selected.
+//! `nixctr publish`: `REF@DIGEST` on stdout for each pushed (or already published) container
+//! (or, with `--json`, one object per container), a summary on stderr when several were selected.
 
 use anyhow::{anyhow, bail, Result};
 
@@ -26,7 +26,7 @@ pub(crate) async fn run(settings: &Settings, args: PublishArgs) -> Result<()> {
         version: args.version.clone(),
         registry,
         namespace: args.namespace.clone().or(settings.namespace.clone()),
-        tag: args.tag.clone(),
+        tags: args.tag.clone(),
         allow_dirty: args.allow_dirty,
         force: args.force,
         skip_existing: args.skip_existing,
@@ -35,7 +35,7 @@ pub(crate) async fn run(settings: &Settings, args: PublishArgs) -> Result<()> {
     };
     let options = publish::Options {
         root: settings.project_root()?,
-        tag_template: &settings.tag_template,
+        tag_templates: &settings.tag_templates,
         platforms: &settings.platforms,
         cache_first: settings.nix.cache.required && settings.nix.cache.cache_to.is_some(),
         engines: &settings.engines,
@@ -52,9 +52,10 @@ pub(crate) async fn run(settings: &Settings, args: PublishArgs) -> Result<()> {
     for record in &records {
         if args.many.json {
             output::line(serde_json::to_string(record)?)?;
-        } else if let (Status::Pushed, Some(reference), Some(digest)) =
+        } else if let (Status::Pushed | Status::Skipped, Some(reference), Some(digest)) =
             (record.status, &record.reference, &record.digest)
         {
+            // Already published: its tags name this digest, as if pushed now.
             output::line(format_args!("{reference}@{digest}"))?;
         }
     }

@@ -15,6 +15,17 @@ use super::manifest::ACCEPTED_MANIFEST_TYPES;
 use super::short;
 use crate::archive::sha256_digest;
 
+/// The most of a manifest read when a registry does not say its digest.
+const MANIFEST_LIMIT: usize = 4 << 20;
+
+/// A registry's answer to a manifest PUT it took.
+pub(crate) struct PutManifest {
+    /// Its `Docker-Content-Digest`, when it said one.
+    pub digest: Option<String>,
+    /// The tags it says it applied (`OCI-Tag`); none from a registry that ignores `?tag=`.
+    pub tagged: Vec<String>,
+}
+
 /// What an upload sends: a compressed layer's file, or a small blob in memory (the config).
 pub(crate) enum UploadBody<'a> {
     File(&'a Path),
@@ -171,49 +182,84 @@ impl Client {
         }
     }
 
-    /// PUTs a manifest under `repo:tag`. `Ok(Ok(digest))`: the registry's
-    /// `Docker-Content-Digest`, else the bytes' own sha256. `Ok(Err(rejected))`: the registry
-    /// said no, and the caller may try another format.
+    /// PUTs a manifest under `reference` (a tag, or its digest), asking the registry to
+    /// tag it with each of `tags` too (`?tag=`, OCI distribution 1.1). `Ok(Err(rejected))`:
+    /// the registry said no, and the caller may try another format.
     pub async fn put_manifest(
         &self,
         repo: &str,
-        tag: &str,
+        reference: &str,
+        tags: &[String],
         media_type: &str,
         body: Vec<u8>,
-    ) -> Result<std::result::Result<String, Rejected>> {
-        let what = format!("PUT manifest {tag}");
+    ) -> Result<std::result::Result<PutManifest, Rejected>> {
+        let what = format!("PUT manifest {}", if tags.is_empty() { reference } else { &tags[0] });
+        let query: Vec<(&str, &str)> = tags.iter().map(|t| ("tag", t.as_str())).collect();
         let answer = self
             .send(&what, |http, base| {
-                http.put(format!("{base}/v2/{repo}/manifests/{tag}"))
-                    .header(CONTENT_TYPE, media_type)
-                    .body(body.clone())
+                let request = http.put(format!("{base}/v2/{repo}/manifests/{reference}"));
+                let request = if query.is_empty() { request } else { request.query(&query) };
+                request.header(CONTENT_TYPE, media_type).body(body.clone())
             })
             .await?;
         if !answer.status().is_success() {
             return Ok(Err(self.rejected(answer, &what).await));
         }
-        let digest = answer
-            .headers()
+        let headers = answer.headers();
+        let digest = headers
             .get("Docker-Content-Digest")
             .and_then(|d| d.to_str().ok())
             .filter(|d| super::is_digest(d))
-            .map(str::to_string)
-            .unwrap_or_else(|| sha256_digest(&body));
-        Ok(Ok(digest))
+            .map(str::to_string);
+        // One `OCI-Tag` header per tag, though a proxy may have folded them into one list.
+        let tagged = headers
+            .get_all("OCI-Tag")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect();
+        Ok(Ok(PutManifest { digest, tagged }))
     }
 
-    /// Whether `repo` has a manifest (of any kind, an index included) under `tag`.
-    pub async fn manifest_exists(&self, repo: &str, tag: &str) -> Result<bool> {
+    /// The digest of the manifest (of any kind, an index included) `repo` has under `tag`;
+    /// `None` when there is none.
+    pub async fn manifest_digest(&self, repo: &str, tag: &str) -> Result<Option<String>> {
         let what = format!("HEAD manifest {tag}");
         let accept = ACCEPTED_MANIFEST_TYPES.join(", ");
         let answer = self
             .send(&what, |http, base| http.head(format!("{base}/v2/{repo}/manifests/{tag}")).header(ACCEPT, &accept))
             .await?;
         match answer.status() {
-            s if s.is_success() => Ok(true),
-            StatusCode::NOT_FOUND => Ok(false),
-            _ => Err(self.rejected(answer, &what).await.into()),
+            s if s.is_success() => {}
+            StatusCode::NOT_FOUND => return Ok(None),
+            _ => return Err(self.rejected(answer, &what).await.into()),
         }
+        let digest = answer.headers().get("Docker-Content-Digest").and_then(|d| d.to_str().ok());
+        if let Some(digest) = digest.filter(|d| super::is_digest(d)) {
+            return Ok(Some(digest.to_string()));
+        }
+        // Registries need not say the digest on HEAD: the bytes themselves tell it.
+        let what = format!("GET manifest {tag}");
+        let answer = self
+            .send(&what, |http, base| http.get(format!("{base}/v2/{repo}/manifests/{tag}")).header(ACCEPT, &accept))
+            .await?;
+        if !answer.status().is_success() {
+            return Err(self.rejected(answer, &what).await.into());
+        }
+        // Manifests are small (registries refuse those over 4 MiB): read no more than that.
+        let mut answer = answer;
+        let mut body = Vec::new();
+        while let Some(chunk) =
+            answer.chunk().await.map_err(|e| anyhow!("{what} to registry {} failed: {e}", self.registry()))?
+        {
+            body.extend_from_slice(&chunk);
+            if body.len() > MANIFEST_LIMIT {
+                bail!("registry {} answered {what} with more than {} MiB", self.registry(), MANIFEST_LIMIT >> 20);
+            }
+        }
+        Ok(Some(sha256_digest(&body)))
     }
 
     /// The absolute URL of an upload session's `Location` header.

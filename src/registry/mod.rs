@@ -7,7 +7,8 @@
 //!
 //! The parts, by job: [`RegistryConfig`] (here) is what the command layer resolved from
 //! flags and `nixctr.toml`; `push.rs` holds a [`PushSession`] per registry host, which owns
-//! the connection, the blob cache and the compressions and runs pushes; `api.rs` the
+//! the connection, the blob cache and the compressions and runs pushes (`push/tags.rs`: which
+//! tags exist, several tags on one manifest); `api.rs` the
 //! distribution endpoints on top of `client.rs`, the transport; `manifest.rs` the manifest
 //! and index bytes; `blobs.rs` layer compression; `cache.rs` what earlier pushes left where;
 //! `auth.rs` credentials; `reference.rs` image references.
@@ -28,7 +29,7 @@ use anyhow::{bail, Result};
 // pub: used by tests/it/push.rs
 pub use auth::{Credentials, Secret};
 pub use manifest::{Compression, ManifestFormat};
-pub use push::{PushOutcome, PushSession};
+pub use push::{Destination, ExistingTags, PushOutcome, PushSession};
 pub use reference::Reference;
 
 /// What settings resolved for talking to registries (flags + nixctr.toml + stdin password).

@@ -59,6 +59,14 @@ impl Reference {
     pub(crate) fn tag(&self) -> &str {
         &self.tag
     }
+
+    /// The same repository under another tag.
+    pub fn with_tag(&self, tag: &str) -> Result<Reference> {
+        if !valid_tag(tag) {
+            bail!("tag {tag:?} is invalid (letters, digits, '_', '.', '-', at most 128, not starting with '.' or '-')");
+        }
+        Ok(Reference { tag: tag.to_string(), ..self.clone() })
+    }
 }
 
 impl fmt::Display for Reference {
@@ -127,6 +135,8 @@ mod tests {
         assert_eq!(host_only(Reference::parse("[::1]:5000/app:x").unwrap().registry()), "::1");
         assert_eq!(api_host(Reference::parse("docker.io/library/x:1").unwrap().registry()), "registry-1.docker.io");
         assert!(valid_repository("team/app") && !valid_repository("team//app") && !valid_repository("a?b"));
+        assert_eq!(r.with_tag("v1-nix").unwrap().to_string(), "127.0.0.1:5000/team/app:v1-nix");
+        assert!(r.with_tag("-x").unwrap_err().to_string().contains("\"-x\""));
     }
 
     #[test]

@@ -12,5 +12,7 @@ mod publish;
 mod push;
 mod registry_harness;
 mod stall;
+mod tag_harness;
+mod tags;
 mod trust;
 mod version;

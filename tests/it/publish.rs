@@ -39,8 +39,11 @@ fn publish_builds_and_pushes_under_the_version_tag() {
     }
 }
 
+/// A dirty container is refused; publishing the same commit again rebuilds the same image,
+/// finds its tag naming it already and succeeds without pushing; a changed image under the
+/// same tag is refused (both digests named) unless `--force`.
 #[test]
-fn publish_refuses_a_dirty_container_and_an_existing_tag() {
+fn publish_refuses_a_dirty_container_and_publishes_once() {
     for engine in engines() {
         let fx = Fixture::new();
         let head = fx.git_commit_all();
@@ -62,8 +65,10 @@ fn publish_refuses_a_dirty_container_and_an_existing_tag() {
         let json: serde_json::Value = serde_json::from_str(out.stdout().trim()).unwrap();
         let tag = format!("v9.9.9-{}-nix", &head[..7]);
         assert_eq!(json["tag"], tag);
+        assert_eq!(json["tags"], serde_json::json!([tag]));
         assert_eq!(json["version"], "v9.9.9");
         assert_eq!(json["name"], "ntfy");
+        assert_eq!(json["status"], "pushed");
         assert_eq!(json["ref"], format!("{host}/team/ntfy:{tag}"));
         assert!(json["digest"].as_str().unwrap().starts_with("sha256:"));
         assert!(json["pushed_bytes"].as_u64().unwrap() > 0);
@@ -72,17 +77,25 @@ fn publish_refuses_a_dirty_container_and_an_existing_tag() {
             || registry.skopeo_inspect(&format!("team/ntfy:{tag}"), false).expect("inspect")["Digest"].clone();
         assert_eq!(read_back(), first_digest.as_str());
 
-        publish(&["--allow-dirty", "--version", "v9.9.9"])
-            .assert_exit(1)
-            .stderr_has("already exists")
-            .stderr_has("--force");
-        assert_eq!(read_back(), first_digest.as_str(), "a refused publish moved the tag");
+        // A CI re-run of the same commit, without the blob cache: built again, the same image.
+        std::fs::remove_dir_all(fx.path().join("cache/nixctr")).expect("remove the blob cache");
+        let out = publish(&["--allow-dirty", "--version", "v9.9.9"]);
+        out.success().stderr_has("already published");
+        let json: serde_json::Value = serde_json::from_str(out.stdout().trim()).unwrap();
+        assert_eq!(json["status"], "skipped", "{}: {json}", engine.name);
+        assert_eq!(json["error"], "already published");
+        assert_eq!(json["digest"], first_digest.as_str(), "{}: the rebuilt image differs", engine.name);
+        assert_eq!(json["pushed_bytes"], 0);
 
-        // A changed image config (same layers) under the same tag: --force overwrites it.
+        // A changed image config (same layers) under the same tag: refused, then --force.
         fx.write(
             "containers/ntfy/default.nix",
             &original.replace("Cmd = [ \"serve\" ];", "Cmd = [ \"serve\" \"--forced\" ];"),
         );
+        let refused = publish(&["--allow-dirty", "--version", "v9.9.9"]);
+        refused.assert_exit(1).stderr_has(&first_digest).stderr_has("--force");
+        assert_eq!(read_back(), first_digest.as_str(), "a refused publish moved the tag");
+
         let out = publish(&["--allow-dirty", "--version", "v9.9.9", "--force"]);
         out.success();
         let json: serde_json::Value = serde_json::from_str(out.stdout().trim()).unwrap();
@@ -90,6 +103,7 @@ fn publish_refuses_a_dirty_container_and_an_existing_tag() {
         let forced = json["digest"].as_str().expect("digest").to_string();
         assert!(forced.starts_with("sha256:"), "{json}");
         assert_ne!(forced, first_digest, "{}: the forced publish pushed the same image", engine.name);
+        refused.stderr_has(&forced);
         assert_eq!(read_back(), forced.as_str(), "{}: the tag does not point at the forced push", engine.name);
     }
 }

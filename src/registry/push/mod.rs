@@ -14,6 +14,9 @@
 //! or in a signed cache entry), at the size the registry's HEAD confirms.
 
 mod index;
+mod tags;
+
+pub use tags::{Destination, ExistingTags};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,7 +33,7 @@ use super::client::Client;
 use super::manifest::{image_manifest, Compression, ManifestFormat};
 use super::Target;
 use super::{is_digest, plural, short, Reference, RegistryConfig};
-use crate::archive::{sha256_digest, Archive, EntryData, SeenEntry};
+use crate::archive::{Archive, EntryData, SeenEntry};
 use crate::progress::{human_bytes, Progress};
 
 /// What one push did.
@@ -55,6 +58,12 @@ pub struct PushOutcome {
     pub media_type: String,
     /// For an image index: each platform (`linux/arm64`) and its image manifest's digest.
     pub platforms: Vec<(String, String)>,
+    /// The tags that name the manifest now, the reference's first; none when pushed by
+    /// digest only.
+    pub tags: Vec<String>,
+    /// Those of `tags` that named it already: nothing was sent for them. All of them: the
+    /// image was published already, and nothing was sent at all.
+    pub already: Vec<String>,
 }
 
 impl PushOutcome {
@@ -71,7 +80,14 @@ impl PushOutcome {
             manifest_size: 0,
             media_type: String::new(),
             platforms: Vec::new(),
+            tags: Vec::new(),
+            already: Vec::new(),
         }
+    }
+
+    /// Whether every tag named the image already, so that nothing was pushed.
+    pub fn already_published(&self) -> bool {
+        !self.tags.is_empty() && self.already.len() == self.tags.len()
     }
 }
 
@@ -100,6 +116,8 @@ enum LayerResult {
     Skipped,
     Mounted(String),
     Pushed(u64),
+    /// Not in the repository, and left so ([`Mode::Check`]).
+    Missing,
 }
 
 /// A layer's step of a push: done as (digest, size) of its blob, or not possible without
@@ -109,11 +127,34 @@ enum LayerStep {
     NeedsFullRead,
 }
 
-/// A push of an archive as far as it went: a recalled archive may lack the bytes of a layer
-/// that needs compressing.
+/// An image's blobs settled as far as it went: a recalled archive may lack the bytes of a
+/// layer that needs compressing.
 enum Attempt {
-    Done(PushOutcome),
+    Done(Box<Prepared>),
     NeedsFullRead,
+}
+
+/// An image whose blobs are known (and in the repository, unless only checked): what its
+/// manifest is made of.
+struct Prepared {
+    /// The config blob's digest and size.
+    config: (String, u64),
+    /// Each layer's blob, in order.
+    layers: Vec<(String, u64)>,
+    /// Of the bytes sent, those of layers.
+    layer_bytes: u64,
+    /// What was sent and found so far (no digest yet).
+    outcome: PushOutcome,
+}
+
+/// What settling an image's blobs does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Each blob ends up in the repository: found, mounted or uploaded.
+    Push,
+    /// Each blob's digest is found out (from the registry, or by compressing the layer), and
+    /// nothing is sent: the manifest can be worked out before deciding to push.
+    Check,
 }
 
 impl PushSession {
@@ -161,36 +202,65 @@ impl PushSession {
 
     /// Whether `reference`'s tag exists in the registry (as any kind of manifest).
     pub async fn tag_exists(&self, reference: &Reference) -> Result<bool> {
+        Ok(self.tag_digest(reference).await?.is_some())
+    }
+
+    /// The digest of the manifest (an image's or an index's) under `reference`'s tag, if any.
+    pub async fn tag_digest(&self, reference: &Reference) -> Result<Option<String>> {
         self.check_host(reference)?;
-        let client = self.client().await?;
-        client.add_scope(format!("repository:{}:pull,push", reference.repository()));
-        client.manifest_exists(reference.repository(), reference.tag()).await
+        self.login_for(reference).await?;
+        self.client().await?.manifest_digest(reference.repository(), reference.tag()).await
     }
 
-    /// Pushes `archive` as `reference`. Nothing is sent until the archive checks out; layers
-    /// are compressed while it is still being read. The blob cache is saved afterwards,
-    /// whether the push worked or not: what went up stays known.
+    /// Pushes `archive` as `reference`, overwriting the tag if it exists.
     pub async fn push(&self, archive: &Path, reference: &Reference, progress: &Progress) -> Result<PushOutcome> {
-        self.push_one(archive, reference, true, progress).await
+        self.push_to(archive, &Destination::new(reference.clone()), progress).await
     }
 
-    /// [`PushSession::push`], tagged or (for an index) by digest only.
-    async fn push_one(
-        &self,
-        archive: &Path,
-        reference: &Reference,
-        tagged: bool,
-        progress: &Progress,
-    ) -> Result<PushOutcome> {
+    /// Pushes `archive` under each tag of `destination`. Nothing is sent until the archive
+    /// checks out; layers are compressed while it is still being read. When tags that must
+    /// match exist already, the image's manifest is worked out first (asking the registry
+    /// which blobs it has, compressing the others) and compared with what they name: the
+    /// same image is not sent again, another one is refused before anything is sent. The
+    /// blob cache is saved afterwards, whether the push worked or not: what went up stays known.
+    pub async fn push_to(&self, archive: &Path, destination: &Destination, progress: &Progress) -> Result<PushOutcome> {
+        let reference = destination.reference();
         self.check_host(reference)?;
         let started = Started { compressor: &self.compressor, diff_ids: Mutex::default() };
-        let result = self.push_archive(archive, reference, tagged, progress, &started).await;
+        let result = async {
+            let states = self.tag_states(destination).await?;
+            if states.iter().any(|s| s.digest.is_some()) && destination.existing() == ExistingTags::MustMatch {
+                let image = self.prepare(archive, reference, Mode::Check, progress, &started).await?;
+                let candidates = self.manifest_candidates(&image)?;
+                return self.publish_unless_there(destination, &states, candidates, image.outcome, progress).await;
+            }
+            let image = self.prepare(archive, reference, Mode::Push, progress, &started).await?;
+            let existing: Vec<String> = states.into_iter().filter(|s| s.digest.is_some()).map(|s| s.tag).collect();
+            self.put_image(image, reference, destination.tags(), &existing, progress).await
+        }
+        .await;
+        self.save_cache(progress);
+        result
+    }
+
+    /// Pushes `archive` by digest only, untagged (an image of an index).
+    async fn push_untagged(&self, archive: &Path, reference: &Reference, progress: &Progress) -> Result<PushOutcome> {
+        let started = Started { compressor: &self.compressor, diff_ids: Mutex::default() };
+        let result = async {
+            let image = self.prepare(archive, reference, Mode::Push, progress, &started).await?;
+            self.put_image(image, reference, &[], &[], progress).await
+        }
+        .await;
+        self.save_cache(progress);
+        result
+    }
+
+    fn save_cache(&self, progress: &Progress) {
         if let Ok(mut cache) = self.cache.lock() {
             if let Err(e) = cache.save() {
                 progress.debug(format!("could not save the blob cache: {e:#}"));
             }
         }
-        result
     }
 
     async fn login_for(&self, reference: &Reference) -> Result<()> {
@@ -206,20 +276,22 @@ impl PushSession {
         Ok(())
     }
 
-    async fn push_archive(
+    /// Reads the archive (or recalls it) and settles each blob: sent to the repository in
+    /// [`Mode::Push`], only known in [`Mode::Check`].
+    async fn prepare(
         &self,
         path: &Path,
         reference: &Reference,
-        tagged: bool,
+        mode: Mode,
         progress: &Progress,
         started: &Started<'_>,
-    ) -> Result<PushOutcome> {
+    ) -> Result<Prepared> {
         progress.info(format!("reading {}", path.display()));
         if let Some(recalled) = self.recall(path, progress).await {
             progress.debug(format!("{} is unchanged since nixctr last checked it", path.display()));
             self.login_for(reference).await?;
-            match self.push_layers(&recalled, reference, tagged, progress, started).await? {
-                Attempt::Done(outcome) => return Ok(outcome),
+            match self.settle_blobs(&recalled, reference, mode, progress, started).await? {
+                Attempt::Done(image) => return Ok(*image),
                 Attempt::NeedsFullRead => progress.debug("a layer needs compressing: reading the whole archive"),
             }
         }
@@ -227,8 +299,8 @@ impl PushSession {
         let (archive, login) = tokio::join!(self.read(path, progress, started), self.login_for(reference));
         let archive = archive?;
         login?;
-        match self.push_layers(&archive, reference, tagged, progress, started).await? {
-            Attempt::Done(outcome) => Ok(outcome),
+        match self.settle_blobs(&archive, reference, mode, progress, started).await? {
+            Attempt::Done(image) => Ok(*image),
             Attempt::NeedsFullRead => bail!("{}: a layer has no bytes even after a full read", path.display()),
         }
     }
@@ -298,23 +370,27 @@ impl PushSession {
         }
     }
 
-    /// Layers (`jobs` at once), config, manifest.
-    async fn push_layers(
+    /// Layers (`jobs` at once), then the config: each blob's digest and size, and (in
+    /// [`Mode::Push`]) each in the repository.
+    async fn settle_blobs(
         &self,
         archive: &Archive,
         reference: &Reference,
-        tagged: bool,
+        mode: Mode,
         progress: &Progress,
         started: &Started<'_>,
     ) -> Result<Attempt> {
         let total = archive.layers.len();
         let repo = reference.repository();
-        progress.info(format!("pushing {total} layers to {reference}"));
+        match mode {
+            Mode::Push => progress.info(format!("pushing {total} layers to {reference}")),
+            Mode::Check => progress.info(format!("checking the image against the tags of {reference}")),
+        }
 
         let mut steps = futures::stream::iter(0..total)
-            .map(|index| self.push_layer(archive, index, repo, progress, started))
+            .map(|index| self.push_layer(archive, index, repo, mode, progress, started))
             .buffered(self.jobs);
-        let mut blobs = Vec::with_capacity(total);
+        let mut layers = Vec::with_capacity(total);
         let mut outcome = PushOutcome::new(reference, self.format);
         while let Some(step) = steps.next().await {
             let (blob, result) = match step? {
@@ -329,29 +405,44 @@ impl PushSession {
                     outcome.pushed_layers += 1;
                     outcome.pushed_bytes += size;
                 }
+                LayerResult::Missing => {}
             }
-            blobs.push(blob);
+            layers.push(blob);
         }
         drop(steps);
 
         let layer_bytes = outcome.pushed_bytes;
-        let config = (archive.config_digest.as_str(), archive.config.len() as u64);
-        {
+        let config = (archive.config_digest.clone(), archive.config.len() as u64);
+        if mode == Mode::Push {
             let _transfer = self.transfers.acquire().await.context("the push session closed")?;
-            if !self.client().await?.blob_exists(repo, config).await? {
-                self.client().await?.upload_blob(repo, config, UploadBody::Bytes(archive.config.clone()), None).await?;
+            if !self.client().await?.blob_exists(repo, (&config.0, config.1)).await? {
+                let body = UploadBody::Bytes(archive.config.clone());
+                self.client().await?.upload_blob(repo, (&config.0, config.1), body, None).await?;
                 outcome.pushed_bytes += config.1;
             }
         }
+        Ok(Attempt::Done(Box::new(Prepared { config, layers, layer_bytes, outcome })))
+    }
 
+    /// Puts the manifest of a pushed image under `tags` of `reference`'s repository
+    /// (`existing`: those the registry has, moved first), or by digest only when there are
+    /// none. A registry that refuses the manifest type gets the other format.
+    async fn put_image(
+        &self,
+        image: Prepared,
+        reference: &Reference,
+        tags: &[String],
+        existing: &[String],
+        progress: &Progress,
+    ) -> Result<PushOutcome> {
+        let Prepared { config, layers, layer_bytes, mut outcome } = image;
+        let repo = reference.repository();
         let mut format = self.format;
         outcome.digest = loop {
-            let (media_type, body) = image_manifest(format, self.compression, config, &blobs)?;
+            let (media_type, body) = image_manifest(format, self.compression, (&config.0, config.1), &layers)?;
             outcome.manifest_size = body.len() as u64;
             outcome.media_type = media_type.to_string();
-            // Untagged, a manifest is put under its own digest.
-            let name = if tagged { reference.tag().to_string() } else { sha256_digest(&body) };
-            match self.client().await?.put_manifest(repo, &name, media_type, body).await? {
+            match self.put_tagged(repo, tags, existing, media_type, body, progress).await? {
                 Ok(digest) => break digest,
                 Err(rejected)
                     if manifest_type_refused(&rejected)
@@ -371,6 +462,7 @@ impl PushSession {
             }
         };
         outcome.format = format;
+        outcome.tags = tags.to_vec();
         progress.info(format!(
             "pushed {} ({}), {} already there, {} mounted",
             plural(outcome.pushed_layers, "layer"),
@@ -378,7 +470,7 @@ impl PushSession {
             outcome.skipped_layers,
             outcome.mounted_layers
         ));
-        Ok(Attempt::Done(outcome))
+        Ok(outcome)
     }
 
     async fn push_layer(
@@ -386,6 +478,7 @@ impl PushSession {
         archive: &Archive,
         index: usize,
         repo: &str,
+        mode: Mode,
         progress: &Progress,
         started: &Started<'_>,
     ) -> Result<LayerStep> {
@@ -395,14 +488,22 @@ impl PushSession {
         if let Some(known) = self.cached(&layer.diff_id) {
             let reused = {
                 let _transfer = self.transfers.acquire().await.context("the push session closed")?;
-                self.reuse(repo, &known).await?
+                match mode {
+                    Mode::Push => self.reuse(repo, &known).await?,
+                    Mode::Check => {
+                        let here = self.client().await?.blob_exists(repo, (&known.digest, known.size)).await?;
+                        here.then_some(LayerResult::Skipped)
+                    }
+                }
             };
             match reused {
                 Some(result) => {
-                    report(progress, &label, &result);
+                    report(progress, mode, &label, &result);
                     self.record(&layer.diff_id, (&known.digest, known.size), repo);
                     return Ok(LayerStep::Done((known.digest, known.size), result));
                 }
+                // A check sends nothing, so the blob may still be mounted later: keep it.
+                None if mode == Mode::Check => {}
                 None => {
                     if let Ok(mut cache) = self.cache.lock() {
                         cache.forget(&self.registry, self.compression.name(), &layer.diff_id);
@@ -428,6 +529,8 @@ impl PushSession {
             let _transfer = self.transfers.acquire().await.context("the push session closed")?;
             if self.client().await?.blob_exists(repo, blob).await? {
                 LayerResult::Skipped
+            } else if mode == Mode::Check {
+                LayerResult::Missing
             } else {
                 let bar = progress.bar(&label, Some(blob.1));
                 let body = UploadBody::File(compressed.file.path());
@@ -436,8 +539,10 @@ impl PushSession {
                 LayerResult::Pushed(blob.1)
             }
         };
-        report(progress, &label, &result);
-        self.record(&layer.diff_id, blob, repo);
+        report(progress, mode, &label, &result);
+        if !matches!(result, LayerResult::Missing) {
+            self.record(&layer.diff_id, blob, repo);
+        }
         Ok(LayerStep::Done((blob.0.to_string(), blob.1), result))
     }
 
@@ -455,11 +560,17 @@ impl PushSession {
     }
 }
 
-fn report(progress: &Progress, label: &str, result: &LayerResult) {
+fn report(progress: &Progress, mode: Mode, label: &str, result: &LayerResult) {
     match result {
+        // A check only looks: its findings are details.
+        _ if mode == Mode::Check => progress.debug(format!(
+            "{label} {}",
+            if matches!(result, LayerResult::Missing) { "not in the repository" } else { "in the repository" }
+        )),
         LayerResult::Skipped => progress.info(format!("{label} already there")),
         LayerResult::Mounted(from) => progress.info(format!("{label} mounted from {from}")),
         LayerResult::Pushed(size) => progress.info(format!("{label} pushed ({})", human_bytes(*size))),
+        LayerResult::Missing => {}
     }
 }
 
