@@ -121,6 +121,13 @@ struct TokenAnswer {
     access_token: Option<String>,
 }
 
+/// What became of an upload request: the registry's answer, or the request cut off
+/// (connection dropped, no progress): the caller asks the registry where the upload stands.
+pub(crate) enum Sent {
+    Answer(Response),
+    Cut(anyhow::Error),
+}
+
 /// Why an attempt got no answer.
 enum Failure {
     Http(reqwest::Error),
@@ -243,44 +250,52 @@ impl Client {
 
     /// Sends a request built by `make` (called again for every attempt, so bodies are fresh).
     pub async fn send(&self, what: &str, make: impl Fn(&reqwest::Client, &str) -> RequestBuilder) -> Result<Response> {
-        self.send_with(what, None, make).await
+        self.send_with(what, make).await
     }
 
-    /// [`Client::send`] for a streamed body: no overall read timeout, but the request fails
-    /// when `activity` (touched by the body stream) shows no progress for [`ANSWER_TIMEOUT`].
-    pub async fn send_streaming(
+    /// Sends an upload request once: a request that carried part of a blob is not simply sent
+    /// again (the registry may have kept part of it), so a cut-off request is [`Sent::Cut`]
+    /// and any answer is the caller's. A 401 is answered by authenticating and sending anew.
+    pub async fn send_upload(
         &self,
         what: &str,
         activity: &Activity,
-        make: impl Fn(&reqwest::Client, &str) -> RequestBuilder,
-    ) -> Result<Response> {
-        self.send_with(what, Some(activity), make).await
+        make: impl Fn(&reqwest::Client) -> RequestBuilder,
+    ) -> Result<Sent> {
+        let mut authenticated = false;
+        loop {
+            let mut request = make(&self.upload_http);
+            if let Some(value) = self.authorization.lock().await.clone() {
+                request = request.header(AUTHORIZATION, value);
+            }
+            activity.touch();
+            let outcome = tokio::select! {
+                outcome = request.send() => outcome.map_err(Failure::Http),
+                () = activity.stalled(ANSWER_TIMEOUT) => Err(Failure::Stalled),
+            };
+            match outcome {
+                Err(Failure::Http(e)) if !is_transient(&e) => return Err(self.failed(what, &Failure::Http(e))),
+                Err(failure) => return Ok(Sent::Cut(self.failed(what, &failure))),
+                Ok(answer) if answer.status() == StatusCode::UNAUTHORIZED && !authenticated => {
+                    authenticated = true;
+                    self.authenticate(answer.headers()).await?;
+                }
+                Ok(answer) if answer.status() == StatusCode::UNAUTHORIZED => return Err(self.unauthorized(what)),
+                Ok(answer) => return Ok(Sent::Answer(answer)),
+            }
+        }
     }
 
-    async fn send_with(
-        &self,
-        what: &str,
-        activity: Option<&Activity>,
-        make: impl Fn(&reqwest::Client, &str) -> RequestBuilder,
-    ) -> Result<Response> {
+    async fn send_with(&self, what: &str, make: impl Fn(&reqwest::Client, &str) -> RequestBuilder) -> Result<Response> {
         let mut attempt = 0;
         let mut timeouts = 0;
         let mut authenticated = false;
         loop {
-            let mut request = make(if activity.is_some() { &self.upload_http } else { &self.http }, &self.base);
+            let mut request = make(&self.http, &self.base);
             if let Some(value) = self.authorization.lock().await.clone() {
                 request = request.header(AUTHORIZATION, value);
             }
-            let outcome = match activity {
-                None => request.send().await.map_err(Failure::Http),
-                Some(activity) => {
-                    activity.touch();
-                    tokio::select! {
-                        outcome = request.send() => outcome.map_err(Failure::Http),
-                        () = activity.stalled(ANSWER_TIMEOUT) => Err(Failure::Stalled),
-                    }
-                }
-            };
+            let outcome = request.send().await.map_err(Failure::Http);
             let retry_reason = match outcome {
                 Err(failure) => {
                     let (timed_out, transient) = match &failure {
@@ -478,7 +493,7 @@ async fn read_limited(mut response: Response, limit: usize) -> reqwest::Result<L
     Ok(Limited { bytes, cut: false })
 }
 
-fn backoff(attempt: u32) -> Duration {
+pub(super) fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(250 << attempt.min(6))
 }
 

@@ -23,11 +23,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 
-use super::api::{manifest_type_refused, UploadBody};
+use super::api::manifest_type_refused;
 use super::blobs::{Compressor, Pending};
 use super::cache::{BlobCache, CachedBlob};
 use super::client::Client;
 use super::manifest::{image_manifest, Compression, ManifestFormat};
+use super::upload::{UploadBody, UploadPolicy, UploadStats};
 use super::Target;
 use super::{is_digest, plural, short, Reference, RegistryConfig};
 use crate::archive::{sha256_digest, Archive, EntryData, SeenEntry};
@@ -55,6 +56,8 @@ pub struct PushOutcome {
     pub media_type: String,
     /// For an image index: each platform (`linux/arm64`) and its image manifest's digest.
     pub platforms: Vec<(String, String)>,
+    /// What the uploads took: bytes sent, requests, chunks, resumes.
+    pub uploads: UploadStats,
 }
 
 impl PushOutcome {
@@ -71,6 +74,7 @@ impl PushOutcome {
             manifest_size: 0,
             media_type: String::new(),
             platforms: Vec::new(),
+            uploads: UploadStats::default(),
         }
     }
 }
@@ -93,13 +97,15 @@ pub struct PushSession {
     compressor: Compressor,
     /// Blob transfers (checks, mounts, uploads) under way across all pushes of the session.
     transfers: Semaphore,
+    /// Whole blobs or chunks, as the registry turned out to take them.
+    uploads: UploadPolicy,
 }
 
 /// How one layer went.
 enum LayerResult {
     Skipped,
     Mounted(String),
-    Pushed(u64),
+    Pushed(u64, UploadStats),
 }
 
 /// A layer's step of a push: done as (digest, size) of its blob, or not possible without
@@ -142,7 +148,7 @@ impl PushSession {
         }
         Ok(PushSession {
             client: tokio::sync::OnceCell::new(),
-            target,
+            target: target.clone(),
             progress: progress.clone(),
             registry: registry.to_string(),
             format: config.format,
@@ -152,6 +158,12 @@ impl PushSession {
             memory: config.blob_cache.as_ref().map(|p| p.with_file_name("archives.json")),
             compressor: Compressor::new(config.compression)?,
             transfers: Semaphore::new(config.jobs),
+            uploads: UploadPolicy::new(
+                registry,
+                target.chunk_size,
+                config.blob_cache.as_ref().map(|p| p.with_file_name("uploads.json")),
+                progress,
+            ),
         })
     }
 
@@ -189,6 +201,9 @@ impl PushSession {
             if let Err(e) = cache.save() {
                 progress.debug(format!("could not save the blob cache: {e:#}"));
             }
+        }
+        if let Some(note) = self.uploads.save() {
+            progress.debug(note);
         }
         result
     }
@@ -325,9 +340,10 @@ impl PushSession {
             match result {
                 LayerResult::Skipped => outcome.skipped_layers += 1,
                 LayerResult::Mounted(_) => outcome.mounted_layers += 1,
-                LayerResult::Pushed(size) => {
+                LayerResult::Pushed(size, stats) => {
                     outcome.pushed_layers += 1;
                     outcome.pushed_bytes += size;
+                    outcome.uploads.add(&stats);
                 }
             }
             blobs.push(blob);
@@ -339,8 +355,10 @@ impl PushSession {
         {
             let _transfer = self.transfers.acquire().await.context("the push session closed")?;
             if !self.client().await?.blob_exists(repo, config).await? {
-                self.client().await?.upload_blob(repo, config, UploadBody::Bytes(archive.config.clone()), None).await?;
+                let body = UploadBody::Bytes(archive.config.clone());
+                let stats = self.client().await?.upload_blob(&self.uploads, repo, config, body, None).await?;
                 outcome.pushed_bytes += config.1;
+                outcome.uploads.add(&stats);
             }
         }
 
@@ -371,6 +389,9 @@ impl PushSession {
             }
         };
         outcome.format = format;
+        if outcome.uploads.requests > 0 {
+            progress.info(format!("sent {}", outcome.uploads.describe()));
+        }
         progress.info(format!(
             "pushed {} ({}), {} already there, {} mounted",
             plural(outcome.pushed_layers, "layer"),
@@ -431,9 +452,9 @@ impl PushSession {
             } else {
                 let bar = progress.bar(&label, Some(blob.1));
                 let body = UploadBody::File(compressed.file.path());
-                self.client().await?.upload_blob(repo, blob, body, Some(&bar)).await?;
+                let stats = self.client().await?.upload_blob(&self.uploads, repo, blob, body, Some(&bar)).await?;
                 bar.finish_and_clear();
-                LayerResult::Pushed(blob.1)
+                LayerResult::Pushed(blob.1, stats)
             }
         };
         report(progress, &label, &result);
@@ -459,7 +480,7 @@ fn report(progress: &Progress, label: &str, result: &LayerResult) {
     match result {
         LayerResult::Skipped => progress.info(format!("{label} already there")),
         LayerResult::Mounted(from) => progress.info(format!("{label} mounted from {from}")),
-        LayerResult::Pushed(size) => progress.info(format!("{label} pushed ({})", human_bytes(*size))),
+        LayerResult::Pushed(size, _) => progress.info(format!("{label} pushed ({})", human_bytes(*size))),
     }
 }
 
