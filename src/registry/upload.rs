@@ -425,11 +425,12 @@ impl Client {
                         _ => {
                             let rejected = self.rejected(answer, &what).await;
                             if names_size_limit(&rejected) {
-                                let why = rejected.detail.clone().unwrap_or_else(|| rejected.status.to_string());
-                                let why = if why.contains(rejected.status.as_str()) {
-                                    why
-                                } else {
-                                    format!("{}: {why}", rejected.status)
+                                // A 413 says it all; nginx's comes with a page of HTML.
+                                let why = match &rejected.detail {
+                                    Some(detail) if rejected.status != StatusCode::PAYLOAD_TOO_LARGE => {
+                                        format!("{}: {detail}", rejected.status)
+                                    }
+                                    _ => rejected.status.to_string(),
                                 };
                                 policy.refused(len, digest, &why)?;
                                 // A refused request left nothing: the same offset, smaller.
