@@ -1,10 +1,12 @@
 //! HTTP to one registry host: scheme choice, authentication, timeouts, retries.
 //!
-//! Every request goes through [`Client::send`], which attaches the current credentials,
+//! Requests go through [`Client::send`], which attaches the current credentials,
 //! answers a 401 by authenticating once (a bearer token that expired mid-push, or that does
 //! not cover a repository the session has since touched, is fetched again), and retries
-//! connection failures, 408, 429 and 5xx a bounded number of times. The endpoints
-//! themselves are in `api.rs`.
+//! connection failures, 408, 429 and 5xx a bounded number of times. Requests carrying blob
+//! bytes go through [`Client::send_upload`] instead, which sends once: `upload.rs` asks the
+//! registry where a cut-off upload stands rather than sending it all again. The endpoints
+//! themselves are in `api.rs` and `upload.rs`.
 
 use std::collections::BTreeSet;
 use std::error::Error as _;
