@@ -5,7 +5,10 @@
 #   re-push, new tag     nixctr (cache)   vs skopeo (its blob-info cache)   (<= 1.0)
 #   one layer changed    nixctr sends exactly one layer
 #   compressed archive   nixctr .tar.gz   vs skopeo .tar      (<= 0.8)
-# usage: bench/push.sh [WORKDIR]   (NIXCTR=path/to/nixctr, default target-push release build)
+#   body-capped proxy    nixctr through nginx at 8 MiB vs nixctr direct   (<= 1.3)
+#   one cut connection   nixctr cut at half its largest layer vs undisturbed   (<= 1.2)
+# usage: bench/push.sh [WORKDIR]   (NIXCTR=path/to/nixctr, default target-push release build;
+#        SECTIONS=uploads runs only the last two)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -14,9 +17,11 @@ work=${1:-/tmp/nixctr-bench}
 . "$here/lib.sh"
 cd "$work"
 
-if [ ! -f big.tar ] || [ ! -f changed.tar ]; then
-  echo "generating images in $work" >&2
+if [ ! -f big.tar ]; then
+  echo "generating big.tar in $work" >&2
   python3 "$here/gen-image.py" big --layers 60 --size-mb 900 >&2
+fi
+if [ "${SECTIONS:-all}" = all ] && [ ! -f changed.tar ]; then
   python3 "$here/gen-image.py" changed --layers 60 --size-mb 900 --change-layer 30 >&2
 fi
 
@@ -26,6 +31,7 @@ export XDG_CACHE_HOME="$work/nixctr-cache"
 rm -rf "$XDG_CACHE_HOME"
 skopeo_copy() { echo skopeo copy --quiet --dest-tls-verify=false "docker-archive:$1" "docker://$2"; }
 
+if [ "${SECTIONS:-all}" = all ]; then
 echo "== cold push (.tar)"
 start_registry nixctr; a=$host; start_registry skopeo; b=$host
 measure nixctr-cold "$nixctr" push big.tar "$a/bench/app:1"; n_secs=$secs; n_rss=$rss_mb
@@ -53,3 +59,71 @@ start_registry nixctr-gz; c=$host; start_registry skopeo-2; d=$host
 measure nixctr-cold-gz "$nixctr" push big.tar.gz "$c/bench/app:1"; n_secs=$secs; n_rss=$rss_mb
 measure skopeo-cold-2 $(skopeo_copy big.tar "$d/bench/app:1"); s_secs=$secs
 echo ".tar.gz time ratio nixctr/skopeo(.tar): $(ratio "$n_secs" "$s_secs")   (target <= 0.8); nixctr peak RSS $n_rss MB"
+fi
+
+# start_nginx NAME UPSTREAM_PORT BODY_LIMIT -> sets $host: nginx as a reverse proxy, as
+# registries are often run, with client_max_body_size BODY_LIMIT.
+start_nginx() {
+  local dir="$work/reg-$1" port
+  mkdir -p "$dir"/{body,proxy,fastcgi,uwsgi,scgi}
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  cat > "$dir/nginx.conf" <<CONF
+$( [ "$(id -u)" = 0 ] && echo "user root;" )
+worker_processes 2;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 256; }
+http {
+  access_log off;
+  client_body_temp_path $dir/body; proxy_temp_path $dir/proxy; fastcgi_temp_path $dir/fastcgi;
+  uwsgi_temp_path $dir/uwsgi; scgi_temp_path $dir/scgi;
+  server {
+    listen 127.0.0.1:$port;
+    client_max_body_size $3;
+    location / { proxy_pass http://127.0.0.1:$2; proxy_set_header Host \$http_host; proxy_http_version 1.1; }
+  }
+}
+CONF
+  nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" -g 'daemon off;' &
+  pids+=($!)
+  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+  host="127.0.0.1:$port"
+}
+
+# start_cut_proxy NAME UPSTREAM_PORT [--cut-at-half-of SIZE] -> sets $host
+start_cut_proxy() {
+  local name=$1 upstream=$2 port; shift 2
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  python3 "$here/cut-proxy.py" "$port" "$upstream" "$@" >/dev/null 2>"$work/$name.proxy.err" &
+  pids+=($!)
+  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+  host="127.0.0.1:$port"
+}
+
+port_of() { echo "${1##*:}"; }
+sent_line() { grep '^sent ' "$work/$1.err" || echo "(no sent line)"; }
+
+echo "== through nginx with client_max_body_size 8m vs direct (both cold, same nixctr)"
+rm -rf "$XDG_CACHE_HOME"
+start_registry direct; a=$host; start_registry behind-nginx; start_nginx nginx-8m "$(port_of "$host")" 8m; b=$host
+measure nixctr-direct "$nixctr" push big.tar "$a/bench/app:1"; d_secs=$secs
+rm -rf "$XDG_CACHE_HOME"
+measure nixctr-nginx-8m "$nixctr" push big.tar "$b/bench/app:1"; p_secs=$secs; p_rss=$rss_mb
+echo "direct: $(sent_line nixctr-direct)"
+echo "nginx:  $(sent_line nixctr-nginx-8m)"
+echo "8 MiB proxy time ratio proxy/direct: $(ratio "$p_secs" "$d_secs")   (target <= 1.3); nixctr peak RSS $p_rss MB"
+
+echo "== one connection cut at half the largest layer vs undisturbed (both through the same proxy)"
+largest=$(skopeo inspect --raw --tls-verify=false "docker://$a/bench/app:1" |
+  python3 -c 'import json,sys; print(max(l["size"] for l in json.load(sys.stdin)["layers"]))')
+rm -rf "$XDG_CACHE_HOME"
+start_registry calm; start_cut_proxy calm "$(port_of "$host")"; c=$host
+measure nixctr-undisturbed "$nixctr" push big.tar "$c/bench/app:1"; u_secs=$secs
+rm -rf "$XDG_CACHE_HOME"
+start_registry cut; start_cut_proxy cut "$(port_of "$host")" --cut-at-half-of "$largest"; e=$host
+measure nixctr-cut "$nixctr" -v push big.tar "$e/bench/app:1"; x_secs=$secs
+cat "$work/cut.proxy.err"
+echo "nixctr: $(grep -m1 '^resumed ' "$work/nixctr-cut.err" || echo "NOT resumed")"
+echo "undisturbed: $(sent_line nixctr-undisturbed)"
+echo "cut:         $(sent_line nixctr-cut)"
+echo "cut time ratio cut/undisturbed: $(ratio "$x_secs" "$u_secs")   (target <= 1.2)"

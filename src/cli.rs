@@ -351,6 +351,12 @@ pub struct RegistryArgs {
     /// Layers uploaded at once
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub jobs: usize,
+
+    /// Upload blobs in chunks of this size (8MiB, 4M, 5MB; 64KiB to 1GiB) instead of whole,
+    /// or as the registry turns out to need (default: `chunk-size` under
+    /// `[registries."HOST"]` in nixctr.toml)
+    #[arg(long, value_name = "SIZE")]
+    pub chunk_size: Option<String>,
 }
 
 #[derive(Debug, Args)]

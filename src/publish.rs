@@ -396,6 +396,7 @@ fn record_pushes(pushes: Vec<(&Planned, Result<PushOutcome>)>, records: &mut Rec
                 record.pushed_bytes = Some(outcome.pushed_bytes);
                 record.bytes = Some(outcome.pushed_bytes);
                 record.skipped_layers = Some(outcome.skipped_layers);
+                record.set_uploads(&outcome.uploads);
                 if !outcome.platforms.is_empty() {
                     record.platforms = Some(outcome.platforms.into_iter().collect());
                 }

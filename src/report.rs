@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use crate::progress::{human_bytes, Progress};
+use crate::registry::UploadStats;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -37,6 +38,16 @@ pub(crate) struct Record {
     pub bytes: Option<u64>,
     pub pushed_bytes: Option<u64>,
     pub skipped_layers: Option<usize>,
+    /// Blob bytes sent (publish), those sent again or refused included, and the requests
+    /// that carried them.
+    pub sent_bytes: Option<u64>,
+    pub requests: Option<u64>,
+    /// Whether some blob went up in chunks, and the chunk size.
+    pub chunked: Option<bool>,
+    pub chunk_size: Option<u64>,
+    /// Uploads taken up again where they were cut off, and uploads started again from the start.
+    pub resumes: Option<u32>,
+    pub restarts: Option<u32>,
     /// The engine that built it, when several took part.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engine: Option<String>,
@@ -62,6 +73,12 @@ impl Record {
             bytes: None,
             pushed_bytes: None,
             skipped_layers: None,
+            sent_bytes: None,
+            requests: None,
+            chunked: None,
+            chunk_size: None,
+            resumes: None,
+            restarts: None,
             platforms: None,
             engine: None,
         }
@@ -69,6 +86,31 @@ impl Record {
 
     pub(crate) fn failed(name: &str, error: impl Into<String>, seconds: f64) -> Record {
         Record { error: Some(error.into()), seconds, ..Record::new(name, Status::Failed) }
+    }
+
+    /// What a push's uploads took.
+    pub(crate) fn set_uploads(&mut self, uploads: &UploadStats) {
+        self.sent_bytes = Some(uploads.sent_bytes);
+        self.requests = Some(uploads.requests);
+        self.chunked = Some(uploads.chunk_size.is_some());
+        self.chunk_size = uploads.chunk_size;
+        self.resumes = Some(uploads.resumes);
+        self.restarts = Some(uploads.restarts);
+    }
+
+    /// `12.0 MiB in 4 requests, in chunks of 8.0 MiB, 1 resumed`; empty unless something was sent.
+    fn uploads(&self) -> String {
+        match (self.sent_bytes, self.requests) {
+            (Some(sent_bytes), Some(requests)) if requests > 0 => UploadStats {
+                sent_bytes,
+                requests,
+                chunk_size: self.chunk_size,
+                resumes: self.resumes.unwrap_or(0),
+                restarts: self.restarts.unwrap_or(0),
+            }
+            .describe(),
+            _ => String::new(),
+        }
     }
 }
 
@@ -83,7 +125,7 @@ pub(crate) fn summary(records: &[Record], progress: &Progress) {
 }
 
 fn table(records: &[Record]) -> Vec<String> {
-    let rows: Vec<[String; 5]> = records
+    let rows: Vec<[String; 6]> = records
         .iter()
         .map(|r| {
             let status = match r.status {
@@ -106,12 +148,19 @@ fn table(records: &[Record]) -> Vec<String> {
             if let Some(engine) = &r.engine {
                 name = format!("{name} @ {engine}");
             }
-            [name, r.version.clone().unwrap_or_default(), status.to_string(), detail, format!("{:.1}s", r.seconds)]
+            [
+                name,
+                r.version.clone().unwrap_or_default(),
+                status.to_string(),
+                detail,
+                format!("{:.1}s", r.seconds),
+                r.uploads(),
+            ]
         })
         .collect();
-    let header = ["NAME", "VERSION", "RESULT", "SIZE/DIGEST", "TIME"].map(String::from);
+    let header = ["NAME", "VERSION", "RESULT", "SIZE/DIGEST", "TIME", "SENT"].map(String::from);
     let widths: Vec<usize> =
-        (0..5).map(|c| rows.iter().chain([&header]).map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+        (0..6).map(|c| rows.iter().chain([&header]).map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
     std::iter::once(&header)
         .chain(&rows)
         .map(|row| {
@@ -149,11 +198,24 @@ mod tests {
         let mut elsewhere = Record::new("web", Status::Built);
         elsewhere.platform = Some("linux/arm64".into());
         elsewhere.engine = Some("tcp://b:2376".into());
-        let lines = table(&[built, failed, elsewhere]);
-        assert_eq!(lines[0], "NAME                              VERSION  RESULT  SIZE/DIGEST  TIME");
-        assert_eq!(lines[1], "ntfy                              2.17.0   built   2.0 KiB      3.2s");
-        assert_eq!(lines[2], "broken-build                               failed               1.0s");
-        assert_eq!(lines[3], "web (linux/arm64) @ tcp://b:2376           built                0.0s");
+        let mut pushed = Record::new("app", Status::Pushed);
+        pushed.digest = Some(format!("sha256:{}", "ab".repeat(32)));
+        pushed.set_uploads(&UploadStats {
+            sent_bytes: 12 << 20,
+            requests: 4,
+            chunk_size: Some(4 << 20),
+            resumes: 1,
+            restarts: 0,
+        });
+        let lines = table(&[built, failed, elsewhere, pushed]);
+        assert_eq!(lines[0], "NAME                              VERSION  RESULT  SIZE/DIGEST          TIME  SENT");
+        assert_eq!(lines[1], "ntfy                              2.17.0   built   2.0 KiB              3.2s");
+        assert_eq!(lines[2], "broken-build                               failed                       1.0s");
+        assert_eq!(lines[3], "web (linux/arm64) @ tcp://b:2376           built                        0.0s");
+        assert_eq!(
+            lines[4],
+            "app                                        pushed  sha256:abababababab  0.0s  12.0 MiB in 4 requests, in chunks of 4.0 MiB, 1 resumed"
+        );
     }
 
     #[test]

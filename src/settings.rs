@@ -15,7 +15,7 @@ use crate::nix::{CacheSettings, Network, NixOptions, Nixpkgs};
 use crate::platform::Platform;
 use crate::registry::auth::read_password_stdin;
 use crate::registry::cache::BlobCache;
-use crate::registry::{Compression, Credentials, ManifestFormat, RegistryConfig};
+use crate::registry::{parse_chunk_size, Compression, Credentials, ManifestFormat, RegistryConfig};
 use crate::version;
 
 pub(crate) const DEFAULT_NIX_IMAGE: &str = "nixos/nix:2.33.3";
@@ -50,6 +50,9 @@ pub(crate) struct FileConfig {
     /// Registries reached over plain http (host or host:port).
     #[serde(default)]
     pub(crate) insecure_registries: Vec<String>,
+    /// `[registries."host[:port]"]`: how to push to one registry.
+    #[serde(default)]
+    pub(crate) registries: BTreeMap<String, RegistryFileConfig>,
     /// Container name -> nixpkgs attribute, for `nixctr version`.
     #[serde(default)]
     pub(crate) packages: BTreeMap<String, String>,
@@ -66,6 +69,14 @@ pub(crate) struct FileConfig {
     pub(crate) netrc: Option<PathBuf>,
     pub(crate) cache_required: Option<bool>,
     pub(crate) network: Option<Network>,
+}
+
+/// `[registries."host[:port]"]` in nixctr.toml.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct RegistryFileConfig {
+    /// Upload blobs in chunks of this size (`"8MiB"`), as `--chunk-size`.
+    pub(crate) chunk_size: Option<String>,
 }
 
 /// `[engine-tls]`: paths relative to the project root.
@@ -94,6 +105,8 @@ pub(crate) struct Settings {
     /// The tag templates (one unless `tags` names several), each `{version}` and `{sha}` filled in.
     pub(crate) tag_templates: Vec<String>,
     pub(crate) insecure_registries: Vec<String>,
+    /// `[registries.…]` of nixctr.toml, checked when a registry is used.
+    pub(crate) registries: BTreeMap<String, RegistryFileConfig>,
     pub(crate) packages: BTreeMap<String, String>,
 }
 
@@ -132,6 +145,8 @@ pub(crate) struct RegistryInputs {
     pub(crate) password_stdin: bool,
     /// Layers uploaded at once.
     pub(crate) jobs: usize,
+    /// `--chunk-size`, as written.
+    pub(crate) chunk_size: Option<String>,
 }
 
 impl Settings {
@@ -219,6 +234,7 @@ impl Settings {
                 (None, None) => vec![DEFAULT_TAG_TEMPLATE.to_string()],
             },
             insecure_registries: file.insecure_registries,
+            registries: file.registries,
             packages: file.packages,
         })
     }
@@ -235,6 +251,11 @@ impl Settings {
             credentials: None,
             jobs: args.jobs,
             blob_cache: BlobCache::default_path(),
+            chunk_size: match &args.chunk_size {
+                Some(text) => Some(parse_chunk_size(text).map_err(|e| anyhow::anyhow!("--chunk-size {text:?}: {e}"))?),
+                None => None,
+            },
+            chunk_sizes: chunk_sizes(&self.registries)?,
         };
         // Checked before stdin is read: a refused command consumes no password.
         config.check()?;
@@ -270,6 +291,19 @@ impl Settings {
             ),
         }
     }
+}
+
+/// `chunk-size` of each `[registries."host[:port]"]` that sets one.
+fn chunk_sizes(registries: &BTreeMap<String, RegistryFileConfig>) -> Result<BTreeMap<String, u64>> {
+    let mut sizes = BTreeMap::new();
+    for (registry, config) in registries {
+        if let Some(text) = &config.chunk_size {
+            let size = parse_chunk_size(text)
+                .map_err(|e| anyhow::anyhow!("{CONFIG_FILE}: [registries.{registry:?}] chunk-size {text:?}: {e}"))?;
+            sizes.insert(registry.clone(), size);
+        }
+    }
+    Ok(sizes)
 }
 
 /// The engines, by the address precedence (see `engine::address`), and `[platform-engines]`
@@ -435,6 +469,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("\"linux/aarch64\" and \"linux/arm64/v8\" both name linux/arm64"), "{err}");
+    }
+
+    #[test]
+    fn registries_table_sets_chunk_sizes() {
+        let cfg = parse_config(
+            "insecure-registries = [\"r:5000\"]\n[registries.\"r:5000\"]\nchunk-size = \"8MiB\"\n[registries.\"ghcr.io\"]\n",
+        )
+        .unwrap();
+        let sizes = chunk_sizes(&cfg.registries).unwrap();
+        assert_eq!(sizes, BTreeMap::from([("r:5000".to_string(), 8 << 20)]));
+        let cfg = parse_config("[registries.\"r:5000\"]\nchunk-size = \"1TB\"\n").unwrap();
+        let err = chunk_sizes(&cfg.registries).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "nixctr.toml: [registries.\"r:5000\"] chunk-size \"1TB\": give a size from 64.0 KiB to 1.0 GiB, such as 8MiB"
+        );
+        let err = parse_config("[registries.\"r:5000\"]\nchunk-sise = \"8MiB\"\n").unwrap_err();
+        assert!(err.contains("chunk-sise"), "{err}");
     }
 
     #[test]

@@ -87,6 +87,7 @@ fn registry_inputs(args: &cli::RegistryArgs) -> settings::RegistryInputs {
         username: args.username.clone(),
         password_stdin: args.password_stdin,
         jobs: args.jobs,
+        chunk_size: args.chunk_size.clone(),
     }
 }
 

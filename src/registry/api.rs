@@ -1,16 +1,13 @@
 //! The distribution API endpoints nixctr uses, as methods of [`Client`]: blob checks,
-//! cross-repository mounts, blob uploads, and manifests. Each maps the registry's answer to
-//! what the caller decides on (a bool, a digest, or a [`Rejected`] to inspect); transport,
-//! authentication and retries are the client's.
-
-use std::path::Path;
+//! cross-repository mounts and manifests (blob uploads are in `upload.rs`). Each maps the
+//! registry's answer to what the caller decides on (a bool, a digest, or a [`Rejected`] to
+//! inspect); transport, authentication and retries are the client's.
 
 use anyhow::{anyhow, bail, Result};
-use futures::StreamExt;
 use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use reqwest::StatusCode;
 
-use super::client::{Activity, Client, Rejected};
+use super::client::{Client, Rejected};
 use super::manifest::ACCEPTED_MANIFEST_TYPES;
 use super::short;
 use crate::archive::sha256_digest;
@@ -24,12 +21,6 @@ pub(crate) struct PutManifest {
     pub digest: Option<String>,
     /// The tags it says it applied (`OCI-Tag`); none from a registry that ignores `?tag=`.
     pub tagged: Vec<String>,
-}
-
-/// What an upload sends: a compressed layer's file, or a small blob in memory (the config).
-pub(crate) enum UploadBody<'a> {
-    File(&'a Path),
-    Bytes(Vec<u8>),
 }
 
 impl Client {
@@ -83,102 +74,6 @@ impl Client {
             }
             StatusCode::FORBIDDEN => Err(self.forbidden(repo, &what)),
             _ => Err(self.rejected(answer, &what).await.into()),
-        }
-    }
-
-    /// Uploads a blob as the Docker client does, which every registry takes: POST opens a
-    /// session, one PATCH streams the whole blob, PUT with the digest closes it. A session
-    /// that fails partway (the registry restarted, a PATCH half-sent) is opened anew, twice
-    /// at most. `bar` counts the bytes of a file body as they go.
-    pub async fn upload_blob(
-        &self,
-        repo: &str,
-        (digest, size): (&str, u64),
-        body: UploadBody<'_>,
-        bar: Option<&indicatif::ProgressBar>,
-    ) -> Result<()> {
-        let what = format!("upload of {}", short(digest));
-        let mut last = None;
-        for _session in 0..3 {
-            let answer = self
-                .send(&what, |http, base| {
-                    http.post(format!("{base}/v2/{repo}/blobs/uploads/")).header(CONTENT_LENGTH, 0)
-                })
-                .await?;
-            let location = match answer.status() {
-                StatusCode::ACCEPTED => self.upload_location(&answer)?,
-                StatusCode::FORBIDDEN => return Err(self.forbidden(repo, &what)),
-                _ => return Err(self.rejected(answer, &what).await.into()),
-            };
-            let activity = Activity::new();
-            let answer = self
-                .send_streaming(&what, &activity, |http, _| {
-                    let request = http
-                        .patch(&location)
-                        .header(CONTENT_TYPE, "application/octet-stream")
-                        .header(CONTENT_LENGTH, size);
-                    match &body {
-                        UploadBody::Bytes(bytes) => request.body(bytes.clone()),
-                        UploadBody::File(path) => match std::fs::File::open(path) {
-                            Ok(file) => {
-                                if let Some(bar) = bar {
-                                    bar.set_position(0);
-                                }
-                                let (bar, activity) = (bar.cloned(), activity.clone());
-                                let file = tokio::fs::File::from_std(file);
-                                let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 << 10).inspect(
-                                    move |chunk| {
-                                        activity.touch();
-                                        if let (Some(bar), Ok(chunk)) = (&bar, chunk) {
-                                            bar.inc(chunk.len() as u64);
-                                        }
-                                    },
-                                );
-                                request.body(reqwest::Body::wrap_stream(stream))
-                            }
-                            // The body then falls short of Content-Length and the request fails.
-                            Err(_) => request.body(Vec::new()),
-                        },
-                    }
-                })
-                .await?;
-            let location = match answer.status() {
-                StatusCode::ACCEPTED | StatusCode::NO_CONTENT => self.upload_location(&answer)?,
-                StatusCode::FORBIDDEN => return Err(self.forbidden(repo, &what)),
-                // A lost or half-written session: start over.
-                StatusCode::NOT_FOUND | StatusCode::RANGE_NOT_SATISFIABLE => {
-                    last = Some(self.rejected(answer, &what).await);
-                    continue;
-                }
-                _ => return Err(self.rejected(answer, &what).await.into()),
-            };
-            let mut url = location;
-            url.push(if url.contains('?') { '&' } else { '?' });
-            url.push_str("digest=");
-            url.push_str(digest);
-            let answer = self.send(&what, |http, _| http.put(&url).header(CONTENT_LENGTH, 0)).await?;
-            match answer.status() {
-                StatusCode::CREATED | StatusCode::NO_CONTENT | StatusCode::OK => return Ok(()),
-                StatusCode::FORBIDDEN => return Err(self.forbidden(repo, &what)),
-                _ => {
-                    // A PATCH retried after a cut connection may have appended twice: the
-                    // digest then does not match, and a fresh session fixes it.
-                    let rejected = self.rejected(answer, &what).await;
-                    let code = rejected.code.as_deref().unwrap_or("");
-                    let start_over =
-                        matches!(rejected.status, StatusCode::NOT_FOUND | StatusCode::RANGE_NOT_SATISFIABLE)
-                            || matches!(code, "DIGEST_INVALID" | "BLOB_UPLOAD_INVALID" | "BLOB_UPLOAD_UNKNOWN");
-                    if !start_over {
-                        return Err(rejected.into());
-                    }
-                    last = Some(rejected);
-                }
-            }
-        }
-        match last {
-            Some(rejected) => Err(anyhow::Error::new(rejected)
-                .context(format!("the registry lost the upload of {} three times", short(digest)))),
-            None => bail!("registry {} lost the upload of {} three times; try again", self.registry(), short(digest)),
         }
     }
 
@@ -263,7 +158,7 @@ impl Client {
     }
 
     /// The absolute URL of an upload session's `Location` header.
-    fn upload_location(&self, answer: &reqwest::Response) -> Result<String> {
+    pub(super) fn upload_location(&self, answer: &reqwest::Response) -> Result<String> {
         let location = answer
             .headers()
             .get(LOCATION)
@@ -272,7 +167,7 @@ impl Client {
         Ok(self.absolute(location))
     }
 
-    fn forbidden(&self, repo: &str, what: &str) -> anyhow::Error {
+    pub(super) fn forbidden(&self, repo: &str, what: &str) -> anyhow::Error {
         anyhow!(
             "registry {} denied {what} in {repo:?} (403 Forbidden: the user may not push there; check the repository name and the account's rights)",
             self.registry()

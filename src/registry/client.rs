@@ -1,10 +1,12 @@
 //! HTTP to one registry host: scheme choice, authentication, timeouts, retries.
 //!
-//! Every request goes through [`Client::send`], which attaches the current credentials,
+//! Requests go through [`Client::send`], which attaches the current credentials,
 //! answers a 401 by authenticating once (a bearer token that expired mid-push, or that does
 //! not cover a repository the session has since touched, is fetched again), and retries
-//! connection failures, 408, 429 and 5xx a bounded number of times. The endpoints
-//! themselves are in `api.rs`.
+//! connection failures, 408, 429 and 5xx a bounded number of times. Requests carrying blob
+//! bytes go through [`Client::send_upload`] instead, which sends once: `upload.rs` asks the
+//! registry where a cut-off upload stands rather than sending it all again. The endpoints
+//! themselves are in `api.rs` and `upload.rs`.
 
 use std::collections::BTreeSet;
 use std::error::Error as _;
@@ -119,6 +121,13 @@ struct TokenAnswer {
     token: Option<String>,
     #[serde(default)]
     access_token: Option<String>,
+}
+
+/// What became of an upload request: the registry's answer, or the request cut off
+/// (connection dropped, no progress): the caller asks the registry where the upload stands.
+pub(crate) enum Sent {
+    Answer(Response),
+    Cut(anyhow::Error),
 }
 
 /// Why an attempt got no answer.
@@ -243,44 +252,52 @@ impl Client {
 
     /// Sends a request built by `make` (called again for every attempt, so bodies are fresh).
     pub async fn send(&self, what: &str, make: impl Fn(&reqwest::Client, &str) -> RequestBuilder) -> Result<Response> {
-        self.send_with(what, None, make).await
+        self.send_with(what, make).await
     }
 
-    /// [`Client::send`] for a streamed body: no overall read timeout, but the request fails
-    /// when `activity` (touched by the body stream) shows no progress for [`ANSWER_TIMEOUT`].
-    pub async fn send_streaming(
+    /// Sends an upload request once: a request that carried part of a blob is not simply sent
+    /// again (the registry may have kept part of it), so a cut-off request is [`Sent::Cut`]
+    /// and any answer is the caller's. A 401 is answered by authenticating and sending anew.
+    pub async fn send_upload(
         &self,
         what: &str,
         activity: &Activity,
-        make: impl Fn(&reqwest::Client, &str) -> RequestBuilder,
-    ) -> Result<Response> {
-        self.send_with(what, Some(activity), make).await
+        make: impl Fn(&reqwest::Client) -> RequestBuilder,
+    ) -> Result<Sent> {
+        let mut authenticated = false;
+        loop {
+            let mut request = make(&self.upload_http);
+            if let Some(value) = self.authorization.lock().await.clone() {
+                request = request.header(AUTHORIZATION, value);
+            }
+            activity.touch();
+            let outcome = tokio::select! {
+                outcome = request.send() => outcome.map_err(Failure::Http),
+                () = activity.stalled(ANSWER_TIMEOUT) => Err(Failure::Stalled),
+            };
+            match outcome {
+                Err(Failure::Http(e)) if !is_transient(&e) => return Err(self.failed(what, &Failure::Http(e))),
+                Err(failure) => return Ok(Sent::Cut(self.failed(what, &failure))),
+                Ok(answer) if answer.status() == StatusCode::UNAUTHORIZED && !authenticated => {
+                    authenticated = true;
+                    self.authenticate(answer.headers()).await?;
+                }
+                Ok(answer) if answer.status() == StatusCode::UNAUTHORIZED => return Err(self.unauthorized(what)),
+                Ok(answer) => return Ok(Sent::Answer(answer)),
+            }
+        }
     }
 
-    async fn send_with(
-        &self,
-        what: &str,
-        activity: Option<&Activity>,
-        make: impl Fn(&reqwest::Client, &str) -> RequestBuilder,
-    ) -> Result<Response> {
+    async fn send_with(&self, what: &str, make: impl Fn(&reqwest::Client, &str) -> RequestBuilder) -> Result<Response> {
         let mut attempt = 0;
         let mut timeouts = 0;
         let mut authenticated = false;
         loop {
-            let mut request = make(if activity.is_some() { &self.upload_http } else { &self.http }, &self.base);
+            let mut request = make(&self.http, &self.base);
             if let Some(value) = self.authorization.lock().await.clone() {
                 request = request.header(AUTHORIZATION, value);
             }
-            let outcome = match activity {
-                None => request.send().await.map_err(Failure::Http),
-                Some(activity) => {
-                    activity.touch();
-                    tokio::select! {
-                        outcome = request.send() => outcome.map_err(Failure::Http),
-                        () = activity.stalled(ANSWER_TIMEOUT) => Err(Failure::Stalled),
-                    }
-                }
-            };
+            let outcome = request.send().await.map_err(Failure::Http);
             let retry_reason = match outcome {
                 Err(failure) => {
                     let (timed_out, transient) = match &failure {
@@ -478,7 +495,7 @@ async fn read_limited(mut response: Response, limit: usize) -> reqwest::Result<L
     Ok(Limited { bytes, cut: false })
 }
 
-fn backoff(attempt: u32) -> Duration {
+pub(super) fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(250 << attempt.min(6))
 }
 

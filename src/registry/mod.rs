@@ -9,7 +9,8 @@
 //! flags and `nixctr.toml`; `push.rs` holds a [`PushSession`] per registry host, which owns
 //! the connection, the blob cache and the compressions and runs pushes (`push/tags.rs`: which
 //! tags exist, several tags on one manifest); `api.rs` the
-//! distribution endpoints on top of `client.rs`, the transport; `manifest.rs` the manifest
+//! distribution endpoints on top of `client.rs`, the transport; `upload.rs` blob uploads
+//! (whole or in chunks, resumed where cut off); `manifest.rs` the manifest
 //! and index bytes; `blobs.rs` layer compression; `cache.rs` what earlier pushes left where;
 //! `auth.rs` credentials; `reference.rs` image references.
 
@@ -21,7 +22,9 @@ mod client;
 mod manifest;
 mod push;
 pub(crate) mod reference;
+mod upload;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
@@ -31,6 +34,7 @@ pub use auth::{Credentials, Secret};
 pub use manifest::{Compression, ManifestFormat};
 pub use push::{Destination, ExistingTags, PushOutcome, PushSession};
 pub use reference::Reference;
+pub use upload::{parse_chunk_size, UploadStats};
 
 /// What settings resolved for talking to registries (flags + nixctr.toml + stdin password).
 // pub: used by tests/it/push.rs
@@ -48,7 +52,12 @@ pub struct RegistryConfig {
     /// Blob transfers at once, per session (`Default` leaves 0, which `check` refuses).
     pub jobs: usize,
     /// The blob cache file; `None` disables it. Callers pass `BlobCache::default_path()`.
+    /// Chunk sizes that passed are remembered beside it, in `uploads.json`.
     pub blob_cache: Option<PathBuf>,
+    /// `--chunk-size`: blobs go up in chunks of this size, to every registry.
+    pub chunk_size: Option<u64>,
+    /// `chunk-size` of `[registries."host[:port]"]` in nixctr.toml, by that key.
+    pub chunk_sizes: BTreeMap<String, u64>,
 }
 
 impl RegistryConfig {
@@ -59,6 +68,10 @@ impl RegistryConfig {
         }
         if self.jobs == 0 {
             bail!("--jobs 0: give at least 1");
+        }
+        let sizes = self.chunk_size.iter().chain(self.chunk_sizes.values());
+        if let Some(bad) = sizes.copied().find(|s| !(upload::MIN_CHUNK..=upload::MAX_CHUNK).contains(s)) {
+            bail!("chunk size {bad}: give a size from 64 KiB to 1 GiB");
         }
         Ok(())
     }
@@ -75,7 +88,10 @@ impl RegistryConfig {
                 (found.credentials, found.notes)
             }
         };
+        let chunk_size =
+            self.chunk_size.or_else(|| self.chunk_sizes.get(registry).or(self.chunk_sizes.get(hostname)).copied());
         Ok(Target {
+            chunk_size,
             registry: registry.to_string(),
             api_host: reference::api_host(registry).to_string(),
             insecure,
@@ -102,6 +118,8 @@ struct Target {
     credentials: Option<Credentials>,
     /// Credential sources passed over, and why (shown when the registry wants credentials).
     credential_notes: Vec<String>,
+    /// Blobs go up in chunks of this size (set outright, not probed).
+    chunk_size: Option<u64>,
 }
 
 /// `localhost`, 127.0.0.0/8 and ::1: plain http there stays on the machine.
@@ -197,5 +215,22 @@ mod tests {
         let local = config.target("127.0.0.1:5000").unwrap();
         assert!(!local.insecure && local.plain_http_allowed);
         assert_eq!(config.target("docker.io").unwrap().api_host, "registry-1.docker.io");
+    }
+
+    #[test]
+    fn chunk_sizes_by_flag_then_host_port_then_host() {
+        let mut config = RegistryConfig {
+            chunk_sizes: [("reg.example".to_string(), 1 << 20), ("reg.example:5000".to_string(), 2 << 20)].into(),
+            credentials: Some(Credentials { username: "u".into(), password: Secret::new("p"), source: "t".into() }),
+            jobs: 1,
+            ..RegistryConfig::default()
+        };
+        assert_eq!(config.target("reg.example:5000").unwrap().chunk_size, Some(2 << 20));
+        assert_eq!(config.target("reg.example:6000").unwrap().chunk_size, Some(1 << 20));
+        assert_eq!(config.target("other.example").unwrap().chunk_size, None);
+        config.chunk_size = Some(8 << 20);
+        assert_eq!(config.target("reg.example:5000").unwrap().chunk_size, Some(8 << 20));
+        config.chunk_size = Some(0);
+        assert!(config.check().unwrap_err().to_string().contains("give a size from 64 KiB to 1 GiB"));
     }
 }

@@ -3,6 +3,7 @@
 
 mod build;
 mod cache;
+mod chunks;
 mod cli;
 mod engines;
 mod harness;

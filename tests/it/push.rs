@@ -12,7 +12,7 @@ use crate::registry_harness::{
 
 /// `nixctr push ARGS…` in `home`'s sandbox.
 #[track_caller]
-fn push(home: &Sandbox, args: &[&str]) -> Output {
+pub(crate) fn push(home: &Sandbox, args: &[&str]) -> Output {
     home.nixctr().arg("push").args(args).run()
 }
 
@@ -67,7 +67,7 @@ impl PushOutput for Output {
 
 /// Reads the pushed image back with skopeo: the manifest names the digest nixctr printed,
 /// the config is the archive's, and every layer decompresses to its diff_id.
-fn check_with_skopeo(
+pub(crate) fn check_with_skopeo(
     registry: &Registry,
     image: &str,
     digest: &str,
@@ -100,7 +100,7 @@ fn check_with_skopeo(
     }
 }
 
-const OCI_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub(crate) const OCI_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const OCI_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 const DOCKER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
@@ -625,6 +625,8 @@ fn tag_exists_sees_pushed_tags() {
         }),
         jobs: 2,
         blob_cache: Some(home.path().join("cache/blobs.json")),
+        chunk_size: None,
+        chunk_sizes: Default::default(),
     };
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let progress = nixctr::progress::Progress::new(true, false);

@@ -686,3 +686,300 @@ pub fn error_answer(status: &str, code: &str, message: &str) -> String {
         body.len()
     )
 }
+
+/// nginx as a reverse proxy in front of a registry, as registries are often run: with
+/// `client_max_body_size` left at nginx's default (1 MiB) or set, so bigger request bodies
+/// get 413. Its own config, temp dirs and logs; stopped on drop.
+pub struct Nginx {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Nginx {
+    /// `body_limit`: nginx's `client_max_body_size` (`"8m"`); `None` leaves nginx's default.
+    pub fn start(upstream: u16, body_limit: Option<&str>) -> Nginx {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for sub in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+            std::fs::create_dir_all(dir.path().join(sub)).expect("nginx temp dir");
+        }
+        let limit = body_limit.map(|l| format!("client_max_body_size {l};")).unwrap_or_default();
+        // Workers run as root when the tests do: they must reach the temp dirs made here.
+        let user = if unsafe { libc::geteuid() } == 0 { "user root;" } else { "" };
+        for _attempt in 0..20 {
+            let port = candidate_port();
+            let d = dir.path().display();
+            let config = format!(
+                "{user}\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+                 events {{ worker_connections 256; }}\n\
+                 http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  \
+                 fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
+                 server {{\n    listen 127.0.0.1:{port};\n    {limit}\n    location / {{\n      \
+                 proxy_pass http://127.0.0.1:{upstream};\n      proxy_set_header Host $http_host;\n      \
+                 proxy_http_version 1.1;\n      proxy_read_timeout 900s;\n    }}\n  }}\n}}\n"
+            );
+            std::fs::write(dir.path().join("nginx.conf"), config).expect("write nginx.conf");
+            let mut child = Command::new("nginx")
+                .arg("-p")
+                .arg(dir.path())
+                .arg("-e")
+                .arg(dir.path().join("error.log"))
+                .arg("-c")
+                .arg(dir.path().join("nginx.conf"))
+                .args(["-g", "daemon off;"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("cannot start nginx (apt-get install nginx)");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if listener_owned_by(child.id(), port) {
+                    return Nginx { port, dir, child };
+                }
+                if child.try_wait().expect("wait for nginx").is_some() {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "nginx did not listen on {port} within 30s");
+                std::thread::sleep(Duration::from_millis(20)); // a poll interval
+            }
+            let log = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
+            assert!(log.contains("Address already in use"), "nginx exited without listening on {port}: {log}");
+        }
+        panic!("nginx found no free port in 20 tries");
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// skopeo's flags to reach the registry through this proxy.
+    pub fn skopeo_inspect(&self, image: &str) -> Option<serde_json::Value> {
+        let out = Cmd::tool("skopeo")
+            .args(["inspect", "--tls-verify=false"])
+            .arg(format!("docker://{}/{image}", self.host()))
+            .quiet()
+            .run();
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).expect("skopeo printed JSON"))
+    }
+
+    /// `skopeo copy` through this proxy to a `dir:` layout.
+    pub fn skopeo_copy_to_dir(&self, image: &str, into: &Path) -> PathBuf {
+        let dest = into.join(format!("via-proxy-{}", image.replace(['/', ':'], "-")));
+        run_ok(
+            Cmd::tool("skopeo")
+                .args(["copy", "--src-tls-verify=false"])
+                .arg(format!("docker://{}/{image}", self.host()))
+                .arg(format!("dir:{}", dest.display()))
+                .quiet(),
+        );
+        dest
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGQUIT: nginx's graceful stop; the workers go with the master.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGQUIT);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20)); // a poll interval
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = &self.dir;
+    }
+}
+
+/// What a [`FaultProxy`] does to the traffic it passes.
+#[derive(Clone, Default)]
+pub struct Faults {
+    /// Cut the client's connection once this many bytes of PATCH bodies have passed (once).
+    pub cut_after: Option<u64>,
+    /// Play a registry that keeps what arrived before a cut. distribution binds an upload's
+    /// offset into its `Location` (`_state`), so after a cut PATCH it knows the session no
+    /// more (404 on the next request): so the proxy sends the cut request on as a complete,
+    /// shorter one, and sends every later request of that session to the newest `Location`
+    /// the registry gave. Without this, a cut session is lost, as it is with distribution.
+    pub keep_what_arrived: bool,
+    /// Put this in place of the `Range` of upload-status answers (GET on an upload).
+    pub status_range: Option<String>,
+}
+
+/// An HTTP proxy that streams what passes (one request per connection) and injects
+/// [`Faults`] into blob uploads; it counts the PATCH body bytes it sends on to the registry.
+pub struct FaultProxy {
+    pub port: u16,
+    /// PATCH body bytes passed on to the registry.
+    pub forwarded: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Connections cut.
+    pub cuts: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+struct FaultState {
+    faults: Faults,
+    upstream: u16,
+    /// PATCH body bytes seen so far, for `cut_after`.
+    seen: std::sync::atomic::AtomicU64,
+    forwarded: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    cuts: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Upload UUID -> the newest path and query the registry gave for it.
+    sessions: std::sync::Mutex<std::collections::HashMap<String, String>>,
+}
+
+impl FaultProxy {
+    pub fn start(upstream: u16, faults: Faults) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let state = std::sync::Arc::new(FaultState {
+            faults,
+            upstream,
+            seen: Default::default(),
+            forwarded: Default::default(),
+            cuts: Default::default(),
+            sessions: Default::default(),
+        });
+        let proxy = FaultProxy { port, forwarded: state.forwarded.clone(), cuts: state.cuts.clone() };
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let state = state.clone();
+                std::thread::spawn(move || {
+                    let _ = fault_one(client, &state);
+                });
+            }
+        });
+        proxy
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// The UUID in an upload URL (`…/blobs/uploads/<uuid>?…`).
+fn upload_uuid(path: &str) -> Option<String> {
+    let rest = path.split("/blobs/uploads/").nth(1)?;
+    let uuid = rest.split(['?', '/']).next()?;
+    (!uuid.is_empty()).then(|| uuid.to_string())
+}
+
+fn fault_one(client: TcpStream, state: &FaultState) -> std::io::Result<()> {
+    use std::io::{BufRead, BufReader, Read};
+    use std::sync::atomic::Ordering;
+    let mut reader = BufReader::with_capacity(256 << 10, client.try_clone()?);
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        if line == "\r\n" {
+            break;
+        }
+        lines.push(line.trim_end().to_string());
+    }
+    let request_line = lines.remove(0);
+    let mut words = request_line.split_whitespace();
+    let (method, mut path) = (words.next().unwrap_or("").to_string(), words.next().unwrap_or("").to_string());
+    let header = |name: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.split_once(':').filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim()))
+    };
+    let length: u64 = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let uuid = upload_uuid(&path);
+    if state.faults.keep_what_arrived {
+        if let Some(newest) = uuid.as_ref().and_then(|u| state.sessions.lock().ok()?.get(u).cloned()) {
+            // The newest state, and the client's own parameters (`digest=`).
+            let own: Vec<&str> = path
+                .split_once('?')
+                .map(|(_, q)| q.split('&').filter(|kv| !kv.starts_with("_state=")).collect())
+                .unwrap_or_default();
+            let mut mapped = newest;
+            for kv in own {
+                mapped.push(if mapped.contains('?') { '&' } else { '?' });
+                mapped.push_str(kv);
+            }
+            path = mapped;
+        }
+    }
+    // How much of this body goes on before the cut, if the cut falls within it.
+    let mut cut_at = None;
+    if method == "PATCH" {
+        let before = state.seen.fetch_add(length, Ordering::SeqCst);
+        if let Some(limit) = state.faults.cut_after {
+            if before <= limit && limit < before + length && state.cuts.fetch_add(1, Ordering::SeqCst) == 0 {
+                cut_at = Some(limit - before);
+            }
+        }
+    }
+    let sent_length = match cut_at {
+        Some(n) if state.faults.keep_what_arrived => n,
+        _ => length,
+    };
+    let mut up = TcpStream::connect(("127.0.0.1", state.upstream))?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\n");
+    for line in &lines {
+        let name = line.split(':').next().unwrap_or("").to_ascii_lowercase();
+        if name == "connection" || name == "content-length" {
+            continue;
+        }
+        head.push_str(line);
+        head.push_str("\r\n");
+    }
+    if length > 0 || header("content-length").is_some() {
+        head.push_str(&format!("Content-Length: {sent_length}\r\n"));
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    up.write_all(head.as_bytes())?;
+    let mut body = (&mut reader).take(cut_at.unwrap_or(length));
+    let copied = std::io::copy(&mut body, &mut up)?;
+    if method == "PATCH" {
+        state.forwarded.fetch_add(copied, Ordering::SeqCst);
+    }
+    if cut_at.is_some() {
+        // The client's connection goes first, as a broken network would take it.
+        let _ = client.shutdown(std::net::Shutdown::Both);
+        if !state.faults.keep_what_arrived {
+            let _ = up.shutdown(std::net::Shutdown::Both);
+            return Ok(());
+        }
+    }
+    let mut answer = Vec::new();
+    up.read_to_end(&mut answer)?;
+    let split = answer.windows(4).position(|w| w == b"\r\n\r\n").map_or(answer.len(), |p| p + 4);
+    let (answer_head, answer_body) = answer.split_at(split);
+    let answer_head = String::from_utf8_lossy(answer_head).to_string();
+    let mut out = String::new();
+    for line in answer_head.split("\r\n").filter(|l| !l.is_empty()) {
+        let (name, value) = line.split_once(':').map_or((line, ""), |(n, v)| (n, v.trim()));
+        match name.to_ascii_lowercase().as_str() {
+            "connection" => continue,
+            "location" => {
+                if let (Some(uuid), Some(at)) = (upload_uuid(value), value.find("/v2/")) {
+                    if let Ok(mut sessions) = state.sessions.lock() {
+                        sessions.insert(uuid, value[at..].to_string());
+                    }
+                }
+            }
+            "range" if method == "GET" && uuid.is_some() => {
+                if let Some(range) = &state.faults.status_range {
+                    out.push_str(&format!("Range: {range}\r\n"));
+                    continue;
+                }
+            }
+            _ => {}
+        }
+        out.push_str(line);
+        out.push_str("\r\n");
+    }
+    if cut_at.is_some() {
+        return Ok(());
+    }
+    out.push_str("Connection: close\r\n\r\n");
+    let mut client = client;
+    client.write_all(out.as_bytes())?;
+    client.write_all(answer_body)?;
+    Ok(())
+}

@@ -61,6 +61,7 @@ impl PushSession {
             total.pushed_layers += one.pushed_layers;
             total.skipped_layers += one.skipped_layers;
             total.mounted_layers += one.mounted_layers;
+            total.uploads.add(&one.uploads);
             total.platforms.push((platform.to_string(), one.digest.clone()));
             entries.push((
                 one.format,

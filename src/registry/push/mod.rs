@@ -26,11 +26,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 
-use super::api::{manifest_type_refused, UploadBody};
+use super::api::manifest_type_refused;
 use super::blobs::{Compressor, Pending};
 use super::cache::{BlobCache, CachedBlob};
 use super::client::Client;
 use super::manifest::{image_manifest, Compression, ManifestFormat};
+use super::upload::{UploadBody, UploadPolicy, UploadStats};
 use super::Target;
 use super::{is_digest, plural, short, Reference, RegistryConfig};
 use crate::archive::{Archive, EntryData, SeenEntry};
@@ -64,6 +65,8 @@ pub struct PushOutcome {
     /// Those of `tags` that named it already: nothing was sent for them. All of them: the
     /// image was published already, and nothing was sent at all.
     pub already: Vec<String>,
+    /// What the uploads took: bytes sent, requests, chunks, resumes.
+    pub uploads: UploadStats,
 }
 
 impl PushOutcome {
@@ -82,6 +85,7 @@ impl PushOutcome {
             platforms: Vec::new(),
             tags: Vec::new(),
             already: Vec::new(),
+            uploads: UploadStats::default(),
         }
     }
 
@@ -109,13 +113,15 @@ pub struct PushSession {
     compressor: Compressor,
     /// Blob transfers (checks, mounts, uploads) under way across all pushes of the session.
     transfers: Semaphore,
+    /// Whole blobs or chunks, as the registry turned out to take them.
+    uploads: UploadPolicy,
 }
 
 /// How one layer went.
 enum LayerResult {
     Skipped,
     Mounted(String),
-    Pushed(u64),
+    Pushed(u64, UploadStats),
     /// Not in the repository, and left so ([`Mode::Check`]).
     Missing,
 }
@@ -183,7 +189,7 @@ impl PushSession {
         }
         Ok(PushSession {
             client: tokio::sync::OnceCell::new(),
-            target,
+            target: target.clone(),
             progress: progress.clone(),
             registry: registry.to_string(),
             format: config.format,
@@ -193,6 +199,12 @@ impl PushSession {
             memory: config.blob_cache.as_ref().map(|p| p.with_file_name("archives.json")),
             compressor: Compressor::new(config.compression)?,
             transfers: Semaphore::new(config.jobs),
+            uploads: UploadPolicy::new(
+                registry,
+                target.chunk_size,
+                config.blob_cache.as_ref().map(|p| p.with_file_name("uploads.json")),
+                progress,
+            ),
         })
     }
 
@@ -260,6 +272,9 @@ impl PushSession {
             if let Err(e) = cache.save() {
                 progress.debug(format!("could not save the blob cache: {e:#}"));
             }
+        }
+        if let Some(note) = self.uploads.save() {
+            progress.debug(note);
         }
     }
 
@@ -401,9 +416,10 @@ impl PushSession {
             match result {
                 LayerResult::Skipped => outcome.skipped_layers += 1,
                 LayerResult::Mounted(_) => outcome.mounted_layers += 1,
-                LayerResult::Pushed(size) => {
+                LayerResult::Pushed(size, stats) => {
                     outcome.pushed_layers += 1;
                     outcome.pushed_bytes += size;
+                    outcome.uploads.add(&stats);
                 }
                 LayerResult::Missing => {}
             }
@@ -417,8 +433,10 @@ impl PushSession {
             let _transfer = self.transfers.acquire().await.context("the push session closed")?;
             if !self.client().await?.blob_exists(repo, (&config.0, config.1)).await? {
                 let body = UploadBody::Bytes(archive.config.clone());
-                self.client().await?.upload_blob(repo, (&config.0, config.1), body, None).await?;
+                let stats =
+                    self.client().await?.upload_blob(&self.uploads, repo, (&config.0, config.1), body, None).await?;
                 outcome.pushed_bytes += config.1;
+                outcome.uploads.add(&stats);
             }
         }
         Ok(Attempt::Done(Box::new(Prepared { config, layers, layer_bytes, outcome })))
@@ -463,6 +481,9 @@ impl PushSession {
         };
         outcome.format = format;
         outcome.tags = tags.to_vec();
+        if outcome.uploads.requests > 0 {
+            progress.info(format!("sent {}", outcome.uploads.describe()));
+        }
         progress.info(format!(
             "pushed {} ({}), {} already there, {} mounted",
             plural(outcome.pushed_layers, "layer"),
@@ -534,9 +555,9 @@ impl PushSession {
             } else {
                 let bar = progress.bar(&label, Some(blob.1));
                 let body = UploadBody::File(compressed.file.path());
-                self.client().await?.upload_blob(repo, blob, body, Some(&bar)).await?;
+                let stats = self.client().await?.upload_blob(&self.uploads, repo, blob, body, Some(&bar)).await?;
                 bar.finish_and_clear();
-                LayerResult::Pushed(blob.1)
+                LayerResult::Pushed(blob.1, stats)
             }
         };
         report(progress, mode, &label, &result);
@@ -569,7 +590,7 @@ fn report(progress: &Progress, mode: Mode, label: &str, result: &LayerResult) {
         )),
         LayerResult::Skipped => progress.info(format!("{label} already there")),
         LayerResult::Mounted(from) => progress.info(format!("{label} mounted from {from}")),
-        LayerResult::Pushed(size) => progress.info(format!("{label} pushed ({})", human_bytes(*size))),
+        LayerResult::Pushed(size, _) => progress.info(format!("{label} pushed ({})", human_bytes(*size))),
         LayerResult::Missing => {}
     }
 }
