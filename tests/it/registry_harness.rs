@@ -699,11 +699,35 @@ pub struct Nginx {
 impl Nginx {
     /// `body_limit`: nginx's `client_max_body_size` (`"8m"`); `None` leaves nginx's default.
     pub fn start(upstream: u16, body_limit: Option<&str>) -> Nginx {
+        let limit = body_limit.map(|l| format!("client_max_body_size {l};")).unwrap_or_default();
+        Nginx::start_with(upstream, &limit)
+    }
+
+    /// Refuses `PUT /v2/REPO/manifests/TAG` with 403 and a distribution `DENIED` body, as a
+    /// create-only policy does for a tag that exists; passes on everything else.
+    pub fn create_only(upstream: u16, repo: &str, tag: &str) -> Nginx {
+        let denied = serde_json::json!({"errors": [{
+            "code": "DENIED",
+            "message": format!("tag {tag} exists: this repository allows creating tags, not overwriting them"),
+        }]})
+        .to_string()
+        .replace('\'', "\\'");
+        Nginx::start_with(
+            upstream,
+            &format!(
+                "client_max_body_size 0;\n    location = /v2/{repo}/manifests/{tag} {{\n      \
+                 if ($request_method = PUT) {{ return 403 '{denied}'; }}\n      \
+                 proxy_pass http://127.0.0.1:{upstream};\n      proxy_set_header Host $http_host;\n    }}"
+            ),
+        )
+    }
+
+    /// nginx with `server` directives of its own before the pass-everything location.
+    fn start_with(upstream: u16, server: &str) -> Nginx {
         let dir = tempfile::tempdir().expect("temp dir");
         for sub in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
             std::fs::create_dir_all(dir.path().join(sub)).expect("nginx temp dir");
         }
-        let limit = body_limit.map(|l| format!("client_max_body_size {l};")).unwrap_or_default();
         // Workers run as root when the tests do: they must reach the temp dirs made here.
         let user = if unsafe { libc::geteuid() } == 0 { "user root;" } else { "" };
         for _attempt in 0..20 {
@@ -714,7 +738,7 @@ impl Nginx {
                  events {{ worker_connections 256; }}\n\
                  http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  \
                  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
-                 server {{\n    listen 127.0.0.1:{port};\n    {limit}\n    location / {{\n      \
+                 server {{\n    listen 127.0.0.1:{port};\n    {server}\n    location / {{\n      \
                  proxy_pass http://127.0.0.1:{upstream};\n      proxy_set_header Host $http_host;\n      \
                  proxy_http_version 1.1;\n      proxy_read_timeout 900s;\n    }}\n  }}\n}}\n"
             );

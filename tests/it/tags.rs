@@ -6,8 +6,9 @@
 use std::sync::{Arc, Mutex};
 
 use crate::harness::*;
+use crate::registry_harness::Nginx;
 use crate::registry_harness::{Proxy, Registry, TestImage};
-use crate::tag_harness::{Nginx, OciTagShim};
+use crate::tag_harness::OciTagShim;
 
 /// The digest skopeo reads under `image` (`repo:tag`), if there is one.
 fn digest_of(registry: &Registry, image: &str) -> Option<String> {
