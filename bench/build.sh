@@ -86,6 +86,8 @@ for _ in $(seq "$ROUNDS"); do
   ours+=("$(awk -v s="$s" -v e="$e" 'BEGIN {print e-s}')")
   s=$(now)
   ctr=$(docker create -v "$vol:/nix" -e XDG_CACHE_HOME=/nix/var/nixctr/cache "$IMAGE" sleep 600)
+  # A failed step must not leave the container holding the store volume.
+  trap 'docker rm -f "$ctr" >/dev/null 2>&1 || true' EXIT
   docker start "$ctr" >/dev/null
   tar -c -C "$PWD/fixtures" --transform 's,^project,workspace,;s,^nixpkgs,nixctr/nixpkgs,' project nixpkgs | docker cp - "$ctr:/"
   np=$(docker exec "$ctr" nix --extra-experimental-features 'nix-command flakes' flake metadata path:/nixctr/nixpkgs --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["path"])')
