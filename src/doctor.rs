@@ -391,7 +391,7 @@ async fn registry_checks(options: &Options<'_>, progress: &Progress) -> Section 
     let steps = [("reachable", probe.reach, fix_reach), ("/v2/", probe.api, "check that this address is a registry")];
     for (name, step, fix) in steps {
         match step {
-            Some(Ok(detail)) => section.checks.push(Check::ok(name, format!("{registry}: {detail}"))),
+            Some(Ok(detail)) => section.checks.push(Check::ok(name, detail)),
             Some(Err(e)) => section.checks.push(Check::problem(name, &format!("{e:#}"), fix)),
             None => {}
         }

@@ -15,7 +15,7 @@ use crate::progress::Progress;
 pub(crate) struct Probe {
     /// `user "NAME" from SOURCE` (never the secret); `None`: anonymous.
     pub(crate) credentials: Result<Option<String>>,
-    /// The base URL reached (`https://host:port`, or `http://` where allowed).
+    /// Where it answered (`https://host:port`, or `http://` where allowed).
     pub(crate) reach: Option<Result<String>>,
     /// What `GET /v2/` answers without credentials.
     pub(crate) api: Option<Result<String>>,
@@ -43,7 +43,7 @@ impl RegistryConfig {
             }
         };
         match client.reach(&target).await {
-            Ok(base) => probe.reach = Some(Ok(base.to_string())),
+            Ok(base) => probe.reach = Some(Ok(format!("{registry} answers at {base}"))),
             Err(e) => {
                 probe.reach = Some(Err(e));
                 return probe;

@@ -10,7 +10,7 @@ use crate::registry_harness::{layer_tar, sha256, write_archive, ClosedPort, Regi
 const KEYS: &str = "/etc/nixctr-test/cache";
 
 /// The JSON report of a run.
-fn report(out: &Output) -> serde_json::Value {
+fn read_report(out: &Output) -> serde_json::Value {
     serde_json::from_str(out.stdout().trim()).unwrap_or_else(|e| panic!("doctor --json printed no JSON ({e})"))
 }
 
@@ -43,7 +43,7 @@ fn all_well_is_exit_0_and_every_section_is_checked() {
     let public = std::fs::read_to_string(Path::new(KEYS).join("signing-key.pub")).unwrap();
     for engine in engines() {
         let fx = Fixture::new();
-        let cache = fx.path().join("cache");
+        let cache = fx.path().join("binary-cache");
         let cache_flags = [
             "--substituter".to_string(),
             "http://127.0.0.1:5081".to_string(),
@@ -62,7 +62,7 @@ fn all_well_is_exit_0_and_every_section_is_checked() {
             .deadline(COLD_BUILD_DEADLINE)
             .run();
         out.assert_exit(0);
-        let report = report(&out);
+        let report = read_report(&out);
         assert_eq!(report["ok"], true, "{report}");
         assert!(problems(&report).is_empty());
         let flavor = if engine.name == "docker" { "Docker " } else { "Podman " };
@@ -107,7 +107,7 @@ fn no_engine_is_a_named_problem() {
     let url = format!("unix://{}", socket.display());
     let out = fx.nixctr(None).args(["-H", &url, "doctor", "--json"]).run();
     out.assert_exit(1).stderr_has("doctor found 1 problem");
-    let report = report(&out);
+    let report = read_report(&out);
     assert_eq!(report["ok"], false);
     assert_eq!(problems(&report), ["engine/engine"]);
     let engine = check(&report, "engine", "engine");
@@ -128,7 +128,7 @@ fn a_platform_the_image_lacks_is_a_named_problem() {
         let fx = Fixture::new();
         let out = fx.nixctr(Some(&engine)).args(["--platform", "linux/riscv64", "doctor", "--json"]).run();
         out.assert_exit(1);
-        let report = report(&out);
+        let report = read_report(&out);
         assert_eq!(problems(&report), ["nix image/platforms"], "{}", engine.name);
         let platforms = check(&report, "nix image", "platforms");
         assert_eq!(
@@ -156,7 +156,7 @@ fn an_image_of_the_wrong_platform_is_a_named_problem() {
             .run();
         engine.remove_image(&name);
         out.assert_exit(1);
-        let report = report(&out);
+        let report = read_report(&out);
         assert_eq!(problems(&report), ["engine/linux/arm64"], "{}", engine.name);
         let run = check(&report, "engine", "linux/arm64");
         assert_eq!(
@@ -217,7 +217,7 @@ fn a_refused_registry_login_is_a_named_problem() {
         };
         let out = run(Some(PASSWORD));
         out.assert_exit(0);
-        let login = check(&report(&out), "registry", "login").clone();
+        let login = check(&read_report(&out), "registry", "login").clone();
         assert_eq!(
             login["detail"],
             format!(
@@ -227,7 +227,7 @@ fn a_refused_registry_login_is_a_named_problem() {
 
         let out = run(Some(wrong));
         out.assert_exit(1);
-        let report = report(&out);
+        let report = read_report(&out);
         assert_eq!(problems(&report), ["registry/login"], "{how}");
         let login = check(&report, "registry", "login");
         let detail = login["detail"].as_str().unwrap();
@@ -240,7 +240,7 @@ fn a_refused_registry_login_is_a_named_problem() {
 
         let out = run(None);
         out.assert_exit(1);
-        let report = report(&out);
+        let report = read_report(&out);
         assert_eq!(problems(&report), ["registry/login"], "{how}");
         assert!(check(&report, "registry", "login")["detail"].as_str().unwrap().contains("requires credentials"));
     }
@@ -255,7 +255,7 @@ fn a_registry_that_does_not_answer_is_a_named_problem() {
     let host = format!("127.0.0.1:{}", closed.port);
     let out = fx.nixctr(Some(engine)).args(["doctor", "--json", "--registry", &host]).run();
     out.assert_exit(1);
-    let report = report(&out);
+    let report = read_report(&out);
     assert_eq!(problems(&report), ["registry/reachable"]);
     let reach = check(&report, "registry", "reachable");
     assert!(reach["detail"].as_str().unwrap().contains(&host), "{reach}");
@@ -280,7 +280,7 @@ fn a_bad_signing_key_or_trusted_key_is_a_named_problem() {
         .args(["--trusted-public-key", "nixctr-test-1:short", "doctor", "--json"])
         .run();
     out.assert_exit(1);
-    let report = report(&out);
+    let report = read_report(&out);
     assert_eq!(problems(&report), ["binary cache/trusted public key", "binary cache/signing key"]);
     let key = check(&report, "binary cache", "signing key");
     let detail = key["detail"].as_str().unwrap();
@@ -300,7 +300,7 @@ fn a_bad_signing_key_or_trusted_key_is_a_named_problem() {
         .args(["doctor", "--json"])
         .run();
     out.assert_exit(1);
-    let report = report(&out);
+    let report = read_report(&out);
     assert_eq!(problems(&report), ["binary cache/signing key"]);
     assert!(check(&report, "binary cache", "signing key")["detail"].as_str().unwrap().contains("chmod 600"));
 }
