@@ -177,6 +177,9 @@ pub enum Command {
     Gc(GcArgs),
     /// Print the selected container names (for a CI matrix: --json)
     List(ListArgs),
+    /// Check the engine, the platforms it runs, the nix image, the project, the registry and
+    /// the binary cache; each problem with its fix (exit 1 when there is one)
+    Doctor(DoctorArgs),
     /// Print a shell completion script
     Completions {
         #[arg(value_enum)]
@@ -422,6 +425,33 @@ pub struct PublishArgs {
 
     #[command(flatten)]
     pub registry: RegistryArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Registry host[:port] to check (or `registry` in nixctr.toml)
+    #[arg(long = "registry", value_name = "HOST", env = "NIXCTR_REGISTRY")]
+    pub registry_host: Option<String>,
+
+    /// Allow plain http (and no certificate check) for the registry
+    #[arg(long)]
+    pub insecure: bool,
+
+    /// PEM file of a private certificate authority to trust
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// Registry user name (the password comes from --password-stdin)
+    #[arg(long, requires = "password_stdin")]
+    pub username: Option<String>,
+
+    /// Read the registry password from standard input
+    #[arg(long, requires = "username")]
+    pub password_stdin: bool,
+
+    /// Print one JSON object: {ok, sections: [{name, checks: [{name, ok, detail, fix}], skipped}]}
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -12,6 +12,7 @@ mod build;
 pub mod cli;
 mod commands;
 mod context;
+mod doctor;
 mod engine;
 mod engines;
 // pub: the binary reports errors and exit codes.

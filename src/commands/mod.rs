@@ -3,6 +3,7 @@
 
 pub(crate) mod build;
 pub(crate) mod cache;
+pub(crate) mod doctor;
 pub(crate) mod gc;
 pub(crate) mod list;
 pub(crate) mod publish;
@@ -45,6 +46,7 @@ pub(crate) async fn run(parsed: Parsed) -> Result<()> {
         Command::Cache(args) => cache::run(&settings, args).await,
         Command::Gc(args) => gc::run(&settings, args).await,
         Command::List(args) => list::run(&settings, args).await,
+        Command::Doctor(args) => doctor::run(&settings, args).await,
         Command::Completions { .. } | Command::Man => Ok(()),
     }
 }

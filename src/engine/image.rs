@@ -27,6 +27,11 @@ impl Engine {
         Ok(Platform::new(&os, &arch, None))
     }
 
+    /// The ID and platform of `image` if the engine has it.
+    pub(crate) async fn local_image(&self, image: &str) -> Result<Option<(String, Platform)>> {
+        Ok(self.local(image).await?.map(|l| (l.id, l.platform)))
+    }
+
     /// The ID of `image` if the engine has it.
     pub(crate) async fn image_id(&self, image: &str) -> Result<Option<String>> {
         Ok(self.local(image).await?.map(|l| l.id))
@@ -125,7 +130,7 @@ impl Engine {
 
     /// The platforms a (multi-platform) image offers, as the engine reads them from its
     /// registry: Docker's distribution endpoint, or Podman's manifest inspection.
-    async fn platforms_of(&self, image: &str) -> Option<Vec<Platform>> {
+    pub(crate) async fn platforms_of(&self, image: &str) -> Option<Vec<Platform>> {
         let encoded = image.replace('/', "%2F");
         let (path, key) = if self.is_podman() {
             (format!("/libpod/manifests/{encoded}/json"), "manifests")
@@ -158,7 +163,7 @@ fn no_such_platform(image: &str, platform: &Platform, has: &[Platform]) -> anyho
 }
 
 /// The same platform; a variant only one side names does not tell them apart.
-fn same(a: &Platform, b: &Platform) -> bool {
+pub(crate) fn same(a: &Platform, b: &Platform) -> bool {
     a.os == b.os
         && a.architecture == b.architecture
         && (a.variant.is_none() || b.variant.is_none() || a.variant == b.variant)

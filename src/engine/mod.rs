@@ -26,6 +26,7 @@ use futures::StreamExt;
 
 pub(crate) use address::EngineAddress;
 pub(crate) use container::{ContainerGuard, ContainerSpec, OutputMode};
+pub(crate) use image::same as same_platform;
 pub(crate) use runs::{hostname, live_owner};
 use transport::Transport;
 pub(crate) use watch::is_stall;
@@ -57,8 +58,8 @@ pub(crate) const LABEL_PID: &str = "dev.nixctr.pid";
 /// The label naming the machine the nixctr process ran on (its PID means nothing elsewhere).
 pub(crate) const LABEL_HOST: &str = "dev.nixctr.host";
 
-/// The end of a message for an engine that is not there.
-const START_ONE: &str = "\n  start one (Docker: `sudo systemctl start docker` or `dockerd &`; Podman: \
+/// What to do about an engine that is not there: the end of such messages, and `doctor`'s fix.
+pub(crate) const START_HINT: &str = "start one (Docker: `sudo systemctl start docker` or `dockerd &`; Podman: \
      `podman system service --time=0 unix:///run/podman/podman.sock &`), or name it with --engine URL, --context NAME \
      or DOCKER_HOST";
 
@@ -102,7 +103,11 @@ impl Engine {
             let engine = Self::connect_to(address, progress).await.map_err(|e| {
                 let reason = format!("{e:#}");
                 let absent = address.url.starts_with("unix://") || reason.contains("Connection refused");
-                let hint = if absent && !address.url.starts_with("ssh://") { START_ONE } else { "" };
+                let hint = if absent && !address.url.starts_with("ssh://") {
+                    format!("\n  {START_HINT}")
+                } else {
+                    String::new()
+                };
                 anyhow!("cannot reach the engine at {}: {reason}{hint}", address.described())
             })?;
             progress.debug(format!("engine: {} at {} (API {})", engine.flavor_name(), address.url, engine.api_version));
@@ -123,7 +128,7 @@ impl Engine {
                 Err(e) => tried.push(format!("{url} ({})", first_line(&format!("{e:#}")))),
             }
         }
-        bail!("no Docker or Podman engine answered; tried:\n    {}{START_ONE}", tried.join("\n    "))
+        bail!("no Docker or Podman engine answered; tried:\n    {}\n  {START_HINT}", tried.join("\n    "))
     }
 
     /// Connects to one address and checks that it answers.
@@ -194,6 +199,14 @@ impl Engine {
 
     pub(crate) fn client(&self) -> &Docker {
         &self.docker
+    }
+
+    /// The engine's own version, and the API version nixctr speaks with it (negotiated: the
+    /// lower of bollard's and the engine's).
+    pub(crate) async fn versions(&self) -> Result<(String, String)> {
+        let version =
+            timed("the version request", self.docker.version()).await?.context("cannot read the engine's version")?;
+        Ok((version.version.unwrap_or_else(|| "(unknown)".to_string()), self.api_version.to_string()))
     }
 
     /// The CPUs the engine's machine has (2 when it does not say).

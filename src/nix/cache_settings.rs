@@ -42,6 +42,19 @@ pub(crate) struct CacheSettings {
     pub(crate) network: Option<Network>,
 }
 
+/// One cache setting and what its check found: what it is, or why it cannot work.
+pub(crate) struct Finding {
+    /// `substituter`, `trusted public key`, `cache-to`, `signing key`, `netrc`.
+    pub(crate) what: &'static str,
+    pub(crate) result: Result<String>,
+}
+
+impl Finding {
+    fn new(what: &'static str, result: Result<String>) -> Finding {
+        Finding { what, result }
+    }
+}
+
 /// Store URL schemes nix opens (`nix help-stores`); anything else is refused before a build.
 pub(super) const SCHEMES: &[&str] = &["http", "https", "s3", "file", "ssh", "ssh-ng", "local", "daemon", "unix"];
 
@@ -56,39 +69,62 @@ impl CacheSettings {
         self.cache_to.as_deref().or(self.substituters.first().map(String::as_str))
     }
 
-    /// Checks what can be checked on this machine, before any engine work.
+    /// Checks what can be checked on this machine, before any engine work: the first
+    /// [`CacheSettings::findings`] that failed.
     pub(crate) fn check(&self) -> Result<()> {
+        match self.findings().into_iter().find_map(|f| f.result.err()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Each setting and what its check found, in the order `check` reports them: the
+    /// substituters, the trusted keys, the `--cache-to` store and its signing key, the netrc.
+    pub(crate) fn findings(&self) -> Vec<Finding> {
+        let mut found = Vec::new();
         for url in &self.substituters {
-            check_store_url(url).with_context(|| format!("substituter {url:?}"))?;
+            let result = check_store_url(url).with_context(|| format!("substituter {url:?}"));
+            found.push(Finding::new("substituter", result.map(|()| url.clone())));
         }
         for key in &self.trusted_public_keys {
-            check_key(key, 32).map_err(|why| {
+            let name = key.split_once(':').map_or("", |(name, _)| name);
+            let result = check_key(key, 32).map(|()| format!("{name}: parses")).map_err(|why| {
                 anyhow!(
                     "trusted public key {key:?}: {why} (give NAME:BASE64, what `nix key convert-secret-to-public` prints)"
                 )
-            })?;
+            });
+            found.push(Finding::new("trusted public key", result));
         }
         if let Some(url) = &self.cache_to {
-            check_store_url(url).with_context(|| format!("--cache-to {url:?}"))?;
-            let Some(key) = &self.signing_key else {
-                bail!(
+            let result = check_store_url(url).with_context(|| format!("--cache-to {url:?}"));
+            found.push(Finding::new("cache-to", result.map(|()| url.clone())));
+            let result = match &self.signing_key {
+                None => Err(anyhow!(
                     "--cache-to {url} needs a signing key: --signing-key FILE, NIXCTR_SIGNING_KEY_FILE or \
                      signing-key in nixctr.toml (make one with `nix key generate-secret --key-name NAME-1`)"
-                );
+                )),
+                Some(key) => read_secret(key, "signing key").and_then(|text| match check_key(text.trim(), 64) {
+                    // The key's name is public (it is in every signature); the rest is not shown.
+                    Ok(()) => Ok(format!(
+                        "{} ({}): parses, readable by its owner only",
+                        key.display(),
+                        text.trim().split_once(':').map_or("", |(name, _)| name)
+                    )),
+                    Err(why) => Err(anyhow!(
+                        "signing key {}: {why}: not a nix secret key (NAME:BASE64, what `nix key generate-secret` \
+                         prints)",
+                        key.display()
+                    )),
+                }),
             };
-            let text = read_secret(key, "signing key")?;
-            if let Err(why) = check_key(text.trim(), 64) {
-                bail!(
-                    "signing key {}: {why}: not a nix secret key (NAME:BASE64, what `nix key generate-secret` \
-                     prints)",
-                    key.display()
-                );
-            }
+            found.push(Finding::new("signing key", result));
         }
         if let Some(netrc) = &self.netrc {
-            read_secret(netrc, "netrc file")?;
+            let result =
+                read_secret(netrc, "netrc file").map(|_| format!("{}: readable by its owner only", netrc.display()));
+            found.push(Finding::new("netrc", result));
         }
-        Ok(())
+        found
     }
 
     /// Warnings about settings that cannot work together.

@@ -157,6 +157,15 @@ impl Client {
     /// Picks https or (where allowed) http by asking `/v2/`, and logs in when the registry
     /// asks for it, so bad credentials show before any work is done.
     pub async fn connect(target: &Target, progress: &Progress) -> Result<Client> {
+        let mut client = Client::new(target, progress)?;
+        client.pick_scheme(&target.api_host, target.plain_http_allowed).await?;
+        client.login().await?;
+        Ok(client)
+    }
+
+    /// A client that has not spoken to the registry yet: `reach` and `login` do, one step each
+    /// (`doctor` reports them apart).
+    pub(super) fn new(target: &Target, progress: &Progress) -> Result<Client> {
         let mut certs = Vec::new();
         if let Some(ca) = &target.ca_cert {
             let pem = std::fs::read(ca).with_context(|| format!("cannot read --ca-cert {}", ca.display()))?;
@@ -166,7 +175,7 @@ impl Client {
                 bail!("--ca-cert {}: no certificate in the file (give a PEM file)", ca.display());
             }
         }
-        let mut client = Client {
+        Ok(Client {
             http: http_client(target, &certs, true)?,
             upload_http: http_client(target, &certs, false)?,
             base: format!("https://{}", target.api_host),
@@ -176,13 +185,41 @@ impl Client {
             authorization: Mutex::new(None),
             scopes: std::sync::Mutex::default(),
             progress: progress.clone(),
-        };
-        client.pick_scheme(&target.api_host, target.plain_http_allowed).await?;
-        let answer = client.send("GET /v2/", |http, base| http.get(format!("{base}/v2/"))).await?;
+        })
+    }
+
+    /// Picks https or (where allowed) plain http, and returns the base URL picked.
+    pub(super) async fn reach(&mut self, target: &Target) -> Result<&str> {
+        self.pick_scheme(&target.api_host, target.plain_http_allowed).await?;
+        Ok(&self.base)
+    }
+
+    /// `GET /v2/` without credentials: the status, and the `WWW-Authenticate` challenge of a 401.
+    pub(super) async fn anonymous_v2(&self) -> Result<(StatusCode, Option<Challenge>)> {
+        let answer = self
+            .http
+            .get(format!("{}/v2/", self.base))
+            .send()
+            .await
+            .map_err(|e| self.failed("GET /v2/", &Failure::Http(e)))?;
+        let challenge = answer
+            .headers()
+            .get_all(WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .filter_map(parse_challenge)
+            .max_by_key(|c| matches!(c, Challenge::Bearer { .. }));
+        Ok((answer.status(), challenge))
+    }
+
+    /// `GET /v2/`, logging in (a token fetch, or Basic) when the registry asks, so bad
+    /// credentials show before any work is done.
+    pub(super) async fn login(&self) -> Result<()> {
+        let answer = self.send("GET /v2/", |http, base| http.get(format!("{base}/v2/"))).await?;
         if !answer.status().is_success() {
-            return Err(client.rejected(answer, "GET /v2/ (is this a registry?)").await.into());
+            return Err(self.rejected(answer, "GET /v2/ (is this a registry?)").await.into());
         }
-        Ok(client)
+        Ok(())
     }
 
     async fn pick_scheme(&mut self, api_host: &str, http_allowed: bool) -> Result<()> {

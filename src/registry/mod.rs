@@ -12,7 +12,8 @@
 //! distribution endpoints on top of `client.rs`, the transport; `upload.rs` blob uploads
 //! (whole or in chunks, resumed where cut off); `manifest.rs` the manifest
 //! and index bytes; `blobs.rs` layer compression; `cache.rs` what earlier pushes left where;
-//! `auth.rs` credentials; `reference.rs` image references.
+//! `auth.rs` credentials; `reference.rs` image references; `probe.rs` the steps of a login,
+//! one by one, for `nixctr doctor`.
 
 mod api;
 pub(crate) mod auth;
@@ -20,6 +21,7 @@ mod blobs;
 pub(crate) mod cache;
 mod client;
 mod manifest;
+mod probe;
 mod push;
 pub(crate) mod reference;
 mod upload;

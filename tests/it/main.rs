@@ -5,6 +5,7 @@ mod build;
 mod cache;
 mod chunks;
 mod cli;
+mod doctor;
 mod engines;
 mod harness;
 mod many;
