@@ -8,6 +8,7 @@ mod cli;
 mod engines;
 mod harness;
 mod many;
+mod pin;
 mod platforms;
 mod publish;
 mod push;
