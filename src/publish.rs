@@ -167,9 +167,13 @@ fn pinnable(record: &Record) -> Option<pin::Image> {
     if !published {
         return None;
     }
-    let (reference, tag, digest) = (record.reference.as_deref()?, record.tag.as_deref()?, record.digest.as_deref()?);
-    let repository = reference.strip_suffix(tag)?.strip_suffix(':')?;
-    Some(pin::Image { repository: repository.to_string(), tag: tag.to_string(), digest: digest.to_string() })
+    // The reference names the first tag pushed (with `--skip-existing`, the first new one).
+    let (reference, digest) = (Reference::parse(record.reference.as_deref()?).ok()?, record.digest.as_deref()?);
+    Some(pin::Image {
+        repository: format!("{}/{}", reference.registry(), reference.repository()),
+        tag: reference.tag().to_string(),
+        digest: digest.to_string(),
+    })
 }
 
 /// The containers whose directory git has committed (all of them for `--archive`, which
@@ -580,7 +584,7 @@ fn record_of(plan: &Planned, status: Status) -> Record {
 }
 
 /// `host/namespace/name`, or `host/name` without a namespace.
-fn repository(host: &str, namespace: Option<&str>, name: &str) -> String {
+pub(crate) fn repository(host: &str, namespace: Option<&str>, name: &str) -> String {
     match namespace {
         Some(ns) => format!("{}/{}/{name}", host.trim_end_matches('/'), ns.trim_matches('/')),
         None => format!("{}/{name}", host.trim_end_matches('/')),
@@ -650,6 +654,8 @@ mod tests {
         record.digest = Some("sha256:ab".to_string());
         let image = pinnable(&record).expect("pushed");
         assert_eq!((image.repository.as_str(), image.tag.as_str()), ("r:5000/team/ntfy", "v1"));
+        record.reference = Some("r:5000/team/ntfy:v2".to_string());
+        assert_eq!(pinnable(&record).expect("pushed").tag, "v2", "the tag pushed, not the first planned");
         record.status = Status::Skipped;
         record.error = Some("already published".to_string());
         assert!(pinnable(&record).is_some());

@@ -128,11 +128,13 @@ fn max_jobs(args: &cli::ManyArgs) -> Result<Option<usize>> {
 }
 
 /// `--pin` (relative to the working directory) or else `pin` of nixctr.toml (relative to the
-/// project root), its files found and checked (each parses, each can be replaced); `None`
-/// when nothing is to be pinned. A pattern that matches nothing is a warning.
+/// project root), its files found and checked (each parses; each naming one of the
+/// `repositories` can be replaced); `None` when nothing is to be pinned. A pattern that
+/// matches nothing is a warning.
 fn pin_request(
     settings: &Settings,
     args: &cli::PinArgs,
+    repositories: &[String],
     progress: &Progress,
 ) -> anyhow::Result<Option<crate::pin::Request>> {
     let patterns: Vec<crate::pin::Pattern> = if !args.pin.is_empty() {
@@ -153,6 +155,6 @@ fn pin_request(
     for pattern in unmatched {
         progress.warn(format!("--pin {pattern:?} matches no file"));
     }
-    crate::pin::check(&targets)?;
+    crate::pin::check(&targets, repositories)?;
     Ok(Some(crate::pin::Request { targets, always_digest: args.pin_digest, commit: args.pin_commit }))
 }

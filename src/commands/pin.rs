@@ -26,7 +26,8 @@ struct Pinned<'a> {
 pub(crate) async fn run(settings: &Settings, args: PinCommandArgs) -> Result<()> {
     let progress = Progress::new(settings.quiet, settings.verbose);
     let image = parse_image(&args.reference)?;
-    let Some(request) = super::pin_request(settings, &args.pin, &progress)? else {
+    let Some(request) = super::pin_request(settings, &args.pin, std::slice::from_ref(&image.repository), &progress)?
+    else {
         return Err(Usage("name the files to pin: --pin PATH|GLOB (or `pin` in nixctr.toml)".to_string()).into());
     };
     let outcome = crate::pin::pin(&request, std::slice::from_ref(&image))?;

@@ -43,7 +43,12 @@ pub(crate) async fn run(settings: &Settings, args: PublishArgs) -> Result<()> {
         versions: settings.version_sources(),
     };
     // The files to pin are found and parsed before anything is built or pushed.
-    let pins = super::pin_request(settings, &args.pin, &progress)?;
+    let repositories: Vec<String> = request
+        .names
+        .iter()
+        .map(|name| publish::repository(&request.registry, request.namespace.as_deref(), name))
+        .collect();
+    let pins = super::pin_request(settings, &args.pin, &repositories, &progress)?;
     let mut records = publish::publish(&options, &request, &config, &progress).await?;
     let pinned = match &pins {
         Some(pins) => publish::pin_published(&mut records, pins, &progress).map(drop),

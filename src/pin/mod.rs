@@ -124,12 +124,14 @@ fn expand(pattern: &Pattern) -> Result<Vec<Target>> {
     Ok(targets)
 }
 
-/// Refuses, before anything is pushed, a file that does not parse or could not be replaced.
-pub(crate) fn check(targets: &[Target]) -> Result<()> {
+/// Refuses, before anything is pushed, a file that does not parse, or that names one of the
+/// `repositories` and could not be replaced.
+pub(crate) fn check(targets: &[Target], repositories: &[String]) -> Result<()> {
     for target in targets {
         let text = read(target)?;
-        yaml::check(&text).map_err(|e| anyhow!("{}: {e}", target.shown))?;
-        check_writable(target)?;
+        if yaml::names_any(&text, repositories).map_err(|e| anyhow!("{}: {e}", target.shown))? {
+            check_writable(target)?;
+        }
     }
     Ok(())
 }
@@ -316,14 +318,17 @@ mod tests {
     #[test]
     fn a_read_only_file_or_directory_is_refused_even_for_root() {
         let dir = tempfile::tempdir().unwrap();
-        let file = target(dir.path(), "k.yaml", "a: b\n");
-        check(std::slice::from_ref(&file)).unwrap();
+        let file = target(dir.path(), "k.yaml", "image: r:5000/team/ntfy:v1\n");
+        let ours = ["r:5000/team/ntfy".to_string()];
+        check(std::slice::from_ref(&file), &ours).unwrap();
         std::fs::set_permissions(&file.path, std::fs::Permissions::from_mode(0o444)).unwrap();
-        let err = check(std::slice::from_ref(&file)).unwrap_err().to_string();
+        let err = check(std::slice::from_ref(&file), &ours).unwrap_err().to_string();
         assert!(err.contains("k.yaml is read-only (mode 0444)"), "{err}");
+        // A read-only file that names none of the images is no one's concern.
+        check(std::slice::from_ref(&file), &["r:5000/team/web".to_string()]).unwrap();
         std::fs::set_permissions(&file.path, std::fs::Permissions::from_mode(0o644)).unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o555)).unwrap();
-        let err = check(std::slice::from_ref(&file)).unwrap_err().to_string();
+        let err = check(std::slice::from_ref(&file), &ours).unwrap_err().to_string();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         assert!(err.contains("is read-only (mode 0555)"), "{err}");
     }
@@ -332,7 +337,7 @@ mod tests {
     fn a_file_that_does_not_parse_is_named_with_its_line() {
         let dir = tempfile::tempdir().unwrap();
         let file = target(dir.path(), "bad.yaml", "images:\n- name: a\n   newTag: b\n");
-        let err = check(&[file]).unwrap_err().to_string();
+        let err = check(&[file], &[]).unwrap_err().to_string();
         assert!(err.starts_with("bad.yaml: line 3 column"), "{err}");
     }
 

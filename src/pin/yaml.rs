@@ -54,9 +54,26 @@ impl fmt::Display for YamlError {
 
 impl std::error::Error for YamlError {}
 
-/// Parses `text` only: whether [`pin`] would refuse it.
-pub(crate) fn check(text: &str) -> Result<(), YamlError> {
-    parse(text).map(drop)
+/// Whether [`pin`] would change the file for one of `repositories` (whatever the tag and
+/// digest); an error when it does not parse.
+pub(crate) fn names_any(text: &str, repositories: &[String]) -> Result<bool, YamlError> {
+    fn walk(node: &Node, repositories: &[String]) -> bool {
+        match node {
+            Node::Map(map) => map.pairs.iter().any(|(key, value)| match (key, value) {
+                (Node::Scalar(k), Node::Scalar(v)) if k.value == "image" => {
+                    repositories.iter().any(|r| *r == split_reference(&v.value).0)
+                }
+                (Node::Scalar(k), Node::Seq(entries)) if k.value == "images" => {
+                    entries.iter().any(|e| matches!(e, Node::Map(m) if m.scalar("newName").or(m.scalar("name")).is_some_and(|n| repositories.contains(&n.value))))
+                        || walk(value, repositories)
+                }
+                _ => walk(value, repositories),
+            }),
+            Node::Seq(items) => items.iter().any(|i| walk(i, repositories)),
+            Node::Scalar(_) | Node::Alias => false,
+        }
+    }
+    Ok(parse(text)?.iter().any(|d| walk(d, repositories)))
 }
 
 /// Pins `images` in `text`: kustomization entries whose repository (`newName`, else `name`)
@@ -697,9 +714,18 @@ spec:
     }
 
     #[test]
+    fn names_any_finds_the_entries_and_image_strings_pin_would_change() {
+        let ours = [REPO.to_string()];
+        assert!(names_any(KUSTOMIZATION, &ours).unwrap());
+        assert!(names_any(&format!("spec:\n  containers:\n  - image: '{REPO}:v1@sha256:00'\n"), &ours).unwrap());
+        assert!(!names_any(KUSTOMIZATION, &["ghcr.io/x/ntfy".to_string()]).unwrap());
+        assert!(!names_any("images:\n- name: docker.io/library/redis\n", &ours).unwrap());
+    }
+
+    #[test]
     fn bad_yaml_is_an_error_naming_the_line() {
         let text = "images:\n- name: a\n  newTag: [v1\nresources: x\n";
-        let err = check(text).unwrap_err();
+        let err = names_any(text, &[]).unwrap_err();
         assert!(err.line >= 3, "{err}");
         let err = pin("a: b\n  c: d\n", &[ntfy()], false).unwrap_err();
         assert_eq!(err.line, 2, "{err}");

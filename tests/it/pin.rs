@@ -137,13 +137,13 @@ fn publish_pins_the_kustomizations_and_the_deployment() {
     assert_eq!(
         changed,
         [
-            "-    newTag: v0.0.0-0000000-nix  # bumped on every publish".to_string(),
-            "+    newTag: v2.0.0-pin  # bumped on every publish".to_string(),
             format!("-          image: {repository}:v0@sha256:{}", "0".repeat(64)),
             format!("+          image: {repository}:v2.0.0-pin@{digest}"),
+            "-    newTag: v0.0.0-0000000-nix  # bumped on every publish".to_string(),
+            "+    newTag: v2.0.0-pin  # bumped on every publish".to_string(),
             "-  newTag: \"v0\"          # pinned by digest below".to_string(),
-            "+  newTag: \"v2.0.0-pin\"          # pinned by digest below".to_string(),
             format!("-  digest: \"sha256:{}\"", "0".repeat(64)),
+            "+  newTag: \"v2.0.0-pin\"          # pinned by digest below".to_string(),
             format!("+  digest: \"{digest}\""),
         ],
     );
@@ -174,7 +174,7 @@ fn pin_in_nixctr_toml_with_pin_digest() {
     assert!(ntfy[1].get("digest").is_none() && ntfy[2].get("digest").is_none(), "{ntfy}");
     let changed = changed_lines(&fx);
     assert!(changed.contains(&format!("+    digest: {digest}")), "{changed:?}");
-    assert_eq!(changed.len(), 5, "newTag in both files, the web digest, the added digest: {changed:?}");
+    assert_eq!(changed.len(), 7, "newTag in both files, the web digest, the added digest: {changed:?}");
     let files = git(&fx, &["diff", "--name-only"]);
     assert_eq!(files.lines().collect::<Vec<_>>(), [NTFY_KUSTOMIZATION, WEB_KUSTOMIZATION], "only `pin` of nixctr.toml");
 }
@@ -234,7 +234,7 @@ fn a_glob_that_matches_nothing_is_a_warning() {
     let archive = archive(&fx);
     let out = publish(&fx, &archive, &host, "v5", &["--pin", "deploy/nowhere/*.yaml", "--pin", KUSTOMIZATIONS]);
     out.success().stderr_has("warning: --pin \"deploy/nowhere/*.yaml\" matches no file");
-    assert_eq!(changed_lines(&fx).len(), 4);
+    assert_eq!(changed_lines(&fx).len(), 6, "three lines, each removed and added");
 }
 
 /// A file that does not parse: refused before anything is pushed, named with its line.
@@ -255,14 +255,23 @@ fn a_file_that_does_not_parse_stops_the_publish_before_the_push() {
     assert!(changed_lines(&fx).is_empty());
 }
 
-/// A push that fails writes nothing.
+/// A push that fails, or that the registry's tag refuses, writes nothing.
 #[test]
-fn a_failed_push_pins_nothing() {
+fn a_failed_or_refused_push_pins_nothing() {
     let nowhere = ClosedPort::new();
     let host = format!("127.0.0.1:{}", nowhere.port);
     let fx = gitops(&host);
-    let archive = archive(&fx);
-    publish(&fx, &archive, &host, "v7", &["--pin", KUSTOMIZATIONS, "--pin-digest"]).assert_exit(1);
+    let first = archive(&fx);
+    publish(&fx, &first, &host, "v7", &["--pin", KUSTOMIZATIONS, "--pin-digest"]).assert_exit(1);
+    assert!(changed_lines(&fx).is_empty(), "{:?}", changed_lines(&fx));
+
+    let registry = Registry::plain();
+    let host = registry.host();
+    let fx = gitops(&host);
+    publish(&fx, &archive(&fx), &host, "v7", &[]).success();
+    let other = TestImage::new(2, 10_000, 42).write(fx.path(), "other", false);
+    let refused = publish(&fx, other.to_str().unwrap(), &host, "v7", &["--pin", KUSTOMIZATIONS, "--pin-digest"]);
+    refused.assert_exit(1).stderr_has("--force");
     assert!(changed_lines(&fx).is_empty(), "{:?}", changed_lines(&fx));
 }
 
