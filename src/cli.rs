@@ -180,6 +180,8 @@ pub enum Command {
     /// Check the engine, the platforms it runs, the nix image, the project, the registry and
     /// the binary cache; each problem with its fix (exit 1 when there is one)
     Doctor(DoctorArgs),
+    /// Write an image already pushed (REF@DIGEST) into GitOps files, as publish --pin does
+    Pin(PinCommandArgs),
     /// Print a shell completion script
     Completions {
         #[arg(value_enum)]
@@ -425,6 +427,41 @@ pub struct PublishArgs {
 
     #[command(flatten)]
     pub registry: RegistryArgs,
+
+    #[command(flatten)]
+    pub pin: PinArgs,
+}
+
+/// Where a pushed image's tag and digest are written.
+#[derive(Debug, Args, Clone, Default)]
+pub struct PinArgs {
+    /// After a push, write its tag (and digest) into this file or glob: kustomization
+    /// `images:` entries and manifests' `image:` strings naming the repository (repeatable;
+    /// or `pin` in nixctr.toml)
+    #[arg(long, value_name = "PATH|GLOB")]
+    pub pin: Vec<String>,
+
+    /// Write the digest too where the file had none (`digest:`, `@sha256:…`)
+    #[arg(long)]
+    pub pin_digest: bool,
+
+    /// Commit the files --pin changed (never pushed)
+    #[arg(long)]
+    pub pin_commit: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PinCommandArgs {
+    /// The image pushed: REGISTRY/NAMESPACE/NAME:TAG@sha256:…
+    #[arg(value_name = "REF@DIGEST")]
+    pub reference: String,
+
+    #[command(flatten)]
+    pub pin: PinArgs,
+
+    /// Print one JSON object: {ref, digest, pinned, commits}
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -19,6 +19,7 @@ mod engines;
 pub mod exit;
 mod nix;
 mod output;
+mod pin;
 mod pipe;
 mod platform;
 // pub: used by tests/it/push.rs.

@@ -21,6 +21,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use crate::build::{self, Built, Outcome, Output, Target};
 use crate::engines::{EngineChoice, Engines};
 use crate::nix::NixOptions;
+use crate::pin;
 use crate::platform::Platform;
 use crate::progress::Progress;
 use crate::project;
@@ -116,6 +117,63 @@ pub(crate) async fn publish(
     record_builds(builds, options.platforms.len() > 1, &mut records);
     record_pushes(pushes, &mut records);
     Ok(records.finish())
+}
+
+/// The last step, once the pushes are recorded: the images pushed (or already published
+/// under the same digest) are written into the `--pin` files, each record listing the files
+/// changed for it. A container whose push failed or was refused pins nothing.
+pub(crate) fn pin_published(
+    records: &mut [Record],
+    request: &pin::Request,
+    progress: &Progress,
+) -> Result<pin::Outcome> {
+    let images: Vec<pin::Image> = records.iter().filter_map(pinnable).collect();
+    let outcome = pin::pin(request, &images)?;
+    for record in records.iter_mut() {
+        let Some(image) = pinnable(record) else { continue };
+        let files: Vec<String> = outcome
+            .changed
+            .iter()
+            .filter(|f| f.changes.iter().any(|c| c.repository == image.repository))
+            .map(|f| f.shown.clone())
+            .collect();
+        record.pinned = Some(files);
+    }
+    report_pins(&outcome, progress);
+    Ok(outcome)
+}
+
+/// What `--pin` did, on stderr: each value changed, and the commits.
+pub(crate) fn report_pins(outcome: &pin::Outcome, progress: &Progress) {
+    for file in &outcome.changed {
+        for change in &file.changes {
+            let old = change.old.as_deref().map_or_else(|| "added".to_string(), |old| format!("{old} ->"));
+            progress.info(format!("pinned {}:{}: {} {old} {}", file.shown, change.line, change.field, change.new));
+        }
+    }
+    if outcome.changed.is_empty() {
+        progress.info("pinned: no file needed a change");
+    }
+    for commit in &outcome.commits {
+        progress.info(format!("committed the pins as {}", &commit[..commit.len().min(12)]));
+    }
+}
+
+/// The image a record pushed, when it has one to pin: pushed now, or already published
+/// under the same digest.
+fn pinnable(record: &Record) -> Option<pin::Image> {
+    let published = record.status == Status::Pushed
+        || (record.status == Status::Skipped && record.error.as_deref() == Some("already published"));
+    if !published {
+        return None;
+    }
+    // The reference names the first tag pushed (with `--skip-existing`, the first new one).
+    let (reference, digest) = (Reference::parse(record.reference.as_deref()?).ok()?, record.digest.as_deref()?);
+    Some(pin::Image {
+        repository: format!("{}/{}", reference.registry(), reference.repository()),
+        tag: reference.tag().to_string(),
+        digest: digest.to_string(),
+    })
 }
 
 /// The containers whose directory git has committed (all of them for `--archive`, which
@@ -526,7 +584,7 @@ fn record_of(plan: &Planned, status: Status) -> Record {
 }
 
 /// `host/namespace/name`, or `host/name` without a namespace.
-fn repository(host: &str, namespace: Option<&str>, name: &str) -> String {
+pub(crate) fn repository(host: &str, namespace: Option<&str>, name: &str) -> String {
     match namespace {
         Some(ns) => format!("{}/{}/{name}", host.trim_end_matches('/'), ns.trim_matches('/')),
         None => format!("{}/{name}", host.trim_end_matches('/')),
@@ -586,6 +644,26 @@ mod tests {
         assert_eq!(render_tag("v{version}-{sha}-nix", "2.17.0", "abc1234").unwrap(), "v2.17.0-abc1234-nix");
         assert_eq!(render_tag("v{version}-{sha}-nix", "v2.17.0", "abc1234").unwrap(), "v2.17.0-abc1234-nix");
         assert_eq!(render_tag("{version}", "v1", "").unwrap(), "v1");
+    }
+
+    #[test]
+    fn only_published_records_are_pinned() {
+        let mut record = Record::new("ntfy", Status::Pushed);
+        record.reference = Some("r:5000/team/ntfy:v1".to_string());
+        record.tag = Some("v1".to_string());
+        record.digest = Some("sha256:ab".to_string());
+        let image = pinnable(&record).expect("pushed");
+        assert_eq!((image.repository.as_str(), image.tag.as_str()), ("r:5000/team/ntfy", "v1"));
+        record.reference = Some("r:5000/team/ntfy:v2".to_string());
+        assert_eq!(pinnable(&record).expect("pushed").tag, "v2", "the tag pushed, not the first planned");
+        record.status = Status::Skipped;
+        record.error = Some("already published".to_string());
+        assert!(pinnable(&record).is_some());
+        record.error = Some("tag exists".to_string());
+        assert!(pinnable(&record).is_none(), "--skip-existing: what the tag names is not known to be this build");
+        record.status = Status::Failed;
+        record.error = None;
+        assert!(pinnable(&record).is_none());
     }
 
     #[test]

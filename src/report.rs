@@ -54,6 +54,9 @@ pub(crate) struct Record {
     /// For a multi-platform image: each platform's image digest.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub platforms: Option<std::collections::BTreeMap<String, String>>,
+    /// The files `--pin` changed for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<Vec<String>>,
 }
 
 impl Record {
@@ -81,6 +84,7 @@ impl Record {
             restarts: None,
             platforms: None,
             engine: None,
+            pinned: None,
         }
     }
 

@@ -69,6 +69,9 @@ pub(crate) struct FileConfig {
     pub(crate) netrc: Option<PathBuf>,
     pub(crate) cache_required: Option<bool>,
     pub(crate) network: Option<Network>,
+    /// Files and globs (relative to the project root) publish writes pushed images into.
+    #[serde(default)]
+    pub(crate) pin: Vec<String>,
 }
 
 /// `[registries."host[:port]"]` in nixctr.toml.
@@ -108,6 +111,8 @@ pub(crate) struct Settings {
     /// `[registries.…]` of nixctr.toml, checked when a registry is used.
     pub(crate) registries: BTreeMap<String, RegistryFileConfig>,
     pub(crate) packages: BTreeMap<String, String>,
+    /// `pin` of nixctr.toml: files and globs relative to the project root.
+    pub(crate) pin: Vec<String>,
 }
 
 /// What the command line says (its flags, and the environment variables read in their place),
@@ -236,6 +241,7 @@ impl Settings {
             insecure_registries: file.insecure_registries,
             registries: file.registries,
             packages: file.packages,
+            pin: file.pin,
         })
     }
 

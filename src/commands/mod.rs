@@ -6,6 +6,7 @@ pub(crate) mod cache;
 pub(crate) mod doctor;
 pub(crate) mod gc;
 pub(crate) mod list;
+pub(crate) mod pin;
 pub(crate) mod publish;
 pub(crate) mod push;
 pub(crate) mod version;
@@ -47,6 +48,7 @@ pub(crate) async fn run(parsed: Parsed) -> Result<()> {
         Command::Gc(args) => gc::run(&settings, args).await,
         Command::List(args) => list::run(&settings, args).await,
         Command::Doctor(args) => doctor::run(&settings, args).await,
+        Command::Pin(args) => pin::run(&settings, args).await,
         Command::Completions { .. } | Command::Man => Ok(()),
     }
 }
@@ -125,4 +127,36 @@ fn max_jobs(args: &cli::ManyArgs) -> Result<Option<usize>> {
         Some(0) => Err(Usage("-j 0: give at least 1".to_string()).into()),
         other => Ok(other),
     }
+}
+
+/// `--pin` (relative to the working directory) or else `pin` of nixctr.toml (relative to the
+/// project root), its files found and checked (each parses; each naming one of the
+/// `repositories` can be replaced); `None` when nothing is to be pinned. A pattern that
+/// matches nothing is a warning.
+fn pin_request(
+    settings: &Settings,
+    args: &cli::PinArgs,
+    repositories: &[String],
+    progress: &Progress,
+) -> anyhow::Result<Option<crate::pin::Request>> {
+    let patterns: Vec<crate::pin::Pattern> = if !args.pin.is_empty() {
+        let cwd = std::env::current_dir()?;
+        args.pin.iter().map(|text| crate::pin::Pattern { text: text.clone(), base: cwd.clone() }).collect()
+    } else if let (false, Some(root)) = (settings.pin.is_empty(), &settings.root) {
+        settings.pin.iter().map(|text| crate::pin::Pattern { text: text.clone(), base: root.clone() }).collect()
+    } else {
+        if args.pin_digest || args.pin_commit {
+            return Err(Usage(
+                "--pin-digest and --pin-commit need --pin PATH|GLOB (or `pin` in nixctr.toml)".to_string(),
+            )
+            .into());
+        }
+        return Ok(None);
+    };
+    let (targets, unmatched) = crate::pin::find(&patterns)?;
+    for pattern in unmatched {
+        progress.warn(format!("--pin {pattern:?} matches no file"));
+    }
+    crate::pin::check(&targets, repositories)?;
+    Ok(Some(crate::pin::Request { targets, always_digest: args.pin_digest, commit: args.pin_commit }))
 }

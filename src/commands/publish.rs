@@ -42,7 +42,18 @@ pub(crate) async fn run(settings: &Settings, args: PublishArgs) -> Result<()> {
         nix: &settings.nix,
         versions: settings.version_sources(),
     };
-    let records = publish::publish(&options, &request, &config, &progress).await?;
+    // The files to pin are found and parsed before anything is built or pushed.
+    let repositories: Vec<String> = request
+        .names
+        .iter()
+        .map(|name| publish::repository(&request.registry, request.namespace.as_deref(), name))
+        .collect();
+    let pins = super::pin_request(settings, &args.pin, &repositories, &progress)?;
+    let mut records = publish::publish(&options, &request, &config, &progress).await?;
+    let pinned = match &pins {
+        Some(pins) => publish::pin_published(&mut records, pins, &progress).map(drop),
+        None => Ok(()),
+    };
     if let [record] = records.as_slice() {
         if record.status == Status::Failed {
             // One container: its error is the command's, as it always was.
@@ -62,5 +73,7 @@ pub(crate) async fn run(settings: &Settings, args: PublishArgs) -> Result<()> {
     if records.len() > 1 {
         report::summary(&records, &progress);
     }
+    // The pushes are said first: the images are in the registry even when a file is not written.
+    pinned?;
     report::outcome(&records)
 }

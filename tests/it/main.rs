@@ -9,6 +9,7 @@ mod doctor;
 mod engines;
 mod harness;
 mod many;
+mod pin;
 mod platforms;
 mod publish;
 mod push;
