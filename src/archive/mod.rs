@@ -68,9 +68,19 @@ pub(crate) struct EntryData {
     size: u64,
     /// Some archives hold gzip-compressed layer tars.
     gzipped: bool,
+    /// The bytes are in a spool of this process's own, hashed as they were written: read
+    /// again, they need no second hash. Never from a file (`archives.json`): only this process
+    /// can say so.
+    #[serde(skip)]
+    spooled: bool,
 }
 
 impl EntryData {
+    /// Whether the bytes were checked where they lie now (see `spooled`).
+    pub(crate) fn spooled(&self) -> bool {
+        self.spooled
+    }
+
     /// The entry's uncompressed bytes.
     pub(crate) fn reader(&self) -> Result<Box<dyn Read + Send>> {
         let mut file = File::open(&self.path).with_context(|| format!("cannot reopen {}", self.path.display()))?;
@@ -314,7 +324,7 @@ impl Archive {
             return None;
         }
         let plain = !checked.gzipped;
-        let here = |d: EntryData| EntryData { path: path.to_path_buf(), ..d };
+        let here = |d: EntryData| EntryData { path: path.to_path_buf(), spooled: false, ..d };
         // A plain archive's config is a few KiB at a known place: read it again.
         let config_data = checked.config_data.filter(|_| plain).map(here);
         if plain {
@@ -602,7 +612,7 @@ fn scan(
         if read != size {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("entry {name:?} is cut short")).into());
         }
-        let data = EntryData { path: source.to_path_buf(), offset, size, gzipped };
+        let data = EntryData { path: source.to_path_buf(), offset, size, gzipped, spooled: bound.is_some() };
         if !name.ends_with(".json") && name != "repositories" {
             on_entry(&SeenEntry { sha256: sha256.clone(), data: data.clone() });
         }

@@ -43,8 +43,15 @@ pub(crate) struct Compressed {
     pub input_digest: String,
 }
 
-pub(crate) fn compress(reader: impl Read, compression: Compression, dir: &Path) -> Result<Compressed> {
-    let mut reader = HashingReader { inner: reader, hasher: Sha256::new() };
+/// Compresses what `reader` gives into a file in `dir`; hashes the input too when
+/// `hash_input` (else `input_digest` is empty).
+pub(crate) fn compress(
+    reader: impl Read,
+    compression: Compression,
+    dir: &Path,
+    hash_input: bool,
+) -> Result<Compressed> {
+    let mut reader = HashingReader { inner: reader, hasher: hash_input.then(Sha256::new) };
     let file = tempfile::Builder::new()
         .prefix("layer-")
         .tempfile_in(dir)
@@ -96,20 +103,22 @@ pub(crate) fn compress(reader: impl Read, compression: Compression, dir: &Path) 
     };
     let Hashing { mut inner, hasher, size } = sink;
     inner.flush()?;
-    let input_digest = format!("sha256:{}", hex::encode(reader.hasher.finalize()));
+    let input_digest = reader.hasher.map(|h| format!("sha256:{}", hex::encode(h.finalize()))).unwrap_or_default();
     Ok(Compressed { file, digest: format!("sha256:{}", hex::encode(hasher.finalize())), size, input_digest })
 }
 
-/// Hashes what is read through it.
+/// Hashes what is read through it (when it has a hasher).
 struct HashingReader<R> {
     inner: R,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
 }
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
+        if let Some(hasher) = &mut self.hasher {
+            hasher.update(&buf[..n]);
+        }
         Ok(n)
     }
 }
@@ -216,9 +225,12 @@ impl Compressor {
         let task = tokio::spawn(async move {
             let _slot = slots.acquire_owned().await.map_err(|e| anyhow!("compression stopped: {e}"))?;
             tokio::task::spawn_blocking(move || {
+                // A spool of this run's own was hashed as it was written; a file the user
+                // holds may have changed since it was checked, so its bytes are hashed again.
+                let recheck = !data.spooled();
                 let reader = Cancellable { inner: data.reader()?, cancel };
-                let compressed = compress(reader, compression, &work)?;
-                if compressed.input_digest != diff_id {
+                let compressed = compress(reader, compression, &work, recheck)?;
+                if recheck && compressed.input_digest != diff_id {
                     bail!(
                         "its bytes changed since they were checked: they now hash to {}, not {diff_id} (was the archive rewritten during the push? push again)",
                         compressed.input_digest
@@ -263,8 +275,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data = b"layer bytes ".repeat(10_000);
         for compression in [Compression::Gzip, Compression::Zstd] {
-            let a = compress(&data[..], compression, dir.path()).unwrap();
-            let b = compress(&data[..], compression, dir.path()).unwrap();
+            let a = compress(&data[..], compression, dir.path(), true).unwrap();
+            let b = compress(&data[..], compression, dir.path(), true).unwrap();
             assert_eq!(a.digest, b.digest);
             assert_eq!(a.input_digest, crate::archive::sha256_digest(&data));
             let bytes = std::fs::read(a.file.path()).unwrap();
@@ -282,11 +294,11 @@ mod tests {
         }
         // Several members, and an empty input still makes a valid (empty) gzip file.
         let big: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8).collect();
-        let c = compress(&big[..], Compression::Gzip, dir.path()).unwrap();
+        let c = compress(&big[..], Compression::Gzip, dir.path(), true).unwrap();
         let mut back = Vec::new();
         flate2::read::MultiGzDecoder::new(std::fs::File::open(c.file.path()).unwrap()).read_to_end(&mut back).unwrap();
         assert_eq!(back, big);
-        let c = compress(&b""[..], Compression::Gzip, dir.path()).unwrap();
+        let c = compress(&b""[..], Compression::Gzip, dir.path(), true).unwrap();
         let mut back = Vec::new();
         flate2::read::MultiGzDecoder::new(std::fs::File::open(c.file.path()).unwrap()).read_to_end(&mut back).unwrap();
         assert!(back.is_empty());
