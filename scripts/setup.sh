@@ -66,12 +66,21 @@
 # Logs: /var/log/nixctr-test/*.log.  State/caches: /var/lib/nixctr-test.
 # Daemons are started detached (setsid nohup) and keep running after exit.
 #
-# Usage: scripts/setup.sh [--verify]
+# Usage: scripts/setup.sh [--quick] [--verify] [--dry-run]
+#   --quick (or NIXCTR_SETUP=quick; scripts/quickstart.sh): only what a build
+#   needs -- the packages docker.io docker-registry debootstrap curl
+#   ca-certificates python3, the mirror, Docker, and nixos/nix:2.33.3 for this
+#   machine's own platform only (an index of that one image; the amd64 root fs
+#   takes ~70 s).  No Podman, binfmt/qemu, TLS dockerd, sshd or binary cache.
+#   A quick setup accepts a full one as done; a full setup after a quick one
+#   builds the missing platform and pushes the full index (stamp below).
 #   --verify (or NIXCTR_SETUP_VERIFY=1): also run the end-to-end checks (pull
 #   through the mirror in both engines, nix in a container, podman compat API
-#   with a named volume on /nix, linux/arm64 under qemu); they always run
-#   after the image is (re)built, which also makes both engines' local
-#   nixos/nix:2.33.3 the new image.
+#   with a named volume on /nix, linux/arm64 under qemu; with --quick: Docker
+#   only); they always run after the image is (re)built, which also makes the
+#   engines' local nixos/nix:2.33.3 the new image.
+#   --dry-run: print what this run would do (a line per step: done, or what it
+#   would install, start or build), change nothing; needs no root.
 #   NIXCTR_SETUP_NIX_TAG=TAG (development): build/verify the image as
 #   nixos/nix:TAG instead, leaving 2.33.3 alone.
 # Stdout: KEY=VALUE summary of the endpoints.  Progress: one line per step on stderr.
@@ -105,17 +114,24 @@ ROOTFS_VERSION=3
 ROOTFS_CACHE=$STATE/nix-rootfs-v$ROOTFS_VERSION   # + -ARCH.tar
 NIX_ARCHES=(amd64 arm64)
 NIX_IMAGE_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/nix-image
-IMAGE_STAMP=$STATE/nix-image-$NIX_TAG.pushed   # "vROOTFS_VERSION LIST_DIGEST" last pushed
+# What was pushed last: "vROOTFS_VERSION LIST_DIGEST" for the full index,
+# "vROOTFS_VERSION LIST_DIGEST ARCH-only" for a quick setup's one-platform index.
+IMAGE_STAMP=$STATE/nix-image-$NIX_TAG.pushed
 DEBIAN_MIRROR=${NIXCTR_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 PACKAGES=(docker.io podman debootstrap docker-registry skopeo curl ca-certificates
           openssl apache2-utils busybox-static uidmap nginx qemu-user-static binfmt-support
           python3 openssh-server openssh-client)
+PACKAGES_QUICK=(docker.io debootstrap docker-registry curl ca-certificates python3)
 MARK="# Managed by nixctr scripts/setup.sh"
 
 VERIFY=${NIXCTR_SETUP_VERIFY:-0}
+MODE=${NIXCTR_SETUP:-full}
+DRY_RUN=0
 for arg in "$@"; do
   case $arg in
+    --quick) MODE=quick ;;
     --verify) VERIFY=1 ;;
+    --dry-run) DRY_RUN=1 ;;
     -h|--help) sed -n '3,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "setup: unknown argument: $arg" >&2; exit 2 ;;
   esac
@@ -124,6 +140,18 @@ done
 T0=$(date +%s)
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() { printf 'setup: ERROR: %s\n' "$*" >&2; exit 1; }
+case $MODE in
+  full) ;;
+  quick) PACKAGES=("${PACKAGES_QUICK[@]}") ;;
+  *) echo "setup: NIXCTR_SETUP must be quick or full, not '$MODE'" >&2; exit 2 ;;
+esac
+# This machine's own platform, as Debian and the image index name it.
+case $(uname -m) in
+  x86_64) NATIVE_ARCH=amd64 ;;
+  aarch64|arm64) NATIVE_ARCH=arm64 ;;
+  *) die "no nix image recipe for this machine's platform ($(uname -m)); amd64 and arm64 have one" ;;
+esac
+[ "$MODE" = quick ] && NIX_ARCHES=("$NATIVE_ARCH")
 IS_ROOT=0; [ "$(id -u)" -eq 0 ] && IS_ROOT=1
 need_root() { [ "$IS_ROOT" -eq 1 ] || die "$* — this needs root; rerun as root (sudo $0)"; }
 
@@ -232,13 +260,20 @@ mirror_nix_digest() {
     "http://$MIRROR/v2/$NIX_REPO/manifests/$NIX_TAG" \
     | tr -d '\r' | sed -n 's/^[Dd]ocker-[Cc]ontent-[Dd]igest: *//p'
 }
-# mirror_has_nix: the mirror serves the list this recipe version pushed last.
+# image_stamp DIGEST: what $IMAGE_STAMP says once this mode has pushed the list DIGEST.
+image_stamp() {
+  if [ "$MODE" = quick ]; then echo "v$ROOTFS_VERSION $1 $NATIVE_ARCH-only"; else echo "v$ROOTFS_VERSION $1"; fi
+}
+# mirror_has_nix: the mirror serves the list this recipe version pushed last, with the
+# platforms this mode needs (a quick setup is content with the full index too).
 mirror_has_nix() {
-  local d
-  d=$(mirror_nix_digest) && [ -n "$d" ] && [ "$(cat "$IMAGE_STAMP" 2>/dev/null)" = "v$ROOTFS_VERSION $d" ]
+  local d stamp
+  d=$(mirror_nix_digest) && [ -n "$d" ] || return 1
+  stamp=$(cat "$IMAGE_STAMP" 2>/dev/null) || return 1
+  [ "$stamp" = "v$ROOTFS_VERSION $d" ] || [ "$stamp" = "$(image_stamp "$d")" ]
 }
 
-if [ "$IS_ROOT" -eq 1 ]; then
+if [ "$IS_ROOT" -eq 1 ] && [ "$DRY_RUN" -eq 0 ]; then
   mkdir -p "$STATE" "$LOGS" "$CONF" "$RUNDIR"
   # Serialise concurrent runs (two engineers / CI + developer).
   exec 9>"$RUNDIR/setup.lock"
@@ -646,9 +681,13 @@ build_rootfs() {
 
 IMAGE_BUILT=0
 step_image() {
-  if mirror_has_nix; then log "image: $MIRROR/$NIX_REPO:$NIX_TAG present ($(cut -d' ' -f2 "$IMAGE_STAMP"))"; return; fi
+  if mirror_has_nix; then
+    log "image: $MIRROR/$NIX_REPO:$NIX_TAG present ($(cut -d' ' -f2- "$IMAGE_STAMP"))"; return
+  fi
   need_root "building the nix image"
-  binfmt_ok || die "qemu-aarch64 binfmt is needed to build the arm64 image"
+  if [ "$NATIVE_ARCH" != arm64 ] && [[ " ${NIX_ARCHES[*]} " == *" arm64 "* ]]; then
+    binfmt_ok || die "qemu-aarch64 binfmt is needed to build the arm64 image"
+  fi
   local t0 arch pids=() failed=0 f digest specs=()
   t0=$(date +%s)
   # Root fs caches of older recipe versions are dead weight.
@@ -672,7 +711,7 @@ step_image() {
              "$NIX_IMAGE_DIR/config.json" "${specs[@]}" 2>"$LOGS/push.log") \
     || { tail -20 "$LOGS/push.log" >&2; die "pushing $NIX_REPO:$NIX_TAG to the mirror failed"; }
   [ "$(mirror_nix_digest)" = "$digest" ] || die "mirror does not serve $NIX_REPO:$NIX_TAG = $digest after the push"
-  echo "v$ROOTFS_VERSION $digest" >"$IMAGE_STAMP"
+  image_stamp "$digest" >"$IMAGE_STAMP"
   IMAGE_BUILT=1
   log "image: built and pushed in $(( $(date +%s) - t0 ))s: $NIX_REPO:$NIX_TAG = $digest"
 }
@@ -853,18 +892,26 @@ check_arm64() {
   log "verify: $name runs linux/arm64 (qemu): uname -m = aarch64, nix-build as a build user ok"
 }
 
-step_verify() {
+# step_verify_docker: Docker pulls the image through the mirror (its local tag then names
+# what the mirror serves) for this machine's platform, and nix builds in it.
+step_verify_docker() {
   local img=$NIX_REPO:$NIX_TAG v out
-  # Both engines' local tag must name what the mirror now serves.
   docker rmi -f "$img" "docker.io/$img" >/dev/null 2>&1 || true
   docker pull -q "$img" >/dev/null || die "docker pull $img (through the mirror) failed"
-  [ "$(docker image inspect -f '{{.Architecture}}/{{.Os}}' "$img")" = amd64/linux ] || die "docker pull $img did not get linux/amd64"
+  [ "$(docker image inspect -f '{{.Architecture}}/{{.Os}}' "$img")" = "$NATIVE_ARCH/linux" ] \
+    || die "docker pull $img did not get linux/$NATIVE_ARCH"
   v=$(docker run --rm "$img" nix --version) || die "nix --version failed in $img"
   out=$(docker run --rm "$img" sh -c "$NIXBUILD_CHECK" 2>>"$LOGS/verify.log") || true
-  grep -qx "hi nixbld[0-9]* x86_64" <<<"$out" || die "nix-build failed in $img (want 'hi nixbldN x86_64'): $out"
+  grep -qx "hi nixbld[0-9]* $(uname -m)" <<<"$out" || die "nix-build failed in $img (want 'hi nixbldN $(uname -m)'): $out"
   docker run --rm "$img" sh -c 'mkdir -p /tmp/f && echo "{ outputs = { self }: { }; }" >/tmp/f/flake.nix && nix --extra-experimental-features "nix-command flakes" flake metadata path:/tmp/f --json' 2>>"$LOGS/verify.log" \
     | grep -q '"locked"' || die "nix flake metadata failed in $img"
-  log "verify: docker pull via mirror ok (linux/amd64); $v; nix-build (as a build user) and flake metadata ok"
+  log "verify: docker pull via mirror ok (linux/$NATIVE_ARCH); $v; nix-build (as a build user) and flake metadata ok"
+}
+
+step_verify() {
+  local img=$NIX_REPO:$NIX_TAG
+  # Both engines' local tag must name what the mirror now serves.
+  step_verify_docker
   check_engine docker "$DOCKER_SOCK"
   check_engine podman "$PODMAN_SOCK"
   check_arm64 docker docker
@@ -893,7 +940,57 @@ check_ssh_forward() {
   log "verify: ssh: engine at $1 answers through ssh://root@127.0.0.1:$SSH_PORT"
 }
 
+# ---------------------------------------------------------------- dry run
+# dry_run: one line per step of this mode: done, or what a real run would do.  A service
+# that answers counts as done (a real run also rewrites a config that changed).
+dry_run() {
+  local missing=() p arch build=() cached=()
+  say() { printf 'setup (dry run): %s\n' "$*" >&2; }
+  say "mode $MODE, nix image platforms: ${NIX_ARCHES[*]}"
+  for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  if [ ${#missing[@]} -eq 0 ]; then say "apt: all packages present"; else say "apt: would install ${missing[*]}"; fi
+  if [ "$MODE" = full ]; then
+    if binfmt_ok; then say "binfmt: qemu-aarch64 registered"; else say "binfmt: would register qemu-aarch64"; fi
+  fi
+  if mirror_up; then say "mirror: up at $MIRROR"; else say "mirror: would start at $MIRROR"; fi
+  if docker_up; then say "docker: up at unix://$DOCKER_SOCK"; else say "docker: would start dockerd"; fi
+  if [ "$MODE" = full ]; then
+    if podman_up; then say "podman: up at unix://$PODMAN_SOCK"; else say "podman: would start the service"; fi
+    if docker_tls_up; then say "docker-tls: up at $TLS_HOST"; else say "docker-tls: would start it"; fi
+    if sshd_up; then say "sshd: up at 127.0.0.1:$SSH_PORT"; else say "sshd: would start it"; fi
+  fi
+  if mirror_has_nix; then
+    say "image: $MIRROR/$NIX_REPO:$NIX_TAG present ($(cut -d' ' -f2- "$IMAGE_STAMP"))"
+  else
+    for arch in "${NIX_ARCHES[@]}"; do
+      if [ -s "$ROOTFS_CACHE-$arch.tar" ]; then cached+=("$arch"); else build+=("$arch"); fi
+    done
+    say "image: would build the root fs of: ${build[*]:-none} (cached: ${cached[*]:-none}), push $NIX_REPO:$NIX_TAG (${NIX_ARCHES[*]}) and verify"
+  fi
+  if [ "$MODE" = full ]; then
+    if cache_up; then say "cache: up at http://$CACHE_ADDR"; else say "cache: would start nginx"; fi
+  fi
+  if [ "$VERIFY" = 1 ]; then say "verify: would run the end-to-end checks"; fi
+}
+
 # ---------------------------------------------------------------- main
+if [ "$DRY_RUN" -eq 1 ]; then dry_run; exit 0; fi
+if [ "$MODE" = quick ]; then
+  step_packages
+  step_mirror
+  step_docker
+  step_image
+  if [ "$IMAGE_BUILT" -eq 1 ] || [ "$VERIFY" = 1 ]; then step_verify_docker; fi
+  log "done in $(( $(date +%s) - T0 ))s (quick: Docker, the mirror, the nix image for linux/$NATIVE_ARCH)"
+  cat <<END
+NIXCTR_DOCKER_HOST=unix://$DOCKER_SOCK
+NIXCTR_MIRROR=$MIRROR
+NIXCTR_NIX_IMAGE=$NIX_REPO:$NIX_TAG
+END
+  exit 0
+fi
 step_packages
 step_binfmt
 step_mirror

@@ -31,6 +31,7 @@ mod selection;
 // pub: used by tests/it/push.rs.
 pub mod registry;
 mod settings;
+mod tls;
 mod version;
 
 use exit::Interrupted;
@@ -38,6 +39,7 @@ use exit::Interrupted;
 /// Runs one command to completion. Ctrl-C and SIGTERM abort the command's future, whose
 /// guards (containers, temporary files) clean up as they drop, and end in [`Interrupted`].
 pub fn run(cli: cli::Parsed) -> anyhow::Result<()> {
+    tls::install_crypto_provider();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         tokio::select! {

@@ -77,6 +77,7 @@ impl Transport {
             }
             Transport::Http(host) => Docker::connect_with_http(&format!("tcp://{host}"), timeout_secs, version),
             Transport::Tls { url, files } => {
+                crate::tls::install_crypto_provider();
                 Docker::connect_with_ssl(url, &files.key, &files.cert, &files.ca, timeout_secs, version)
             }
         };

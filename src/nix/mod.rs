@@ -26,6 +26,11 @@ pub(crate) const NIXPKGS_DIR: &str = "/nixctr/nixpkgs";
 /// nix's download cache lives in the store volume, so a warm build fetches nothing.
 const CACHE_HOME: &str = "/nix/var/nixctr/cache";
 
+/// Where `nix-store --realise` roots what it builds (`--add-root`): in the container's /tmp, not
+/// in the store volume, so the roots keep the outputs while they are copied out and go with the
+/// container. Their registrations in the volume (`gcroots/auto`, one per output number, reused)
+/// then dangle, which nix's collector ignores and clears.
+const GC_ROOT: &str = "/tmp/nixctr-gcroots/result";
 /// Lines of nix's log kept while building many derivations, to find each failure in.
 const REALISE_LOG_LINES: usize = 20_000;
 /// The end of a failed builder's log shown with its error.
@@ -227,7 +232,7 @@ impl NixContainer {
         keep_going: bool,
         live: bool,
     ) -> Result<Vec<String>> {
-        let mut cmd = strings(&["nix-store", "--realise", "--max-jobs", &jobs.to_string()]);
+        let mut cmd = strings(&["nix-store", "--realise", "--add-root", GC_ROOT, "--max-jobs", &jobs.to_string()]);
         if keep_going {
             cmd.push("--keep-going".to_string());
         }

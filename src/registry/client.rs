@@ -137,6 +137,7 @@ enum Failure {
 }
 
 fn http_client(target: &Target, certs: &[reqwest::Certificate], read_timeout: bool) -> Result<reqwest::Client> {
+    crate::tls::install_crypto_provider();
     let mut builder = reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
         .pool_idle_timeout(Duration::from_secs(30))
@@ -639,6 +640,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         drop(listener);
+        crate::tls::install_crypto_provider();
         let e = reqwest::Client::new().get(format!("https://127.0.0.1:{port}/v2/")).send().await.unwrap_err();
         assert!(is_network_failure(&e) && !is_certificate_failure(&e), "{e:?}");
         assert!(!describe(&e).is_empty());

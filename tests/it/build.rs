@@ -196,6 +196,23 @@ fn no_cache_builds_in_a_throwaway_store() {
     }
 }
 
+/// One container's build shows nix's log, but not nix's warning about a result without a gc
+/// root, which a user can do nothing about: nixctr roots what it builds (in the container's
+/// /tmp) and still finds the output.
+#[test]
+fn a_build_shows_nix_log_but_no_nix_warning() {
+    for engine in engines() {
+        let fx = Fixture::new();
+        let marker = unique("rooted-");
+        write_unique_container(&fx, "rooted", &marker);
+        let out = fx.nixctr(Some(&engine)).args(["build", "rooted"]).deadline(COLD_BUILD_DEADLINE).run();
+        out.success().stderr_lacks("warning:");
+        assert_eq!(builds_of(&out.stderr(), &marker), 1, "{}: nix's log of {marker} not shown", engine.name);
+        assert!(fx.project().join("rooted.tar.gz").is_file());
+        assert_no_containers_left(&engine, &out);
+    }
+}
+
 #[test]
 fn pull_always_pulls_and_a_missing_tag_says_what_to_do() {
     for engine in engines() {
