@@ -326,17 +326,9 @@ impl From<Compression> for crate::registry::Compression {
     }
 }
 
-/// How to reach and log in to a registry; shared by push and publish.
+/// How to reach a registry and log in; push, publish and doctor share it.
 #[derive(Debug, Args, Clone, Default)]
-pub struct RegistryArgs {
-    /// Manifest format to push
-    #[arg(long, value_enum, default_value = "oci")]
-    pub format: ManifestFormat,
-
-    /// Layer compression
-    #[arg(long, value_enum, default_value = "gzip")]
-    pub compression: Compression,
-
+pub struct RegistryLogin {
     /// Allow plain http (and no certificate check) for this registry
     #[arg(long)]
     pub insecure: bool,
@@ -352,6 +344,21 @@ pub struct RegistryArgs {
     /// Read the registry password from standard input
     #[arg(long, requires = "username")]
     pub password_stdin: bool,
+}
+
+/// How to reach and log in to a registry; shared by push and publish.
+#[derive(Debug, Args, Clone, Default)]
+pub struct RegistryArgs {
+    /// Manifest format to push
+    #[arg(long, value_enum, default_value = "oci")]
+    pub format: ManifestFormat,
+
+    /// Layer compression
+    #[arg(long, value_enum, default_value = "gzip")]
+    pub compression: Compression,
+
+    #[command(flatten)]
+    pub login: RegistryLogin,
 
     /// Layers uploaded at once
     #[arg(long, value_name = "N", default_value_t = 4)]
@@ -470,21 +477,8 @@ pub struct DoctorArgs {
     #[arg(long = "registry", value_name = "HOST", env = "NIXCTR_REGISTRY")]
     pub registry_host: Option<String>,
 
-    /// Allow plain http (and no certificate check) for the registry
-    #[arg(long)]
-    pub insecure: bool,
-
-    /// PEM file of a private certificate authority to trust
-    #[arg(long, value_name = "FILE")]
-    pub ca_cert: Option<PathBuf>,
-
-    /// Registry user name (the password comes from --password-stdin)
-    #[arg(long, requires = "password_stdin")]
-    pub username: Option<String>,
-
-    /// Read the registry password from standard input
-    #[arg(long, requires = "username")]
-    pub password_stdin: bool,
+    #[command(flatten)]
+    pub login: RegistryLogin,
 
     /// Print one JSON object: {ok, sections: [{name, checks: [{name, ok, detail, fix}], skipped}]}
     #[arg(long)]

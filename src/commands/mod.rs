@@ -86,10 +86,10 @@ fn registry_inputs(args: &cli::RegistryArgs) -> settings::RegistryInputs {
     settings::RegistryInputs {
         format: args.format.into(),
         compression: args.compression.into(),
-        insecure: args.insecure,
-        ca_cert: args.ca_cert.clone(),
-        username: args.username.clone(),
-        password_stdin: args.password_stdin,
+        insecure: args.login.insecure,
+        ca_cert: args.login.ca_cert.clone(),
+        username: args.login.username.clone(),
+        password_stdin: args.login.password_stdin,
         jobs: args.jobs,
         chunk_size: args.chunk_size.clone(),
     }
