@@ -208,21 +208,15 @@ impl TestEngine {
 
     /// The names in /nix/store of a store volume, read by a container of our own.
     pub fn store_listing(&self, volume: &str) -> String {
-        let out = self
-            .cli()
-            .args([
-                "run",
-                "--rm",
-                "--network",
-                "none",
-                "-v",
-                &format!("{volume}:/nix:ro"),
-                NIX_IMAGE,
-                "ls",
-                "/nix/store",
-            ])
-            .quiet()
-            .run();
+        self.on_store(volume, &["ls", "/nix/store"])
+    }
+
+    /// What `cmd` prints, run in a container of our own with the store volume read-only at
+    /// /nix and no network; it must succeed.
+    pub fn on_store(&self, volume: &str, cmd: &[&str]) -> String {
+        let mount = format!("{volume}:/nix:ro");
+        let out =
+            self.cli().args(["run", "--rm", "--network", "none", "-v", &mount, NIX_IMAGE]).args(cmd).quiet().run();
         out.success();
         out.stdout()
     }

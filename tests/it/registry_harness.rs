@@ -888,21 +888,27 @@ fn upload_uuid(path: &str) -> Option<String> {
     (!uuid.is_empty()).then(|| uuid.to_string())
 }
 
-fn fault_one(client: TcpStream, state: &FaultState) -> std::io::Result<()> {
-    use std::io::{BufRead, BufReader, Read};
-    use std::sync::atomic::Ordering;
-    let mut reader = BufReader::with_capacity(256 << 10, client.try_clone()?);
+/// The request line and headers of one HTTP request, without their line ends; `None` when
+/// the client closed the connection first.
+pub fn read_request_head(reader: &mut impl std::io::BufRead) -> std::io::Result<Option<Vec<String>>> {
     let mut lines = Vec::new();
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 {
-            return Ok(());
+            return Ok(None);
         }
         if line == "\r\n" {
-            break;
+            return Ok(Some(lines));
         }
         lines.push(line.trim_end().to_string());
     }
+}
+
+fn fault_one(client: TcpStream, state: &FaultState) -> std::io::Result<()> {
+    use std::io::{BufReader, Read};
+    use std::sync::atomic::Ordering;
+    let mut reader = BufReader::with_capacity(256 << 10, client.try_clone()?);
+    let Some(mut lines) = read_request_head(&mut reader)? else { return Ok(()) };
     let request_line = lines.remove(0);
     let mut words = request_line.split_whitespace();
     let (method, mut path) = (words.next().unwrap_or("").to_string(), words.next().unwrap_or("").to_string());

@@ -3,7 +3,9 @@
 //! `registry_harness::Nginx::create_only`): [`OciTagShim`], a small HTTP proxy that applies the `?tag=` of a manifest PUT itself and answers `OCI-Tag`, as
 //! registries implementing OCI distribution 1.1 do (docker-registry 2.8 ignores `?tag=`).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
+
+use crate::registry_harness::read_request_head;
 use std::net::{TcpListener, TcpStream};
 
 use std::sync::{Arc, Mutex};
@@ -48,19 +50,8 @@ impl OciTagShim {
 /// One request (the proxy answers `Connection: close`).
 fn shim_one(mut client: TcpStream, upstream: u16, seen: &Mutex<Vec<String>>) -> std::io::Result<()> {
     let mut reader = BufReader::new(client.try_clone()?);
-    let mut lines = Vec::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        if line == "\r\n" {
-            break;
-        }
-        if !line.to_ascii_lowercase().starts_with("connection:") {
-            lines.push(line.trim_end().to_string());
-        }
-    }
+    let Some(mut lines) = read_request_head(&mut reader)? else { return Ok(()) };
+    lines.retain(|l| !l.to_ascii_lowercase().starts_with("connection:"));
     let length: u64 = lines
         .iter()
         .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))

@@ -130,24 +130,8 @@ fn project_code_finds_no_secret() {
             "grep -rlF -e '{}' -e '{}' -e '{}' -e '{}' /nix/store /nix/var/nix/db /nix/var/nixctr 2>/dev/null; echo searched",
             signing_secret, password, aws_secret, aws_id
         );
-        let found = engine
-            .cli()
-            .args([
-                "run",
-                "--rm",
-                "--network",
-                "none",
-                "-v",
-                &format!("{volume}:/nix:ro"),
-                NIX_IMAGE,
-                "sh",
-                "-c",
-                &grep,
-            ])
-            .quiet()
-            .run();
-        found.success();
-        assert_eq!(found.stdout().trim(), "searched", "{}: the store holds a secret", engine.name);
+        let found = engine.on_store(&volume, &["sh", "-c", &grep]);
+        assert_eq!(found.trim(), "searched", "{}: the store holds a secret", engine.name);
 
         // The upload worked, through the netrc, and is signed.
         let signed = std::fs::read_dir(&dir.0)
