@@ -23,15 +23,7 @@ fn direct_digest(home: &Sandbox, archive: &Path) -> String {
     let reference = format!("{}/direct/app:1", registry.host());
     let run = push(home, &[archive.to_str().expect("path"), &reference]);
     run.success();
-    digest_of(&run, &reference)
-}
-
-#[track_caller]
-fn digest_of(run: &Output, reference: &str) -> String {
-    let stdout = run.stdout();
-    let digest = stdout.trim().strip_prefix(&format!("{reference}@")).unwrap_or_else(|| panic!("{stdout}"));
-    assert!(digest.starts_with("sha256:") && digest.len() == 71, "{digest}");
-    digest.to_string()
+    printed_digest(&run, &reference)
 }
 
 /// The `sent … in N requests…` line of a push: (requests, the whole line).
@@ -79,7 +71,7 @@ fn pushes_through_proxies_that_cap_request_bodies() {
         assert!(line.contains(&format!("in chunks of {chunk}")), "{line}");
         let total = blob_bytes(&registry, &tag);
         assert!(requests > total / size_of_chunk, "{total} bytes in {requests} requests: {line}");
-        assert_eq!(digest_of(&run, &reference), direct, "the same archive pushed through {limit:?}");
+        assert_eq!(printed_digest(&run, &reference), direct, "the same archive pushed through {limit:?}");
         // Read back through the proxy and directly.
         let via = nginx.skopeo_inspect(&tag).expect("skopeo through the proxy");
         assert_eq!(via["Digest"], direct);
@@ -142,7 +134,7 @@ fn a_cut_upload_resumes_where_it_stopped() {
     let run = push(&home, &["-v", "--jobs", "1", archive.to_str().expect("path"), &reference]);
     run.success().stderr_has("resumed sha256:");
     assert_eq!(proxy.cuts.load(Ordering::SeqCst), 1);
-    assert_eq!(digest_of(&run, &reference), direct);
+    assert_eq!(printed_digest(&run, &reference), direct);
     let (_, line) = sent_line(&run);
     assert!(line.contains("1 resumed") && !line.contains("started again"), "{line}");
     let total = blob_bytes(&registry, "app:resumed");
@@ -168,7 +160,7 @@ fn a_lost_upload_session_starts_that_blob_again() {
     let total = blob_bytes(&registry, "app:again");
     let forwarded = proxy.forwarded.load(Ordering::SeqCst);
     assert!(forwarded > total + 500_000, "{forwarded} bytes for {total}: the cut bytes were not sent again");
-    check_with_skopeo(&registry, "app:again", &digest_of(&run, &reference), &image, OCI_GZIP, home.path());
+    check_with_skopeo(&registry, "app:again", &printed_digest(&run, &reference), &image, OCI_GZIP, home.path());
 }
 
 /// After a cut, the registry's `Range` claims more than was ever sent: it is not believed,
@@ -188,7 +180,7 @@ fn a_range_beyond_what_was_sent_is_not_believed() {
         .stderr_has("says it holds 1000000000 bytes (Range 0-999999999), more than the")
         .stderr_has("starting it again")
         .stderr_lacks("resumed sha256:");
-    check_with_skopeo(&registry, "app:range", &digest_of(&run, &reference), &image, OCI_GZIP, home.path());
+    check_with_skopeo(&registry, "app:range", &printed_digest(&run, &reference), &image, OCI_GZIP, home.path());
 }
 
 /// A proxy that refuses any body, a size it cannot take set outright, and sizes that make

@@ -939,3 +939,12 @@ fn harness_reads_stderr_lines_of_a_live_process() {
     assert_eq!(out.stderr(), "one\ntwo\n");
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&out.status), Some(libc::SIGTERM));
 }
+
+/// The digest of the `REF@DIGEST` line a push or publish printed for `reference`.
+#[track_caller]
+pub fn printed_digest(out: &Output, reference: &str) -> String {
+    let stdout = out.stdout();
+    let digest = stdout.trim().strip_prefix(&format!("{reference}@")).unwrap_or_else(|| panic!("{stdout:?}"));
+    assert!(digest.starts_with("sha256:") && digest.len() == 71, "{digest}");
+    digest.to_string()
+}

@@ -32,15 +32,6 @@ fn writes(seen: &Mutex<Vec<String>>) -> Vec<String> {
     seen.iter().filter(|l| !l.starts_with("GET ") && !l.starts_with("HEAD ")).cloned().collect()
 }
 
-/// The `REF@DIGEST` line's digest.
-#[track_caller]
-fn printed_digest(out: &Output, reference: &str) -> String {
-    let stdout = out.stdout();
-    let digest = stdout.trim().strip_prefix(&format!("{reference}@")).unwrap_or_else(|| panic!("{stdout:?}"));
-    assert!(digest.starts_with("sha256:") && digest.len() == 71, "{digest}");
-    digest.to_string()
-}
-
 /// A registry that applies `?tag=` itself and says so with `OCI-Tag`: one manifest PUT
 /// carries every tag, and each reads back with the one digest.
 #[test]
