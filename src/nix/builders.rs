@@ -19,7 +19,9 @@ use bytes::Bytes;
 
 use super::cache::{random_hex, secrets_tar, SECRETS_PARENT};
 use super::cache_settings::read_secret;
-use super::text::{builder_trouble, built_on, no_machine_for, strings, BuilderTrouble};
+use super::text::{
+    builder_trouble, built_on, error_excerpt, nix_cmd, no_machine_for, ssh_trouble, store_ping, strings, BuilderTrouble,
+};
 use crate::engine::{ContainerGuard, OutputMode};
 use crate::progress::Progress;
 
@@ -299,6 +301,12 @@ impl StagedBuilders {
     }
 }
 
+/// One check of `nixctr doctor`: what was found, or what is wrong and what fixes it.
+pub(crate) struct Probe {
+    pub(crate) name: String,
+    pub(crate) result: std::result::Result<String, (String, String)>,
+}
+
 /// What became of a builder in one realise: derivations it built, trouble nix reported.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct BuilderUse {
@@ -450,10 +458,28 @@ impl Builders {
 
     /// nix's complaint about builder `m`, with what fixes it.
     fn explain(&self, m: &Machine, trouble: BuilderTrouble, line: &str) -> String {
+        let fix = self.fix(m, trouble);
+        // nix names the alias: the user knows the builder by its URI and host.
+        let i = self.machines.iter().position(|x| x == m).unwrap_or(0);
+        let said = self.unalias(m, i, line.trim().trim_start_matches("error: "));
+        format!("builder {}: {fix} (nix: {said})", m.uri)
+    }
+
+    /// `text` with nix's alias of `m` replaced by the URI or host the user wrote.
+    fn unalias(&self, m: &Machine, i: usize, text: &str) -> String {
+        let host = match m.port {
+            Some(port) => format!("{}:{port}", m.host),
+            None => m.host.clone(),
+        };
+        text.replace(&m.nix_uri(i), &m.uri).replace(&Machine::alias(i), &host)
+    }
+
+    /// What to do about `trouble` with builder `m`.
+    fn fix(&self, m: &Machine, trouble: BuilderTrouble) -> String {
         let known_hosts =
             self.settings.known_hosts_path().map(|p| p.display().to_string()).unwrap_or_else(|_| "FILE".to_string());
         let port = m.port.map(|p| format!("-p {p} ")).unwrap_or_default();
-        let fix = match trouble {
+        match trouble {
             BuilderTrouble::Unreachable => format!(
                 "it does not answer within {CONNECT_TIMEOUT_SECONDS} s: is it up, is {}:{} right, and can the build \
                  container reach it (--network host for a builder on this machine's loopback)?",
@@ -475,14 +501,74 @@ impl Builders {
                  reinstalled; nixctr never accepts a changed key: check, then replace its line in {known_hosts}"
             ),
             BuilderTrouble::Other => "nix could not use it".to_string(),
-        };
-        let said = line.trim().trim_start_matches("error: ").replace(&self.nix_uri_of(m), &m.uri);
-        format!("builder {}: {fix} (nix: {said})", m.uri)
+        }
     }
 
-    fn nix_uri_of(&self, m: &Machine) -> String {
-        let i = self.machines.iter().position(|x| x == m).unwrap_or(0);
-        m.nix_uri(i)
+    /// Each builder's health, for `nixctr doctor`: the nix daemon answers through ssh (so it is
+    /// reachable, its host key is known and the key accepted) and trusts this user; and each
+    /// system its spec lists builds a throwaway derivation there.
+    pub(crate) async fn probe(&self, guard: &ContainerGuard) -> Result<Vec<Probe>> {
+        let staged = self.stage(guard, false).await?;
+        let mut probes = Vec::new();
+        for (i, m) in self.machines.iter().enumerate() {
+            let ping = nix_cmd(&["store", "ping", "--store", &m.nix_uri(i)]);
+            let out = guard.exec(&ping, &staged.env, None, OutputMode::Captured).await;
+            let answer = match out {
+                Ok(out) if out.exit_code == 0 => match store_ping(&out.stdout) {
+                    (version, Some(false)) => Err((
+                        format!("nix {} answers, but does not trust this user", version.unwrap_or("?")),
+                        "add the ssh user to trusted-users in the builder's nix.conf".to_string(),
+                    )),
+                    (version, _) => Ok(format!(
+                        "reachable, host key known, key accepted: nix {} answers",
+                        version.unwrap_or("(version not said)")
+                    )),
+                },
+                Ok(out) => {
+                    let text = out.stderr_tail.join("\n");
+                    let fix = self.fix(m, ssh_trouble(&text));
+                    Err((self.unalias(m, i, &error_excerpt(&out.stderr_tail)), fix))
+                }
+                Err(e) => Err((format!("{e:#}"), "run `nixctr -v doctor` to see the engine calls".to_string())),
+            };
+            let answered = answer.is_ok();
+            probes.push(Probe { name: m.uri.clone(), result: answer });
+            if !answered {
+                continue;
+            }
+            for system in &m.systems {
+                probes.push(Probe { name: format!("{} {system}", m.uri), result: self.try_build(guard, &staged, i, system).await });
+            }
+        }
+        staged.remove(guard).await?;
+        Ok(probes)
+    }
+
+    /// Builds a throwaway derivation of `system` on machine `i` alone.
+    async fn try_build(
+        &self,
+        guard: &ContainerGuard,
+        staged: &StagedBuilders,
+        i: usize,
+        system: &str,
+    ) -> std::result::Result<String, (String, String)> {
+        let m = &self.machines[i];
+        let expr = format!(
+            "derivation {{ name = \"nixctr-doctor-{}\"; system = \"{system}\"; builder = \"/bin/sh\"; \
+             args = [ \"-c\" \"echo ok > $out\" ]; }}",
+            random_hex()
+        );
+        let cmd = strings(&["nix-build", "--no-out-link", "--max-jobs", "0", "-E", &expr]);
+        let mut env = staged.env.clone();
+        env.push(format!("NIX_CONFIG=builders = {}\nbuilders-use-substitutes = false", m.nix_spec(i)));
+        match guard.exec(&cmd, &env, Some("/tmp"), OutputMode::Captured).await {
+            Ok(out) if out.exit_code == 0 => Ok("builds a derivation of this system".to_string()),
+            Ok(out) => Err((
+                self.unalias(m, i, &error_excerpt(&out.stderr_tail)),
+                format!("drop {system} from its machine spec, or make the builder build it (binfmt, extra-platforms)"),
+            )),
+            Err(e) => Err((format!("{e:#}"), "run `nixctr -v doctor` to see the engine calls".to_string())),
+        }
     }
 
     /// Says, after a realise, where derivations were built and which builders failed.
@@ -580,6 +666,7 @@ mod tests {
         assert_eq!(usage.trouble.len(), 1);
         assert!(usage.trouble[0].starts_with("builder ssh-ng://a: it does not answer"), "{}", usage.trouble[0]);
         assert!(usage.trouble[0].contains("cannot build on 'ssh-ng://a'"), "{}", usage.trouble[0]);
+        assert!(!usage.trouble[0].contains("nixctr-builder-0"), "{}", usage.trouble[0]);
     }
 
     #[test]

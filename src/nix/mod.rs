@@ -15,8 +15,7 @@ use crate::engine::{ContainerGuard, ContainerSpec, Engine, OutputMode, PullPolic
 use crate::exit::Unexpected;
 use crate::platform::Platform;
 use crate::progress::Progress;
-use builders::Builders;
-pub(crate) use builders::{BuilderSettings, BuilderUse};
+pub(crate) use builders::{BuilderSettings, BuilderUse, Builders};
 use cache::{Phase, Session};
 pub(crate) use cache_settings::{CacheSettings, Network};
 pub(crate) use text::error_excerpt;
@@ -117,7 +116,8 @@ impl NixContainer {
             (Some(b), Some(system)) if platform != &native && !b.for_system(&system).is_empty() => {
                 let uris: Vec<&str> = b.for_system(&system).iter().map(|m| m.uri.as_str()).collect();
                 progress.info(format!(
-                    "building for {platform} on a {native} engine: evaluated here, built by the {system} builder{}                      {} (no emulation)",
+                    "building for {platform} on a {native} engine: evaluated here, built by the {system} builder{} \
+                     {} (no emulation)",
                     if uris.len() > 1 { "s" } else { "" },
                     uris.join(", ")
                 ));
@@ -131,7 +131,8 @@ impl NixContainer {
             let wanted = eval_system.as_deref().unwrap_or(&system);
             if b.for_system(wanted).is_empty() && !b.machines().iter().any(|m| m.systems.is_empty()) {
                 bail!(
-                    "--builders-only: no builder builds {wanted} (the builders list {}): name one whose machine spec                      lists it, e.g. `ssh-ng://HOST {wanted}`",
+                    "--builders-only: no builder builds {wanted} (the builders list {}): name one whose machine spec \
+                     lists it, e.g. `ssh-ng://HOST {wanted}`",
                     b.machines().iter().flat_map(|m| m.systems.clone()).collect::<Vec<_>>().join(", ")
                 );
             }

@@ -68,8 +68,14 @@ pub(crate) fn builder_trouble<'a>(line: &'a str, before: &[String]) -> Option<(&
         !l.starts_with("building '") && !l.contains("cannot build on '") && !l.contains("will be built")
     });
     let all = std::iter::once(said.to_string()).chain(ssh.cloned()).collect::<Vec<_>>().join("\n");
+    let trouble = ssh_trouble(&all);
+    Some((uri, trouble))
+}
+
+/// What ssh's words (OpenSSH 9 and 10, as nix passes them on) say went wrong.
+pub(crate) fn ssh_trouble(all: &str) -> BuilderTrouble {
     let has = |words: &[&str]| words.iter().any(|w| all.contains(w));
-    let trouble = if has(&["REMOTE HOST IDENTIFICATION HAS CHANGED", "has changed and you have requested strict"]) {
+    if has(&["REMOTE HOST IDENTIFICATION HAS CHANGED", "has changed and you have requested strict"]) {
         BuilderTrouble::ChangedHostKey
     } else if has(&["Host key verification failed", "host key is known for"]) {
         BuilderTrouble::UnknownHostKey
@@ -87,8 +93,13 @@ pub(crate) fn builder_trouble<'a>(line: &'a str, before: &[String]) -> Option<(&
         BuilderTrouble::Unreachable
     } else {
         BuilderTrouble::Other
-    };
-    Some((uri, trouble))
+    }
+}
+
+/// `(version, trusted)` of `nix store ping` (2.26: `Version: 2.26.3`, `Trusted: 1`).
+pub(crate) fn store_ping(stdout: &str) -> (Option<&str>, Option<bool>) {
+    let field = |name: &str| stdout.lines().find_map(|l| l.trim().strip_prefix(name).map(str::trim));
+    (field("Version:"), field("Trusted:").map(|t| t == "1"))
 }
 
 /// nix found no machine for a derivation: `Failed to find a machine for remote build!` (2.18
@@ -270,6 +281,9 @@ mod tests {
         assert_eq!(built_on(remote), Some(("/nix/store/mh3r-x.drv", Some("ssh-ng://root@nixctr-builder-0"))));
         assert_eq!(built_on("building '/nix/store/mh3r-x.drv'..."), Some(("/nix/store/mh3r-x.drv", None)));
         assert_eq!(built_on("copying path '/nix/store/zr2k-x' from 'ssh-ng://'..."), None);
+        let ping = "Store URL: ssh-ng://root@nixctr-builder-0\nVersion: 2.26.3\nTrusted: 1\n";
+        assert_eq!(store_ping(ping), (Some("2.26.3"), Some(true)));
+        assert_eq!(store_ping("Store URL: x\nTrusted: 0"), (None, Some(false)));
         let missing = "required (system, features): (aarch64-linux, [])";
         assert_eq!(no_machine_for(missing), Some("aarch64-linux"));
     }
