@@ -20,7 +20,7 @@ use bytes::Bytes;
 use super::cache::{random_hex, secrets_tar, SECRETS_PARENT};
 use super::cache_settings::read_secret;
 use super::text::{
-    builder_trouble, built_on, error_excerpt, nix_cmd, no_machine_for, ssh_trouble, store_ping, strings, BuilderTrouble,
+    builder_trouble, built_on, error_excerpt, nix_cmd, no_machine_for, ssh_trouble, store_info, strings, BuilderTrouble,
 };
 use crate::engine::{ContainerGuard, OutputMode};
 use crate::progress::Progress;
@@ -511,17 +511,17 @@ impl Builders {
         let staged = self.stage(guard, false).await?;
         let mut probes = Vec::new();
         for (i, m) in self.machines.iter().enumerate() {
-            let ping = nix_cmd(&["store", "ping", "--store", &m.nix_uri(i)]);
+            let ping = nix_cmd(&["store", "info", "--json", "--store", &m.nix_uri(i)]);
             let out = guard.exec(&ping, &staged.env, None, OutputMode::Captured).await;
             let answer = match out {
-                Ok(out) if out.exit_code == 0 => match store_ping(&out.stdout) {
+                Ok(out) if out.exit_code == 0 => match store_info(&out.stdout) {
                     (version, Some(false)) => Err((
-                        format!("nix {} answers, but does not trust this user", version.unwrap_or("?")),
+                        format!("nix {} answers, but does not trust this user", version.as_deref().unwrap_or("?")),
                         "add the ssh user to trusted-users in the builder's nix.conf".to_string(),
                     )),
                     (version, _) => Ok(format!(
                         "reachable, host key known, key accepted: nix {} answers",
-                        version.unwrap_or("(version not said)")
+                        version.as_deref().unwrap_or("(version not said)")
                     )),
                 },
                 Ok(out) => {
@@ -537,7 +537,10 @@ impl Builders {
                 continue;
             }
             for system in &m.systems {
-                probes.push(Probe { name: format!("{} {system}", m.uri), result: self.try_build(guard, &staged, i, system).await });
+                probes.push(Probe {
+                    name: format!("{} {system}", m.uri),
+                    result: self.try_build(guard, &staged, i, system).await,
+                });
             }
         }
         staged.remove(guard).await?;

@@ -96,10 +96,11 @@ pub(crate) fn ssh_trouble(all: &str) -> BuilderTrouble {
     }
 }
 
-/// `(version, trusted)` of `nix store ping` (2.26: `Version: 2.26.3`, `Trusted: 1`).
-pub(crate) fn store_ping(stdout: &str) -> (Option<&str>, Option<bool>) {
-    let field = |name: &str| stdout.lines().find_map(|l| l.trim().strip_prefix(name).map(str::trim));
-    (field("Version:"), field("Trusted:").map(|t| t == "1"))
+/// `(version, trusted)` of `nix store info --json` (2.26: `{"trusted":1,"url":"ssh-ng://","version":"2.26.3"}`).
+pub(crate) fn store_info(stdout: &str) -> (Option<String>, Option<bool>) {
+    let Ok(info) = serde_json::from_str::<serde_json::Value>(stdout.trim()) else { return (None, None) };
+    let trusted = info["trusted"].as_u64().map(|t| t == 1).or(info["trusted"].as_bool());
+    (info["version"].as_str().map(str::to_string), trusted)
 }
 
 /// nix found no machine for a derivation: `Failed to find a machine for remote build!` (2.18
@@ -281,9 +282,10 @@ mod tests {
         assert_eq!(built_on(remote), Some(("/nix/store/mh3r-x.drv", Some("ssh-ng://root@nixctr-builder-0"))));
         assert_eq!(built_on("building '/nix/store/mh3r-x.drv'..."), Some(("/nix/store/mh3r-x.drv", None)));
         assert_eq!(built_on("copying path '/nix/store/zr2k-x' from 'ssh-ng://'..."), None);
-        let ping = "Store URL: ssh-ng://root@nixctr-builder-0\nVersion: 2.26.3\nTrusted: 1\n";
-        assert_eq!(store_ping(ping), (Some("2.26.3"), Some(true)));
-        assert_eq!(store_ping("Store URL: x\nTrusted: 0"), (None, Some(false)));
+        let info = r#"{"trusted":1,"url":"ssh-ng://","version":"2.26.3"}"#;
+        assert_eq!(store_info(info), (Some("2.26.3".to_string()), Some(true)));
+        assert_eq!(store_info(r#"{"trusted":0,"url":"ssh-ng://"}"#), (None, Some(false)));
+        assert_eq!(store_info("not json"), (None, None));
         let missing = "required (system, features): (aarch64-linux, [])";
         assert_eq!(no_machine_for(missing), Some("aarch64-linux"));
     }

@@ -335,3 +335,35 @@ fn project_code_cannot_read_the_builder_key() {
         assert_eq!(docker.on_store(&volume, &["sh", "-c", &grep]).trim(), "searched", "the store holds the key");
     }
 }
+
+/// `nixctr doctor` reaches each builder as a build would: the daemon answers through ssh, each
+/// system its spec lists builds there; a dead one is a problem with its fix.
+#[test]
+fn doctor_checks_each_builder() {
+    let engines = engines();
+    let docker = engines.by_name("docker");
+    let fx = Fixture::new();
+    let good = format!("{BUILDER} x86_64-linux");
+    let out = fx
+        .nixctr(Some(docker))
+        .args(["doctor", "--network", "host", "--builder", &good, "--builder", "ssh-ng://root@127.0.0.1:1"])
+        .arg("--builder-key")
+        .arg(key())
+        .arg("--builder-known-hosts")
+        .arg(known_hosts())
+        .run();
+    out.assert_exit(1);
+    let text = out.stdout() + &out.stderr();
+    let line = |start: &str| {
+        text.lines().find(|l| l.trim_start().starts_with(start) && l.contains(BUILDER)).map(str::to_string)
+    };
+    let answers = line("ok").unwrap_or_else(|| panic!("no ok line for {BUILDER}:\n{text}"));
+    assert!(answers.contains("key accepted: nix 2.26"), "{answers}");
+    assert!(
+        text.lines().any(|l| l.contains("x86_64-linux") && l.contains("builds a derivation of this system")),
+        "{text}"
+    );
+    let dead = text.lines().find(|l| l.contains("ssh-ng://root@127.0.0.1:1")).unwrap_or_else(|| panic!("{text}"));
+    assert!(dead.trim_start().starts_with("problem") && dead.contains("it does not answer"), "{dead}");
+    assert_no_containers_left(docker, &out);
+}
