@@ -142,7 +142,7 @@ fn builders_only_builds_everything_on_the_builder() {
         .arg(&remote)
         .deadline(COLD_BUILD_DEADLINE);
     let (out, inspected) = run_inspecting(docker, &mut cmd);
-    out.success().stderr_has(&format!("builders: derivations built")).stderr_has(" on ssh-ng://root@127.0.0.1:2222");
+    out.success().stderr_has("builders: derivations built").stderr_has(" on ssh-ng://root@127.0.0.1:2222");
     let (on_builder, here) = built_lines(&out.stderr());
     assert!(here.is_empty(), "built in the local container: {here:?}\n{}", out.stderr());
     assert!(on_builder.len() >= 2, "the step and the image were not built remotely:\n{}", out.stderr());
