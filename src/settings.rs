@@ -463,6 +463,19 @@ mod tests {
         assert_eq!(cfg.platform_engines["linux/arm64"], "ssh://pi@arm");
     }
 
+    #[test]
+    fn builder_keys_parse() {
+        let cfg = parse_config(
+            "builders = [\"ssh-ng://nix@builder-1 x86_64-linux - 8 2 big-parallel\", \"ssh-ng://b:2222\"]\n\
+             builder-key = \"keys/builder\"\nbuilder-known-hosts = \"known_hosts\"\nbuilders-only = true\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.builders.unwrap().len(), 2);
+        assert_eq!(cfg.builder_key, Some(PathBuf::from("keys/builder")));
+        assert_eq!(cfg.builder_known_hosts, Some(PathBuf::from("known_hosts")));
+        assert_eq!(cfg.builders_only, Some(true));
+    }
+
     fn table(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
