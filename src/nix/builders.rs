@@ -3,7 +3,7 @@
 //! build container.
 //!
 //! nix 2.26 cannot parse a port in an `ssh-ng://` URI, so every builder is handed to nix under
-//! a host alias (`nixctr-builder-N`) that an ssh client config written here resolves: host,
+//! a host alias (`nixctr-builder-HASH`) that an ssh client config written here resolves: host,
 //! port, identity, known hosts (`HostKeyAlias`, so `[host]:port` entries match), strict host
 //! key checking, no prompt, a connect timeout. The identity is a secret: like the cache
 //! secrets (`cache::Phase`), it is in the container only for the `nix-store --realise` exec, in
@@ -202,8 +202,14 @@ impl Machine {
         self.systems.iter().any(|s| s == system)
     }
 
-    fn alias(i: usize) -> String {
-        format!("nixctr-builder-{i}")
+    /// The host name nix is given: the same for the same builder and key in every run, so
+    /// nix's per-machine load locks (in the store volume) count concurrent builds together,
+    /// and different ones never share a lock or an ssh config entry.
+    fn alias(&self) -> String {
+        use sha2::Digest;
+        let key = self.key.as_ref().map(|k| k.display().to_string()).unwrap_or_default();
+        let digest = sha2::Sha256::digest(format!("{}\0{key}", self.uri).as_bytes());
+        format!("nixctr-builder-{}", &hex::encode(digest)[..12])
     }
 
     /// What ssh looks the host key up as: `[host]:port` as `ssh-keyscan -p` and ssh write it.
@@ -215,20 +221,20 @@ impl Machine {
     }
 
     /// The URI nix is given: the alias in place of host and port.
-    fn nix_uri(&self, i: usize) -> String {
+    fn nix_uri(&self) -> String {
         let user = self.user.as_ref().map(|u| format!("{u}@")).unwrap_or_default();
-        format!("{}://{user}{}{}", self.scheme, Self::alias(i), self.query)
+        format!("{}://{user}{}{}", self.scheme, self.alias(), self.query)
     }
 
     /// The machine spec nix is given: the identity and host key are in the ssh config.
-    fn nix_spec(&self, i: usize) -> String {
+    fn nix_spec(&self) -> String {
         let systems = if self.systems.is_empty() { "-".to_string() } else { self.systems.join(",") };
-        format!("{} {systems} - {} -", self.nix_uri(i), self.rest.join(" "))
+        format!("{} {systems} - {} -", self.nix_uri(), self.rest.join(" "))
     }
 
-    fn ssh_config(&self, i: usize, dir: &str, key_file: Option<&str>) -> String {
+    fn ssh_config(&self, dir: &str, key_file: Option<&str>) -> String {
         let mut lines = vec![
-            format!("Host {}", Self::alias(i)),
+            format!("Host {}", self.alias()),
             format!("  HostName {}", self.host),
             format!("  Port {}", self.port.unwrap_or(22)),
             format!("  HostKeyAlias {}", self.host_key_alias()),
@@ -362,7 +368,7 @@ impl Builders {
 
     /// `builders` and `builders-use-substitutes` for nix.
     fn nix_config(&self, substitutes: bool) -> Vec<String> {
-        let specs: Vec<String> = self.machines.iter().enumerate().map(|(i, m)| m.nix_spec(i)).collect();
+        let specs: Vec<String> = self.machines.iter().map(Machine::nix_spec).collect();
         vec![format!("builders = {}", specs.join(" ; ")), format!("builders-use-substitutes = {substitutes}")]
     }
 
@@ -371,7 +377,7 @@ impl Builders {
         let mut files: Vec<(String, String)> = Vec::new();
         let mut keys: Vec<(PathBuf, String)> = Vec::new();
         let mut config = String::new();
-        for (i, machine) in self.machines.iter().enumerate() {
+        for machine in &self.machines {
             let name = match &machine.key {
                 Some(path) => match keys.iter().find(|(p, _)| p == path) {
                     Some((_, name)) => Some(name.clone()),
@@ -389,7 +395,7 @@ impl Builders {
                 },
                 None => None,
             };
-            config.push_str(&machine.ssh_config(i, dir, name.as_deref()));
+            config.push_str(&machine.ssh_config(dir, name.as_deref()));
         }
         let path = self.settings.known_hosts_path()?;
         let mut known = std::fs::read_to_string(&path)
@@ -431,7 +437,8 @@ impl Builders {
                 }
                 _ => {}
             }
-            if let Some(system) = no_machine_for(line) {
+            // Only news when no builder lists the system: else the builders' own trouble says why.
+            if let Some(system) = no_machine_for(line).filter(|s| self.for_system(s).is_empty()) {
                 let trouble = format!(
                     "no builder builds {system}{}: name one whose machine spec lists it (`ssh-ng://HOST {system}`)",
                     if self.settings.only { " and --builders-only builds nothing here" } else { "" }
@@ -453,25 +460,24 @@ impl Builders {
     }
 
     fn by_nix_uri(&self, uri: &str) -> Option<&Machine> {
-        self.machines.iter().enumerate().find(|(i, m)| m.nix_uri(*i) == uri || m.uri == uri).map(|(_, m)| m)
+        self.machines.iter().find(|m| m.nix_uri() == uri || m.uri == uri)
     }
 
     /// nix's complaint about builder `m`, with what fixes it.
     fn explain(&self, m: &Machine, trouble: BuilderTrouble, line: &str) -> String {
         let fix = self.fix(m, trouble);
         // nix names the alias: the user knows the builder by its URI and host.
-        let i = self.machines.iter().position(|x| x == m).unwrap_or(0);
-        let said = self.unalias(m, i, line.trim().trim_start_matches("error: "));
+        let said = self.unalias(m, line.trim().trim_start_matches("error: "));
         format!("builder {}: {fix} (nix: {said})", m.uri)
     }
 
     /// `text` with nix's alias of `m` replaced by the URI or host the user wrote.
-    fn unalias(&self, m: &Machine, i: usize, text: &str) -> String {
+    fn unalias(&self, m: &Machine, text: &str) -> String {
         let host = match m.port {
             Some(port) => format!("{}:{port}", m.host),
             None => m.host.clone(),
         };
-        text.replace(&m.nix_uri(i), &m.uri).replace(&Machine::alias(i), &host)
+        text.replace(&m.nix_uri(), &m.uri).replace(&m.alias(), &host)
     }
 
     /// What to do about `trouble` with builder `m`.
@@ -510,8 +516,8 @@ impl Builders {
     pub(crate) async fn probe(&self, guard: &ContainerGuard) -> Result<Vec<Probe>> {
         let staged = self.stage(guard, false).await?;
         let mut probes = Vec::new();
-        for (i, m) in self.machines.iter().enumerate() {
-            let ping = nix_cmd(&["store", "info", "--json", "--store", &m.nix_uri(i)]);
+        for m in &self.machines {
+            let ping = nix_cmd(&["store", "info", "--json", "--store", &m.nix_uri()]);
             let out = guard.exec(&ping, &staged.env, None, OutputMode::Captured).await;
             let answer = match out {
                 Ok(out) if out.exit_code == 0 => match store_info(&out.stdout) {
@@ -527,7 +533,7 @@ impl Builders {
                 Ok(out) => {
                     let text = out.stderr_tail.join("\n");
                     let fix = self.fix(m, ssh_trouble(&text));
-                    Err((self.unalias(m, i, &error_excerpt(&out.stderr_tail)), fix))
+                    Err((self.unalias(m, &error_excerpt(&out.stderr_tail)), fix))
                 }
                 Err(e) => Err((format!("{e:#}"), "run `nixctr -v doctor` to see the engine calls".to_string())),
             };
@@ -539,7 +545,7 @@ impl Builders {
             for system in &m.systems {
                 probes.push(Probe {
                     name: format!("{} {system}", m.uri),
-                    result: self.try_build(guard, &staged, i, system).await,
+                    result: self.try_build(guard, &staged, m, system).await,
                 });
             }
         }
@@ -552,10 +558,9 @@ impl Builders {
         &self,
         guard: &ContainerGuard,
         staged: &StagedBuilders,
-        i: usize,
+        m: &Machine,
         system: &str,
     ) -> std::result::Result<String, (String, String)> {
-        let m = &self.machines[i];
         let expr = format!(
             "derivation {{ name = \"nixctr-doctor-{}\"; system = \"{system}\"; builder = \"/bin/sh\"; \
              args = [ \"-c\" \"echo ok > $out\" ]; }}",
@@ -563,11 +568,11 @@ impl Builders {
         );
         let cmd = strings(&["nix-build", "--no-out-link", "--max-jobs", "0", "-E", &expr]);
         let mut env = staged.env.clone();
-        env.push(format!("NIX_CONFIG=builders = {}\nbuilders-use-substitutes = false", m.nix_spec(i)));
+        env.push(format!("NIX_CONFIG=builders = {}\nbuilders-use-substitutes = false", m.nix_spec()));
         match guard.exec(&cmd, &env, Some("/tmp"), OutputMode::Captured).await {
             Ok(out) if out.exit_code == 0 => Ok("builds a derivation of this system".to_string()),
             Ok(out) => Err((
-                self.unalias(m, i, &error_excerpt(&out.stderr_tail)),
+                self.unalias(m, &error_excerpt(&out.stderr_tail)),
                 format!("drop {system} from its machine spec, or make the builder build it (binfmt, extra-platforms)"),
             )),
             Err(e) => Err((format!("{e:#}"), "run `nixctr -v doctor` to see the engine calls".to_string())),
@@ -602,10 +607,16 @@ mod tests {
         let m = Machine::parse("ssh-ng://nix@builder-1 x86_64-linux,aarch64-linux - 8 2 big-parallel", None).unwrap();
         assert_eq!((m.user.as_deref(), m.host.as_str(), m.port), (Some("nix"), "builder-1", None));
         assert_eq!(m.systems, vec!["x86_64-linux", "aarch64-linux"]);
-        assert_eq!(m.nix_spec(0), "ssh-ng://nix@nixctr-builder-0 x86_64-linux,aarch64-linux - 8 2 big-parallel - -");
+        let alias = m.alias();
+        assert!(alias.starts_with("nixctr-builder-") && alias.len() == 27, "{alias}");
+        assert_eq!(m.nix_spec(), format!("ssh-ng://nix@{alias} x86_64-linux,aarch64-linux - 8 2 big-parallel - -"));
         let bare = Machine::parse("builder", Some(Path::new("/k"))).unwrap();
         assert_eq!((bare.scheme.as_str(), bare.key.as_deref()), ("ssh", Some(Path::new("/k"))));
-        assert_eq!(bare.nix_spec(3), "ssh://nixctr-builder-3 - - - - - - -");
+        assert_eq!(bare.nix_spec(), format!("ssh://{} - - - - - - -", bare.alias()));
+        // Another key, another alias: ssh takes the first config entry of a host name.
+        let other = Machine::parse("builder", Some(Path::new("/other"))).unwrap();
+        assert_ne!(bare.alias(), other.alias());
+        assert_eq!(bare.alias(), Machine::parse("builder", Some(Path::new("/k"))).unwrap().alias());
         assert!(Machine::parse("http://x", None).unwrap_err().to_string().contains("ssh-ng://"));
         assert!(Machine::parse("ssh-ng://x:notaport", None).is_err());
         assert!(Machine::parse("ssh-ng://x amd64", None).is_err());
@@ -616,11 +627,12 @@ mod tests {
     fn ports_become_an_alias_with_a_host_key_alias() {
         let m = Machine::parse("ssh-ng://root@127.0.0.1:2222?remote-store=local x86_64-linux /keys/b", None).unwrap();
         assert_eq!(m.port, Some(2222));
-        assert_eq!(m.nix_uri(1), "ssh-ng://root@nixctr-builder-1?remote-store=local");
+        assert_eq!(m.nix_uri(), format!("ssh-ng://root@{}?remote-store=local", m.alias()));
         assert_eq!(m.host_key_alias(), "[127.0.0.1]:2222");
-        let config = m.ssh_config(1, "/nixctr/builders-x", Some("key-0"));
+        let config = m.ssh_config("/nixctr/builders-x", Some("key-0"));
+        let host = format!("Host {}", m.alias());
         for line in [
-            "Host nixctr-builder-1",
+            host.as_str(),
             "  HostName 127.0.0.1",
             "  Port 2222",
             "  HostKeyAlias [127.0.0.1]:2222",
@@ -643,24 +655,27 @@ mod tests {
             ..Default::default()
         };
         let builders = Builders { machines: settings.machines().unwrap(), settings };
+        let (a, b) = (builders.machines[0].alias(), builders.machines[1].alias());
         assert_eq!(
             builders.nix_config(true),
             vec![
-                "builders = ssh-ng://nixctr-builder-0 x86_64-linux - - - - - - ; ssh-ng://nixctr-builder-1 aarch64-linux - - - - - -",
-                "builders-use-substitutes = true"
+                format!("builders = ssh-ng://{a} x86_64-linux - - - - - - ; ssh-ng://{b} aarch64-linux - - - - - -"),
+                "builders-use-substitutes = true".to_string()
             ]
         );
         assert_eq!(builders.for_system("aarch64-linux").len(), 1);
         let log: Vec<String> = [
-            "building '/nix/store/a-x.drv' on 'ssh-ng://nixctr-builder-1'...",
+            "building '/nix/store/a-x.drv' on 'ssh-ng://B'...",
             "building '/nix/store/a-x.drv'...",
             "building '/nix/store/b-y.drv'...",
-            "building '/nix/store/c-z.drv' on 'ssh-ng://nixctr-builder-1'...",
+            "building '/nix/store/c-z.drv' on 'ssh-ng://B'...",
             "ssh: connect to host 127.0.0.1 port 1: Connection refused",
-            "cannot build on 'ssh-ng://nixctr-builder-0': error: failed to start SSH connection to 'nixctr-builder-0': ssh: connect to host 127.0.0.1 port 1: Connection refused",
+            "cannot build on 'ssh-ng://A': error: failed to start SSH connection to 'A': ssh: connect to host 127.0.0.1 port 1: Connection refused",
+            // nix gives up on the derivation: no other machine; a builder for it was named.
+            "required (system, features): (x86_64-linux, [])",
         ]
         .iter()
-        .map(|s| s.to_string())
+        .map(|s| s.replace('A', &a).replace('B', &b))
         .collect();
         let usage = builders.usage(&log);
         assert_eq!(usage.built["ssh-ng://b:2"], 2);
@@ -669,7 +684,7 @@ mod tests {
         assert_eq!(usage.trouble.len(), 1);
         assert!(usage.trouble[0].starts_with("builder ssh-ng://a: it does not answer"), "{}", usage.trouble[0]);
         assert!(usage.trouble[0].contains("cannot build on 'ssh-ng://a'"), "{}", usage.trouble[0]);
-        assert!(!usage.trouble[0].contains("nixctr-builder-0"), "{}", usage.trouble[0]);
+        assert!(!usage.trouble[0].contains(&a), "{}", usage.trouble[0]);
     }
 
     #[test]
