@@ -437,8 +437,11 @@ impl Builders {
                 }
                 _ => {}
             }
-            // Only news when no builder lists the system: else the builders' own trouble says why.
-            if let Some(system) = no_machine_for(line).filter(|s| self.for_system(s).is_empty()) {
+            // Only news when no builder may build the system (one listing none builds the
+            // container's own): else the builders' own trouble says why.
+            let unlisted =
+                |s: &&str| self.for_system(s).is_empty() && !self.machines.iter().any(|m| m.systems.is_empty());
+            if let Some(system) = no_machine_for(line).filter(unlisted) {
                 let trouble = format!(
                     "no builder builds {system}{}: name one whose machine spec lists it (`ssh-ng://HOST {system}`)",
                     if self.settings.only { " and --builders-only builds nothing here" } else { "" }
@@ -685,6 +688,10 @@ mod tests {
         assert!(usage.trouble[0].starts_with("builder ssh-ng://a: it does not answer"), "{}", usage.trouble[0]);
         assert!(usage.trouble[0].contains("cannot build on 'ssh-ng://a'"), "{}", usage.trouble[0]);
         assert!(!usage.trouble[0].contains(&a), "{}", usage.trouble[0]);
+        // A system no builder lists is named as such.
+        let usage = builders.usage(&["required (system, features): (riscv64-linux, [])".to_string()]);
+        assert_eq!(usage.trouble.len(), 1);
+        assert!(usage.trouble[0].starts_with("no builder builds riscv64-linux: "), "{}", usage.trouble[0]);
     }
 
     #[test]
