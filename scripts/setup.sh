@@ -43,6 +43,13 @@
 #                       known_hosts /etc/nixctr-test/ssh/known_hosts: so
 #                       ssh://root@127.0.0.1:2222 reaches the Docker socket and
 #                       ssh://root@127.0.0.1:2222/run/podman/podman.sock Podman
+#   * nix remote builders (section 9): containers nixctr-builder (linux/amd64) and
+#                       nixctr-builder-arm64 (linux/arm64, under qemu) of the nix image, each
+#                       with its own store volume, reached as ssh-ng://root@127.0.0.1:2222
+#                       through the sshd above with a key of their own
+#                       (/etc/nixctr-test/builders/id_builder{,_arm64}, mode 600) whose
+#                       authorized_keys line forces `docker exec -i <builder> nix-daemon
+#                       --stdio`; host keys in /etc/nixctr-test/builders/known_hosts
 #   * image nixos/nix:2.33.3 in the mirror, i.e. what `docker pull
 #     nixos/nix:2.33.3` (docker.io/nixos/nix:2.33.3) gets in both engines:
 #     a manifest list for linux/amd64 and linux/arm64 (each platform also
@@ -52,15 +59,16 @@
 #     valid in the nix db) and /usr a symlink to it, so every tool -- /bin/sh,
 #     /usr/bin/env, nix -- lives in the store; profile
 #     /nix/var/nix/profiles/default (= /root/.nix-profile) on PATH; root;
-#     nixbld1..32 build users, sandbox = false, no substituters (offline).
+#     nixbld1..32 build users, sandbox = false, no substituters (offline);
+#     openssh-client (ssh, as the upstream image has, for remote builders).
 #     Built by scripts/nix-image/ (build-rootfs.sh, push-index.py, config.json).
 #     The engines copy the image's /nix into a new empty named volume mounted
 #     at /nix; a container whose /nix is NOT seeded from the image has no shell.
 #     Emulated (arm64) nix needs filter-syscalls = false (NIX_CONFIG; not in
 #     the image's nix.conf).
 # Timing (2 cores, busy): from scratch the image step takes ~7.5 min: both
-# root fs are built in parallel, amd64 ~2.5 min, arm64 ~7 min (dpkg and nix
-# under qemu), then ~20 s to push; --verify ~30 s more.  The root fs tars
+# root fs are built in parallel, amd64 ~1-2.5 min, arm64 ~6-7 min (dpkg and nix
+# under qemu), then ~20 s to push; --verify ~30 s more; the builders ~30 s.  The root fs tars
 # (and their gzip'd layers) are cached in /var/lib/nixctr-test
 # (nix-rootfs-vN-ARCH.tar; bump ROOTFS_VERSION when the recipe changes).
 # Logs: /var/log/nixctr-test/*.log.  State/caches: /var/lib/nixctr-test.
@@ -108,9 +116,13 @@ TLS_BRIDGE=nixctr-br1
 TLS_BRIDGE_CIDR=172.31.250.1/24
 SSH_PORT=2222
 SSH_DIR=$CONF/ssh
+BUILDER_DIR=$CONF/builders
+# Remote builders (section 9): "CONTAINER ARCH KEY-FILE".
+BUILDERS=("nixctr-builder amd64 id_builder" "nixctr-builder-arm64 arm64 id_builder_arm64")
+BUILDERS_STAMP=$STATE/builders.made
 # Bump when the image recipe below changes: invalidates the cached root fs.
 # (The recipe: scripts/nix-image/build-rootfs.sh and config.json.)
-ROOTFS_VERSION=3
+ROOTFS_VERSION=4
 ROOTFS_CACHE=$STATE/nix-rootfs-v$ROOTFS_VERSION   # + -ARCH.tar
 NIX_ARCHES=(amd64 arm64)
 NIX_IMAGE_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/nix-image
@@ -629,9 +641,7 @@ step_sshd() {
     [ -s "$SSH_DIR/ssh_host_ed25519_key" ] || ssh-keygen -q -t ed25519 -N '' -C nixctr-test-host -f "$SSH_DIR/ssh_host_ed25519_key"
     [ -s "$SSH_DIR/id_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -C nixctr-test-client -f "$SSH_DIR/id_ed25519"
   fi
-  cp "$SSH_DIR/id_ed25519.pub" "$SSH_DIR/authorized_keys.tmp" && chmod 644 "$SSH_DIR/authorized_keys.tmp"
-  cmp -s "$SSH_DIR/authorized_keys.tmp" "$SSH_DIR/authorized_keys" 2>/dev/null \
-    && rm -f "$SSH_DIR/authorized_keys.tmp" || mv -f "$SSH_DIR/authorized_keys.tmp" "$SSH_DIR/authorized_keys"
+  write_authorized_keys
   printf '[127.0.0.1]:%s %s\n' "$SSH_PORT" "$(cut -d' ' -f1-2 "$SSH_DIR/ssh_host_ed25519_key.pub")" \
     | write_file "$SSH_DIR/known_hosts" 644 || true
   write_file "$SSH_DIR/sshd_config" 644 <<EOF && changed=1 || true
@@ -661,6 +671,15 @@ EOF
   start_daemon sshd /usr/sbin/sshd -D -e -f "$SSH_DIR/sshd_config"
   wait_daemon sshd 30 sshd_up
   log "sshd: started at 127.0.0.1:$SSH_PORT (log $LOGS/sshd.log)"
+}
+
+# write_authorized_keys: the client key, then the builders' forced-command lines (section 9);
+# replaced whole (rename), so sshd never reads half a file.
+write_authorized_keys() {
+  cat "$SSH_DIR/id_ed25519.pub" "$BUILDER_DIR/authorized_keys" 2>/dev/null >"$SSH_DIR/authorized_keys.tmp" || true
+  chmod 644 "$SSH_DIR/authorized_keys.tmp"
+  cmp -s "$SSH_DIR/authorized_keys.tmp" "$SSH_DIR/authorized_keys" 2>/dev/null \
+    && rm -f "$SSH_DIR/authorized_keys.tmp" || mv -f "$SSH_DIR/authorized_keys.tmp" "$SSH_DIR/authorized_keys"
 }
 
 # ---------------------------------------------------------------- 7. nix image
@@ -814,6 +833,67 @@ step_verify_cache() {
   code=$(curl -s -o /dev/null -w '%{http_code}' -m 5 --netrc-file "$CACHE_CONF/netrc" "$base/private/nix-cache-info")
   [ "$code" = 200 ] || die "cache: $base/private/ with $CACHE_CONF/netrc answered $code (want 200)"
   log "verify: cache PUT/GET ok at $base, basic auth on /private/ ok (401 without, 200 with netrc)"
+}
+
+# ---------------------------------------------------------------- 9. nix remote builders
+# Builders for nixctr's --builder ssh-ng://… (tests/it/builders.rs, bench/builders.sh): a
+# container of the nix image per platform, with its own store volume, and a key whose
+# authorized_keys line runs `docker exec -i CONTAINER nix-daemon --stdio` -- what ssh-ng://
+# runs on a remote nix.  The arm64 one runs under qemu (filter-syscalls = false in its
+# environment, which the exec'd daemon inherits).  They are made again, with fresh stores,
+# when the nix image changes (stamp $BUILDERS_STAMP = the image's stamp).
+
+# builder_answers KEY: a nix client in a throwaway container reaches the daemon behind KEY.
+builder_answers() {
+  docker run --rm --network host -v "$BUILDER_DIR:/b:ro" \
+    -e NIX_SSHOPTS="-p $SSH_PORT -i /b/$1 -o IdentitiesOnly=yes -o UserKnownHostsFile=/b/known_hosts -o StrictHostKeyChecking=yes -o BatchMode=yes -o ConnectTimeout=10" \
+    "$NIX_REPO:$NIX_TAG" nix --extra-experimental-features nix-command store ping --store ssh-ng://root@127.0.0.1 2>&1
+}
+
+builders_up() {
+  local b name arch key
+  [ "$(cat "$BUILDERS_STAMP" 2>/dev/null)" = "$(cat "$IMAGE_STAMP" 2>/dev/null)" ] || return 1
+  for b in "${BUILDERS[@]}"; do
+    read -r name arch key <<<"$b"
+    [ "$(docker inspect -f '{{.State.Running}}' "$name" 2>/dev/null)" = true ] || return 1
+    [ -s "$BUILDER_DIR/$key" ] && grep -qF "$(cut -d' ' -f2 "$BUILDER_DIR/$key.pub")" "$SSH_DIR/authorized_keys" || return 1
+  done
+}
+
+step_builders() {
+  local b name arch key img out lines=""
+  if builders_up; then log "builders: up (${BUILDERS[*]%% *})"; return; fi
+  need_root "making the nix remote builders"
+  local t0; t0=$(date +%s)
+  mkdir -p "$BUILDER_DIR"; chmod 755 "$BUILDER_DIR"
+  for b in "${BUILDERS[@]}"; do
+    read -r name arch key <<<"$b"
+    [ -s "$BUILDER_DIR/$key" ] || ssh-keygen -q -t ed25519 -N '' -C "nixctr-test-$name" -f "$BUILDER_DIR/$key"
+    chmod 600 "$BUILDER_DIR/$key"
+    lines+="command=\"docker exec -i $name nix-daemon --stdio\",restrict $(cut -d' ' -f1-2 "$BUILDER_DIR/$key.pub") nixctr-test-$name"$'\n'
+  done
+  printf '%s' "$lines" >"$BUILDER_DIR/authorized_keys"
+  install -m 644 "$SSH_DIR/known_hosts" "$BUILDER_DIR/known_hosts"
+  for b in "${BUILDERS[@]}"; do
+    read -r name arch key <<<"$b"
+    img=$NIX_REPO:$NIX_TAG; [ "$arch" = "$NATIVE_ARCH" ] || img=$NIX_REPO:$NIX_TAG-$arch
+    docker pull -q --platform "linux/$arch" "$img" >/dev/null 2>>"$LOGS/builders.log" || die "builders: docker pull $img failed"
+    docker rm -f "$name" >/dev/null 2>&1 || true
+    docker volume rm "$name-store" >/dev/null 2>&1 || true
+    local env=()
+    [ "$arch" = "$NATIVE_ARCH" ] || env=(-e "NIX_CONFIG=filter-syscalls = false")
+    docker run -d --name "$name" --platform "linux/$arch" --restart unless-stopped --network none \
+      --label dev.nixctr.test=builder -v "$name-store:/nix" "${env[@]}" "$img" sleep infinity \
+      >>"$LOGS/builders.log" 2>&1 || die "builders: cannot start $name (log $LOGS/builders.log)"
+  done
+  write_authorized_keys
+  for b in "${BUILDERS[@]}"; do
+    read -r name arch key <<<"$b"
+    out=$(builder_answers "$key") || { printf '%s\n' "$out" >&2; die "builders: $name does not answer as a nix store through ssh-ng://root@127.0.0.1:$SSH_PORT"; }
+    grep -q 'Trusted: 1' <<<"$out" || die "builders: $name does not trust the client (nix store ping: $out)"
+  done
+  cp "$IMAGE_STAMP" "$BUILDERS_STAMP"
+  log "builders: ${BUILDERS[*]%% *} answer through ssh-ng://root@127.0.0.1:$SSH_PORT (keys in $BUILDER_DIR; made in $(( $(date +%s) - t0 ))s)"
 }
 
 # ---------------------------------------------------------------- verification
@@ -971,6 +1051,7 @@ dry_run() {
   fi
   if [ "$MODE" = full ]; then
     if cache_up; then say "cache: up at http://$CACHE_ADDR"; else say "cache: would start nginx"; fi
+    if builders_up; then say "builders: up"; else say "builders: would (re)make ${BUILDERS[*]%% *}"; fi
   fi
   if [ "$VERIFY" = 1 ]; then say "verify: would run the end-to-end checks"; fi
 }
@@ -1002,6 +1083,7 @@ step_sshd
 step_image
 step_cache
 if [ "$IMAGE_BUILT" -eq 1 ] || [ "$VERIFY" = 1 ]; then step_verify; step_verify_cache; fi
+step_builders
 
 log "done in $(( $(date +%s) - T0 ))s"
 cat <<EOF
@@ -1020,4 +1102,8 @@ NIXCTR_TEST_CACHE_PRIVATE=http://$CACHE_ADDR/private
 NIXCTR_TEST_CACHE_NETRC=$CACHE_CONF/netrc
 NIXCTR_TEST_CACHE_SIGNING_KEY=$CACHE_CONF/signing-key
 NIXCTR_TEST_CACHE_PUBLIC_KEY=$(cat "$CACHE_CONF/signing-key.pub")
+NIXCTR_TEST_BUILDER=ssh-ng://root@127.0.0.1:$SSH_PORT
+NIXCTR_TEST_BUILDER_KEY=$BUILDER_DIR/id_builder
+NIXCTR_TEST_BUILDER_ARM64_KEY=$BUILDER_DIR/id_builder_arm64
+NIXCTR_TEST_BUILDER_KNOWN_HOSTS=$BUILDER_DIR/known_hosts
 EOF

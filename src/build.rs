@@ -3,6 +3,7 @@
 //! they share builds once and the rest in parallel. Each archive is copied out as soon as it
 //! is in the store (while the others still build) and written whole, or not at all.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use tokio::sync::Mutex;
 use crate::archive;
 use crate::engine::Engine;
 use crate::engines::{BuildTimes, Engines, Pick};
-use crate::nix::{Inputs, NixContainer, NixOptions};
+use crate::nix::{BuilderUse, Inputs, NixContainer, NixOptions};
 use crate::output::{check_writable, AtomicFile};
 use crate::platform::Platform;
 use crate::progress::{human_bytes, Progress};
@@ -60,6 +61,8 @@ pub(crate) struct Built {
     pub path: Option<PathBuf>,
     pub size: u64,
     pub seconds: f64,
+    /// With remote builders: each builder's URI and the derivations of its closure built there.
+    pub builders: Option<BTreeMap<String, usize>>,
 }
 
 /// What became of one target.
@@ -315,6 +318,15 @@ async fn build_in(
     }
     // The binary caches: what nix built and downloaded; what was built goes up.
     nix.report_cache_use(&log, progress);
+    let failing = building.iter().any(|(i, _)| outcomes[*i].is_none());
+    let builder_use = nix.report_builders(&log, failing, progress);
+    if let Some(usage) = &builder_use {
+        for (i, drv) in &building {
+            if let Some(Outcome::Built(built)) = &mut outcomes[*i] {
+                built.builders = Some(builders_of(nix, drv, usage).await?);
+            }
+        }
+    }
     let built: Vec<(usize, String)> =
         building.iter().filter(|(i, _)| matches!(outcomes[*i], Some(Outcome::Built(_)))).cloned().collect();
     for (i, error) in upload_built(nix, &built, progress).await {
@@ -324,20 +336,38 @@ async fn build_in(
     let seconds = started.elapsed().as_secs_f64();
     let reasons: Vec<Option<String>> =
         futures::stream::iter(&failed).then(|(_, drv)| nix.failure_of(drv, &log)).collect().await;
+    // What went wrong with builders is every failure's news: nix names only the derivation.
+    let builder_trouble: String = builder_use.iter().flat_map(|u| &u.trouble).map(|t| format!("\n  {t}")).collect();
     for ((i, _), reason) in failed.into_iter().zip(reasons) {
         let name = &targets[i].name;
         outcomes[i] = Some(match reason {
-            Some(why) => {
-                Outcome::Failed { error: format!("nix-build containers/{name}/default.nix failed:\n{why}"), seconds }
-            }
-            None if fail_fast => Outcome::Stopped,
+            Some(why) => Outcome::Failed {
+                error: format!("nix-build containers/{name}/default.nix failed:\n{why}{builder_trouble}"),
+                seconds,
+            },
+            None if fail_fast && builder_trouble.is_empty() => Outcome::Stopped,
             None => Outcome::Failed {
-                error: format!("nix-build containers/{name}/default.nix failed:\n{}", crate::nix::error_excerpt(&log)),
+                error: format!(
+                    "nix-build containers/{name}/default.nix failed:\n{}{builder_trouble}",
+                    crate::nix::error_excerpt(&log)
+                ),
                 seconds,
             },
         });
     }
     Ok(outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Stopped)).collect())
+}
+
+/// Each builder's count of the derivations of `drv`'s closure it built.
+async fn builders_of(nix: &NixContainer, drv: &str, usage: &BuilderUse) -> Result<BTreeMap<String, usize>> {
+    let closure = nix.requisites(drv).await?;
+    let mut counts: BTreeMap<String, usize> = usage.built.keys().map(|uri| (uri.clone(), 0)).collect();
+    for (built, on) in &usage.derivations {
+        if let (Some(uri), true) = (on, closure.contains(built)) {
+            *counts.entry(uri.clone()).or_default() += 1;
+        }
+    }
+    Ok(counts)
 }
 
 /// After a build: the closures of the containers built (`(target index, drv)`) go to the
@@ -384,7 +414,15 @@ async fn copy_out(
         Output::Stdout => {
             let mut stdout = tokio::io::stdout();
             let size = nix.copy_out(out, &mut stdout).await?;
-            Ok(Built { name, engine, platform, path: None, size, seconds: started.elapsed().as_secs_f64() })
+            Ok(Built {
+                name,
+                engine,
+                platform,
+                path: None,
+                size,
+                seconds: started.elapsed().as_secs_f64(),
+                builders: None,
+            })
         }
         Output::File(path) => {
             let mut file = AtomicFile::create(path)?;
@@ -411,6 +449,7 @@ async fn copy_out(
                 path: Some(path.clone()),
                 size,
                 seconds: started.elapsed().as_secs_f64(),
+                builders: None,
             })
         }
     }

@@ -73,6 +73,9 @@ pub struct Cli {
     #[command(flatten)]
     pub cache: CacheArgs,
 
+    #[command(flatten)]
+    pub builders: BuilderArgs,
+
     /// Print nothing but results and errors
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
@@ -118,6 +121,27 @@ pub struct CacheArgs {
     /// Network of the nix container (default: the engine's default)
     #[arg(long, global = true, value_enum, value_name = "MODE")]
     pub network: Option<Network>,
+}
+
+/// nix's remote builders: machines nix sends derivations to over ssh.
+#[derive(Debug, Args, Clone, Default)]
+pub struct BuilderArgs {
+    /// A remote builder, in nix's machine-spec syntax: ssh-ng://[USER@]HOST[:PORT] [SYSTEMS [KEY
+    /// [JOBS [SPEED [FEATURES]]]]] (repeatable; replaces `builders` in nixctr.toml)
+    #[arg(long = "builder", global = true, value_name = "URI")]
+    pub builders: Vec<String>,
+
+    /// ssh identity for the builders (mode 600; a machine spec's own KEY field wins)
+    #[arg(long, global = true, value_name = "FILE", env = "NIXCTR_BUILDER_KEY")]
+    pub builder_key: Option<PathBuf>,
+
+    /// The builders' host keys (default: ~/.ssh/known_hosts); an unknown or changed key is refused
+    #[arg(long, global = true, value_name = "FILE")]
+    pub builder_known_hosts: Option<PathBuf>,
+
+    /// Build nothing in the build container: every derivation goes to a builder (--max-jobs 0)
+    #[arg(long, global = true)]
+    pub builders_only: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::engine::{self, ContainerGuard, ContainerSpec, Engine, OutputMode, PullPolicy};
 use crate::engines::EngineChoice;
-use crate::nix::NixOptions;
+use crate::nix::{Builders, NixOptions};
 use crate::platform::Platform;
 use crate::progress::Progress;
 use crate::registry::RegistryConfig;
@@ -126,6 +126,7 @@ pub(crate) async fn examine(options: &Options<'_>, progress: &Progress) -> Repor
         project_checks(options.root),
         registry_checks(options, progress).await,
         cache_checks(options.nix),
+        builder_checks(engine.as_ref(), options, progress).await,
     ];
     let ok = sections.iter().all(|s| s.checks.iter().all(|c| c.ok));
     Report { ok, sections }
@@ -423,6 +424,44 @@ fn cache_checks(nix: &NixOptions) -> Section {
             Ok(detail) => Check::ok(finding.what, detail),
             Err(e) => Check::problem(finding.what, &format!("{e:#}"), "see the nixctr README on binary caches"),
         });
+    }
+    section
+}
+
+/// The remote builders, each reached from a throwaway nix container as a build reaches it:
+/// the daemon answers through ssh, and each system its spec lists builds there.
+async fn builder_checks(engine: Option<&(Engine, Platform)>, options: &Options<'_>, progress: &Progress) -> Section {
+    const FIX: &str = "see the nixctr README on remote builders";
+    let builders = match Builders::new(&options.nix.builders) {
+        Ok(Some(builders)) => builders,
+        Ok(None) => return Section::skipped("builders", "none configured (--builder, or builders in nixctr.toml)"),
+        Err(e) => {
+            let mut section = Section::new("builders");
+            section.checks.push(Check::problem("settings", &format!("{e:#}"), FIX));
+            return section;
+        }
+    };
+    let Some((engine, native)) = engine else {
+        return Section::skipped("builders", "no engine to reach them from");
+    };
+    let mut section = Section::new("builders");
+    let probes = async {
+        let image = engine.ensure_image(&options.nix.image, options.nix.pull, native, progress).await?;
+        let network = options.nix.cache.network.map(|n| n.mode().to_string());
+        let spec = ContainerSpec { image, role: "doctor", volumes: Vec::new(), env: Vec::new(), network };
+        let guard = ContainerGuard::start(engine, spec, progress).await?;
+        let probes = builders.probe(&guard).await;
+        let removed = guard.remove().await;
+        let probes = probes?;
+        removed?;
+        anyhow::Ok(probes)
+    };
+    match probes.await {
+        Ok(probes) => section.checks.extend(probes.into_iter().map(|p| match p.result {
+            Ok(detail) => Check::ok(p.name, detail),
+            Err((detail, fix)) => Check::problem_with(p.name, &detail, &fix),
+        })),
+        Err(e) => section.checks.push(Check::problem("builders", &format!("{e:#}"), "check the engine's health")),
     }
     section
 }

@@ -84,6 +84,22 @@ impl Platform {
         OSES.contains(&self.os.as_str()) && ARCHITECTURES.contains(&self.architecture.as_str())
     }
 
+    /// What nix calls it (`aarch64-linux`), for the platforms nix builds for.
+    pub(crate) fn nix_system(&self) -> Option<String> {
+        let arch = match (self.architecture.as_str(), self.variant.as_deref()) {
+            ("amd64", _) => "x86_64",
+            ("arm64", _) => "aarch64",
+            ("386", _) => "i686",
+            ("arm", Some("v7")) => "armv7l",
+            ("arm", Some("v6")) => "armv6l",
+            ("riscv64", _) => "riscv64",
+            ("ppc64le", _) => "powerpc64le",
+            ("s390x", _) => "s390x",
+            _ => return None,
+        };
+        Some(format!("{arch}-{}", self.os))
+    }
+
     /// For file names: `amd64`, `arm64`, `arm-v7`.
     pub(crate) fn suffix(&self) -> String {
         match &self.variant {

@@ -57,6 +57,9 @@ pub(crate) struct Record {
     /// The files `--pin` changed for it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pinned: Option<Vec<String>>,
+    /// With remote builders: each builder's URI and the derivations of its closure built there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub builders: Option<std::collections::BTreeMap<String, usize>>,
 }
 
 impl Record {
@@ -85,6 +88,7 @@ impl Record {
             platforms: None,
             engine: None,
             pinned: None,
+            builders: None,
         }
     }
 

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use crate::engine::address::{self, TlsFiles};
 use crate::engine::{EngineAddress, PullPolicy};
 use crate::engines::EngineChoice;
-use crate::nix::{CacheSettings, Network, NixOptions, Nixpkgs};
+use crate::nix::{BuilderSettings, CacheSettings, Network, NixOptions, Nixpkgs};
 use crate::platform::Platform;
 use crate::registry::auth::read_password_stdin;
 use crate::registry::cache::BlobCache;
@@ -69,6 +69,13 @@ pub(crate) struct FileConfig {
     pub(crate) netrc: Option<PathBuf>,
     pub(crate) cache_required: Option<bool>,
     pub(crate) network: Option<Network>,
+    /// Remote builders, in nix's machine-spec syntax.
+    pub(crate) builders: Option<Vec<String>>,
+    /// Relative to the project root.
+    pub(crate) builder_key: Option<PathBuf>,
+    /// Relative to the project root.
+    pub(crate) builder_known_hosts: Option<PathBuf>,
+    pub(crate) builders_only: Option<bool>,
     /// Files and globs (relative to the project root) publish writes pushed images into.
     #[serde(default)]
     pub(crate) pin: Vec<String>,
@@ -135,6 +142,8 @@ pub(crate) struct Inputs {
     /// The binary-cache flags; each replaces its key in `nixctr.toml` (`required` can only
     /// turn the requirement on).
     pub(crate) cache: CacheSettings,
+    /// The builder flags; each replaces its key in `nixctr.toml` (`only` can only turn it on).
+    pub(crate) builders: BuilderSettings,
     pub(crate) quiet: bool,
     pub(crate) verbose: bool,
 }
@@ -213,12 +222,20 @@ impl Settings {
             required: args.required || file.cache_required.unwrap_or(false),
             network: args.network.or(file.network),
         };
+        let args = &inputs.builders;
+        let builders = BuilderSettings {
+            specs: if args.specs.is_empty() { file.builders.unwrap_or_default() } else { args.specs.clone() },
+            key: args.key.clone().or(file.builder_key.map(in_root)),
+            known_hosts: args.known_hosts.clone().or(file.builder_known_hosts.map(in_root)),
+            only: args.only || file.builders_only.unwrap_or(false),
+        };
         let nix = NixOptions {
             image: inputs.nix_image.clone().or(file.nix_image).unwrap_or_else(|| DEFAULT_NIX_IMAGE.to_string()),
             pull: inputs.pull.or(file.pull).unwrap_or(PullPolicy::Missing),
             nixpkgs,
             no_cache: inputs.no_cache,
             cache,
+            builders,
         };
         Ok(Settings {
             root,
@@ -444,6 +461,19 @@ mod tests {
         assert_eq!(cfg.engines.unwrap().len(), 2);
         assert_eq!(cfg.engine_tls.unwrap().key, PathBuf::from("k.pem"));
         assert_eq!(cfg.platform_engines["linux/arm64"], "ssh://pi@arm");
+    }
+
+    #[test]
+    fn builder_keys_parse() {
+        let cfg = parse_config(
+            "builders = [\"ssh-ng://nix@builder-1 x86_64-linux - 8 2 big-parallel\", \"ssh-ng://b:2222\"]\n\
+             builder-key = \"keys/builder\"\nbuilder-known-hosts = \"known_hosts\"\nbuilders-only = true\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.builders.unwrap().len(), 2);
+        assert_eq!(cfg.builder_key, Some(PathBuf::from("keys/builder")));
+        assert_eq!(cfg.builder_known_hosts, Some(PathBuf::from("known_hosts")));
+        assert_eq!(cfg.builders_only, Some(true));
     }
 
     fn table(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -47,7 +47,7 @@ if [ -n "${DEBOOTSTRAPPED:-}" ]; then   # development aid: start from a copy
   cp -a "$DEBOOTSTRAPPED" "$r"
 else
   debootstrap --variant=minbase --arch="$arch" \
-    --include=nix-bin,libdbi-perl,busybox-static,ca-certificates,xz-utils,less \
+    --include=nix-bin,libdbi-perl,busybox-static,ca-certificates,xz-utils,less,openssh-client \
     --cache-dir="$cache" "$suite" "$r" "$mirror"
 fi
 umount_under "$r"

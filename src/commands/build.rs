@@ -36,6 +36,7 @@ pub(crate) async fn run(settings: &Settings, args: BuildArgs) -> Result<()> {
                 let mut record = Record::new(&target.name, Status::Built);
                 record.bytes = Some(built.size);
                 record.seconds = built.seconds;
+                record.builders = built.builders.clone();
                 if engines.several() {
                     record.engine = Some(built.engine.clone());
                 }

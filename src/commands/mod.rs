@@ -76,6 +76,12 @@ fn settings_inputs(parsed: &Parsed) -> settings::Inputs {
             required: cache.cache_required,
             network: cache.network.map(Into::into),
         },
+        builders: crate::nix::BuilderSettings {
+            specs: cli.builders.builders.clone(),
+            key: cli.builders.builder_key.clone(),
+            known_hosts: cli.builders.builder_known_hosts.clone(),
+            only: cli.builders.builders_only,
+        },
         quiet: cli.quiet,
         verbose: cli.verbose,
     }

@@ -17,14 +17,14 @@ use bytes::Bytes;
 
 use super::cache_settings::{read_secret, CacheSettings};
 use super::text::{
-    cache_trouble, copied_from, copied_to, error_excerpt, fetch_size, is_building, nix_cmd, says_not_valid, store_hint,
-    store_paths, strings, CacheTrouble,
+    built_on, cache_trouble, copied_from, copied_to, error_excerpt, fetch_size, is_building, nix_cmd, says_not_valid,
+    store_hint, store_paths, strings, CacheTrouble,
 };
 use crate::engine::{ContainerGuard, OutputMode};
 use crate::progress::Progress;
 
 /// Where a secrets directory goes in the container: outside `/nix` (a volume that stays).
-const SECRETS_PARENT: &str = "/nixctr";
+pub(super) const SECRETS_PARENT: &str = "/nixctr";
 
 /// What an exec does, which decides the secrets it gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,10 +135,16 @@ impl Session {
     /// What nix's realise log says about the caches: a line counting what was built and what
     /// downloaded, and a warning for each cache that was refused or did not answer.
     pub(crate) fn report_realise(&self, log: &[String], progress: &Progress) {
-        let built = log.iter().filter(|l| is_building(l)).count();
+        // A remote build's log echoes its `building '…'` line: each derivation counts once.
+        let mut drvs: Vec<&str> =
+            log.iter().filter(|l| is_building(l)).filter_map(|l| built_on(l)).map(|b| b.0).collect();
+        drvs.sort_unstable();
+        drvs.dedup();
+        let built = drvs.len();
         let mut from: Vec<(String, usize)> = Vec::new();
         for line in log {
-            if let Some((path, url)) = copied_from(line) {
+            // Outputs copied back from a remote builder (`from 'ssh-ng://'`) were built, not downloaded.
+            if let Some((path, url)) = copied_from(line).filter(|(_, url)| !url.starts_with("ssh")) {
                 progress.debug(format!("substituted {path} from {url}"));
                 match from.iter_mut().find(|(u, _)| *u == url) {
                     Some((_, n)) => *n += 1,
@@ -297,7 +303,7 @@ async fn sign_and_copy(
     Ok(sent)
 }
 
-fn random_hex() -> String {
+pub(super) fn random_hex() -> String {
     let mut bytes = [0u8; 12];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         let _ = std::io::Read::read_exact(&mut f, &mut bytes);
@@ -307,7 +313,7 @@ fn random_hex() -> String {
 }
 
 /// A tar of `dir` (mode 0700) holding `files` (mode 0600), owned by root.
-fn secrets_tar(dir: &str, files: &[(&str, String)]) -> Result<Vec<u8>> {
+pub(super) fn secrets_tar(dir: &str, files: &[(&str, String)]) -> Result<Vec<u8>> {
     let mut tar = tar::Builder::new(Vec::new());
     let mut header = tar::Header::new_gnu();
     header.set_entry_type(tar::EntryType::Directory);

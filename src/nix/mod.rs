@@ -2,6 +2,7 @@
 //! sources, resolving nixpkgs as the CI this replaces did (`nix flake metadata`, then
 //! `NIX_PATH=nixpkgs=<its store path>`), `nix-build`, and evaluating package versions.
 
+mod builders;
 mod cache;
 mod cache_settings;
 mod text;
@@ -14,6 +15,7 @@ use crate::engine::{ContainerGuard, ContainerSpec, Engine, OutputMode, PullPolic
 use crate::exit::Unexpected;
 use crate::platform::Platform;
 use crate::progress::Progress;
+pub(crate) use builders::{BuilderSettings, BuilderUse, Builders};
 use cache::{Phase, Session};
 pub(crate) use cache_settings::{CacheSettings, Network};
 pub(crate) use text::error_excerpt;
@@ -54,6 +56,8 @@ pub(crate) struct NixOptions {
     /// A throwaway store instead of the store volume.
     pub(crate) no_cache: bool,
     pub(crate) cache: CacheSettings,
+    /// Remote builders nix may send derivations to (`--builder`).
+    pub(crate) builders: BuilderSettings,
 }
 
 /// nixpkgs after resolution: the reference asked for and the store path it became.
@@ -72,6 +76,13 @@ pub(crate) struct NixContainer {
     progress: Progress,
     /// The binary caches it reads from and writes to, and their secrets (see `cache`).
     cache: Option<Session>,
+    /// The remote builders of its builds (see `builders`).
+    builders: Option<Builders>,
+    /// The nix settings every exec needs (an exec's own `NIX_CONFIG` hides the container's).
+    nix_config: Vec<String>,
+    /// The nix system evaluated for when that differs from the container's: its derivations
+    /// go to builders of that system, and the container runs natively.
+    eval_system: Option<String>,
 }
 
 /// What to put in the container besides nix.
@@ -94,16 +105,45 @@ impl NixContainer {
     ) -> Result<NixContainer> {
         options.cache.check()?;
         options.cache.warn_network(progress);
+        // Only builds realise derivations: other roles need no builder (nor its key).
+        let builders = if inputs.role == "build" { Builders::new(&options.builders)? } else { None };
         let native = engine.native_platform().await?;
         let platform = inputs.platform.unwrap_or(&native);
         progress.debug(format!("platform: {platform} (the engine's own: {native})"));
+        // A builder of the platform asked for builds it natively: the container runs on the
+        // engine's own platform and only evaluates for that one.
+        let eval_system = match (&builders, platform.nix_system()) {
+            (Some(b), Some(system)) if platform != &native && !b.for_system(&system).is_empty() => {
+                let uris: Vec<&str> = b.for_system(&system).iter().map(|m| m.uri.as_str()).collect();
+                progress.info(format!(
+                    "building for {platform} on a {native} engine: evaluated here, built by the {system} builder{} \
+                     {} (no emulation)",
+                    if uris.len() > 1 { "s" } else { "" },
+                    uris.join(", ")
+                ));
+                Some(system)
+            }
+            _ => None,
+        };
+        let run_on = if eval_system.is_some() { &native } else { platform };
+        if let Some(b) = builders.as_ref().filter(|b| b.only()) {
+            let system = run_on.nix_system().unwrap_or_default();
+            let wanted = eval_system.as_deref().unwrap_or(&system);
+            if b.for_system(wanted).is_empty() && !b.machines().iter().any(|m| m.systems.is_empty()) {
+                bail!(
+                    "--builders-only: no builder builds {wanted} (the builders list {}): name one whose machine spec \
+                     lists it, e.g. `ssh-ng://HOST {wanted}`",
+                    b.machines().iter().flat_map(|m| m.systems.clone()).collect::<Vec<_>>().join(", ")
+                );
+            }
+        }
         // The image of that platform, by ID: the tag may name another platform's by now.
-        let image_id = engine.ensure_image(&options.image, options.pull, platform, progress).await?;
+        let image_id = engine.ensure_image(&options.image, options.pull, run_on, progress).await?;
         let mut volumes = Vec::new();
         let mut env = Vec::new();
         // Lines every NIX_CONFIG of this container needs (an exec's own hides the container's).
         let mut nix_config = Vec::new();
-        if platform != &native {
+        if run_on != &native {
             progress.info(format!(
                 "building for {platform} on a {native} engine: emulated, and slower than a native build"
             ));
@@ -119,8 +159,7 @@ impl NixContainer {
         }
         let network = options.cache.network.map(|n| n.mode().to_string());
         let spec = ContainerSpec { image: image_id.clone(), role: inputs.role, volumes, env, network };
-        let guard =
-            ContainerGuard::start(engine, spec, progress).await.map_err(|e| cannot_run(e, platform, &native))?;
+        let guard = ContainerGuard::start(engine, spec, progress).await.map_err(|e| cannot_run(e, run_on, &native))?;
         let cache = Session::new(&options.cache, &nix_config, progress);
 
         let mut sources = Vec::new();
@@ -158,7 +197,16 @@ impl NixContainer {
         }
         let path = resolve_nixpkgs(&guard, &reference, &shown, progress).await?;
         let nixpkgs = ResolvedNixpkgs { reference: shown, path };
-        Ok(NixContainer { guard, platform: platform.clone(), nixpkgs, progress: progress.clone(), cache })
+        Ok(NixContainer {
+            guard,
+            platform: platform.clone(),
+            nixpkgs,
+            progress: progress.clone(),
+            cache,
+            builders,
+            nix_config,
+            eval_system,
+        })
     }
 
     /// The address of the engine it runs on.
@@ -177,7 +225,15 @@ impl NixContainer {
         if let Some(cache) = &self.cache {
             env.extend(cache.eval_env());
         }
-        env
+        match &self.eval_system {
+            Some(system) => with_nix_config(env, &self.nix_config, &[format!("system = {system}")]),
+            None => env,
+        }
+    }
+
+    /// Says where nix built the derivations of a realise, and what went wrong with builders.
+    pub(crate) fn report_builders(&self, log: &[String], failed: bool, progress: &Progress) -> Option<BuilderUse> {
+        self.builders.as_ref().map(|b| b.report(log, failed, progress))
     }
 
     /// Whether built containers go to a cache (`--cache-to`).
@@ -232,6 +288,8 @@ impl NixContainer {
         keep_going: bool,
         live: bool,
     ) -> Result<Vec<String>> {
+        // --builders-only: nix's own way to build nothing here.
+        let jobs = if self.builders.as_ref().is_some_and(Builders::only) { 0 } else { jobs };
         let mut cmd = strings(&["nix-store", "--realise", "--add-root", GC_ROOT, "--max-jobs", &jobs.to_string()]);
         if keep_going {
             cmd.push("--keep-going".to_string());
@@ -240,19 +298,42 @@ impl NixContainer {
         let mode = if live { OutputMode::Live } else { OutputMode::Captured };
         // Builders run as build users, who cannot read what is staged (root only, 0600).
         let mut env = vec![format!("NIX_PATH=nixpkgs={}", self.nixpkgs.path)];
+        // Builders substitute from the caches themselves when caches are configured.
+        let substitutes = self.cache.as_ref().is_some_and(|c| !c.settings().substituters.is_empty());
+        let builders = match &self.builders {
+            Some(builders) => Some(builders.stage(&self.guard, substitutes).await?),
+            None => None,
+        };
         let staged = match &self.cache {
-            Some(cache) => Some(cache.stage(&self.guard, Phase::Build).await?),
+            Some(cache) => match cache.stage(&self.guard, Phase::Build).await {
+                Ok(staged) => Some(staged),
+                Err(e) => {
+                    if let Some(builders) = builders {
+                        builders.remove(&self.guard).await?;
+                    }
+                    return Err(e);
+                }
+            },
             None => None,
         };
         env.extend(staged.as_ref().map(|s| s.env().to_vec()).unwrap_or_default());
+        if let Some(builders) = &builders {
+            env.extend(builders.env.iter().cloned());
+            env = with_nix_config(env, &self.nix_config, &builders.nix_config);
+        }
         let out = self.guard.exec_keeping(&cmd, &env, Some(WORKSPACE), mode, REALISE_LOG_LINES).await;
         let removed = match staged {
             Some(staged) => staged.remove(&self.guard).await,
             None => Ok(()),
         };
+        let removed_keys = match builders {
+            Some(builders) => builders.remove(&self.guard).await,
+            None => Ok(()),
+        };
         // The exec's own error says more than the removal's that follows from it.
         let out = out?;
         removed?;
+        removed_keys?;
         self.progress.debug(format!("nix-store --realise: exit code {}", out.exit_code));
         Ok(out.stderr_tail)
     }
@@ -293,6 +374,16 @@ impl NixContainer {
         }
         let invalid = store_paths(&out.stdout);
         Ok(paths.iter().filter(|p| !invalid.contains(p)).cloned().collect())
+    }
+
+    /// The store paths `drv` needs, itself included (`nix-store --query --requisites`).
+    pub(crate) async fn requisites(&self, drv: &str) -> Result<Vec<String>> {
+        let cmd = strings(&["nix-store", "--query", "--requisites", drv]);
+        let out = self.guard.exec(&cmd, &[], None, OutputMode::Captured).await?;
+        if out.exit_code != 0 {
+            bail!("nix-store --query --requisites failed:\n{}", error_excerpt(&out.stderr_tail));
+        }
+        Ok(store_paths(&out.stdout))
     }
 
     /// Why `drv` did not build: nix's error for each derivation of its closure that failed,
@@ -348,6 +439,21 @@ impl NixContainer {
     pub(crate) async fn finish(self) -> Result<()> {
         self.guard.remove().await
     }
+}
+
+/// `env` with `lines` added to its `NIX_CONFIG`, or a `NIX_CONFIG` of `base` and `lines` when it
+/// has none (an exec's own `NIX_CONFIG` hides the container's).
+fn with_nix_config(mut env: Vec<String>, base: &[String], lines: &[String]) -> Vec<String> {
+    match env.iter_mut().find(|e| e.starts_with("NIX_CONFIG=")) {
+        Some(config) => {
+            for line in lines {
+                config.push('\n');
+                config.push_str(line);
+            }
+        }
+        None => env.push(format!("NIX_CONFIG={}", base.iter().chain(lines).cloned().collect::<Vec<_>>().join("\n"))),
+    }
+    env
 }
 
 /// An engine that cannot run `platform` says "exec format error": say what fixes it.
@@ -444,6 +550,16 @@ mod tests {
         assert_eq!(parse_flake_path(json).unwrap(), "/nix/store/abc-source");
         assert!(parse_flake_path(r#"{"path":"/tmp/x"}"#).is_err());
         assert!(parse_flake_path("not json").is_err());
+    }
+
+    #[test]
+    fn nix_config_lines_are_added_to_the_exec_own() {
+        let lines = vec!["builders = x".to_string()];
+        let base = vec!["filter-syscalls = false".to_string()];
+        let env = with_nix_config(vec!["A=1".to_string()], &base, &lines);
+        assert_eq!(env, vec!["A=1", "NIX_CONFIG=filter-syscalls = false\nbuilders = x"]);
+        let env = with_nix_config(vec!["NIX_CONFIG=substituters = y".to_string()], &base, &lines);
+        assert_eq!(env, vec!["NIX_CONFIG=substituters = y\nbuilders = x"]);
     }
 
     #[test]

@@ -32,6 +32,84 @@ pub(crate) fn is_building(line: &str) -> bool {
     line.starts_with("building '/nix/store/")
 }
 
+/// `(drv, machine)` of a line saying nix started building a derivation: `building '….drv'...`
+/// here (`None`), or `building '….drv' on 'ssh-ng://…'...` on a remote builder (2.18 on).
+pub(crate) fn built_on(line: &str) -> Option<(&str, Option<&str>)> {
+    let rest = line.strip_prefix("building '")?;
+    let (drv, rest) = rest.split_once('\'')?;
+    if !drv.starts_with("/nix/store/") {
+        return None;
+    }
+    let on = rest.strip_prefix(" on '").and_then(|r| r.split_once('\'')).map(|(m, _)| m);
+    Some((drv, on))
+}
+
+/// Why nix could not use a remote builder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BuilderTrouble {
+    /// No answer: connection refused, timed out, no such host.
+    Unreachable,
+    /// It refused the ssh identity.
+    KeyRefused,
+    /// Its host key is not in known_hosts.
+    UnknownHostKey,
+    /// Its host key differs from the one in known_hosts.
+    ChangedHostKey,
+    Other,
+}
+
+/// The builder nix gave up on, and why, from its `cannot build on 'URI': …` line (build-remote,
+/// 2.18 to 2.26); ssh's own words are in the lines just `before` it (`ssh: connect to host …:
+/// Connection refused`, `…: Permission denied (publickey).`, `Host key verification failed.`).
+pub(crate) fn builder_trouble<'a>(line: &'a str, before: &[String]) -> Option<(&'a str, BuilderTrouble)> {
+    let rest = line.trim_start().trim_start_matches("error: ").strip_prefix("cannot build on '")?;
+    let (uri, said) = rest.split_once('\'')?;
+    let ssh = before.iter().rev().take(24).take_while(|l| {
+        !l.starts_with("building '") && !l.contains("cannot build on '") && !l.contains("will be built")
+    });
+    let all = std::iter::once(said.to_string()).chain(ssh.cloned()).collect::<Vec<_>>().join("\n");
+    let trouble = ssh_trouble(&all);
+    Some((uri, trouble))
+}
+
+/// What ssh's words (OpenSSH 9 and 10, as nix passes them on) say went wrong.
+pub(crate) fn ssh_trouble(all: &str) -> BuilderTrouble {
+    let has = |words: &[&str]| words.iter().any(|w| all.contains(w));
+    if has(&["REMOTE HOST IDENTIFICATION HAS CHANGED", "has changed and you have requested strict"]) {
+        BuilderTrouble::ChangedHostKey
+    } else if has(&["Host key verification failed", "host key is known for"]) {
+        BuilderTrouble::UnknownHostKey
+    } else if has(&["Permission denied", "Too many authentication failures"]) {
+        BuilderTrouble::KeyRefused
+    } else if has(&[
+        "Connection refused",
+        "timed out",
+        "Could not resolve hostname",
+        "No route to host",
+        "Network is unreachable",
+        "Connection closed by",
+        "Connection reset",
+    ]) {
+        BuilderTrouble::Unreachable
+    } else {
+        BuilderTrouble::Other
+    }
+}
+
+/// `(version, trusted)` of `nix store info --json` (2.26: `{"trusted":1,"url":"ssh-ng://","version":"2.26.3"}`).
+pub(crate) fn store_info(stdout: &str) -> (Option<String>, Option<bool>) {
+    let Ok(info) = serde_json::from_str::<serde_json::Value>(stdout.trim()) else { return (None, None) };
+    let trusted = info["trusted"].as_u64().map(|t| t == 1).or(info["trusted"].as_bool());
+    (info["version"].as_str().map(str::to_string), trusted)
+}
+
+/// nix found no machine for a derivation: `Failed to find a machine for remote build!` (2.18
+/// to 2.26), then `required (system, features): (aarch64-linux, [])`: the system wanted.
+pub(crate) fn no_machine_for(line: &str) -> Option<&str> {
+    let rest = line.trim_start().strip_prefix("required (system, features): (")?;
+    rest.split_once(',').map(|(system, _)| system.trim())
+}
+
 /// `(path, url)` of nix's `copying path '…' from '…'...` line (a substitution).
 pub(crate) fn copied_from(line: &str) -> Option<(&str, &str)> {
     let rest = line.trim_start().strip_prefix("copying path '")?;
@@ -196,5 +274,51 @@ mod tests {
         assert!(excerpt.starts_with("    step: this fails on purpose\n"), "{excerpt}");
         assert!(excerpt.ends_with("failed to build"), "{excerpt}");
         assert_eq!(error_excerpt(&[]), "    (nix printed nothing on stderr)");
+    }
+    #[test]
+    fn remote_builds_are_read() {
+        // 2.26: the remote build's line, then the builder's own echo of it.
+        let remote = "building '/nix/store/mh3r-x.drv' on 'ssh-ng://root@nixctr-builder-0'...";
+        assert_eq!(built_on(remote), Some(("/nix/store/mh3r-x.drv", Some("ssh-ng://root@nixctr-builder-0"))));
+        assert_eq!(built_on("building '/nix/store/mh3r-x.drv'..."), Some(("/nix/store/mh3r-x.drv", None)));
+        assert_eq!(built_on("copying path '/nix/store/zr2k-x' from 'ssh-ng://'..."), None);
+        let info = r#"{"trusted":1,"url":"ssh-ng://","version":"2.26.3"}"#;
+        assert_eq!(store_info(info), (Some("2.26.3".to_string()), Some(true)));
+        assert_eq!(store_info(r#"{"trusted":0,"url":"ssh-ng://"}"#), (None, Some(false)));
+        assert_eq!(store_info("not json"), (None, None));
+        let missing = "required (system, features): (aarch64-linux, [])";
+        assert_eq!(no_machine_for(missing), Some("aarch64-linux"));
+    }
+
+    #[test]
+    fn builder_trouble_is_read_from_ssh_and_nix() {
+        let cannot = "cannot build on 'ssh-ng://root@nixctr-builder-0': error: failed to start SSH connection to 'root@nixctr-builder-0'";
+        let lines = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let case = |before: &[&str]| builder_trouble(cannot, &lines(before)).map(|(_, t)| t);
+        // OpenSSH 10.0 in nix 2.26's build hook, as the test builders answer.
+        assert_eq!(
+            case(&["ssh: connect to host 127.0.0.1 port 2399: Connection refused"]),
+            Some(BuilderTrouble::Unreachable)
+        );
+        assert_eq!(case(&["root@127.0.0.1: Permission denied (publickey)."]), Some(BuilderTrouble::KeyRefused));
+        let unknown = [
+            "No ED25519 host key is known for [127.0.0.1]:2222 and you have requested strict checking.",
+            "Host key verification failed.",
+        ];
+        assert_eq!(case(&unknown), Some(BuilderTrouble::UnknownHostKey));
+        let changed = [
+            "@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@",
+            "@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @",
+            "Host key for [127.0.0.1]:2222 has changed and you have requested strict checking.",
+            "Host key verification failed.",
+        ];
+        assert_eq!(case(&changed), Some(BuilderTrouble::ChangedHostKey));
+        // ssh's words before an earlier builder's line are not this one's.
+        assert_eq!(
+            case(&["root@h: Permission denied (publickey).", "building '/nix/store/a.drv'..."]),
+            Some(BuilderTrouble::Other)
+        );
+        assert_eq!(builder_trouble(cannot, &[]).map(|(u, _)| u), Some("ssh-ng://root@nixctr-builder-0"));
+        assert_eq!(builder_trouble("building '/nix/store/a.drv'...", &[]), None);
     }
 }

@@ -2,6 +2,7 @@
 //! (`scripts/setup.sh`) starts, Docker and Podman, and fail (never skip) when one is missing.
 
 mod build;
+mod builders;
 mod cache;
 mod chunks;
 mod cli;
