@@ -60,6 +60,16 @@ pub(crate) struct Built {
     pub path: Option<PathBuf>,
     pub size: u64,
     pub seconds: f64,
+    /// What it was built from, for provenance.
+    pub origin: Origin,
+}
+
+/// What a build was made from: its derivation, nixpkgs and the nix image.
+#[derive(Debug, Clone)]
+pub(crate) struct Origin {
+    pub drv: String,
+    pub nixpkgs: crate::nix::ResolvedNixpkgs,
+    pub nix_image: crate::nix::NixImage,
 }
 
 /// What became of one target.
@@ -282,7 +292,9 @@ async fn build_in(
                 ready
             };
             for (i, out) in ready {
-                let result = copy_out(nix, &targets[i], &out, started, &item(&targets[i].name)).await;
+                let drv = building.iter().find(|(b, _)| *b == i).map(|(_, d)| d.clone()).unwrap_or_default();
+                let origin = Origin { drv, nixpkgs: nix.nixpkgs.clone(), nix_image: nix.image.clone() };
+                let result = copy_out(nix, &targets[i], &out, origin, started, &item(&targets[i].name)).await;
                 if let (Ok(built), Some(done)) = (&result, &done) {
                     let _ = done.send(built.clone());
                 }
@@ -374,6 +386,7 @@ async fn copy_out(
     nix: &NixContainer,
     target: &Target,
     out: &str,
+    origin: Origin,
     started: Instant,
     progress: &Progress,
 ) -> Result<Built> {
@@ -384,7 +397,7 @@ async fn copy_out(
         Output::Stdout => {
             let mut stdout = tokio::io::stdout();
             let size = nix.copy_out(out, &mut stdout).await?;
-            Ok(Built { name, engine, platform, path: None, size, seconds: started.elapsed().as_secs_f64() })
+            Ok(Built { name, engine, platform, path: None, size, seconds: started.elapsed().as_secs_f64(), origin })
         }
         Output::File(path) => {
             let mut file = AtomicFile::create(path)?;
@@ -411,6 +424,7 @@ async fn copy_out(
                 path: Some(path.clone()),
                 size,
                 seconds: started.elapsed().as_secs_f64(),
+                origin,
             })
         }
     }

@@ -57,6 +57,9 @@ pub(crate) struct Record {
     /// The files `--pin` changed for it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pinned: Option<Vec<String>>,
+    /// What publish attached to the image (signature, provenance, SBOM), now or before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attached: Option<Vec<String>>,
 }
 
 impl Record {
@@ -85,6 +88,7 @@ impl Record {
             platforms: None,
             engine: None,
             pinned: None,
+            attached: None,
         }
     }
 

@@ -72,6 +72,11 @@ pub(crate) struct FileConfig {
     /// Files and globs (relative to the project root) publish writes pushed images into.
     #[serde(default)]
     pub(crate) pin: Vec<String>,
+    /// The key publish signs with; relative to the project root.
+    pub(crate) sign_key: Option<PathBuf>,
+    /// Attach provenance, an SBOM, to each image published.
+    pub(crate) provenance: Option<bool>,
+    pub(crate) sbom: Option<bool>,
 }
 
 /// `[registries."host[:port]"]` in nixctr.toml.
@@ -113,6 +118,10 @@ pub(crate) struct Settings {
     pub(crate) packages: BTreeMap<String, String>,
     /// `pin` of nixctr.toml: files and globs relative to the project root.
     pub(crate) pin: Vec<String>,
+    /// `sign-key` of nixctr.toml, resolved against the project root.
+    pub(crate) sign_key: Option<PathBuf>,
+    pub(crate) provenance: bool,
+    pub(crate) sbom: bool,
 }
 
 /// What the command line says (its flags, and the environment variables read in their place),
@@ -213,6 +222,7 @@ impl Settings {
             required: args.required || file.cache_required.unwrap_or(false),
             network: args.network.or(file.network),
         };
+        let sign_key = file.sign_key.map(in_root);
         let nix = NixOptions {
             image: inputs.nix_image.clone().or(file.nix_image).unwrap_or_else(|| DEFAULT_NIX_IMAGE.to_string()),
             pull: inputs.pull.or(file.pull).unwrap_or(PullPolicy::Missing),
@@ -242,6 +252,9 @@ impl Settings {
             registries: file.registries,
             packages: file.packages,
             pin: file.pin,
+            sign_key,
+            provenance: file.provenance.unwrap_or(false),
+            sbom: file.sbom.unwrap_or(false),
         })
     }
 
