@@ -185,7 +185,12 @@ pub(crate) async fn attach(
 }
 
 /// cosign's signature of the manifest `subject`, added to its `.sig` tag.
-async fn sign_image(session: &PushSession, reference: &Reference, subject: &Descriptor, signer: &Signer) -> Result<bool> {
+async fn sign_image(
+    session: &PushSession,
+    reference: &Reference,
+    subject: &Descriptor,
+    signer: &Signer,
+) -> Result<bool> {
     let payload = sign::simple_signing_payload(&repository_of(reference), &subject.digest);
     let base64 = sign::b64(&signer.sign(&payload)?);
     let public = signer.public_key();

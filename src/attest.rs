@@ -57,15 +57,17 @@ pub(crate) fn statement(name: &str, digest: &str, predicate_type: &str, predicat
 pub(crate) fn provenance(facts: &BuildFacts) -> Value {
     let mut dependencies = Vec::new();
     if let Some(commit) = &facts.commit {
-        let uri = match &facts.repository {
-            Some(repository) => format!("git+{repository}@{commit}"),
-            None => format!("git+unknown@{commit}"),
-        };
-        dependencies.push(json!({ "uri": uri, "digest": { "gitCommit": commit } }));
+        let mut source = json!({ "name": "source", "digest": { "gitCommit": commit } });
+        if let Some(repository) = &facts.repository {
+            source["uri"] = json!(format!("git+{repository}@{commit}"));
+        }
+        dependencies.push(source);
     }
+    // A local directory is written as the flake reference nix would take for it.
+    let uri = if facts.nixpkgs.starts_with('/') { format!("path:{}", facts.nixpkgs) } else { facts.nixpkgs.clone() };
     let mut nixpkgs = json!({
         "name": "nixpkgs",
-        "uri": facts.nixpkgs,
+        "uri": uri,
         "annotations": { "storePath": facts.nixpkgs_path },
     });
     if let Some(nar) = &facts.nixpkgs_nar_hash {
@@ -79,9 +81,11 @@ pub(crate) fn provenance(facts: &BuildFacts) -> Value {
         nixpkgs["digest"]["gitCommit"] = json!(rev);
     }
     dependencies.push(nixpkgs);
+    // The engine's image ID: the digest of the image's config, which names its layers.
     let mut image = json!({ "name": "nix-image", "uri": format!("docker-image://{}", facts.nix_image) });
     if let Some(hex) = facts.nix_image_id.strip_prefix("sha256:") {
         image["digest"] = json!({ "sha256": hex });
+        image["annotations"] = json!({ "imageId": facts.nix_image_id });
     }
     dependencies.push(image);
     let mut external = json!({ "container": format!("containers/{}/default.nix", facts.container) });

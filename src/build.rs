@@ -61,7 +61,7 @@ pub(crate) struct Built {
     pub size: u64,
     pub seconds: f64,
     /// What it was built from, for provenance.
-    pub origin: Origin,
+    pub origin: Box<Origin>,
 }
 
 /// What a build was made from: its derivation, nixpkgs and the nix image.
@@ -293,7 +293,7 @@ async fn build_in(
             };
             for (i, out) in ready {
                 let drv = building.iter().find(|(b, _)| *b == i).map(|(_, d)| d.clone()).unwrap_or_default();
-                let origin = Origin { drv, nixpkgs: nix.nixpkgs.clone(), nix_image: nix.image.clone() };
+                let origin = Box::new(Origin { drv, nixpkgs: nix.nixpkgs.clone(), nix_image: nix.image.clone() });
                 let result = copy_out(nix, &targets[i], &out, origin, started, &item(&targets[i].name)).await;
                 if let (Ok(built), Some(done)) = (&result, &done) {
                     let _ = done.send(built.clone());
@@ -386,7 +386,7 @@ async fn copy_out(
     nix: &NixContainer,
     target: &Target,
     out: &str,
-    origin: Origin,
+    origin: Box<Origin>,
     started: Instant,
     progress: &Progress,
 ) -> Result<Built> {

@@ -514,7 +514,12 @@ struct Published {
 }
 
 impl<'a> Pusher<'a> {
-    fn new(session: &'a PushSession, options: &Options<'a>, request: &'a Request, progress: &'a Progress) -> Pusher<'a> {
+    fn new(
+        session: &'a PushSession,
+        options: &Options<'a>,
+        request: &'a Request,
+        progress: &'a Progress,
+    ) -> Pusher<'a> {
         let annotations = if options.platforms.len() > 1 { annotations(options.root) } else { BTreeMap::new() };
         Pusher {
             session,

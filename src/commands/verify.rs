@@ -33,10 +33,7 @@ pub(crate) async fn run(settings: &Settings, args: VerifyArgs) -> Result<()> {
     let name = repository_of(&reference);
     let digest = match digest {
         Some(digest) => digest,
-        None => session
-            .tag_digest(&reference)
-            .await?
-            .with_context(|| format!("{reference} is not in the registry"))?,
+        None => session.tag_digest(&reference).await?.with_context(|| format!("{reference} is not in the registry"))?,
     };
     let shown = format!("{name}@{digest}");
     let key_shown = args.key.display();
@@ -121,7 +118,11 @@ fn short_type(referrer: &Descriptor) -> &'static str {
     match referrer.artifact_type.as_deref().unwrap_or_default() {
         SIGNATURE_ARTIFACT_TYPE => "signature",
         _ if predicate.contains("slsa.dev/provenance") => "provenance",
-        t if t.contains("cyclonedx") || t.contains("spdx") || predicate.contains("cyclonedx") || predicate.contains("spdx") => {
+        t if t.contains("cyclonedx")
+            || t.contains("spdx")
+            || predicate.contains("cyclonedx")
+            || predicate.contains("spdx") =>
+        {
             "sbom"
         }
         _ => "attestation",
@@ -132,7 +133,9 @@ fn short_type(referrer: &Descriptor) -> &'static str {
 fn parse(text: &str) -> Result<(Reference, Option<String>)> {
     match text.split_once('@') {
         Some((name, digest)) => {
-            if !digest.starts_with("sha256:") || digest.len() != 71 || !digest[7..].bytes().all(|b| b.is_ascii_hexdigit())
+            if !digest.starts_with("sha256:")
+                || digest.len() != 71
+                || !digest[7..].bytes().all(|b| b.is_ascii_hexdigit())
             {
                 bail!("{text:?}: the digest after @ must be sha256: and 64 hex digits");
             }

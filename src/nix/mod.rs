@@ -437,7 +437,6 @@ pub(crate) fn parse_flake_metadata(json: &str) -> Result<FlakeMetadata> {
     Ok(meta)
 }
 
-
 /// One attribute's answer: whether nixpkgs has it, and its version if it is a string.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 pub(crate) struct AttrVersion {

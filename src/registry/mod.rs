@@ -35,8 +35,8 @@ use anyhow::{bail, Result};
 // pub: used by tests/it/push.rs
 pub use auth::{Credentials, Secret};
 pub use manifest::{Compression, ManifestFormat};
-pub use push::{Destination, ExistingTags, PushOutcome, PushSession};
 pub(crate) use push::referrers;
+pub use push::{Destination, ExistingTags, PushOutcome, PushSession};
 pub use reference::Reference;
 pub use upload::{parse_chunk_size, UploadStats};
 

@@ -160,11 +160,7 @@ pub(crate) struct Signature {
 impl PushSession {
     /// The manifest `digest` of `reference`'s repository, and, for an index, each of its
     /// images (those naming a platform).
-    pub(crate) async fn subjects(
-        &self,
-        reference: &Reference,
-        digest: &str,
-    ) -> Result<(Descriptor, Vec<Descriptor>)> {
+    pub(crate) async fn subjects(&self, reference: &Reference, digest: &str) -> Result<(Descriptor, Vec<Descriptor>)> {
         let Some((media_type, bytes)) = self.read_manifest(reference, digest).await? else {
             bail!("{}@{digest} is not in the registry", repository_of(reference));
         };
@@ -189,14 +185,13 @@ impl PushSession {
         let client = self.client().await?;
         let what = format!("GET referrers of {}", short(subject));
         let answer = client
-            .send(&what, |http, base| http.get(format!("{base}/v2/{repo}/referrers/{subject}")).header(ACCEPT, OCI_INDEX))
+            .send(&what, |http, base| {
+                http.get(format!("{base}/v2/{repo}/referrers/{subject}")).header(ACCEPT, OCI_INDEX)
+            })
             .await?;
         let status = answer.status();
-        let is_index = answer
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|t| t.starts_with(OCI_INDEX));
+        let is_index =
+            answer.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|t| t.starts_with(OCI_INDEX));
         if status.is_success() && is_index {
             let body = read_body(answer, &what, client.registry()).await?;
             let index: Index = serde_json::from_slice(&body).with_context(|| format!("{what}: not an image index"))?;
@@ -255,7 +250,9 @@ impl PushSession {
         let tag = format!("{}.sig", fallback_tag(&subject.digest)?);
         let mut layers = match self.read_manifest(reference, &tag).await? {
             Some((_, bytes)) => {
-                serde_json::from_slice::<Manifest>(&bytes).with_context(|| format!("{tag}: not an image manifest"))?.layers
+                serde_json::from_slice::<Manifest>(&bytes)
+                    .with_context(|| format!("{tag}: not an image manifest"))?
+                    .layers
             }
             None => Vec::new(),
         };
@@ -361,16 +358,16 @@ impl PushSession {
             media_type: Some(OCI_INDEX.to_string()),
             manifests: Vec::new(),
         });
-        index.manifests.retain(|m| {
-            m.digest != entry.digest && (replaces.is_none() || m.artifact_type.as_deref() != replaces)
-        });
+        index
+            .manifests
+            .retain(|m| m.digest != entry.digest && (replaces.is_none() || m.artifact_type.as_deref() != replaces));
         index.manifests.push(entry.clone());
         index.media_type = Some(OCI_INDEX.to_string());
         let body = serde_json::to_vec(&index)?;
         let client = self.client().await?;
         match client.put_manifest(reference.repository(), &tag, &[], OCI_INDEX, body).await? {
             Ok(_) => Ok(()),
-            Err(rejected) => Err(refused(rejected, "the referrers index").into()),
+            Err(rejected) => Err(refused(rejected, "the referrers index")),
         }
     }
 
@@ -388,7 +385,7 @@ impl PushSession {
             }
             Err(rejected) => {
                 let what = manifest.artifact_type.as_deref().unwrap_or("artifact");
-                return Err(refused(rejected, &format!("the {what} artifact manifest")).into());
+                return Err(refused(rejected, &format!("the {what} artifact manifest")));
             }
         }
         descriptor.artifact_type = manifest.artifact_type.clone();
