@@ -293,3 +293,72 @@ fn a_registry_refusing_artifacts_fails_the_container_but_keeps_the_image() {
     signatures.success();
     assert!(signatures.stdout().contains(&format!("@{digest}: signed by")), "{}", signatures.stdout());
 }
+
+/// Two platforms: one unsigned provenance per platform image, each listed under that image's
+/// fallback tag with the image as `subject`; a re-run with a key pushes no image again,
+/// signs the index and adds the signed provenance the first run lacked, beside the unsigned.
+#[test]
+fn an_index_gets_one_provenance_per_platform_image() {
+    let engines = engines();
+    let engine = engines.by_name("docker");
+    let fx = Fixture::new();
+    let head = fx.git_commit_all();
+    let registry = Registry::plain();
+    let host = registry.host();
+    let keys = tempfile::tempdir().expect("temp dir");
+    let (private, public) = key_pair(keys.path(), "cosign");
+    let publish = |extra: &[&str]| {
+        fx.nixctr(Some(engine))
+            .args(["--platform", "linux/amd64,linux/arm64", "publish", "ntfy", "--registry", &host])
+            .args(["--namespace", "team", "--json", "--provenance"])
+            .args(extra)
+            .deadline(std::time::Duration::from_secs(900))
+            .run()
+    };
+    let out = publish(&[]);
+    out.success();
+    let json = json_of(&out);
+    assert_eq!(json["attached"], serde_json::json!(["provenance (linux/amd64)", "provenance (linux/arm64)"]));
+    let tag = format!("v2.17.0-{}-nix", &head[..7]);
+    let index = registry.skopeo_inspect(&format!("team/ntfy:{tag}"), true).expect("skopeo reads the index");
+    let images: Vec<String> = index["manifests"]
+        .as_array()
+        .expect("manifests")
+        .iter()
+        .map(|m| m["digest"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(images.len(), 2, "{index}");
+    for image in &images {
+        let listed = registry
+            .skopeo_inspect(&format!("team/ntfy:{}", image.replace(':', "-")), true)
+            .unwrap_or_else(|| panic!("no referrers tag for {image}"));
+        let entries = listed["manifests"].as_array().expect("entries");
+        assert_eq!(entries.len(), 1, "{listed}");
+        assert_eq!(entries[0]["artifactType"], "application/vnd.in-toto+json");
+        assert_eq!(entries[0]["annotations"]["in-toto.io/predicate-type"], "https://slsa.dev/provenance/v1");
+        let artifact = registry
+            .skopeo_inspect(&format!("team/ntfy@{}", entries[0]["digest"].as_str().unwrap()), true)
+            .expect("the provenance manifest");
+        assert_eq!(artifact["subject"]["digest"], image.as_str(), "{artifact}");
+    }
+    let reference = format!("{host}/team/ntfy:{tag}");
+    let unsigned = fx.nixctr(None).args(["verify", &reference, "--key"]).arg(&public).run();
+    unsigned.assert_exit(1).stderr_has("has no signature");
+
+    let signed = publish(&["--sign-key", private.to_str().unwrap()]);
+    signed.success();
+    let json = json_of(&signed);
+    assert_eq!(json["error"], "already published", "{json}");
+    assert_eq!(
+        json["attached"],
+        serde_json::json!(["provenance (linux/amd64)", "provenance (linux/arm64)", "signature"])
+    );
+    let verified = fx.nixctr(None).args(["verify", &reference, "--key"]).arg(&public).run();
+    verified.success();
+    for platform in ["linux/amd64", "linux/arm64"] {
+        for signed in ["signed", "not signed"] {
+            let line = format!("provenance {platform}: https://slsa.dev/provenance/v1, {signed}, sha256:");
+            assert!(verified.stdout().contains(&line), "{line}: {}", verified.stdout());
+        }
+    }
+}
