@@ -509,6 +509,13 @@ mod tests {
     }
 
     #[test]
+    fn attachment_keys_parse() {
+        let cfg = parse_config("sign-key = \"keys/cosign.key\"\nprovenance = true\nsbom = true\n").unwrap();
+        assert_eq!(cfg.sign_key.as_deref(), Some(Path::new("keys/cosign.key")));
+        assert_eq!((cfg.provenance, cfg.sbom), (Some(true), Some(true)));
+    }
+
+    #[test]
     fn malformed_value_is_an_error() {
         let err = parse_config("pull = \"sometimes\"\n").unwrap_err();
         assert!(err.starts_with("1:"), "{err}");

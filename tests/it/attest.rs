@@ -362,3 +362,48 @@ fn an_index_gets_one_provenance_per_platform_image() {
         }
     }
 }
+
+/// A registry with the referrers API (played by a proxy answering it, with an empty list):
+/// nixctr relies on it and writes no `sha256-HEX` fallback tag; the signature still goes to
+/// cosign's `.sig` tag.
+#[test]
+fn a_registry_with_the_referrers_api_gets_no_fallback_tag() {
+    let fx = Fixture::new();
+    fx.git_commit_all();
+    let registry = Registry::plain();
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = asked.clone();
+    let proxy = Proxy::start(registry.port, move |seen| {
+        (seen.method == "GET" && seen.path.contains("/referrers/sha256:")).then(|| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let body = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.index.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+        })
+    });
+    let keys = tempfile::tempdir().expect("temp dir");
+    let (private, public) = key_pair(keys.path(), "cosign");
+    let archive = TestImage::new(1, 10_000, 7).write(keys.path(), "app", true);
+    let out = fx
+        .nixctr(None)
+        .args(["publish", "ntfy", "--registry", &proxy.host(), "--namespace", "team", "--tag", "v1", "--json"])
+        .arg("--archive")
+        .arg(&archive)
+        .arg("--sign-key")
+        .arg(&private)
+        .run();
+    out.success();
+    let digest = json_of(&out)["digest"].as_str().expect("digest").to_string();
+    assert!(asked.load(std::sync::atomic::Ordering::SeqCst) > 0, "the referrers API was asked");
+    let fallback = format!("team/ntfy:{}", digest.replace(':', "-"));
+    assert!(registry.skopeo_inspect(&fallback, true).is_none(), "no fallback tag where the API answers");
+    let sig = registry.skopeo_inspect(&format!("{fallback}.sig"), true).expect("the .sig manifest");
+    assert_eq!(sig["subject"]["digest"], digest.as_str(), "{sig}");
+    fx.nixctr(None)
+        .args(["verify", &format!("{}/team/ntfy:v1", registry.host()), "--key"])
+        .arg(&public)
+        .run()
+        .success();
+}
