@@ -197,8 +197,9 @@ impl PushSession {
             let index: Index = serde_json::from_slice(&body).with_context(|| format!("{what}: not an image index"))?;
             return Ok(Referrers { api: true, manifests: index.manifests });
         }
-        // 404 (or anything that is not an index): no referrers API, per the distribution spec.
-        if !status.is_success() && status != StatusCode::NOT_FOUND && status.is_server_error() {
+        // 404 (or any other answer that is not an index): no referrers API, as the
+        // distribution spec says; a server error is not an answer.
+        if status.is_server_error() {
             return Err(client.rejected(answer, &what).await.into());
         }
         let manifests = self.fallback_index(reference, subject).await?.map(|i| i.manifests).unwrap_or_default();
