@@ -58,7 +58,7 @@ pub(crate) fn sbom_for(_built: &Built) -> Option<Sbom> {
     None // wired at merge
 }
 
-/// What a container's build says for its provenance, besides each platform's archive.
+/// What provenance needs of the run, besides each platform's build.
 pub(crate) struct Run<'a> {
     pub root: &'a Path,
     pub started: SystemTime,
