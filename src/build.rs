@@ -63,6 +63,16 @@ pub(crate) struct Built {
     pub seconds: f64,
     /// With remote builders: each builder's URI and the derivations of its closure built there.
     pub builders: Option<BTreeMap<String, usize>>,
+    /// What it was built from, for provenance.
+    pub origin: Box<Origin>,
+}
+
+/// What a build was made from: its derivation, nixpkgs and the nix image.
+#[derive(Debug, Clone)]
+pub(crate) struct Origin {
+    pub drv: String,
+    pub nixpkgs: crate::nix::ResolvedNixpkgs,
+    pub nix_image: crate::nix::NixImage,
 }
 
 /// What became of one target.
@@ -285,7 +295,9 @@ async fn build_in(
                 ready
             };
             for (i, out) in ready {
-                let result = copy_out(nix, &targets[i], &out, started, &item(&targets[i].name)).await;
+                let drv = building.iter().find(|(b, _)| *b == i).map(|(_, d)| d.clone()).unwrap_or_default();
+                let origin = Box::new(Origin { drv, nixpkgs: nix.nixpkgs.clone(), nix_image: nix.image.clone() });
+                let result = copy_out(nix, &targets[i], &out, origin, started, &item(&targets[i].name)).await;
                 if let (Ok(built), Some(done)) = (&result, &done) {
                     let _ = done.send(built.clone());
                 }
@@ -404,6 +416,7 @@ async fn copy_out(
     nix: &NixContainer,
     target: &Target,
     out: &str,
+    origin: Box<Origin>,
     started: Instant,
     progress: &Progress,
 ) -> Result<Built> {
@@ -422,6 +435,7 @@ async fn copy_out(
                 size,
                 seconds: started.elapsed().as_secs_f64(),
                 builders: None,
+                origin,
             })
         }
         Output::File(path) => {
@@ -450,6 +464,7 @@ async fn copy_out(
                 size,
                 seconds: started.elapsed().as_secs_f64(),
                 builders: None,
+                origin,
             })
         }
     }

@@ -204,6 +204,9 @@ pub enum Command {
     /// Check the engine, the platforms it runs, the nix image, the project, the registry and
     /// the binary cache; each problem with its fix (exit 1 when there is one)
     Doctor(DoctorArgs),
+    /// Check an image's cosign signature with a public key, and say what is attached to it
+    /// (signed or not): exit 1 when no signature verifies
+    Verify(VerifyArgs),
     /// Write an image already pushed (REF@DIGEST) into GitOps files, as publish --pin does
     Pin(PinCommandArgs),
     /// Print a shell completion script
@@ -456,11 +459,39 @@ pub struct PublishArgs {
     #[arg(long, value_name = "PATH")]
     pub archive: Option<PathBuf>,
 
+    /// Sign each image pushed, and its attestations, with this key as cosign does (an
+    /// unencrypted PKCS#8 PEM ECDSA P-256 key only its owner may read; or `sign-key` in
+    /// nixctr.toml)
+    #[arg(long, value_name = "FILE", env = "NIXCTR_SIGN_KEY_FILE")]
+    pub sign_key: Option<PathBuf>,
+
+    /// Attach SLSA v1 provenance to each image pushed (or `provenance = true` in nixctr.toml)
+    #[arg(long)]
+    pub provenance: bool,
+
+    /// Attach the SBOM of each image pushed (or `sbom = true` in nixctr.toml)
+    #[arg(long)]
+    pub sbom: bool,
+
     #[command(flatten)]
     pub registry: RegistryArgs,
 
     #[command(flatten)]
     pub pin: PinArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The image: host[:port]/path:tag or host[:port]/path@sha256:…
+    #[arg(value_name = "REF")]
+    pub reference: String,
+
+    /// The public key (cosign.pub: a PEM ECDSA P-256 public key)
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+
+    #[command(flatten)]
+    pub login: RegistryLogin,
 }
 
 /// Where a pushed image's tag and digest are written.

@@ -6,6 +6,8 @@
 #![warn(clippy::unwrap_used)]
 
 mod archive;
+mod attachments;
+mod attest;
 mod binary_cache;
 mod build;
 // pub: the binary parses the command line.
@@ -31,6 +33,7 @@ mod selection;
 // pub: used by tests/it/push.rs.
 pub mod registry;
 mod settings;
+mod sign;
 mod tls;
 mod version;
 

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::stream::FuturesUnordered;
@@ -18,6 +18,7 @@ use futures::StreamExt;
 
 use tokio::sync::mpsc::UnboundedReceiver;
 
+use crate::attachments::{self, Attached};
 use crate::build::{self, Built, Outcome, Output, Target};
 use crate::engines::{EngineChoice, Engines};
 use crate::nix::NixOptions;
@@ -47,6 +48,8 @@ pub(crate) struct Request {
     /// Publish this archive (one container only) instead of building.
     pub archive: Option<PathBuf>,
     pub build: build::Options,
+    /// What to attach to each image pushed: signature, provenance, SBOM.
+    pub attach: attachments::Options,
 }
 
 /// What publishing reads of the settings.
@@ -99,13 +102,16 @@ pub(crate) async fn publish(
     if request.names.len() > 1 && (request.version.is_some() || request.archive.is_some()) {
         bail!("--version and --archive name one container's, but {} were selected", request.names.len());
     }
+    if request.archive.is_some() && (request.attach.provenance || request.attach.sbom) {
+        bail!("--provenance and --sbom describe a build, and --archive builds nothing: drop one of them");
+    }
     let mut records = Records::new(&request.names);
     // The cheap checks first: a dirty directory needs no version lookup (which may start a container).
     let committed = check_sources(options.root, request, &mut records);
     let versioned = find_versions(options, request, committed, &mut records, progress).await?;
     let planned = plan_tags(options, request, versioned, &mut records)?;
     let session = PushSession::connect(registry, &request.registry, progress).await?;
-    let pusher = Pusher::new(&session, options, request.names.len() > 1, progress);
+    let pusher = Pusher::new(&session, options, request, progress);
     let mut to_publish = check_existing_tags(&pusher, request, planned, &mut records).await;
     if request.build.fail_fast && records.any_failed() {
         to_publish.clear();
@@ -318,16 +324,16 @@ async fn push_archive<'p>(
     pusher: &Pusher<'_>,
     archive: &Path,
     to_publish: &'p [Planned],
-) -> Vec<(&'p Planned, Result<PushOutcome>)> {
+) -> Vec<(&'p Planned, Result<Published>)> {
     let mut pushed = Vec::new();
     for plan in to_publish {
-        pushed.push((plan, pusher.push(plan, vec![archive.to_path_buf()]).await));
+        pushed.push((plan, pusher.push(plan, vec![archive.to_path_buf()], &[]).await));
     }
     pushed
 }
 
 /// Each build's outcome (per container and platform) and each push's.
-type BuildsAndPushes<'p> = (Vec<(Target, Outcome)>, Vec<(&'p Planned, Result<PushOutcome>)>);
+type BuildsAndPushes<'p> = (Vec<(Target, Outcome)>, Vec<(&'p Planned, Result<Published>)>);
 
 /// Builds the containers into a temporary directory, and pushes each as soon as its archives
 /// (one per platform) are written, while the others still build.
@@ -379,7 +385,7 @@ async fn push_as_built<'p>(
     pusher: &Pusher<'_>,
     to_publish: &'p [Planned],
     mut rx: UnboundedReceiver<Built>,
-) -> Vec<(&'p Planned, Result<PushOutcome>)> {
+) -> Vec<(&'p Planned, Result<Published>)> {
     let platforms = pusher.platforms;
     let per_container = platforms.len().max(1);
     let mut arrived: HashMap<String, Vec<Built>> = HashMap::new();
@@ -397,9 +403,9 @@ async fn push_as_built<'p>(
                         let mut ready = arrived.remove(&name).unwrap_or_default();
                         // The index lists the platforms in the order they were asked for.
                         ready.sort_by_key(|b| platforms.iter().position(|p| *p == b.platform));
-                        let archives: Vec<PathBuf> = ready.into_iter().filter_map(|b| b.path).collect();
+                        let archives: Vec<PathBuf> = ready.iter().filter_map(|b| b.path.clone()).collect();
                         if let Some(plan) = to_publish.iter().find(|p| p.name == name) {
-                            pushes.push(async move { (plan, pusher.push(plan, archives).await) });
+                            pushes.push(async move { (plan, pusher.push(plan, archives, &ready).await) });
                         }
                     }
                 }
@@ -439,11 +445,12 @@ fn record_builds(builds: Vec<(Target, Outcome)>, several_platforms: bool, record
 }
 
 /// Each push settles its container's record: pushed (with the digest), already published
-/// (skipped, with the digest its tags name), or failed.
-fn record_pushes(pushes: Vec<(&Planned, Result<PushOutcome>)>, records: &mut Records) {
+/// (skipped, with the digest its tags name), or failed. An image pushed whose attachments
+/// did not all go up fails, saying what went up and what did not.
+fn record_pushes(pushes: Vec<(&Planned, Result<Published>)>, records: &mut Records) {
     for (plan, result) in pushes {
         match result {
-            Ok(outcome) => {
+            Ok(Published { outcome, attached }) => {
                 let mut record = record_of(plan, Status::Pushed);
                 if outcome.already_published() {
                     record.status = Status::Skipped;
@@ -459,6 +466,24 @@ fn record_pushes(pushes: Vec<(&Planned, Result<PushOutcome>)>, records: &mut Rec
                     record.platforms = Some(outcome.platforms.into_iter().collect());
                 }
                 record.seconds = records.seconds();
+                if !attached.done.is_empty() {
+                    record.attached = Some(attached.done.clone());
+                }
+                if !attached.failed.is_empty() {
+                    let pushed = if record.status == Status::Pushed { "pushed" } else { "already published" };
+                    let mut error = format!(
+                        "{} {pushed} as {}, but not all its attachments: failed: {}",
+                        record.reference.as_deref().unwrap_or_default(),
+                        record.digest.as_deref().unwrap_or_default(),
+                        attached.failed.join("; ")
+                    );
+                    if !attached.done.is_empty() {
+                        error.push_str(&format!("; attached: {}", attached.done.join(", ")));
+                    }
+                    error.push_str(" (a re-run adds what is missing)");
+                    record.status = Status::Failed;
+                    record.error = Some(error);
+                }
                 records.settle(record);
             }
             Err(e) => records.fail(&plan.name, format!("{e:#}")),
@@ -475,12 +500,37 @@ struct Pusher<'a> {
     /// Several containers: each one's messages carry its name.
     several: bool,
     progress: &'a Progress,
+    /// What to attach to each image once pushed.
+    attach: &'a attachments::Options,
+    /// When publishing started (provenance says it).
+    started: SystemTime,
+    root: &'a Path,
+}
+
+/// A pushed image, and what was attached to it.
+struct Published {
+    outcome: PushOutcome,
+    attached: Attached,
 }
 
 impl<'a> Pusher<'a> {
-    fn new(session: &'a PushSession, options: &Options<'a>, several: bool, progress: &'a Progress) -> Pusher<'a> {
+    fn new(
+        session: &'a PushSession,
+        options: &Options<'a>,
+        request: &'a Request,
+        progress: &'a Progress,
+    ) -> Pusher<'a> {
         let annotations = if options.platforms.len() > 1 { annotations(options.root) } else { BTreeMap::new() };
-        Pusher { session, platforms: options.platforms, annotations, several, progress }
+        Pusher {
+            session,
+            platforms: options.platforms,
+            annotations,
+            several: request.names.len() > 1,
+            progress,
+            attach: &request.attach,
+            started: SystemTime::now(),
+            root: options.root,
+        }
     }
 
     fn progress_of(&self, name: &str) -> Progress {
@@ -491,9 +541,30 @@ impl<'a> Pusher<'a> {
         }
     }
 
-    /// Pushes the archives under the plan's tags. Tags the registry has must name the image
-    /// built (nothing is sent then), unless `--force`.
-    async fn push(&self, plan: &Planned, archives: Vec<PathBuf>) -> Result<PushOutcome> {
+    /// Pushes the archives under the plan's tags, then attaches what was asked to the image
+    /// (also when it was published already: a re-run adds what is missing). Tags the
+    /// registry has must name the image built (nothing is sent then), unless `--force`.
+    async fn push(&self, plan: &Planned, archives: Vec<PathBuf>, builds: &[Built]) -> Result<Published> {
+        let outcome = self.push_image(plan, archives).await?;
+        let mut attached = Attached::default();
+        if self.attach.any() {
+            let progress = self.progress_of(&plan.name);
+            let run = attachments::Run { root: self.root, started: self.started };
+            attached = attachments::attach(
+                self.session,
+                &plan.reference,
+                &outcome.digest,
+                builds,
+                self.attach,
+                &run,
+                &progress,
+            )
+            .await;
+        }
+        Ok(Published { outcome, attached })
+    }
+
+    async fn push_image(&self, plan: &Planned, archives: Vec<PathBuf>) -> Result<PushOutcome> {
         let progress = self.progress_of(&plan.name);
         let Some((first, more)) = plan.to_push.split_first() else {
             bail!("{}: no tag to push", plan.name);

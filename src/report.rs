@@ -60,6 +60,9 @@ pub(crate) struct Record {
     /// With remote builders: each builder's URI and the derivations of its closure built there.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub builders: Option<std::collections::BTreeMap<String, usize>>,
+    /// What publish attached to the image (signature, provenance, SBOM), now or before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attached: Option<Vec<String>>,
 }
 
 impl Record {
@@ -89,6 +92,7 @@ impl Record {
             engine: None,
             pinned: None,
             builders: None,
+            attached: None,
         }
     }
 

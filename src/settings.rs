@@ -79,6 +79,11 @@ pub(crate) struct FileConfig {
     /// Files and globs (relative to the project root) publish writes pushed images into.
     #[serde(default)]
     pub(crate) pin: Vec<String>,
+    /// The key publish signs with; relative to the project root.
+    pub(crate) sign_key: Option<PathBuf>,
+    /// Attach provenance, an SBOM, to each image published.
+    pub(crate) provenance: Option<bool>,
+    pub(crate) sbom: Option<bool>,
 }
 
 /// `[registries."host[:port]"]` in nixctr.toml.
@@ -120,6 +125,10 @@ pub(crate) struct Settings {
     pub(crate) packages: BTreeMap<String, String>,
     /// `pin` of nixctr.toml: files and globs relative to the project root.
     pub(crate) pin: Vec<String>,
+    /// `sign-key` of nixctr.toml, resolved against the project root.
+    pub(crate) sign_key: Option<PathBuf>,
+    pub(crate) provenance: bool,
+    pub(crate) sbom: bool,
 }
 
 /// What the command line says (its flags, and the environment variables read in their place),
@@ -229,6 +238,7 @@ impl Settings {
             known_hosts: args.known_hosts.clone().or(file.builder_known_hosts.map(in_root)),
             only: args.only || file.builders_only.unwrap_or(false),
         };
+        let sign_key = file.sign_key.map(in_root);
         let nix = NixOptions {
             image: inputs.nix_image.clone().or(file.nix_image).unwrap_or_else(|| DEFAULT_NIX_IMAGE.to_string()),
             pull: inputs.pull.or(file.pull).unwrap_or(PullPolicy::Missing),
@@ -259,6 +269,9 @@ impl Settings {
             registries: file.registries,
             packages: file.packages,
             pin: file.pin,
+            sign_key,
+            provenance: file.provenance.unwrap_or(false),
+            sbom: file.sbom.unwrap_or(false),
         })
     }
 
@@ -523,6 +536,13 @@ mod tests {
         );
         let err = parse_config("[registries.\"r:5000\"]\nchunk-sise = \"8MiB\"\n").unwrap_err();
         assert!(err.contains("chunk-sise"), "{err}");
+    }
+
+    #[test]
+    fn attachment_keys_parse() {
+        let cfg = parse_config("sign-key = \"keys/cosign.key\"\nprovenance = true\nsbom = true\n").unwrap();
+        assert_eq!(cfg.sign_key.as_deref(), Some(Path::new("keys/cosign.key")));
+        assert_eq!((cfg.provenance, cfg.sbom), (Some(true), Some(true)));
     }
 
     #[test]

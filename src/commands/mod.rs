@@ -9,6 +9,7 @@ pub(crate) mod list;
 pub(crate) mod pin;
 pub(crate) mod publish;
 pub(crate) mod push;
+pub(crate) mod verify;
 pub(crate) mod version;
 
 use anyhow::Result;
@@ -49,6 +50,7 @@ pub(crate) async fn run(parsed: Parsed) -> Result<()> {
         Command::List(args) => list::run(&settings, args).await,
         Command::Doctor(args) => doctor::run(&settings, args).await,
         Command::Pin(args) => pin::run(&settings, args).await,
+        Command::Verify(args) => verify::run(&settings, args).await,
         Command::Completions { .. } | Command::Man => Ok(()),
     }
 }

@@ -1,7 +1,11 @@
 //! `nixctr publish`: `REF@DIGEST` on stdout for each pushed (or already published) container
 //! (or, with `--json`, one object per container), a summary on stderr when several were selected.
 
+use std::sync::Arc;
+
 use anyhow::{anyhow, bail, Result};
+
+use crate::attachments;
 
 use crate::build;
 use crate::cli::PublishArgs;
@@ -10,9 +14,20 @@ use crate::progress::Progress;
 use crate::publish::{self, Request};
 use crate::report::{self, Status};
 use crate::settings::Settings;
+use crate::sign::Signer;
 
 pub(crate) async fn run(settings: &Settings, args: PublishArgs) -> Result<()> {
     let progress = Progress::new(settings.quiet, settings.verbose);
+    // The sign key is read (and a bad one refused) before anything is selected or built.
+    let signer = match args.sign_key.as_ref().or(settings.sign_key.as_ref()) {
+        Some(path) => Some(Arc::new(Signer::from_file(path)?)),
+        None => None,
+    };
+    let attach = attachments::Options {
+        signer,
+        provenance: args.provenance || settings.provenance,
+        sbom: args.sbom || settings.sbom,
+    };
     let names = super::selected(settings, &args.select, &progress)?;
     if names.is_empty() {
         return Ok(());
@@ -32,6 +47,7 @@ pub(crate) async fn run(settings: &Settings, args: PublishArgs) -> Result<()> {
         skip_existing: args.skip_existing,
         archive: args.archive.clone(),
         build: build::Options { jobs: super::max_jobs(&args.many)?, fail_fast: args.many.fail_fast },
+        attach,
     };
     let options = publish::Options {
         root: settings.project_root()?,

@@ -66,6 +66,11 @@ pub(crate) struct ResolvedNixpkgs {
     #[serde(rename = "ref")]
     pub(crate) reference: String,
     pub(crate) path: String,
+    /// Its NAR hash (`sha256-…`) and git revision, when the lock says them (provenance).
+    #[serde(skip)]
+    pub(crate) nar_hash: Option<String>,
+    #[serde(skip)]
+    pub(crate) revision: Option<String>,
 }
 
 /// A running nix container.
@@ -73,6 +78,8 @@ pub(crate) struct NixContainer {
     guard: ContainerGuard,
     platform: Platform,
     pub(crate) nixpkgs: ResolvedNixpkgs,
+    /// The nix image it runs, as the engine has it.
+    pub(crate) image: NixImage,
     progress: Progress,
     /// The binary caches it reads from and writes to, and their secrets (see `cache`).
     cache: Option<Session>,
@@ -83,6 +90,13 @@ pub(crate) struct NixContainer {
     /// The nix system evaluated for when that differs from the container's: its derivations
     /// go to builders of that system, and the container runs natively.
     eval_system: Option<String>,
+}
+
+/// A nix image: its name and the engine's ID for it (the digest of its config).
+#[derive(Debug, Clone)]
+pub(crate) struct NixImage {
+    pub(crate) name: String,
+    pub(crate) id: String,
 }
 
 /// What to put in the container besides nix.
@@ -195,12 +209,15 @@ impl NixContainer {
                 started.elapsed().as_secs_f64()
             ));
         }
-        let path = resolve_nixpkgs(&guard, &reference, &shown, progress).await?;
-        let nixpkgs = ResolvedNixpkgs { reference: shown, path };
+        let meta = resolve_nixpkgs(&guard, &reference, &shown, progress).await?;
+        let (nar_hash, revision) = (meta.nar_hash(), meta.revision());
+        let nixpkgs = ResolvedNixpkgs { reference: shown, path: meta.path, nar_hash, revision };
+        let image = NixImage { name: options.image.clone(), id: image_id };
         Ok(NixContainer {
             guard,
             platform: platform.clone(),
             nixpkgs,
+            image,
             progress: progress.clone(),
             cache,
             builders,
@@ -469,7 +486,12 @@ fn cannot_run(e: anyhow::Error, platform: &Platform, native: &Platform) -> anyho
 }
 
 /// The store path nixpkgs `reference` resolves to (`shown` is what the user named).
-async fn resolve_nixpkgs(guard: &ContainerGuard, reference: &str, shown: &str, progress: &Progress) -> Result<String> {
+async fn resolve_nixpkgs(
+    guard: &ContainerGuard,
+    reference: &str,
+    shown: &str,
+    progress: &Progress,
+) -> Result<FlakeMetadata> {
     progress.debug(format!("resolving nixpkgs {shown}"));
     let cmd = nix_cmd(&["flake", "metadata", reference, "--json"]);
     let out = guard.exec(&cmd, &[], None, OutputMode::Captured).await?;
@@ -481,24 +503,45 @@ async fn resolve_nixpkgs(guard: &ContainerGuard, reference: &str, shown: &str, p
             error_excerpt(&out.stderr_tail)
         );
     }
-    let path =
-        parse_flake_path(&out.stdout).with_context(|| format!("cannot read nix flake metadata for {shown:?}"))?;
-    progress.debug(format!("nixpkgs: {path}"));
-    Ok(path)
+    let meta =
+        parse_flake_metadata(&out.stdout).with_context(|| format!("cannot read nix flake metadata for {shown:?}"))?;
+    progress.debug(format!("nixpkgs: {}", meta.path));
+    Ok(meta)
 }
 
 #[derive(Deserialize)]
-struct FlakeMetadata {
+pub(crate) struct FlakeMetadata {
     path: String,
+    #[serde(default)]
+    locked: Option<LockedFlake>,
+    #[serde(default)]
+    revision: Option<String>,
 }
 
-/// The store path in `nix flake metadata --json` output.
-pub(crate) fn parse_flake_path(json: &str) -> Result<String> {
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LockedFlake {
+    nar_hash: Option<String>,
+    rev: Option<String>,
+}
+
+impl FlakeMetadata {
+    fn nar_hash(&self) -> Option<String> {
+        self.locked.as_ref().and_then(|l| l.nar_hash.clone())
+    }
+
+    fn revision(&self) -> Option<String> {
+        self.revision.clone().or_else(|| self.locked.as_ref().and_then(|l| l.rev.clone()))
+    }
+}
+
+/// `nix flake metadata --json` output, its store path checked.
+pub(crate) fn parse_flake_metadata(json: &str) -> Result<FlakeMetadata> {
     let meta: FlakeMetadata = serde_json::from_str(json.trim())?;
     if !meta.path.starts_with("/nix/store/") {
         bail!("path {:?} is not in /nix/store", meta.path);
     }
-    Ok(meta.path)
+    Ok(meta)
 }
 
 /// One attribute's answer: whether nixpkgs has it, and its version if it is a string.
@@ -547,9 +590,12 @@ mod tests {
     #[test]
     fn flake_metadata_path_is_read() {
         let json = r#"{"description":"x","lastModified":1,"locked":{"path":"/nixctr/nixpkgs","type":"path"},"path":"/nix/store/abc-source","url":"path:/nixctr/nixpkgs"}"#;
-        assert_eq!(parse_flake_path(json).unwrap(), "/nix/store/abc-source");
-        assert!(parse_flake_path(r#"{"path":"/tmp/x"}"#).is_err());
-        assert!(parse_flake_path("not json").is_err());
+        assert_eq!(parse_flake_metadata(json).unwrap().path, "/nix/store/abc-source");
+        assert!(parse_flake_metadata(r#"{"path":"/tmp/x"}"#).is_err());
+        assert!(parse_flake_metadata("not json").is_err());
+        let pinned = r#"{"locked":{"narHash":"sha256-AAA=","rev":"abc","type":"github"},"path":"/nix/store/x-source"}"#;
+        let meta = parse_flake_metadata(pinned).unwrap();
+        assert_eq!((meta.nar_hash().as_deref(), meta.revision().as_deref()), (Some("sha256-AAA="), Some("abc")));
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //! (whole or in chunks, resumed where cut off); `manifest.rs` the manifest
 //! and index bytes; `blobs.rs` layer compression; `cache.rs` what earlier pushes left where;
 //! `auth.rs` credentials; `reference.rs` image references; `probe.rs` the steps of a login,
-//! one by one, for `nixctr doctor`.
+//! one by one, for `nixctr doctor`; `push/referrers.rs` what sits beside an image
+//! (OCI referrers and cosign signatures).
 
 mod api;
 pub(crate) mod auth;
@@ -34,6 +35,7 @@ use anyhow::{bail, Result};
 // pub: used by tests/it/push.rs
 pub use auth::{Credentials, Secret};
 pub use manifest::{Compression, ManifestFormat};
+pub(crate) use push::referrers;
 pub use push::{Destination, ExistingTags, PushOutcome, PushSession};
 pub use reference::Reference;
 pub use upload::{parse_chunk_size, UploadStats};

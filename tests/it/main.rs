@@ -1,6 +1,7 @@
 //! The one integration-test binary. Engine tests run against every engine the setup
 //! (`scripts/setup.sh`) starts, Docker and Podman, and fail (never skip) when one is missing.
 
+mod attest;
 mod build;
 mod builders;
 mod cache;

@@ -607,6 +607,8 @@ pub struct Seen<'a> {
     pub path: &'a str,
     /// The request head, lowercased.
     pub head: &'a str,
+    /// The request body.
+    pub body: &'a [u8],
 }
 
 /// An HTTP proxy in front of a registry that answers some requests itself (per `rule`),
@@ -661,7 +663,7 @@ fn proxy_one(mut client: TcpStream, upstream: u16, rule: &dyn Fn(&Seen) -> Optio
         lower.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
     let mut body = Vec::new();
     (&mut reader).take(length).read_to_end(&mut body)?;
-    if let Some(answer) = rule(&Seen { method, path, head: &lower }) {
+    if let Some(answer) = rule(&Seen { method, path, head: &lower, body: &body }) {
         return client.write_all(answer.as_bytes());
     }
     let mut up = TcpStream::connect(("127.0.0.1", upstream))?;

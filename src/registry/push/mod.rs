@@ -14,6 +14,7 @@
 //! or in a signed cache entry), at the size the registry's HEAD confirms.
 
 mod index;
+pub(crate) mod referrers;
 mod tags;
 
 pub use tags::{Destination, ExistingTags};
