@@ -816,6 +816,31 @@ step_verify_cache() {
   log "verify: cache PUT/GET ok at $base, basic auth on /private/ ok (401 without, 200 with netrc)"
 }
 
+# ---------------------------------------------------------------- 9. SBOM validators
+# The SBOM tests validate nixctr's output with tools of the formats' own projects:
+# cyclonedx-python-lib (its JSON validator: the CycloneDX 1.6 schema) and spdx-tools
+# (`pyspdxtools`: SPDX 2.3). They live in a venv of their own; PyPI must be reachable.
+SBOM_VENV=${NIXCTR_SBOM_VENV:-/opt/nixctr-test/sbom-venv}
+SBOM_PIP=("cyclonedx-python-lib[json-validation]>=8,<12" "spdx-tools>=0.8,<0.9")
+sbom_venv_ok() {
+  "$SBOM_VENV/bin/python" -c 'import cyclonedx.validation.json, spdx_tools.spdx.parser.parse_anything' 2>/dev/null \
+    && [ -x "$SBOM_VENV/bin/pyspdxtools" ]
+}
+step_sbom_venv() {
+  if sbom_venv_ok; then log "sbom venv: ready ($SBOM_VENV)"; return; fi
+  if ! /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    need_root "installing python3-venv"
+    apt-get install -y -qq --no-install-recommends python3-venv >>"$LOGS/apt.log" 2>&1 \
+      || die "apt-get install python3-venv failed (log: $LOGS/apt.log)"
+  fi
+  log "sbom venv: installing ${SBOM_PIP[*]} into $SBOM_VENV"
+  mkdir -p "$(dirname "$SBOM_VENV")"
+  /usr/bin/python3 -m venv "$SBOM_VENV" || die "cannot create the venv $SBOM_VENV"
+  "$SBOM_VENV/bin/pip" install -q --disable-pip-version-check "${SBOM_PIP[@]}" >"$LOGS/sbom-venv.log" 2>&1 \
+    || { tail -20 "$LOGS/sbom-venv.log" >&2; die "pip install into $SBOM_VENV failed (log: $LOGS/sbom-venv.log)"; }
+  sbom_venv_ok || die "the sbom venv $SBOM_VENV does not import its validators (log: $LOGS/sbom-venv.log)"
+}
+
 # ---------------------------------------------------------------- verification
 # check_engine NAME SOCKET: drive the Docker-compatible API like nixctr does
 # (bollard): pull through the mirror, named volume on /nix, create/start/exec.
@@ -1001,6 +1026,7 @@ step_docker_tls
 step_sshd
 step_image
 step_cache
+step_sbom_venv
 if [ "$IMAGE_BUILT" -eq 1 ] || [ "$VERIFY" = 1 ]; then step_verify; step_verify_cache; fi
 
 log "done in $(( $(date +%s) - T0 ))s"
@@ -1020,4 +1046,5 @@ NIXCTR_TEST_CACHE_PRIVATE=http://$CACHE_ADDR/private
 NIXCTR_TEST_CACHE_NETRC=$CACHE_CONF/netrc
 NIXCTR_TEST_CACHE_SIGNING_KEY=$CACHE_CONF/signing-key
 NIXCTR_TEST_CACHE_PUBLIC_KEY=$(cat "$CACHE_CONF/signing-key.pub")
+NIXCTR_SBOM_VENV=$SBOM_VENV
 EOF

@@ -4,6 +4,7 @@
 
 mod cache;
 mod cache_settings;
+mod closure;
 mod text;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -16,6 +17,7 @@ use crate::platform::Platform;
 use crate::progress::Progress;
 use cache::{Phase, Session};
 pub(crate) use cache_settings::{CacheSettings, Network};
+pub(crate) use closure::{DrvNames, PathInfo};
 pub(crate) use text::error_excerpt;
 use text::{failed_builder, nix_cmd, store_paths, strings};
 
@@ -62,6 +64,11 @@ pub(crate) struct ResolvedNixpkgs {
     #[serde(rename = "ref")]
     pub(crate) reference: String,
     pub(crate) path: String,
+    /// The locked NAR hash and git revision, when nix knows them (not in `version --json`).
+    #[serde(skip)]
+    pub(crate) nar_hash: Option<String>,
+    #[serde(skip)]
+    pub(crate) revision: Option<String>,
 }
 
 /// A running nix container.
@@ -69,6 +76,8 @@ pub(crate) struct NixContainer {
     guard: ContainerGuard,
     platform: Platform,
     pub(crate) nixpkgs: ResolvedNixpkgs,
+    /// The nix image as named, and the ID of the one the container runs.
+    pub(crate) image: (String, String),
     progress: Progress,
     /// The binary caches it reads from and writes to, and their secrets (see `cache`).
     cache: Option<Session>,
@@ -156,9 +165,11 @@ impl NixContainer {
                 started.elapsed().as_secs_f64()
             ));
         }
-        let path = resolve_nixpkgs(&guard, &reference, &shown, progress).await?;
-        let nixpkgs = ResolvedNixpkgs { reference: shown, path };
-        Ok(NixContainer { guard, platform: platform.clone(), nixpkgs, progress: progress.clone(), cache })
+        let flake = resolve_nixpkgs(&guard, &reference, &shown, progress).await?;
+        let nixpkgs =
+            ResolvedNixpkgs { reference: shown, path: flake.path, nar_hash: flake.nar_hash, revision: flake.revision };
+        let image = (options.image.clone(), image_id);
+        Ok(NixContainer { guard, platform: platform.clone(), nixpkgs, image, progress: progress.clone(), cache })
     }
 
     /// The address of the engine it runs on.
@@ -362,8 +373,13 @@ fn cannot_run(e: anyhow::Error, platform: &Platform, native: &Platform) -> anyho
     ))
 }
 
-/// The store path nixpkgs `reference` resolves to (`shown` is what the user named).
-async fn resolve_nixpkgs(guard: &ContainerGuard, reference: &str, shown: &str, progress: &Progress) -> Result<String> {
+/// What nixpkgs `reference` resolves to (`shown` is what the user named).
+async fn resolve_nixpkgs(
+    guard: &ContainerGuard,
+    reference: &str,
+    shown: &str,
+    progress: &Progress,
+) -> Result<FlakeMetadata> {
     progress.debug(format!("resolving nixpkgs {shown}"));
     let cmd = nix_cmd(&["flake", "metadata", reference, "--json"]);
     let out = guard.exec(&cmd, &[], None, OutputMode::Captured).await?;
@@ -375,24 +391,45 @@ async fn resolve_nixpkgs(guard: &ContainerGuard, reference: &str, shown: &str, p
             error_excerpt(&out.stderr_tail)
         );
     }
-    let path =
-        parse_flake_path(&out.stdout).with_context(|| format!("cannot read nix flake metadata for {shown:?}"))?;
-    progress.debug(format!("nixpkgs: {path}"));
-    Ok(path)
+    let flake = parse_flake_metadata(&out.stdout)
+        .with_context(|| format!("cannot read nix flake metadata for {shown:?}"))?;
+    progress.debug(format!("nixpkgs: {}", flake.path));
+    Ok(flake)
+}
+
+/// What `nix flake metadata --json` says of a flake: its store path, and the locked NAR hash
+/// and git revision when it has them.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct FlakeMetadata {
+    path: String,
+    nar_hash: Option<String>,
+    revision: Option<String>,
 }
 
 #[derive(Deserialize)]
-struct FlakeMetadata {
+#[serde(rename_all = "camelCase")]
+struct RawFlakeMetadata {
     path: String,
+    revision: Option<String>,
+    #[serde(default)]
+    locked: RawLocked,
 }
 
-/// The store path in `nix flake metadata --json` output.
-pub(crate) fn parse_flake_path(json: &str) -> Result<String> {
-    let meta: FlakeMetadata = serde_json::from_str(json.trim())?;
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RawLocked {
+    nar_hash: Option<String>,
+    rev: Option<String>,
+}
+
+/// Reads `nix flake metadata --json` output.
+pub(crate) fn parse_flake_metadata(json: &str) -> Result<FlakeMetadata> {
+    let meta: RawFlakeMetadata = serde_json::from_str(json.trim())?;
     if !meta.path.starts_with("/nix/store/") {
         bail!("path {:?} is not in /nix/store", meta.path);
     }
-    Ok(meta.path)
+    let revision = meta.revision.or(meta.locked.rev);
+    Ok(FlakeMetadata { path: meta.path, nar_hash: meta.locked.nar_hash, revision })
 }
 
 /// One attribute's answer: whether nixpkgs has it, and its version if it is a string.
@@ -440,10 +477,16 @@ mod tests {
 
     #[test]
     fn flake_metadata_path_is_read() {
-        let json = r#"{"description":"x","lastModified":1,"locked":{"path":"/nixctr/nixpkgs","type":"path"},"path":"/nix/store/abc-source","url":"path:/nixctr/nixpkgs"}"#;
-        assert_eq!(parse_flake_path(json).unwrap(), "/nix/store/abc-source");
-        assert!(parse_flake_path(r#"{"path":"/tmp/x"}"#).is_err());
-        assert!(parse_flake_path("not json").is_err());
+        let json = r#"{"description":"x","lastModified":1,"locked":{"lastModified":1,"narHash":"sha256-AAA=","path":"/nixctr/nixpkgs","type":"path"},"path":"/nix/store/abc-source","url":"path:/nixctr/nixpkgs"}"#;
+        let meta = parse_flake_metadata(json).unwrap();
+        assert_eq!(
+            meta,
+            FlakeMetadata { path: "/nix/store/abc-source".to_string(), nar_hash: Some("sha256-AAA=".to_string()), revision: None }
+        );
+        let github = r#"{"locked":{"narHash":"sha256-B=","owner":"NixOS","repo":"nixpkgs","rev":"0123abc","type":"github"},"path":"/nix/store/def-source","revision":"0123abc"}"#;
+        assert_eq!(parse_flake_metadata(github).unwrap().revision.as_deref(), Some("0123abc"));
+        assert!(parse_flake_metadata(r#"{"path":"/tmp/x"}"#).is_err());
+        assert!(parse_flake_metadata("not json").is_err());
     }
 
     #[test]
