@@ -39,11 +39,15 @@ pub(crate) async fn run(settings: &Settings, args: SbomArgs) -> Result<()> {
 
     let engines = Engines::connect(&settings.engines, &settings.platforms, &progress).await?;
     let options = build::Options { jobs: args.max_jobs, fail_fast: args.fail_fast };
-    let outcomes = build::build(&engines, &settings.nix, root, &targets, options, &progress, None).await?;
+    // The version lookup may start a nix container of its own: meanwhile, not after.
+    let (outcomes, metadata) = tokio::join!(
+        build::build(&engines, &settings.nix, root, &targets, options, &progress, None),
+        metadata(settings, root, &names, &progress)
+    );
+    let outcomes = outcomes?;
     if let [Outcome::Failed { error, .. }] = outcomes.as_slice() {
         return Err(anyhow!("{error}"));
     }
-    let metadata = metadata(settings, root, &names, &progress).await;
     let built: Vec<(usize, &build::Built)> = outcomes
         .iter()
         .enumerate()

@@ -75,7 +75,8 @@ impl NixContainer {
     /// the derivations it is built from (`meta.license.spdxId`), by output path. Project code
     /// is evaluated here, so the exec gets no secret (`Phase::Evaluate`).
     pub(crate) async fn licences(&self, name: &str) -> Result<BTreeMap<String, Vec<String>>> {
-        let cmd = nix_cmd(&["eval", "--impure", "--json", "--expr", LICENCES_EXPR, "--argstr", "name", name]);
+        let expr = format!("({LICENCES_EXPR}) {{ name = {}; }}", nix_string(name));
+        let cmd = nix_cmd(&["eval", "--impure", "--json", "--expr", &expr]);
         let out = self.guard.exec(&cmd, &self.eval_env(), Some(WORKSPACE), OutputMode::Captured).await?;
         if out.exit_code != 0 {
             bail!(
@@ -128,6 +129,25 @@ builtins.concatMap (item:
   if l == [ ] then [ ] else map (p: { path = p; licenses = l; }) (outPaths item.d)
 ) (builtins.filter (item: item.key != "") all)
 "#;
+
+/// `s` as a nix string literal: nothing in it is nix code.
+fn nix_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' | '\\' | '$' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -282,6 +302,13 @@ mod tests {
         assert_eq!(novers, &DrvNames { name: Some("novers".to_string()), pname: None, version: None });
         let wrapped = r#"{"derivations":{"c-x-1.drv":{"name":"x-1","env":{"pname":"x","version":"1"}}},"version":4}"#;
         assert_eq!(parse_derivations(wrapped).unwrap()["/nix/store/c-x-1.drv"].pname.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn names_become_nix_strings_not_code() {
+        assert_eq!(nix_string("hello"), r#""hello""#);
+        assert_eq!(nix_string(r#"a"b\c${x}"#), r#""a\"b\\c\${x}""#);
+        assert_eq!(nix_string("a\nb"), r#""a\nb""#);
     }
 
     #[test]
