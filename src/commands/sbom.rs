@@ -113,7 +113,12 @@ pub(crate) async fn run(settings: &Settings, args: SbomArgs) -> Result<()> {
 /// Where each target's SBOM goes: `-o FILE` for one target, `-o DIR/NAME.EXT` (an existing
 /// directory) for any number; by default `NAME.EXT` (`NAME-ARCH.EXT` for several platforms) in
 /// the working directory, as `build` names the archives.
-fn sbom_paths(targets: &[Target], several_platforms: bool, output: Option<&Path>, format: Format) -> Result<Vec<PathBuf>> {
+fn sbom_paths(
+    targets: &[Target],
+    several_platforms: bool,
+    output: Option<&Path>,
+    format: Format,
+) -> Result<Vec<PathBuf>> {
     let file_name = |t: &Target| match (&t.platform, several_platforms) {
         (Some(p), true) => format!("{}-{}.{}", t.name, Platform::suffix(p), format.extension()),
         _ => format!("{}.{}", t.name, format.extension()),

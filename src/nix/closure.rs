@@ -229,7 +229,11 @@ pub(crate) fn parse_derivations(json: &str) -> Result<BTreeMap<String, DrvNames>
     for (key, item) in map {
         let drv: RawDerivation = serde_json::from_value(item)?;
         let text = |k: &str| drv.env.get(k).and_then(|v| v.as_str()).filter(|s| !s.is_empty()).map(str::to_string);
-        let entry = DrvNames { name: drv.name.clone().or_else(|| text("name")), pname: text("pname"), version: text("version") };
+        let entry = DrvNames {
+            name: drv.name.clone().or_else(|| text("name")),
+            pname: text("pname"),
+            version: text("version"),
+        };
         names.insert(store_path(&key), entry);
     }
     Ok(names)

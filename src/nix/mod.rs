@@ -391,8 +391,8 @@ async fn resolve_nixpkgs(
             error_excerpt(&out.stderr_tail)
         );
     }
-    let flake = parse_flake_metadata(&out.stdout)
-        .with_context(|| format!("cannot read nix flake metadata for {shown:?}"))?;
+    let flake =
+        parse_flake_metadata(&out.stdout).with_context(|| format!("cannot read nix flake metadata for {shown:?}"))?;
     progress.debug(format!("nixpkgs: {}", flake.path));
     Ok(flake)
 }
@@ -481,7 +481,11 @@ mod tests {
         let meta = parse_flake_metadata(json).unwrap();
         assert_eq!(
             meta,
-            FlakeMetadata { path: "/nix/store/abc-source".to_string(), nar_hash: Some("sha256-AAA=".to_string()), revision: None }
+            FlakeMetadata {
+                path: "/nix/store/abc-source".to_string(),
+                nar_hash: Some("sha256-AAA=".to_string()),
+                revision: None
+            }
         );
         let github = r#"{"locked":{"narHash":"sha256-B=","owner":"NixOS","repo":"nixpkgs","rev":"0123abc","type":"github"},"path":"/nix/store/def-source","revision":"0123abc"}"#;
         assert_eq!(parse_flake_metadata(github).unwrap().revision.as_deref(), Some("0123abc"));

@@ -131,11 +131,13 @@ pub(crate) fn render(doc: &Document, stamp: &Stamp) -> serde_json::Result<Vec<u8
             }
         })
         .collect();
-    let mut dependencies = vec![Dependency { reference: IMAGE_REF, depends_on: doc.roots.iter().map(String::as_str).collect() }];
-    dependencies.extend(doc.components.iter().map(|c| Dependency {
-        reference: &c.path,
-        depends_on: c.references.iter().map(String::as_str).collect(),
-    }));
+    let mut dependencies =
+        vec![Dependency { reference: IMAGE_REF, depends_on: doc.roots.iter().map(String::as_str).collect() }];
+    dependencies.extend(
+        doc.components
+            .iter()
+            .map(|c| Dependency { reference: &c.path, depends_on: c.references.iter().map(String::as_str).collect() }),
+    );
     let bom = Bom {
         bom_format: "CycloneDX",
         spec_version: "1.6",

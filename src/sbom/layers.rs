@@ -90,9 +90,6 @@ mod tests {
             "nix/store/.links/x",
         ]);
         let paths: Vec<String> = store_paths_in(&data[..]).unwrap().into_iter().collect();
-        assert_eq!(
-            paths,
-            vec![format!("/nix/store/{HELLO}"), format!("/nix/store/{}-busybox-1.35.0", "1".repeat(32))]
-        );
+        assert_eq!(paths, vec![format!("/nix/store/{HELLO}"), format!("/nix/store/{}-busybox-1.35.0", "1".repeat(32))]);
     }
 }

@@ -215,7 +215,8 @@ fn random_bytes() -> [u8; 16] {
         return bytes;
     }
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    let digest = Sha256::new().chain_update(now.to_be_bytes()).chain_update(std::process::id().to_be_bytes()).finalize();
+    let digest =
+        Sha256::new().chain_update(now.to_be_bytes()).chain_update(std::process::id().to_be_bytes()).finalize();
     bytes.copy_from_slice(&digest[..16]);
     bytes
 }
@@ -241,8 +242,7 @@ pub(crate) fn components(facts: &StoreFacts) -> Result<(Vec<Component>, Vec<Stri
         let version = drv
             .and_then(|d| d.version.clone())
             .or_else(|| (!parsed_version.is_empty()).then(|| parsed_version.to_string()));
-        let references: Vec<String> =
-            info.references.iter().filter(|r| inside.contains(r.as_str())).cloned().collect();
+        let references: Vec<String> = info.references.iter().filter(|r| inside.contains(r.as_str())).cloned().collect();
         referred.extend(info.references.iter().map(String::as_str).filter(|r| inside.contains(r)));
         let sha256 = if info.nar_hash.starts_with("sha256") {
             Some(names::sha256_hex(&info.nar_hash).with_context(|| format!("the NAR hash of {}", info.path))?)
@@ -267,10 +267,16 @@ pub(crate) fn components(facts: &StoreFacts) -> Result<(Vec<Component>, Vec<Stri
 
 /// Asks the store (and the evaluation, for licences) about the image whose layers hold
 /// `contents`, in the running nix container `nix` (which must hold the project).
-pub(crate) async fn query(nix: &NixContainer, name: &str, contents: &ImageContents, progress: &Progress) -> Result<StoreFacts> {
+pub(crate) async fn query(
+    nix: &NixContainer,
+    name: &str,
+    contents: &ImageContents,
+    progress: &Progress,
+) -> Result<StoreFacts> {
     let started = Instant::now();
     let infos = nix.path_infos(&contents.store_paths).await?;
-    let derivers: Vec<String> = infos.iter().filter_map(|i| i.deriver.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+    let derivers: Vec<String> =
+        infos.iter().filter_map(|i| i.deriver.clone()).collect::<BTreeSet<_>>().into_iter().collect();
     let (derivers, licences) = tokio::join!(nix.derivation_names(&derivers), nix.licences(name));
     let facts = StoreFacts { infos, derivers: derivers?, licences: licences? };
     progress.debug(format!(

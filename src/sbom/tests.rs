@@ -32,7 +32,11 @@ fn facts() -> StoreFacts {
     licences.insert(BUSYBOX.to_string(), vec!["GPL-2.0-only".to_string(), "MIT".to_string()]);
     StoreFacts {
         infos: vec![
-            info(HELLO, &[BUSYBOX, "/nix/store/9a1b2c3d4e5f6g7h8i9j0k1l2m3n4p5q-not-in-image"], Some("/nix/store/x-hello.drv")),
+            info(
+                HELLO,
+                &[BUSYBOX, "/nix/store/9a1b2c3d4e5f6g7h8i9j0k1l2m3n4p5q-not-in-image"],
+                Some("/nix/store/x-hello.drv"),
+            ),
             info(BUSYBOX, &[], Some("/nix/store/x-busybox.drv")),
             info(NOVERS, &[], Some("/nix/store/missing-novers.drv")),
         ],

@@ -14,6 +14,7 @@ mod platforms;
 mod publish;
 mod push;
 mod registry_harness;
+mod sbom;
 mod stall;
 mod tag_harness;
 mod tags;
