@@ -26,18 +26,18 @@ pkgs.dockerTools.buildLayeredImage {
 }
 NIX
 cd "$work/project"
-run() { "$nixctr" -H "$ENGINE" "$@"; }
 
-measure "sbom many (first)" run sbom many
+
+measure "sbom many (first)" "$nixctr" -H "$ENGINE" sbom many
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 queries=() sboms=() builds=()
 for i in $(seq "$ROUNDS"); do
-  measure "sbom many (warm) $i" run -v sbom many
+  measure "sbom many (warm) $i" "$nixctr" -H "$ENGINE" -v sbom many
   sboms+=("$secs")
   q=$(sed -n 's/^sbom many: \([0-9]*\) store paths.* in \([0-9.]*\)s$/\1 \2/p' "$work/sbom many (warm) $i.err")
   [ -n "$q" ] || { echo "no query timing in the -v output" >&2; exit 1; }
   paths=${q% *}; queries+=("${q#* }")
-  measure "build many (warm) $i" run build many
+  measure "build many (warm) $i" "$nixctr" -H "$ENGINE" build many
   builds+=("$secs")
 done
 components=$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["components"]))' many.cdx.json)

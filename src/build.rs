@@ -37,6 +37,9 @@ pub(crate) struct Target {
     /// `None`: the engine's own.
     pub platform: Option<Platform>,
     pub output: Output,
+    /// Also read what the image's SBOM needs ([`crate::sbom::Closure`]) in the container
+    /// that built it, while its store paths are at hand.
+    pub sbom: bool,
 }
 
 /// How to build.
@@ -60,6 +63,9 @@ pub(crate) struct Built {
     pub path: Option<PathBuf>,
     pub size: u64,
     pub seconds: f64,
+    /// For a target with `sbom`: the image's closure, or why it could not be read (in the
+    /// outcome `build` returns; not yet in what `done` hears).
+    pub closure: Option<std::result::Result<Box<crate::sbom::Closure>, String>>,
 }
 
 /// What became of one target.
@@ -117,7 +123,7 @@ pub(crate) fn plan(
         if let Output::File(path) = &out {
             check_writable(path)?;
         }
-        targets.push(Target { name: name.clone(), platform: platform.cloned(), output: out });
+        targets.push(Target { name: name.clone(), platform: platform.cloned(), output: out, sbom: false });
     }
     Ok(targets)
 }
@@ -309,7 +315,15 @@ async fn build_in(
     polled?;
     for (i, result) in copied.into_inner() {
         outcomes[i] = Some(match result {
-            Ok(built) => Outcome::Built(built),
+            Ok(mut built) => {
+                // Only now: the licences are evaluated, which must not happen while the
+                // build's secrets are in the container (see `nix::cache`).
+                if let (true, Some(path)) = (targets[i].sbom, &built.path) {
+                    let closure = crate::sbom::closure(nix, path, &built.name, &item(&built.name)).await;
+                    built.closure = Some(closure.map(Box::new).map_err(|e| format!("{e:#}")));
+                }
+                Outcome::Built(built)
+            }
             Err(e) => Outcome::Failed { error: format!("{e:#}"), seconds: started.elapsed().as_secs_f64() },
         });
     }
@@ -384,7 +398,8 @@ async fn copy_out(
         Output::Stdout => {
             let mut stdout = tokio::io::stdout();
             let size = nix.copy_out(out, &mut stdout).await?;
-            Ok(Built { name, engine, platform, path: None, size, seconds: started.elapsed().as_secs_f64() })
+            let seconds = started.elapsed().as_secs_f64();
+            Ok(Built { name, engine, platform, path: None, size, seconds, closure: None })
         }
         Output::File(path) => {
             let mut file = AtomicFile::create(path)?;
@@ -411,6 +426,7 @@ async fn copy_out(
                 path: Some(path.clone()),
                 size,
                 seconds: started.elapsed().as_secs_f64(),
+                closure: None,
             })
         }
     }

@@ -223,6 +223,7 @@ enum Entry {
 
 impl Archive {
     /// Opens and checks `path`. `cancel` stops the read early (Ctrl-C) with an error.
+    #[cfg(test)]
     pub(crate) fn open(path: &Path, cancel: Option<Arc<AtomicBool>>) -> Result<Archive> {
         Archive::open_with(path, cancel, &mut |_| {})
     }
@@ -293,6 +294,7 @@ impl Archive {
     }
 
     /// The uncompressed bytes of layer `index`.
+    #[cfg(test)]
     pub(crate) fn layer_reader(&self, index: usize) -> Result<Box<dyn Read + Send>> {
         let layer = self.layers.get(index).ok_or_else(|| anyhow!("no layer {index}"))?;
         match &layer.data {

@@ -57,13 +57,23 @@ impl NixContainer {
     /// `pname`, `version` and `name` of each of `drvs` that is in the store; the others are
     /// left out (a substituted path's deriver need not be there).
     pub(crate) async fn derivation_names(&self, drvs: &[String]) -> Result<BTreeMap<String, DrvNames>> {
-        let present = self.valid(drvs).await?;
-        if present.is_empty() {
+        if drvs.is_empty() {
             return Ok(BTreeMap::new());
         }
-        let mut cmd = nix_cmd(&["derivation", "show"]);
-        cmd.extend(present.iter().cloned());
-        let out = self.guard.exec(&cmd, &[], None, OutputMode::Captured).await?;
+        let show = |drvs: Vec<String>| async move {
+            let mut cmd = nix_cmd(&["derivation", "show"]);
+            cmd.extend(drvs);
+            self.guard.exec(&cmd, &[], None, OutputMode::Captured).await
+        };
+        let mut out = show(drvs.to_vec()).await?;
+        if out.exit_code != 0 {
+            // Some deriver is not in the store: ask again for those that are.
+            let present = self.valid(drvs).await?;
+            if present.is_empty() {
+                return Ok(BTreeMap::new());
+            }
+            out = show(present).await?;
+        }
         if out.exit_code != 0 {
             bail!("nix derivation show failed (exit code {}):\n{}", out.exit_code, error_excerpt(&out.stderr_tail));
         }

@@ -76,8 +76,9 @@ pub(crate) struct NixContainer {
     guard: ContainerGuard,
     platform: Platform,
     pub(crate) nixpkgs: ResolvedNixpkgs,
-    /// The nix image as named, and the ID of the one the container runs.
-    pub(crate) image: (String, String),
+    /// The nix image as named, the ID of the one the container runs, and the `NAME@sha256:…`
+    /// digests the engine knows it by.
+    pub(crate) image: (String, String, Vec<String>),
     progress: Progress,
     /// The binary caches it reads from and writes to, and their secrets (see `cache`).
     cache: Option<Session>,
@@ -168,7 +169,8 @@ impl NixContainer {
         let flake = resolve_nixpkgs(&guard, &reference, &shown, progress).await?;
         let nixpkgs =
             ResolvedNixpkgs { reference: shown, path: flake.path, nar_hash: flake.nar_hash, revision: flake.revision };
-        let image = (options.image.clone(), image_id);
+        let digests = engine.repo_digests(&image_id).await?;
+        let image = (options.image.clone(), image_id, digests);
         Ok(NixContainer { guard, platform: platform.clone(), nixpkgs, image, progress: progress.clone(), cache })
     }
 

@@ -17,7 +17,7 @@ use std::io::Read;
 use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::build::Built;
@@ -112,6 +112,8 @@ pub(crate) struct NixImage {
     pub name: String,
     /// The engine's image ID (`sha256:…`).
     pub id: String,
+    /// `NAME@sha256:…` as the engine knows it, when it was pulled from a registry.
+    pub digests: Vec<String>,
 }
 
 /// Everything one SBOM says, whatever its format. Components are sorted by store path.
@@ -153,6 +155,9 @@ impl Document {
         }
         facts.push(("nixctr:nix_image", self.nix_image.name.clone()));
         facts.push(("nixctr:nix_image:id", self.nix_image.id.clone()));
+        for digest in &self.nix_image.digests {
+            facts.push(("nixctr:nix_image:digest", digest.clone()));
+        }
         facts
     }
 
@@ -274,11 +279,16 @@ pub(crate) async fn query(
     progress: &Progress,
 ) -> Result<StoreFacts> {
     let started = Instant::now();
-    let infos = nix.path_infos(&contents.store_paths).await?;
-    let derivers: Vec<String> =
-        infos.iter().filter_map(|i| i.deriver.clone()).collect::<BTreeSet<_>>().into_iter().collect();
-    let (derivers, licences) = tokio::join!(nix.derivation_names(&derivers), nix.licences(name));
-    let facts = StoreFacts { infos, derivers: derivers?, licences: licences? };
+    // The evaluation needs nothing from the store's answers: both at once.
+    let store = async {
+        let infos = nix.path_infos(&contents.store_paths).await?;
+        let derivers: BTreeSet<String> = infos.iter().filter_map(|i| i.deriver.clone()).collect();
+        let derivers = nix.derivation_names(&derivers.into_iter().collect::<Vec<_>>()).await?;
+        Ok::<_, anyhow::Error>((infos, derivers))
+    };
+    let (store, licences) = tokio::join!(store, nix.licences(name));
+    let (infos, derivers) = store?;
+    let facts = StoreFacts { infos, derivers, licences: licences? };
     progress.debug(format!(
         "sbom {name}: {} store paths, {} derivations, {} with a licence, in {:.2}s",
         facts.infos.len(),
@@ -289,44 +299,75 @@ pub(crate) async fn query(
     Ok(facts)
 }
 
-/// The SBOM document of one image: its archive at `archive`, its store paths queried in `nix`.
-pub(crate) async fn document(
-    nix: &NixContainer,
-    archive: &Path,
-    meta: Metadata,
-    platform: String,
-    progress: &Progress,
-) -> Result<Document> {
+/// What the store says of one built image, before its metadata and format: everything of
+/// its SBOM that needs the nix container.
+#[derive(Debug, Clone)]
+pub(crate) struct Closure {
+    pub platform: String,
+    pub image_digest: String,
+    pub nixpkgs: ResolvedNixpkgs,
+    pub nix_image: NixImage,
+    pub components: Vec<Component>,
+    pub roots: Vec<String>,
+}
+
+/// The closure of the image whose archive is at `archive` (container `name`), its store paths
+/// queried in `nix`, the container that built it or one on the same store.
+pub(crate) async fn closure(nix: &NixContainer, archive: &Path, name: &str, progress: &Progress) -> Result<Closure> {
     let path = archive.to_path_buf();
+    let started = Instant::now();
     let contents = tokio::task::spawn_blocking(move || layers::read(&path))
         .await
         .map_err(|e| anyhow!("reading the archive stopped: {e}"))??;
-    let facts = query(nix, &meta.name, &contents, progress).await?;
+    progress.debug(format!(
+        "{}: {} store paths in the layers, read in {:.2}s",
+        archive.display(),
+        contents.store_paths.len(),
+        started.elapsed().as_secs_f64()
+    ));
+    let facts = query(nix, name, &contents, progress).await?;
     let (components, roots) = components(&facts)?;
     let in_store: BTreeSet<&str> = components.iter().map(|c| c.path.as_str()).collect();
     if let Some(missing) = contents.store_paths.iter().find(|p| !in_store.contains(p.as_str())) {
-        anyhow::bail!("the store did not describe {missing}, which is in the image's layers");
+        bail!("the store did not describe {missing}, which is in the image's layers");
     }
-    Ok(Document {
-        meta,
-        tool_version: env!("CARGO_PKG_VERSION"),
-        platform,
+    let (image, id, digests) = nix.image.clone();
+    Ok(Closure {
+        platform: nix.platform().to_string(),
         image_digest: contents.config_digest,
         nixpkgs: nix.nixpkgs.clone(),
-        nix_image: NixImage { name: nix.image.0.clone(), id: nix.image.1.clone() },
+        nix_image: NixImage { name: image, id, digests },
         components,
         roots,
     })
 }
 
+impl Document {
+    pub(crate) fn new(meta: Metadata, closure: Closure) -> Document {
+        Document {
+            meta,
+            tool_version: env!("CARGO_PKG_VERSION"),
+            platform: closure.platform,
+            image_digest: closure.image_digest,
+            nixpkgs: closure.nixpkgs,
+            nix_image: closure.nix_image,
+            components: closure.components,
+            roots: closure.roots,
+        }
+    }
+}
+
 /// The SBOM of each built image, in order, each one's own result. `images` pairs what
-/// `build::build` returned (an archive written to a file) with the container's metadata. One
-/// nix container per engine and platform reads the store the images were built in and
-/// evaluates their licences (the project at `root` is uploaded for that, no secret given).
-/// An error is returned only for what concerns them all.
+/// `build::build` returned (an archive written to a file) with the container's metadata.
+/// An image built from a target with `sbom` set carries its [`Closure`], read in the container
+/// that built it: it only needs rendering. For the others, one nix container per engine and
+/// platform reads the store they were built in and evaluates their licences (the project at
+/// `root` is uploaded for that, with no secret). An error is returned only for what concerns
+/// them all.
 ///
-/// For `publish --sbom`: `generate(&engines, &settings.nix, root, &[(&built, meta)], format,
-/// &progress)`, then push `sbom.bytes` with `sbom.media_type` as the artifact type.
+/// For `publish --sbom`: set `target.sbom = true` on the targets of `build::plan`, then
+/// `generate(&engines, &settings.nix, root, &[(&built, meta)], format, &progress)` and push
+/// `sbom.bytes` with `sbom.media_type` as the artifact type.
 pub(crate) async fn generate(
     engines: &Engines,
     nix: &NixOptions,
@@ -336,15 +377,26 @@ pub(crate) async fn generate(
     progress: &Progress,
 ) -> Result<Vec<Result<Sbom>>> {
     let mut results: Vec<Option<Result<Sbom>>> = images.iter().map(|_| None).collect();
-    // Grouped by (engine, platform): one container each.
+    // Grouped by (engine, platform): one container each, for those without a closure.
     let mut groups: Vec<(&str, &crate::platform::Platform, Vec<usize>)> = Vec::new();
-    for (i, (built, _)) in images.iter().enumerate() {
+    for (i, (built, meta)) in images.iter().enumerate() {
+        if let Some(closure) = &built.closure {
+            let rendered = match closure {
+                Ok(closure) => Document::new(meta.clone(), (**closure).clone()).render(format),
+                Err(e) => Err(anyhow!("{e}")),
+            };
+            results[i] = Some(rendered.with_context(|| format!("no SBOM for {}", built.name)));
+            continue;
+        }
         match groups.iter_mut().find(|(e, p, _)| *e == built.engine && **p == built.platform) {
             Some((_, _, members)) => members.push(i),
             None => groups.push((&built.engine, &built.platform, vec![i])),
         }
     }
     for (address, platform, members) in groups {
+        if nix.no_cache {
+            bail!("the SBOM reads the store the image was built in, which --no-cache throws away: drop --no-cache");
+        }
         let engine = engines
             .by_address(address)
             .ok_or_else(|| anyhow!("no connection to the engine {address} that built the image"))?;
@@ -357,8 +409,8 @@ pub(crate) async fn generate(
                     .path
                     .as_deref()
                     .ok_or_else(|| anyhow!("the SBOM of {} needs its archive in a file", built.name))?;
-                let doc = document(&container, archive, meta.clone(), built.platform.to_string(), progress).await?;
-                doc.render(format)
+                let closure = closure(&container, archive, &meta.name, progress).await?;
+                Document::new(meta.clone(), closure).render(format)
             }
             .await;
             results[i] = Some(result.with_context(|| format!("no SBOM for {}", built.name)));

@@ -58,7 +58,11 @@ fn document() -> Document {
             nar_hash: Some("sha256-AAAA".into()),
             revision: Some("0123".into()),
         },
-        nix_image: NixImage { name: "nixos/nix:2.33.3".into(), id: format!("sha256:{}", "d".repeat(64)) },
+        nix_image: NixImage {
+            name: "nixos/nix:2.33.3".into(),
+            id: format!("sha256:{}", "d".repeat(64)),
+            digests: vec![format!("nixos/nix@sha256:{}", "e".repeat(64))],
+        },
         components,
         roots,
     }
@@ -109,6 +113,7 @@ fn cyclonedx_has_every_store_path_its_hash_and_graph() {
     assert_eq!(props["nixctr:nixpkgs:revision"], "0123");
     assert_eq!(props["nixctr:nixpkgs:nar_hash"], "sha256-AAAA");
     assert_eq!(props["nixctr:nix_image"], "nixos/nix:2.33.3");
+    assert!(props["nixctr:nix_image:digest"].starts_with("nixos/nix@sha256:"));
 }
 
 #[test]

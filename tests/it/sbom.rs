@@ -171,6 +171,27 @@ fn sbom_of_several_containers_writes_one_file_each_into_a_directory() {
     assert_eq!(out.stdout().lines().count(), 2, "{}", out.stdout());
 }
 
+/// The SBOM is read in the container that built the image: a throwaway store is no obstacle.
+#[test]
+fn sbom_with_a_throwaway_store_covers_the_layers() {
+    venv();
+    let engines = engines();
+    let engine = engines.by_name("podman");
+    let fx = Fixture::new();
+    let out = fx.nixctr(Some(engine)).args(["-q", "--no-cache", "sbom", "hello", "-o", "h.cdx.json"]).run();
+    out.success();
+    let file = fx.project().join("h.cdx.json");
+    assert_valid_cyclonedx(&file);
+    let refs: BTreeSet<String> = json(&file)["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["bom-ref"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(refs, store_paths_in_layers(&fx.project().join("hello.tar.gz")));
+    assert_no_containers_left(engine, &out);
+}
+
 #[test]
 fn sbom_refuses_bad_input_before_building() {
     let fx = Fixture::new();
