@@ -31,7 +31,11 @@ pub(crate) async fn run(settings: &Settings, args: SbomArgs) -> Result<()> {
     let format: Format = args.format.into();
     let root = settings.project_root()?;
     // Every destination is checked before anything is built.
-    let targets = build::plan(root, &names, &settings.platforms, None, false)?;
+    let mut targets = build::plan(root, &names, &settings.platforms, None, false)?;
+    for target in &mut targets {
+        // Read in the build's own container: no second one, and --no-cache works too.
+        target.sbom = true;
+    }
     let outputs = sbom_paths(&targets, settings.platforms.len() > 1, args.output.as_deref(), format)?;
     for path in &outputs {
         check_writable(path)?;
