@@ -47,7 +47,7 @@ pub(crate) fn purl(name: &str, version: Option<&str>) -> String {
 }
 
 /// Percent-encodes all but purl's unreserved characters.
-fn percent_encode(s: &str) -> String {
+pub(crate) fn percent_encode(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {

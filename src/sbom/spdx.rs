@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use super::names::store_hash;
+use super::names::{percent_encode, store_hash};
 use super::{Document, Stamp};
 
 #[derive(Serialize)]
@@ -159,7 +159,7 @@ pub(crate) fn render(doc: &Document, stamp: &Stamp) -> serde_json::Result<Vec<u8
         data_license: "CC0-1.0",
         spdx_id: "SPDXRef-DOCUMENT",
         name: format!("{} (nixctr)", doc.meta.name),
-        document_namespace: format!("https://nixctr.invalid/spdx/{}/{}", doc.meta.name, stamp.serial),
+        document_namespace: format!("https://nixctr.invalid/spdx/{}/{}", percent_encode(&doc.meta.name), stamp.serial),
         creation_info: CreationInfo { created: stamp.timestamp.clone(), creators: vec![tool.clone()] },
         packages,
         relationships,

@@ -1,3 +1,5 @@
+//! The SBOM model and both formats, on in-memory answers of the store.
+
 use super::*;
 
 const HELLO: &str = "/nix/store/0a1b2c3d4e5f6g7h8i9j0k1l2m3n4p5q-hello-2.12.1";
