@@ -997,6 +997,7 @@ dry_run() {
   if [ "$MODE" = full ]; then
     if cache_up; then say "cache: up at http://$CACHE_ADDR"; else say "cache: would start nginx"; fi
   fi
+  if sbom_venv_ok; then say "sbom venv: ready ($SBOM_VENV)"; else say "sbom venv: would install the SBOM validators into $SBOM_VENV"; fi
   if [ "$VERIFY" = 1 ]; then say "verify: would run the end-to-end checks"; fi
 }
 
