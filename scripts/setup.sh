@@ -894,6 +894,29 @@ step_builders() {
   done
   cp "$IMAGE_STAMP" "$BUILDERS_STAMP"
   log "builders: ${BUILDERS[*]%% *} answer through ssh-ng://root@127.0.0.1:$SSH_PORT (keys in $BUILDER_DIR; made in $(( $(date +%s) - t0 ))s)"
+# ---------------------------------------------------------------- 9. SBOM validators
+# The SBOM tests validate nixctr's output with tools of the formats' own projects:
+# cyclonedx-python-lib (its JSON validator: the CycloneDX 1.6 schema) and spdx-tools
+# (`pyspdxtools`: SPDX 2.3). They live in a venv of their own; PyPI must be reachable.
+SBOM_VENV=${NIXCTR_SBOM_VENV:-/opt/nixctr-test/sbom-venv}
+SBOM_PIP=("cyclonedx-python-lib[json-validation]>=8,<12" "spdx-tools>=0.8,<0.9")
+sbom_venv_ok() {
+  "$SBOM_VENV/bin/python" -c 'import cyclonedx.validation.json, spdx_tools.spdx.parser.parse_anything' 2>/dev/null \
+    && [ -x "$SBOM_VENV/bin/pyspdxtools" ]
+}
+step_sbom_venv() {
+  if sbom_venv_ok; then log "sbom venv: ready ($SBOM_VENV)"; return; fi
+  if ! /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    need_root "installing python3-venv"
+    apt-get install -y -qq --no-install-recommends python3-venv >>"$LOGS/apt.log" 2>&1 \
+      || die "apt-get install python3-venv failed (log: $LOGS/apt.log)"
+  fi
+  log "sbom venv: installing ${SBOM_PIP[*]} into $SBOM_VENV"
+  mkdir -p "$(dirname "$SBOM_VENV")"
+  /usr/bin/python3 -m venv "$SBOM_VENV" || die "cannot create the venv $SBOM_VENV"
+  "$SBOM_VENV/bin/pip" install -q --disable-pip-version-check "${SBOM_PIP[@]}" >"$LOGS/sbom-venv.log" 2>&1 \
+    || { tail -20 "$LOGS/sbom-venv.log" >&2; die "pip install into $SBOM_VENV failed (log: $LOGS/sbom-venv.log)"; }
+  sbom_venv_ok || die "the sbom venv $SBOM_VENV does not import its validators (log: $LOGS/sbom-venv.log)"
 }
 
 # ---------------------------------------------------------------- verification
@@ -1053,6 +1076,7 @@ dry_run() {
     if cache_up; then say "cache: up at http://$CACHE_ADDR"; else say "cache: would start nginx"; fi
     if builders_up; then say "builders: up"; else say "builders: would (re)make ${BUILDERS[*]%% *}"; fi
   fi
+  if sbom_venv_ok; then say "sbom venv: ready ($SBOM_VENV)"; else say "sbom venv: would install the SBOM validators into $SBOM_VENV"; fi
   if [ "$VERIFY" = 1 ]; then say "verify: would run the end-to-end checks"; fi
 }
 
@@ -1082,6 +1106,7 @@ step_docker_tls
 step_sshd
 step_image
 step_cache
+step_sbom_venv
 if [ "$IMAGE_BUILT" -eq 1 ] || [ "$VERIFY" = 1 ]; then step_verify; step_verify_cache; fi
 step_builders
 
@@ -1106,4 +1131,5 @@ NIXCTR_TEST_BUILDER=ssh-ng://root@127.0.0.1:$SSH_PORT
 NIXCTR_TEST_BUILDER_KEY=$BUILDER_DIR/id_builder
 NIXCTR_TEST_BUILDER_ARM64_KEY=$BUILDER_DIR/id_builder_arm64
 NIXCTR_TEST_BUILDER_KNOWN_HOSTS=$BUILDER_DIR/known_hosts
+NIXCTR_SBOM_VENV=$SBOM_VENV
 EOF

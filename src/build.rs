@@ -38,6 +38,9 @@ pub(crate) struct Target {
     /// `None`: the engine's own.
     pub platform: Option<Platform>,
     pub output: Output,
+    /// Also read what the image's SBOM needs ([`crate::sbom::Closure`]) in the container
+    /// that built it, while its store paths are at hand.
+    pub sbom: bool,
 }
 
 /// How to build.
@@ -65,6 +68,9 @@ pub(crate) struct Built {
     pub builders: Option<BTreeMap<String, usize>>,
     /// What it was built from, for provenance.
     pub origin: Box<Origin>,
+    /// For a target with `sbom`: the image's closure, or why it could not be read (in the
+    /// outcome `build` returns; not yet in what `done` hears).
+    pub closure: Option<std::result::Result<Box<crate::sbom::Closure>, String>>,
 }
 
 /// What a build was made from: its derivation, nixpkgs and the nix image.
@@ -130,7 +136,7 @@ pub(crate) fn plan(
         if let Output::File(path) = &out {
             check_writable(path)?;
         }
-        targets.push(Target { name: name.clone(), platform: platform.cloned(), output: out });
+        targets.push(Target { name: name.clone(), platform: platform.cloned(), output: out, sbom: false });
     }
     Ok(targets)
 }
@@ -324,7 +330,15 @@ async fn build_in(
     polled?;
     for (i, result) in copied.into_inner() {
         outcomes[i] = Some(match result {
-            Ok(built) => Outcome::Built(built),
+            Ok(mut built) => {
+                // Only now: the licences are evaluated, which must not happen while the
+                // build's secrets are in the container (see `nix::cache`).
+                if let (true, Some(path)) = (targets[i].sbom, &built.path) {
+                    let closure = crate::sbom::closure(nix, path, &built.name, &item(&built.name)).await;
+                    built.closure = Some(closure.map(Box::new).map_err(|e| format!("{e:#}")));
+                }
+                Outcome::Built(built)
+            }
             Err(e) => Outcome::Failed { error: format!("{e:#}"), seconds: started.elapsed().as_secs_f64() },
         });
     }
@@ -436,6 +450,7 @@ async fn copy_out(
                 seconds: started.elapsed().as_secs_f64(),
                 builders: None,
                 origin,
+                closure: None,
             })
         }
         Output::File(path) => {
@@ -465,6 +480,7 @@ async fn copy_out(
                 seconds: started.elapsed().as_secs_f64(),
                 builders: None,
                 origin,
+                closure: None,
             })
         }
     }

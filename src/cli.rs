@@ -194,6 +194,8 @@ pub enum Command {
     Push(PushArgs),
     /// Build a container and push it as REGISTRY/NAMESPACE/NAME:TAG
     Publish(PublishArgs),
+    /// Write the SBOM of each container's image (built if needed) from its nix closure
+    Sbom(SbomArgs),
     /// List or remove the nix store volumes
     #[command(subcommand)]
     Cache(CacheCommand),
@@ -276,6 +278,49 @@ pub struct BuildArgs {
     /// Also load the image into the engine and print its name
     #[arg(long)]
     pub load: bool,
+}
+
+/// An SBOM format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum SbomFormat {
+    /// CycloneDX 1.6 JSON (NAME.cdx.json)
+    #[default]
+    Cyclonedx,
+    /// SPDX 2.3 JSON (NAME.spdx.json)
+    Spdx,
+}
+
+impl From<SbomFormat> for crate::sbom::Format {
+    fn from(f: SbomFormat) -> Self {
+        match f {
+            SbomFormat::Cyclonedx => Self::CycloneDx,
+            SbomFormat::Spdx => Self::Spdx,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SbomArgs {
+    #[command(flatten)]
+    pub select: Selection,
+
+    /// Where to write the SBOM: a file for one container, a directory for several
+    /// (default: NAME.cdx.json or NAME.spdx.json in the working directory, beside the archive
+    /// the build writes there)
+    #[arg(short, long, value_name = "PATH")]
+    pub output: Option<PathBuf>,
+
+    /// SBOM format
+    #[arg(long, value_enum, default_value = "cyclonedx")]
+    pub format: SbomFormat,
+
+    /// Derivations nix builds at once (default: the engine's CPU count)
+    #[arg(short = 'j', long = "max-jobs", value_name = "N")]
+    pub max_jobs: Option<usize>,
+
+    /// Stop at the first container that fails (default: build all that can be built)
+    #[arg(long)]
+    pub fail_fast: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -29,6 +29,7 @@ pub mod progress;
 mod project;
 mod publish;
 mod report;
+mod sbom;
 mod selection;
 // pub: used by tests/it/push.rs.
 pub mod registry;

@@ -10,6 +10,7 @@ pub(crate) mod pin;
 pub(crate) mod publish;
 pub(crate) mod push;
 pub(crate) mod verify;
+pub(crate) mod sbom;
 pub(crate) mod version;
 
 use anyhow::Result;
@@ -45,6 +46,7 @@ pub(crate) async fn run(parsed: Parsed) -> Result<()> {
         Command::Version(args) => version::run(&settings, args).await,
         Command::Push(args) => push::run(&settings, args).await,
         Command::Publish(args) => publish::run(&settings, args).await,
+        Command::Sbom(args) => sbom::run(&settings, args).await,
         Command::Cache(args) => cache::run(&settings, args).await,
         Command::Gc(args) => gc::run(&settings, args).await,
         Command::List(args) => list::run(&settings, args).await,

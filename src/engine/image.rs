@@ -37,6 +37,15 @@ impl Engine {
         Ok(self.local(image).await?.map(|l| l.id))
     }
 
+    /// The `NAME@sha256:…` digests the engine knows `image` by (empty for an image never
+    /// pulled or pushed).
+    pub(crate) async fn repo_digests(&self, image: &str) -> Result<Vec<String>> {
+        match timed("an image inspect", self.docker.inspect_image(image)).await? {
+            Ok(info) => Ok(info.repo_digests.unwrap_or_default()),
+            Err(e) => Err(engine_err(e)).context(format!("cannot inspect image {image:?}")),
+        }
+    }
+
     async fn local(&self, image: &str) -> Result<Option<Local>> {
         match timed("an image inspect", self.docker.inspect_image(image)).await? {
             Ok(info) => {

@@ -5,6 +5,7 @@
 mod builders;
 mod cache;
 mod cache_settings;
+mod closure;
 mod text;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -18,6 +19,7 @@ use crate::progress::Progress;
 pub(crate) use builders::{BuilderSettings, BuilderUse, Builders};
 use cache::{Phase, Session};
 pub(crate) use cache_settings::{CacheSettings, Network};
+pub(crate) use closure::{DrvNames, PathInfo};
 pub(crate) use text::error_excerpt;
 use text::{failed_builder, nix_cmd, store_paths, strings};
 
@@ -97,6 +99,8 @@ pub(crate) struct NixContainer {
 pub(crate) struct NixImage {
     pub(crate) name: String,
     pub(crate) id: String,
+    /// The `NAME@sha256:…` digests the engine knows it by (none for an image built here).
+    pub(crate) digests: Vec<String>,
 }
 
 /// What to put in the container besides nix.
@@ -209,10 +213,11 @@ impl NixContainer {
                 started.elapsed().as_secs_f64()
             ));
         }
-        let meta = resolve_nixpkgs(&guard, &reference, &shown, progress).await?;
-        let (nar_hash, revision) = (meta.nar_hash(), meta.revision());
-        let nixpkgs = ResolvedNixpkgs { reference: shown, path: meta.path, nar_hash, revision };
-        let image = NixImage { name: options.image.clone(), id: image_id };
+        let flake = resolve_nixpkgs(&guard, &reference, &shown, progress).await?;
+        let nixpkgs =
+            ResolvedNixpkgs { reference: shown, path: flake.path, nar_hash: flake.nar_hash, revision: flake.revision };
+        let digests = engine.repo_digests(&image_id).await?;
+        let image = NixImage { name: options.image.clone(), id: image_id, digests };
         Ok(NixContainer {
             guard,
             platform: platform.clone(),
@@ -485,7 +490,7 @@ fn cannot_run(e: anyhow::Error, platform: &Platform, native: &Platform) -> anyho
     ))
 }
 
-/// The store path nixpkgs `reference` resolves to (`shown` is what the user named).
+/// What nixpkgs `reference` resolves to (`shown` is what the user named).
 async fn resolve_nixpkgs(
     guard: &ContainerGuard,
     reference: &str,
@@ -503,45 +508,45 @@ async fn resolve_nixpkgs(
             error_excerpt(&out.stderr_tail)
         );
     }
-    let meta =
+    let flake =
         parse_flake_metadata(&out.stdout).with_context(|| format!("cannot read nix flake metadata for {shown:?}"))?;
-    progress.debug(format!("nixpkgs: {}", meta.path));
-    Ok(meta)
+    progress.debug(format!("nixpkgs: {}", flake.path));
+    Ok(flake)
 }
 
-#[derive(Deserialize)]
+/// What `nix flake metadata --json` says of a flake: its store path, and the locked NAR hash
+/// and git revision when it has them.
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct FlakeMetadata {
     path: String,
-    #[serde(default)]
-    locked: Option<LockedFlake>,
-    #[serde(default)]
+    nar_hash: Option<String>,
     revision: Option<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct LockedFlake {
+struct RawFlakeMetadata {
+    path: String,
+    revision: Option<String>,
+    #[serde(default)]
+    locked: RawLocked,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RawLocked {
     nar_hash: Option<String>,
     rev: Option<String>,
 }
 
-impl FlakeMetadata {
-    fn nar_hash(&self) -> Option<String> {
-        self.locked.as_ref().and_then(|l| l.nar_hash.clone())
-    }
-
-    fn revision(&self) -> Option<String> {
-        self.revision.clone().or_else(|| self.locked.as_ref().and_then(|l| l.rev.clone()))
-    }
-}
-
-/// `nix flake metadata --json` output, its store path checked.
+/// Reads `nix flake metadata --json` output.
 pub(crate) fn parse_flake_metadata(json: &str) -> Result<FlakeMetadata> {
-    let meta: FlakeMetadata = serde_json::from_str(json.trim())?;
+    let meta: RawFlakeMetadata = serde_json::from_str(json.trim())?;
     if !meta.path.starts_with("/nix/store/") {
         bail!("path {:?} is not in /nix/store", meta.path);
     }
-    Ok(meta)
+    let revision = meta.revision.or(meta.locked.rev);
+    Ok(FlakeMetadata { path: meta.path, nar_hash: meta.locked.nar_hash, revision })
 }
 
 /// One attribute's answer: whether nixpkgs has it, and its version if it is a string.
@@ -589,13 +594,20 @@ mod tests {
 
     #[test]
     fn flake_metadata_path_is_read() {
-        let json = r#"{"description":"x","lastModified":1,"locked":{"path":"/nixctr/nixpkgs","type":"path"},"path":"/nix/store/abc-source","url":"path:/nixctr/nixpkgs"}"#;
-        assert_eq!(parse_flake_metadata(json).unwrap().path, "/nix/store/abc-source");
+        let json = r#"{"description":"x","lastModified":1,"locked":{"lastModified":1,"narHash":"sha256-AAA=","path":"/nixctr/nixpkgs","type":"path"},"path":"/nix/store/abc-source","url":"path:/nixctr/nixpkgs"}"#;
+        let meta = parse_flake_metadata(json).unwrap();
+        assert_eq!(
+            meta,
+            FlakeMetadata {
+                path: "/nix/store/abc-source".to_string(),
+                nar_hash: Some("sha256-AAA=".to_string()),
+                revision: None
+            }
+        );
+        let github = r#"{"locked":{"narHash":"sha256-B=","owner":"NixOS","repo":"nixpkgs","rev":"0123abc","type":"github"},"path":"/nix/store/def-source","revision":"0123abc"}"#;
+        assert_eq!(parse_flake_metadata(github).unwrap().revision.as_deref(), Some("0123abc"));
         assert!(parse_flake_metadata(r#"{"path":"/tmp/x"}"#).is_err());
         assert!(parse_flake_metadata("not json").is_err());
-        let pinned = r#"{"locked":{"narHash":"sha256-AAA=","rev":"abc","type":"github"},"path":"/nix/store/x-source"}"#;
-        let meta = parse_flake_metadata(pinned).unwrap();
-        assert_eq!((meta.nar_hash().as_deref(), meta.revision().as_deref()), (Some("sha256-AAA="), Some("abc")));
     }
 
     #[test]

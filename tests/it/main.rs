@@ -16,6 +16,7 @@ mod platforms;
 mod publish;
 mod push;
 mod registry_harness;
+mod sbom;
 mod stall;
 mod tag_harness;
 mod tags;
