@@ -28,6 +28,7 @@ use crate::build::Built;
 use crate::progress::Progress;
 use crate::registry::referrers::{repository_of, Artifact, Descriptor, Signature};
 use crate::registry::{PushSession, Reference};
+use crate::sbom::{self, Sbom};
 use crate::sign::{self, Signer, DSSE_MEDIA_TYPE, IN_TOTO_PAYLOAD_TYPE};
 
 /// What to attach to each image published.
@@ -45,22 +46,26 @@ impl Options {
     }
 }
 
-/// An SBOM document and its media type.
-// At merge: `crate::sbom::Sbom`, which has this shape.
-#[derive(Debug, Clone)]
-pub(crate) struct Sbom {
-    pub media_type: &'static str,
-    pub bytes: Vec<u8>,
-}
-
-/// The SBOM of a built image; `None` when there is none to attach.
-pub(crate) fn sbom_for(_built: &Built) -> Option<Sbom> {
-    None // wired at merge
+/// The SBOM of a built image, from the closure its build read (`Target::sbom`).
+fn sbom_for(built: &Built, run: &Run<'_>) -> Result<Sbom> {
+    let closure = match &built.closure {
+        Some(Ok(closure)) => (**closure).clone(),
+        Some(Err(e)) => anyhow::bail!("the image's closure could not be read: {e}"),
+        None => anyhow::bail!("the build did not read the image's closure"),
+    };
+    let meta = sbom::Metadata {
+        name: built.name.clone(),
+        app_version: run.app_version.map(str::to_string),
+        commit: crate::project::head_commit(run.root).ok(),
+    };
+    sbom::Document::new(meta, closure).render(sbom::Format::default())
 }
 
 /// What provenance needs of the run, besides each platform's build.
 pub(crate) struct Run<'a> {
     pub root: &'a Path,
+    /// The app version the tags were made from (the SBOM says it).
+    pub app_version: Option<&'a str>,
     pub started: SystemTime,
 }
 
@@ -135,12 +140,14 @@ pub(crate) async fn attach(
             }
         }
         if options.sbom {
-            match build.and_then(sbom_for) {
-                Some(sbom) => match sbom_artifact(&name, &subject.digest, sbom, options.signer.as_deref()) {
-                    Ok(artifact) => artifacts.push((format!("sbom{on}"), artifact)),
-                    Err(e) => attached.failed.push(format!("sbom{on}: {e:#}")),
-                },
-                None => progress.warn(format!("no SBOM to attach{on}: the SBOM generator is not available")),
+            let artifact = match build {
+                Some(build) => sbom_for(build, run)
+                    .and_then(|sbom| sbom_artifact(&name, &subject.digest, sbom, options.signer.as_deref())),
+                None => Err(anyhow::anyhow!("no build of this image to describe")),
+            };
+            match artifact {
+                Ok(artifact) => artifacts.push((format!("sbom{on}"), artifact)),
+                Err(e) => attached.failed.push(format!("sbom{on}: {e:#}")),
             }
         }
         if artifacts.is_empty() {

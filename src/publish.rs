@@ -352,6 +352,8 @@ async fn build_and_push<'p>(
     let names: Vec<String> = to_publish.iter().map(|p| p.name.clone()).collect();
     let mut targets = build::plan(options.root, &names, options.platforms, None, false)?;
     for target in &mut targets {
+        // The SBOM's closure is read in the build's container once every build is done.
+        target.sbom = request.attach.sbom;
         if let Output::File(path) = &mut target.output {
             *path = workdir.path().join(&*path);
         }
@@ -360,7 +362,8 @@ async fn build_and_push<'p>(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Built>();
     // Unless the binary-cache upload must succeed first, build hands each archive over as
     // soon as it is written; else only what the build kept is pushed, once it is done.
-    let early = !options.cache_first;
+    // With `--sbom` too: the closure an SBOM is made from is read after the builds.
+    let early = !options.cache_first && !request.attach.sbom;
     let (nix, root, build_options) = (options.nix, options.root, request.build);
     let building = async move {
         let outcomes =
@@ -549,7 +552,7 @@ impl<'a> Pusher<'a> {
         let mut attached = Attached::default();
         if self.attach.any() {
             let progress = self.progress_of(&plan.name);
-            let run = attachments::Run { root: self.root, started: self.started };
+            let run = attachments::Run { root: self.root, app_version: Some(&plan.version), started: self.started };
             attached = attachments::attach(
                 self.session,
                 &plan.reference,

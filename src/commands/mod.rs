@@ -9,8 +9,8 @@ pub(crate) mod list;
 pub(crate) mod pin;
 pub(crate) mod publish;
 pub(crate) mod push;
-pub(crate) mod verify;
 pub(crate) mod sbom;
+pub(crate) mod verify;
 pub(crate) mod version;
 
 use anyhow::Result;

@@ -70,9 +70,20 @@ for m in index["manifests"]:
         key.verify(base64.b64decode(env["signatures"][0]["sig"]), pae, ec.ECDSA(hashes.SHA256()))
         st = json.loads(body)
         assert st["_type"] == "https://in-toto.io/Statement/v1", st
-        assert st["predicateType"] == "https://slsa.dev/provenance/v1", st
         assert m["annotations"]["in-toto.io/predicate-type"] == st["predicateType"], m
         assert st["subject"][0]["digest"]["sha256"] == digest.split(":")[1], st
+        if st["predicateType"] == "https://cyclonedx.org/bom":
+            bom = st["predicate"]
+            assert (bom["bomFormat"], bom["specVersion"]) == ("CycloneDX", "1.6"), bom
+            assert bom["metadata"]["component"]["type"] == "container", bom["metadata"]
+            props = {p["name"]: p["value"] for p in bom["metadata"]["component"]["properties"]}
+            assert props.get("nixctr:git:commit") == commit, props
+            paths = [c["bom-ref"] for c in bom["components"]]
+            assert paths and all(p.startswith("/nix/store/") for p in paths), paths
+            assert all(c["purl"].startswith("pkg:nix/") for c in bom["components"]), bom["components"]
+            print("sbom:" + ",".join(sorted(c["name"] for c in bom["components"])), file=sys.stderr)
+            continue
+        assert st["predicateType"] == "https://slsa.dev/provenance/v1", st
         bd = st["predicate"]["buildDefinition"]
         assert bd["externalParameters"]["container"] == "containers/ntfy/default.nix", bd
         assert bd["internalParameters"]["derivation"].endswith(".drv"), bd
@@ -117,7 +128,7 @@ fn publish_signs_and_attests_as_cosign_reads_it_and_verify_checks_it() {
     let (private, public) = key_pair(keys.path(), "cosign");
     let publish = || {
         fx.nixctr(Some(engine))
-            .args(["publish", "ntfy", "--registry", &host, "--namespace", "team", "--json", "--provenance"])
+            .args(["publish", "ntfy", "--registry", &host, "--namespace", "team", "--json", "--provenance", "--sbom"])
             .env("NIXCTR_SIGN_KEY_FILE", &private)
             .run()
     };
@@ -125,7 +136,7 @@ fn publish_signs_and_attests_as_cosign_reads_it_and_verify_checks_it() {
     out.success();
     let json = json_of(&out);
     assert_eq!(json["status"], "pushed", "{json}");
-    assert_eq!(json["attached"], serde_json::json!(["provenance", "signature"]), "{json}");
+    assert_eq!(json["attached"], serde_json::json!(["provenance", "sbom", "signature"]), "{json}");
     let digest = json["digest"].as_str().expect("digest").to_string();
     let tag = format!("v2.17.0-{}-nix", &head[..7]);
     let inspected = registry.skopeo_inspect(&format!("team/ntfy:{tag}"), false).expect("skopeo reads the image");
@@ -141,12 +152,12 @@ fn publish_signs_and_attests_as_cosign_reads_it_and_verify_checks_it() {
             .arg(&head)
             .run();
         out.success();
+        // The SBOM lists the image's store paths: ntfy's own among them.
+        assert!(out.stderr().contains("sbom:") && out.stderr().contains("ntfy"), "{}", out.stderr());
         out.stdout().trim().to_string()
     };
-    assert_eq!(
-        check(),
-        r#"["application/vnd.dev.cosign.artifact.sig.v1+json", "application/vnd.dsse.envelope.v1+json"]"#
-    );
+    let types = r#"["application/vnd.dev.cosign.artifact.sig.v1+json", "application/vnd.dsse.envelope.v1+json", "application/vnd.dsse.envelope.v1+json"]"#;
+    assert_eq!(check(), types);
 
     let reference = format!("{host}/team/ntfy:{tag}");
     let verified = fx.nixctr(None).args(["verify", &reference, "--key"]).arg(&public).run();
@@ -154,6 +165,7 @@ fn publish_signs_and_attests_as_cosign_reads_it_and_verify_checks_it() {
     let said = verified.stdout();
     assert!(said.contains(&format!("{host}/team/ntfy@{digest}: signed by")), "{said}");
     assert!(said.contains("provenance: https://slsa.dev/provenance/v1, signed"), "{said}");
+    assert!(said.contains("sbom"), "{said}");
     assert!(said.contains("signature: cosign signatures"), "{said}");
 
     // A re-run: the image is not pushed again, and nothing is attached twice.
@@ -164,10 +176,10 @@ fn publish_signs_and_attests_as_cosign_reads_it_and_verify_checks_it() {
     assert_eq!(json["digest"], digest.as_str());
     assert_eq!(
         json["attached"],
-        serde_json::json!(["provenance (there already)", "signature (there already)"]),
+        serde_json::json!(["provenance (there already)", "sbom (there already)", "signature (there already)"]),
         "{json}"
     );
-    check(); // still one signature, and the same two referrers
+    assert_eq!(check(), types); // still one signature, and the same referrers
 
     // Another key: no signature verifies.
     let (_, other) = key_pair(keys.path(), "other");
