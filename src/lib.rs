@@ -31,6 +31,7 @@ mod selection;
 // pub: used by tests/it/push.rs.
 pub mod registry;
 mod settings;
+mod stream;
 mod tls;
 mod version;
 

@@ -28,6 +28,7 @@ use crate::project;
 use crate::registry::{Destination, ExistingTags, PushOutcome, PushSession, Reference, RegistryConfig};
 use crate::report::{Record, Status};
 use crate::selection;
+use crate::stream::{HandOver, ImageStream};
 use crate::version;
 
 /// What to publish and how; resolved from flags and nixctr.toml.
@@ -114,7 +115,7 @@ pub(crate) async fn publish(
         Some(archive) => (Vec::new(), push_archive(&pusher, archive, &to_publish).await),
         None => build_and_push(options, request, &pusher, &to_publish, progress).await?,
     };
-    record_builds(builds, options.platforms.len() > 1, &mut records);
+    record_builds(builds, options.platforms.len() > 1, &mut records, progress);
     record_pushes(pushes, &mut records);
     Ok(records.finish())
 }
@@ -345,16 +346,19 @@ async fn build_and_push<'p>(
         tempfile::Builder::new().prefix("nixctr-publish-").tempdir().context("cannot make a temporary directory")?;
     let names: Vec<String> = to_publish.iter().map(|p| p.name.clone()).collect();
     let mut targets = build::plan(options.root, &names, options.platforms, None, false)?;
-    for target in &mut targets {
-        if let Output::File(path) = &mut target.output {
-            *path = workdir.path().join(&*path);
-        }
-    }
-    let engines = Engines::connect(options.engines, options.platforms, progress).await?;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Built>();
     // Unless the binary-cache upload must succeed first, build hands each archive over as
     // soon as it is written; else only what the build kept is pushed, once it is done.
     let early = !options.cache_first;
+    for target in &mut targets {
+        if let Output::File(path) = &mut target.output {
+            // `.tar`: a streamed image lands uncompressed (the push compresses its layers).
+            *path = workdir.path().join(path.with_extension(""));
+        }
+        // One image per container: a streamed one goes to the registry as it comes.
+        target.hand_over = early && options.platforms.len() <= 1;
+    }
+    let engines = Engines::connect(options.engines, options.platforms, progress).await?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Built>();
     let (nix, root, build_options) = (options.nix, options.root, request.build);
     let building = async move {
         let outcomes =
@@ -397,9 +401,16 @@ async fn push_as_built<'p>(
                         let mut ready = arrived.remove(&name).unwrap_or_default();
                         // The index lists the platforms in the order they were asked for.
                         ready.sort_by_key(|b| platforms.iter().position(|p| *p == b.platform));
+                        let stream = ready.iter().find_map(|b| b.stream.as_ref().and_then(HandOver::take));
                         let archives: Vec<PathBuf> = ready.into_iter().filter_map(|b| b.path).collect();
                         if let Some(plan) = to_publish.iter().find(|p| p.name == name) {
-                            pushes.push(async move { (plan, pusher.push(plan, archives).await) });
+                            pushes.push(Box::pin(async move {
+                                let pushed = match stream {
+                                    Some(stream) => pusher.push_stream(plan, stream).await,
+                                    None => pusher.push(plan, archives).await,
+                                };
+                                (plan, pushed)
+                            }));
                         }
                     }
                 }
@@ -414,14 +425,14 @@ async fn push_as_built<'p>(
 
 /// A failed or stopped build settles its container's record; with several platforms, each
 /// failure is named by its platform.
-fn record_builds(builds: Vec<(Target, Outcome)>, several_platforms: bool, records: &mut Records) {
+fn record_builds(builds: Vec<(Target, Outcome)>, several_platforms: bool, records: &mut Records, progress: &Progress) {
     for (target, outcome) in builds {
         let on = match &target.platform {
             Some(p) if several_platforms => format!("{p}: "),
             _ => String::new(),
         };
         match outcome {
-            Outcome::Built(_) => {}
+            Outcome::Built(built) => progress.debug(format!("{}: {on}{}", target.name, built.phases)),
             Outcome::Failed { error, .. } => {
                 let error = match records.take(&target.name) {
                     Some(earlier) => format!("{}\n{on}{error}", earlier.error.unwrap_or_default()),
@@ -489,6 +500,16 @@ impl<'a> Pusher<'a> {
         } else {
             self.progress.clone()
         }
+    }
+
+    /// Pushes a streamed image, as it comes, under the plan's tags (one platform).
+    async fn push_stream(&self, plan: &Planned, stream: ImageStream) -> Result<PushOutcome> {
+        let progress = self.progress_of(&plan.name);
+        let Some((first, more)) = plan.to_push.split_first() else {
+            bail!("{}: no tag to push", plan.name);
+        };
+        let destination = Destination::with_tags(plan.reference.with_tag(first)?, more, plan.existing)?;
+        self.session.push_reader(stream.into_reader(), &destination, &progress).await
     }
 
     /// Pushes the archives under the plan's tags. Tags the registry has must name the image

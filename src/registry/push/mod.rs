@@ -14,6 +14,8 @@
 //! or in a signed cache entry), at the size the registry's HEAD confirms.
 
 mod index;
+// TEMPORARY (stream branch): replaced by the real push_reader at merge.
+mod reader_shim;
 mod tags;
 
 pub use tags::{Destination, ExistingTags};
