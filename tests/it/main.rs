@@ -15,6 +15,7 @@ mod publish;
 mod push;
 mod registry_harness;
 mod stall;
+mod stream;
 mod tag_harness;
 mod tags;
 mod trust;
