@@ -513,12 +513,19 @@ fn write_image(image: ImageStream, file: std::fs::File, compress: bool) -> Resul
     use std::io::Write;
     let mut reader = image.into_reader();
     let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
-    let size = if compress { stream::gzip(&mut reader, &mut writer)? } else { std::io::copy(&mut reader, &mut writer)? };
+    let size =
+        if compress { stream::gzip(&mut reader, &mut writer)? } else { std::io::copy(&mut reader, &mut writer)? };
     writer.flush()?;
     Ok(size)
 }
 
-async fn copy_archive(nix: &NixContainer, target: &Target, out: &str, started: Instant, progress: &Progress) -> Result<Built> {
+async fn copy_archive(
+    nix: &NixContainer,
+    target: &Target,
+    out: &str,
+    started: Instant,
+    progress: &Progress,
+) -> Result<Built> {
     let platform = nix.platform().clone();
     let name = target.name.clone();
     match &target.output {

@@ -172,8 +172,9 @@ pub(crate) fn gzip(reader: &mut dyn Read, writer: &mut dyn Write) -> Result<u64>
         if n == 0 && written > 0 {
             break;
         }
-        let size =
-            compressor.gzip_compress(&input[..n], &mut output).map_err(|e| anyhow!("gzip compression failed: {e:?}"))?;
+        let size = compressor
+            .gzip_compress(&input[..n], &mut output)
+            .map_err(|e| anyhow!("gzip compression failed: {e:?}"))?;
         writer.write_all(&output[..size])?;
         written += size as u64;
         if n < MEMBER {

@@ -51,7 +51,9 @@ fn a_streamed_image_loads_straight_into_the_engine_and_runs() {
     for engine in engines() {
         let fx = Fixture::new();
         let image = format!("streamed:{}", unique("load"));
-        let text = fx.read("containers/streamed/default.nix").replace("tag = \"latest\";", &format!("tag = \"{}\";", &image[9..]));
+        let text = fx
+            .read("containers/streamed/default.nix")
+            .replace("tag = \"latest\";", &format!("tag = \"{}\";", &image[9..]));
         fx.write("containers/streamed/default.nix", &text);
         let out = fx.nixctr(Some(&engine)).args(["build", "streamed", "--load", "-v"]).run();
         out.success().stderr_has("streaming the image").stderr_has("streamed: evaluate ").stderr_has(", stream ");
