@@ -75,7 +75,8 @@ echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(docke
 rm -f "$work"/app-*.tar.gz
 id=$(docker image inspect -f '{{.Id}}' "$IMAGE"); id=${id#sha256:}
 vol=nixctr-store-${id:0:12}
-size=$("$nixctr" -q -C "$proj" build app-stream -o "$work/size.tar" && du -m "$work/size.tar" | cut -f1); rm -f "$work/size.tar"
+"$nixctr" -q -C "$proj" build app-stream -o "$work/size.tar" >/dev/null
+size=$(du -m "$work/size.tar" | cut -f1); rm -f "$work/size.tar"
 echo "image: $size MB uncompressed, 4 layers (busybox, app-lib, app-data, customisation)"
 
 # The hand-run CI steps, one script: nix container on the store volume, project in,
