@@ -1,7 +1,10 @@
 //! Building containers: one nix container and one upload of the project for the whole
 //! selection; every container is evaluated, then all are built by one nix invocation, so what
 //! they share builds once and the rest in parallel. Each archive is copied out as soon as it
-//! is in the store (while the others still build) and written whole, or not at all.
+//! is in the store (while the others still build) and written whole, or not at all. A
+//! container whose output streams its image (`streamLayeredImage`) has it run in the nix
+//! container instead, its stdout compressed into the file on this side, loaded straight into
+//! the engine (`--load`), or handed to `publish` as it comes.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,6 +23,7 @@ use crate::output::{check_writable, AtomicFile};
 use crate::platform::Platform;
 use crate::progress::{human_bytes, Progress};
 use crate::project;
+use crate::stream::{self, HandOver, ImageStream, OutputKind};
 
 /// How often the store is asked which archives are done while nix still builds.
 const POLL: Duration = Duration::from_millis(1500);
@@ -41,6 +45,29 @@ pub(crate) struct Target {
     /// Also read what the image's SBOM needs ([`crate::sbom::Closure`]) in the container
     /// that built it, while its store paths are at hand.
     pub sbom: bool,
+    /// `--load`: a streamed image goes into the engine that built it and to no file.
+    pub load: bool,
+    /// A streamed image is handed over as it comes (in [`Built::stream`], through `done`)
+    /// rather than written to `output`.
+    pub hand_over: bool,
+}
+
+/// Where the time of one target went, in seconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Phases {
+    pub evaluate: f64,
+    /// From the start of the build to the output being seen in the store.
+    pub build: f64,
+    /// Copying the archive out, or running the stream into its destination.
+    pub copy_out: f64,
+    pub streamed: bool,
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let last = if self.streamed { "stream" } else { "copy out" };
+        write!(f, "evaluate {:.2}s, build {:.2}s, {last} {:.2}s", self.evaluate, self.build, self.copy_out)
+    }
 }
 
 /// How to build.
@@ -60,10 +87,16 @@ pub(crate) struct Built {
     pub engine: String,
     /// The platform its image config says (checked against the one asked for).
     pub platform: Platform,
-    /// `None` when it went to stdout.
+    /// `None` when it went to stdout, into the engine or is handed over.
     pub path: Option<PathBuf>,
     pub size: u64,
     pub seconds: f64,
+    /// The images a streamed `--load` loaded.
+    pub loaded: Vec<String>,
+    /// A streamed image, handed over (see [`Target::hand_over`]); the build waits for its
+    /// reader to take it all.
+    pub stream: Option<HandOver>,
+    pub phases: Phases,
     /// With remote builders: each builder's URI and the derivations of its closure built there.
     pub builders: Option<BTreeMap<String, usize>>,
     /// What it was built from, for provenance.
@@ -83,6 +116,8 @@ pub(crate) struct Origin {
 
 /// What became of one target.
 #[derive(Debug)]
+// One per target, never in a hot path: boxing `Built` would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Outcome {
     Built(Built),
     Failed {
@@ -136,7 +171,14 @@ pub(crate) fn plan(
         if let Output::File(path) = &out {
             check_writable(path)?;
         }
-        targets.push(Target { name: name.clone(), platform: platform.cloned(), output: out, sbom: false });
+        targets.push(Target {
+            name: name.clone(),
+            platform: platform.cloned(),
+            output: out,
+            sbom: false,
+            load,
+            hand_over: false,
+        });
     }
     Ok(targets)
 }
@@ -231,7 +273,7 @@ async fn build_on(
 ) -> Result<Vec<Outcome>> {
     let inputs = Inputs { project: Some(root), role: "build", platform };
     let nix = NixContainer::start(engine, options, inputs, progress).await?;
-    let result = build_in(&nix, targets, jobs, fail_fast, progress, done).await;
+    let result = build_in(engine, &nix, targets, jobs, fail_fast, progress, done).await;
     let removed = nix.finish().await;
     let outcomes = result?;
     removed?;
@@ -239,6 +281,7 @@ async fn build_on(
 }
 
 async fn build_in(
+    engine: &Engine,
     nix: &NixContainer,
     targets: &[Target],
     jobs: usize,
@@ -252,16 +295,19 @@ async fn build_in(
     let mut outcomes: Vec<Option<Outcome>> = targets.iter().map(|_| None).collect();
 
     // Evaluate each container apart, so an evaluation error is that container's alone.
-    let evaluated: Vec<Result<String>> = futures::stream::iter(targets)
+    let evaluated: Vec<(Result<String>, f64)> = futures::stream::iter(targets)
         .map(|t| async move {
             item(&t.name).info(format!("evaluating containers/{}/default.nix", t.name));
-            nix.instantiate(&t.name).await
+            let began = Instant::now();
+            (nix.instantiate(&t.name).await, began.elapsed().as_secs_f64())
         })
         .buffered(jobs)
         .collect()
         .await;
     let mut building = Vec::new(); // (target index, drv)
-    for (i, result) in evaluated.into_iter().enumerate() {
+    let mut phases: Vec<Phases> = vec![Phases::default(); targets.len()];
+    for (i, (result, seconds)) in evaluated.into_iter().enumerate() {
+        phases[i].evaluate = seconds;
         match result {
             Ok(drv) => building.push((i, drv)),
             Err(e) => {
@@ -286,6 +332,7 @@ async fn build_in(
     let pending: Mutex<Vec<(usize, String)>> =
         Mutex::new(building.iter().zip(&outs).map(|((i, _), out)| (*i, out.clone())).collect());
     let finished = AtomicBool::new(false);
+    let build_started = Instant::now();
     let wake = tokio::sync::Notify::new();
     let copied: Mutex<Vec<(usize, Result<Built>)>> = Mutex::new(Vec::new());
     let poll = async {
@@ -303,10 +350,10 @@ async fn build_in(
             for (i, out) in ready {
                 let drv = building.iter().find(|(b, _)| *b == i).map(|(_, d)| d.clone()).unwrap_or_default();
                 let origin = Box::new(Origin { drv, nixpkgs: nix.nixpkgs.clone(), nix_image: nix.image.clone() });
-                let result = copy_out(nix, &targets[i], &out, origin, started, &item(&targets[i].name)).await;
-                if let (Ok(built), Some(done)) = (&result, &done) {
-                    let _ = done.send(built.clone());
-                }
+                let phases = Phases { build: build_started.elapsed().as_secs_f64(), ..phases[i] };
+                let (target, progress) = (&targets[i], item(&targets[i].name));
+                let result =
+                    copy_out((engine, nix), target, &out, (started, phases, origin), &progress, done.as_ref()).await;
                 copied.lock().await.push((i, result));
             }
             if last || pending.lock().await.is_empty() {
@@ -426,32 +473,142 @@ async fn upload_built(nix: &NixContainer, built: &[(usize, String)], progress: &
     }
 }
 
+/// Copies an archive out, or runs a stream into its destination; tells `done` once it is
+/// written (a stream to hand over: before it runs, as its reader must be there).
 async fn copy_out(
+    (engine, nix): (&Engine, &NixContainer),
+    target: &Target,
+    out: &str,
+    (started, mut phases, origin): (Instant, Phases, Box<Origin>),
+    progress: &Progress,
+    done: Option<&tokio::sync::mpsc::UnboundedSender<Built>>,
+) -> Result<Built> {
+    let began = Instant::now();
+    let kind = nix.output_kind(out).await?;
+    let built = match kind {
+        OutputKind::Archive => copy_archive(nix, target, out, started, progress).await,
+        OutputKind::Stream => {
+            phases.streamed = true;
+            run_stream((engine, nix), target, out, (started, phases, &origin), progress, done).await
+        }
+    };
+    let mut built = built?;
+    built.origin = origin;
+    phases.copy_out = began.elapsed().as_secs_f64();
+    built.phases = phases;
+    built.seconds = started.elapsed().as_secs_f64();
+    if let (Some(done), None) = (done, &built.stream) {
+        if !(target.hand_over && kind == OutputKind::Stream) {
+            let _ = done.send(built.clone());
+        }
+    }
+    Ok(built)
+}
+
+fn built(target: &Target, nix: &NixContainer, path: Option<PathBuf>, size: u64, started: Instant) -> Built {
+    Built {
+        name: target.name.clone(),
+        engine: nix.engine_address().to_string(),
+        platform: nix.platform().clone(),
+        path,
+        size,
+        seconds: started.elapsed().as_secs_f64(),
+        loaded: Vec::new(),
+        stream: None,
+        phases: Phases::default(),
+        builders: None,
+        // The derivation is set by `copy_out`.
+        origin: Box::new(Origin { drv: String::new(), nixpkgs: nix.nixpkgs.clone(), nix_image: nix.image.clone() }),
+        closure: None,
+    }
+}
+
+/// Runs the stream program `out` and takes its image where the target says: handed over,
+/// into the engine, or into the file (gzip-compressed unless its name ends in `.tar`) or
+/// stdout (uncompressed). The program's own error comes first: what failed on the reading
+/// side then follows from it.
+async fn run_stream(
+    (engine, nix): (&Engine, &NixContainer),
+    target: &Target,
+    out: &str,
+    (started, phases, origin): (Instant, Phases, &Origin),
+    progress: &Progress,
+    done: Option<&tokio::sync::mpsc::UnboundedSender<Built>>,
+) -> Result<Built> {
+    let name = &target.name;
+    let (tx, image) = stream::channel(nix.platform());
+    progress.info(format!("streaming the image of containers/{name}/default.nix"));
+    let first = |ran: Result<()>, taken: Result<Built>| ran.and(taken);
+    if let (true, Some(done)) = (target.hand_over, done) {
+        let handed = Built {
+            stream: Some(HandOver::new(image)),
+            phases,
+            origin: Box::new(origin.clone()),
+            ..built(target, nix, None, 0, started)
+        };
+        let _ = done.send(handed);
+        nix.run_stream(out, tx).await?;
+        return Ok(built(target, nix, None, 0, started));
+    }
+    if target.load {
+        let (ran, loaded) = tokio::join!(nix.run_stream(out, tx), engine.load_stream(image, out));
+        let loaded = first(ran, loaded.map(|loaded| Built { loaded, ..built(target, nix, None, 0, started) }))?;
+        for image in &loaded.loaded {
+            progress.info(format!("loaded {image} from the stream of containers/{name}/default.nix"));
+        }
+        return Ok(loaded);
+    }
+    match &target.output {
+        Output::Stdout => {
+            let write = tokio::task::spawn_blocking(move || -> Result<u64> {
+                let mut out = std::io::stdout().lock();
+                Ok(std::io::copy(&mut image.into_reader(), &mut out)?)
+            });
+            let (ran, written) = tokio::join!(nix.run_stream(out, tx), write);
+            let size = written.map_err(|e| anyhow::anyhow!("writing the image stopped: {e}"))?;
+            first(ran, size.map(|size| built(target, nix, None, size, started)))
+        }
+        Output::File(path) => {
+            let mut file = AtomicFile::create(path)?;
+            let compress = !path.to_string_lossy().ends_with(".tar");
+            let std_file = file.file.try_clone().await?.into_std().await;
+            let write = tokio::task::spawn_blocking(move || write_image(image, std_file, compress));
+            let (ran, written) = tokio::join!(nix.run_stream(out, tx), write);
+            let size = written.map_err(|e| anyhow::anyhow!("writing the image stopped: {e}"))?;
+            let built = first(ran, size.map(|size| built(target, nix, Some(path.clone()), size, started)))?;
+            file.flush().await?;
+            file.commit().await?;
+            progress.info(format!("wrote {} ({})", path.display(), human_bytes(built.size)));
+            Ok(built)
+        }
+    }
+}
+
+/// Writes a streamed image to `file`, gzip-compressed or not; returns the bytes written.
+fn write_image(image: ImageStream, file: std::fs::File, compress: bool) -> Result<u64> {
+    use std::io::Write;
+    let mut reader = image.into_reader();
+    let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
+    let size =
+        if compress { stream::gzip(&mut reader, &mut writer)? } else { std::io::copy(&mut reader, &mut writer)? };
+    writer.flush()?;
+    Ok(size)
+}
+
+async fn copy_archive(
     nix: &NixContainer,
     target: &Target,
     out: &str,
-    origin: Box<Origin>,
     started: Instant,
     progress: &Progress,
 ) -> Result<Built> {
     let platform = nix.platform().clone();
     let name = target.name.clone();
-    let engine = nix.engine_address().to_string();
     match &target.output {
         Output::Stdout => {
             let mut stdout = tokio::io::stdout();
             let size = nix.copy_out(out, &mut stdout).await?;
-            Ok(Built {
-                name,
-                engine,
-                platform,
-                path: None,
-                size,
-                seconds: started.elapsed().as_secs_f64(),
-                builders: None,
-                origin,
-                closure: None,
-            })
+            Ok(built(target, nix, None, size, started))
         }
         Output::File(path) => {
             let mut file = AtomicFile::create(path)?;
@@ -471,17 +628,7 @@ async fn copy_out(
             }
             file.commit().await?;
             progress.info(format!("wrote {} ({})", path.display(), human_bytes(size)));
-            Ok(Built {
-                name,
-                engine,
-                platform,
-                path: Some(path.clone()),
-                size,
-                seconds: started.elapsed().as_secs_f64(),
-                builders: None,
-                origin,
-                closure: None,
-            })
+            Ok(built(target, nix, Some(path.clone()), size, started))
         }
     }
 }

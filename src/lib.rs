@@ -35,6 +35,7 @@ mod selection;
 pub mod registry;
 mod settings;
 mod sign;
+mod stream;
 mod tls;
 mod version;
 

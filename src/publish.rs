@@ -29,6 +29,7 @@ use crate::project;
 use crate::registry::{Destination, ExistingTags, PushOutcome, PushSession, Reference, RegistryConfig};
 use crate::report::{Record, Status};
 use crate::selection;
+use crate::stream::{HandOver, ImageStream};
 use crate::version;
 
 /// What to publish and how; resolved from flags and nixctr.toml.
@@ -120,7 +121,7 @@ pub(crate) async fn publish(
         Some(archive) => (Vec::new(), push_archive(&pusher, archive, &to_publish).await),
         None => build_and_push(options, request, &pusher, &to_publish, progress).await?,
     };
-    record_builds(builds, options.platforms.len() > 1, &mut records);
+    record_builds(builds, options.platforms.len() > 1, &mut records, progress);
     record_pushes(pushes, &mut records);
     Ok(records.finish())
 }
@@ -327,7 +328,7 @@ async fn push_archive<'p>(
 ) -> Vec<(&'p Planned, Result<Published>)> {
     let mut pushed = Vec::new();
     for plan in to_publish {
-        pushed.push((plan, pusher.push(plan, vec![archive.to_path_buf()], &[]).await));
+        pushed.push((plan, pusher.push(plan, Image::Archives(vec![archive.to_path_buf()]), &[]).await));
     }
     pushed
 }
@@ -351,19 +352,21 @@ async fn build_and_push<'p>(
         tempfile::Builder::new().prefix("nixctr-publish-").tempdir().context("cannot make a temporary directory")?;
     let names: Vec<String> = to_publish.iter().map(|p| p.name.clone()).collect();
     let mut targets = build::plan(options.root, &names, options.platforms, None, false)?;
-    for target in &mut targets {
-        // The SBOM's closure is read in the build's container once every build is done.
-        target.sbom = request.attach.sbom;
-        if let Output::File(path) = &mut target.output {
-            *path = workdir.path().join(&*path);
-        }
-    }
-    let engines = Engines::connect(options.engines, options.platforms, progress).await?;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Built>();
     // Unless the binary-cache upload must succeed first, build hands each archive over as
     // soon as it is written; else only what the build kept is pushed, once it is done.
     // With `--sbom` too: the closure an SBOM is made from is read after the builds.
     let early = !options.cache_first && !request.attach.sbom;
+    for target in &mut targets {
+        target.sbom = request.attach.sbom;
+        if let Output::File(path) = &mut target.output {
+            // `.tar`: a streamed image lands uncompressed (the push compresses its layers).
+            *path = workdir.path().join(path.with_extension(""));
+        }
+        // One image per container: a streamed one goes to the registry as it comes.
+        target.hand_over = early && options.platforms.len() <= 1;
+    }
+    let engines = Engines::connect(options.engines, options.platforms, progress).await?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Built>();
     let (nix, root, build_options) = (options.nix, options.root, request.build);
     let building = async move {
         let outcomes =
@@ -406,9 +409,14 @@ async fn push_as_built<'p>(
                         let mut ready = arrived.remove(&name).unwrap_or_default();
                         // The index lists the platforms in the order they were asked for.
                         ready.sort_by_key(|b| platforms.iter().position(|p| *p == b.platform));
+                        let stream = ready.iter().find_map(|b| b.stream.as_ref().and_then(HandOver::take));
                         let archives: Vec<PathBuf> = ready.iter().filter_map(|b| b.path.clone()).collect();
                         if let Some(plan) = to_publish.iter().find(|p| p.name == name) {
-                            pushes.push(async move { (plan, pusher.push(plan, archives, &ready).await) });
+                            let image = match stream {
+                                Some(stream) => Image::Stream(stream),
+                                None => Image::Archives(archives),
+                            };
+                            pushes.push(Box::pin(async move { (plan, pusher.push(plan, image, &ready).await) }));
                         }
                     }
                 }
@@ -423,14 +431,14 @@ async fn push_as_built<'p>(
 
 /// A failed or stopped build settles its container's record; with several platforms, each
 /// failure is named by its platform.
-fn record_builds(builds: Vec<(Target, Outcome)>, several_platforms: bool, records: &mut Records) {
+fn record_builds(builds: Vec<(Target, Outcome)>, several_platforms: bool, records: &mut Records, progress: &Progress) {
     for (target, outcome) in builds {
         let on = match &target.platform {
             Some(p) if several_platforms => format!("{p}: "),
             _ => String::new(),
         };
         match outcome {
-            Outcome::Built(_) => {}
+            Outcome::Built(built) => progress.debug(format!("{}: {on}{}", target.name, built.phases)),
             Outcome::Failed { error, .. } => {
                 let error = match records.take(&target.name) {
                     Some(earlier) => format!("{}\n{on}{error}", earlier.error.unwrap_or_default()),
@@ -510,6 +518,12 @@ struct Pusher<'a> {
     root: &'a Path,
 }
 
+/// What is pushed: the archives of a container (one per platform), or its image as it streams.
+enum Image {
+    Archives(Vec<PathBuf>),
+    Stream(ImageStream),
+}
+
 /// A pushed image, and what was attached to it.
 struct Published {
     outcome: PushOutcome,
@@ -544,11 +558,14 @@ impl<'a> Pusher<'a> {
         }
     }
 
-    /// Pushes the archives under the plan's tags, then attaches what was asked to the image
-    /// (also when it was published already: a re-run adds what is missing). Tags the
-    /// registry has must name the image built (nothing is sent then), unless `--force`.
-    async fn push(&self, plan: &Planned, archives: Vec<PathBuf>, builds: &[Built]) -> Result<Published> {
-        let outcome = self.push_image(plan, archives).await?;
+    /// Pushes the image under the plan's tags, then attaches what was asked to it (also
+    /// when it was published already: a re-run adds what is missing). Tags the registry has
+    /// must name the image built (nothing is sent then), unless `--force`.
+    async fn push(&self, plan: &Planned, image: Image, builds: &[Built]) -> Result<Published> {
+        let outcome = match image {
+            Image::Archives(archives) => self.push_archives(plan, archives).await?,
+            Image::Stream(stream) => self.push_stream(plan, stream).await?,
+        };
         let mut attached = Attached::default();
         if self.attach.any() {
             let progress = self.progress_of(&plan.name);
@@ -567,7 +584,17 @@ impl<'a> Pusher<'a> {
         Ok(Published { outcome, attached })
     }
 
-    async fn push_image(&self, plan: &Planned, archives: Vec<PathBuf>) -> Result<PushOutcome> {
+    /// Pushes a streamed image, as it comes, under the plan's tags (one platform).
+    async fn push_stream(&self, plan: &Planned, stream: ImageStream) -> Result<PushOutcome> {
+        let progress = self.progress_of(&plan.name);
+        let Some((first, more)) = plan.to_push.split_first() else {
+            bail!("{}: no tag to push", plan.name);
+        };
+        let destination = Destination::with_tags(plan.reference.with_tag(first)?, more, plan.existing)?;
+        self.session.push_reader(stream.into_reader(), &destination, &progress).await
+    }
+
+    async fn push_archives(&self, plan: &Planned, archives: Vec<PathBuf>) -> Result<PushOutcome> {
         let progress = self.progress_of(&plan.name);
         let Some((first, more)) = plan.to_push.split_first() else {
             bail!("{}: no tag to push", plan.name);

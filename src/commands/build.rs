@@ -1,5 +1,6 @@
 //! `nixctr build`: each archive's path on stdout (or, with `--load`, the images' names), a
-//! summary on stderr when several containers were built, `--json` one object per container.
+//! summary on stderr when several containers were built, `--json` one object per container;
+//! with `-v`, where each one's time went.
 
 use anyhow::{anyhow, Result};
 
@@ -39,6 +40,13 @@ pub(crate) async fn run(settings: &Settings, args: BuildArgs) -> Result<()> {
                 record.builders = built.builders.clone();
                 if engines.several() {
                     record.engine = Some(built.engine.clone());
+                }
+                progress.debug(format!("{}: {}", target.name, built.phases));
+                // A streamed image loaded as it came.
+                for image in &built.loaded {
+                    if !args.many.json {
+                        output::line(image)?;
+                    }
                 }
                 if let Some(path) = &built.path {
                     record.archive = Some(path.display().to_string());

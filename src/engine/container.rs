@@ -186,6 +186,33 @@ impl ContainerGuard {
         }
     }
 
+    /// The permission bits of the regular file at `path` (read from the first header of
+    /// the engine's tar of it; the rest is not fetched), or `None` when it is something else.
+    pub(crate) async fn file_mode(&self, path: &str) -> Result<Option<u32>> {
+        use tokio::io::AsyncReadExt;
+        let mut reader = tokio_util::io::StreamReader::new(Box::pin(self.download(path)));
+        let mut block = [0u8; 512];
+        loop {
+            reader.read_exact(&mut block).await.map_err(|e| copy_error(e, path))?;
+            let header = tar::Header::from_byte_slice(&block);
+            let size = header.entry_size().with_context(|| format!("bad tar header reading {path}"))?;
+            match header.entry_type() {
+                tar::EntryType::Regular | tar::EntryType::Continuous => {
+                    return Ok(Some(header.mode().with_context(|| format!("bad tar header reading {path}"))?))
+                }
+                tar::EntryType::XHeader
+                | tar::EntryType::XGlobalHeader
+                | tar::EntryType::GNULongName
+                | tar::EntryType::GNULongLink => {
+                    let padded = size.div_ceil(512) * 512;
+                    let mut skip = (&mut reader).take(padded);
+                    tokio::io::copy(&mut skip, &mut tokio::io::sink()).await.map_err(|e| copy_error(e, path))?;
+                }
+                _ => return Ok(None),
+            }
+        }
+    }
+
     /// Runs `cmd` in the container and waits for it. stdout is collected; stderr is shown
     /// live or kept, per `mode`. The exit code comes from the engine, not from the end of
     /// the output stream.
@@ -207,6 +234,31 @@ impl ContainerGuard {
         workdir: Option<&str>,
         mode: OutputMode,
         keep: usize,
+    ) -> Result<ExecOutput> {
+        self.exec_into(cmd, env, workdir, mode, keep, None).await
+    }
+
+    /// [`ContainerGuard::exec`], its stdout sent into `stdout` chunk by chunk as it comes
+    /// (waiting while the receiver is behind) instead of collected. The receiver closing is
+    /// an error: the process is left to the container's removal.
+    pub(crate) async fn exec_streaming(
+        &self,
+        cmd: &[String],
+        env: &[String],
+        workdir: Option<&str>,
+        stdout: &tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    ) -> Result<ExecOutput> {
+        self.exec_into(cmd, env, workdir, OutputMode::Captured, STDERR_TAIL_LINES, Some(stdout)).await
+    }
+
+    async fn exec_into(
+        &self,
+        cmd: &[String],
+        env: &[String],
+        workdir: Option<&str>,
+        mode: OutputMode,
+        keep: usize,
+        sink: Option<&tokio::sync::mpsc::Sender<std::io::Result<Bytes>>>,
     ) -> Result<ExecOutput> {
         let docker = self.engine.client();
         let options = CreateExecOptions::<String> {
@@ -247,7 +299,16 @@ impl ContainerGuard {
                 watch.touch();
                 let item = item.map_err(engine_err).with_context(|| format!("lost the output of {what}"))?;
                 match item {
-                    bollard::container::LogOutput::StdOut { message } => stdout.extend_from_slice(&message),
+                    bollard::container::LogOutput::StdOut { message } => match sink {
+                        Some(sink) => {
+                            if sink.send(Ok(message)).await.is_err() {
+                                anyhow::bail!("the reader of the output of {what} stopped");
+                            }
+                            // A reader that took its time is not the exec stalling.
+                            watch.touch();
+                        }
+                        None => stdout.extend_from_slice(&message),
+                    },
                     bollard::container::LogOutput::StdErr { message } => {
                         if mode == OutputMode::Live {
                             let _ = err.write_all(&message);

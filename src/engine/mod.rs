@@ -392,6 +392,22 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// Loads an uncompressed docker-archive as it comes from `body` (a stream program's
+    /// output, `shown` in messages), and returns the names of the images it loaded. A body
+    /// that ends in an error fails the request, so the engine loads nothing of it. `body` has
+    /// a watchdog of its own: the time it takes to make its next bytes is not this one's.
+    pub(crate) async fn load_stream<S>(&self, body: S, shown: &str) -> Result<Vec<String>>
+    where
+        S: futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + Unpin + 'static,
+    {
+        let options = ImportImageOptionsBuilder::default().quiet(false).build();
+        let watch = self.watch(format!("loading {shown}"));
+        let stream = self.docker.import_image_stream(options, watch.producer_body(body), None);
+        collect_loaded(stream, Path::new(shown), &watch).await
+    }
+}
+
 async fn collect_loaded(
     stream: impl futures::Stream<Item = Result<bollard::models::BuildInfo, bollard::errors::Error>>,
     path: &Path,

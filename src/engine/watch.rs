@@ -140,6 +140,31 @@ impl Watch {
         body.inspect(move |_| watch.touch())
     }
 
+    /// [`Watch::body`] for a body whose producer has a watchdog of its own (a program in
+    /// the container): while the engine waits for the next chunk, that wait is not the
+    /// engine's stall, so the watch is kept fresh; only the engine's answer is watched.
+    pub(crate) fn producer_body<S>(&self, body: S) -> impl Stream<Item = S::Item> + Send + 'static
+    where
+        S: Stream + Send + Unpin + 'static,
+        S::Item: Send,
+    {
+        let watch = self.clone();
+        futures::stream::unfold(body, move |mut body| {
+            let watch = watch.clone();
+            async move {
+                loop {
+                    tokio::select! {
+                        item = body.next() => {
+                            watch.touch();
+                            return item.map(|item| (item, body));
+                        }
+                        () = tokio::time::sleep(watch.limit / 2) => watch.touch(),
+                    }
+                }
+            }
+        })
+    }
+
     /// `stream` (from the engine), ending with an error once it stalls.
     pub(crate) fn stream<T, S>(self, stream: S) -> impl Stream<Item = std::io::Result<T>> + Send + 'static
     where

@@ -16,6 +16,7 @@ use crate::engine::{ContainerGuard, ContainerSpec, Engine, OutputMode, PullPolic
 use crate::exit::Unexpected;
 use crate::platform::Platform;
 use crate::progress::Progress;
+use crate::stream::{self, OutputKind, StreamSender};
 pub(crate) use builders::{BuilderSettings, BuilderUse, Builders};
 use cache::{Phase, Session};
 pub(crate) use cache_settings::{CacheSettings, Network};
@@ -455,6 +456,35 @@ impl NixContainer {
         dest: &mut W,
     ) -> Result<u64> {
         self.guard.copy_file_out(store_path, dest).await
+    }
+
+    /// Whether a built output is an archive file or a program that streams one.
+    pub(crate) async fn output_kind(&self, store_path: &str) -> Result<OutputKind> {
+        if let Some(kind) = stream::kind_by_name(store_path) {
+            return Ok(kind);
+        }
+        stream::kind_by_mode(store_path, self.guard.file_mode(store_path).await?)
+    }
+
+    /// Runs the stream program at `store_path` (built, so evaluation is over) and sends its
+    /// stdout, the image, into `tx`; if it fails, its error goes last into `tx` too, so the
+    /// reader does not take what came before as the whole image. Runs with no environment
+    /// of ours (no secret) in /tmp.
+    pub(crate) async fn run_stream(&self, store_path: &str, tx: StreamSender) -> Result<()> {
+        let cmd = vec![store_path.to_string()];
+        let result = match self.guard.exec_streaming(&cmd, &[], Some("/tmp"), &tx).await {
+            Ok(out) if out.exit_code == 0 => Ok(()),
+            Ok(out) => Err(anyhow!(
+                "{store_path} failed (exit code {}) while writing the image:\n{}",
+                out.exit_code,
+                error_excerpt(&out.stderr_tail)
+            )),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            let _ = tx.send(Err(std::io::Error::other(format!("{e:#}")))).await;
+        }
+        result
     }
 
     /// Removes the container.

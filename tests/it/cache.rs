@@ -338,3 +338,26 @@ fn cache_push_and_ls() {
     out.assert_exit(1).stderr_has("not built in the store volume").stderr_has(&format!("nixctr build {never}"));
     assert_no_containers_left(docker, &out);
 }
+
+/// A streamed image's output is its stream program, whose closure is the image: `cache push`
+/// sends the program, its customisation layer and every store path of the image.
+#[test]
+fn cache_push_sends_a_streamed_images_closure() {
+    let engines = engines();
+    let docker = engines.by_name("docker");
+    let fx = Fixture::new();
+    let (url, dir) = fresh_cache("stream");
+    let key = signing_key().display().to_string();
+    fx.nixctr(Some(docker)).args(["build", "streamed", "-q"]).run().success();
+    let flags = ["--network", "host", "--cache-to", &url, "--signing-key", &key];
+    let out = fx.nixctr(Some(docker)).args(["cache", "push", "streamed"]).args(flags).run();
+    out.success().stderr_lacks("building '");
+    assert!(out.stdout().starts_with("streamed\t/nix/store/"), "{}", out.stdout());
+    assert!(out.stdout().trim_end().ends_with("-stream-streamed"), "{}", out.stdout());
+    for path in ["stream-streamed", "streamed-customisation-layer.tar", "busybox-1.35.0", "hello-2.12.1"] {
+        assert_eq!(narinfos(&dir, path).len(), 1, "{path} is not in the cache");
+    }
+    let out = fx.nixctr(Some(docker)).args(["cache", "ls", "streamed"]).args(flags).run();
+    assert!(out.success().stdout().contains("streamed\tcached\t/nix/store/"), "{}", out.stdout());
+    assert_no_containers_left(docker, &out);
+}

@@ -18,6 +18,7 @@ mod push;
 mod registry_harness;
 mod sbom;
 mod stall;
+mod stream;
 mod tag_harness;
 mod tags;
 mod trust;

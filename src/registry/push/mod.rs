@@ -15,6 +15,8 @@
 
 mod index;
 pub(crate) mod referrers;
+// TEMPORARY (stream branch): replaced by the real push_reader at merge.
+mod reader_shim;
 mod tags;
 
 pub use tags::{Destination, ExistingTags};
