@@ -64,7 +64,8 @@ pub(crate) async fn run(settings: &Settings, args: SbomArgs) -> Result<()> {
         .iter()
         .map(|(i, b)| (*b, metadata.iter().find(|m| m.name == targets[*i].name).cloned().unwrap_or_default()))
         .collect();
-    let mut sboms = sbom::generate(&engines, &settings.nix, root, &images, format, &progress).await?.into_iter();
+    let mut sboms =
+        sbom::generate::generate(&engines, &settings.nix, root, &images, format, &progress).await?.into_iter();
 
     let mut records = Vec::new();
     for (i, (target, outcome)) in targets.iter().zip(&outcomes).enumerate() {
