@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use super::manifest::Compression;
+use super::phases::{Phase, PhaseClock};
 use crate::archive::{Cancellable, EntryData};
 use crate::compress;
 
@@ -42,8 +43,9 @@ pub(crate) fn compress(
     compression: Compression,
     dir: &Path,
     hash_input: bool,
+    clock: &PhaseClock,
 ) -> Result<Compressed> {
-    let mut reader = HashingReader { inner: reader, hasher: hash_input.then(Sha256::new) };
+    let mut reader = HashingReader { inner: reader, hasher: hash_input.then(Sha256::new), clock };
     let file = tempfile::Builder::new()
         .prefix("layer-")
         .tempfile_in(dir)
@@ -53,17 +55,20 @@ pub(crate) fn compress(
         hasher: Sha256::new(),
         size: 0,
     };
+    // Time in writes to the encoder (and its finish) is compressing; in reads, reading.
     let threads = compress::cores();
     let sink = match compression {
         Compression::Gzip => {
-            let mut gz = compress::ParallelGzip::new(sink, GZIP_LEVEL, threads)?;
+            let mut gz = Timed { clock, inner: compress::ParallelGzip::new(sink, GZIP_LEVEL, threads)? };
             copy(&mut reader, &mut gz)?;
-            gz.finish()?
+            let _in = clock.enter(Phase::Compress);
+            gz.inner.finish()?
         }
         Compression::Zstd => {
-            let mut encoder = compress::zstd_writer(sink, ZSTD_LEVEL, threads)?;
+            let mut encoder = Timed { clock, inner: compress::zstd_writer(sink, ZSTD_LEVEL, threads)? };
             copy(&mut reader, &mut encoder)?;
-            encoder.finish()?
+            let _in = clock.enter(Phase::Compress);
+            encoder.inner.finish()?
         }
     };
     let Hashing { mut inner, hasher, size } = sink;
@@ -73,13 +78,15 @@ pub(crate) fn compress(
 }
 
 /// Hashes what is read through it (when it has a hasher).
-struct HashingReader<R> {
+struct HashingReader<'a, R> {
     inner: R,
     hasher: Option<Sha256>,
+    clock: &'a PhaseClock,
 }
 
-impl<R: Read> Read for HashingReader<R> {
+impl<R: Read> Read for HashingReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let _in = self.clock.enter(Phase::Read);
         let n = self.inner.read(buf)?;
         if let Some(hasher) = &mut self.hasher {
             hasher.update(&buf[..n]);
@@ -100,6 +107,22 @@ fn copy(reader: &mut impl Read, writer: &mut impl Write) -> io::Result<u64> {
         };
         writer.write_all(&buf[..n])?;
         total += n as u64;
+    }
+}
+
+/// An encoder whose writes count as compressing.
+struct Timed<'a, W> {
+    clock: &'a PhaseClock,
+    inner: W,
+}
+
+impl<W: Write> Write for Timed<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let _in = self.clock.enter(Phase::Compress);
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -160,14 +183,19 @@ impl Compressor {
 
     /// The compression of `diff_id`, started now from `data` unless one is under way.
     /// `Ok(job)` when started now, `Err(job)` when it was under way already.
-    pub(crate) fn start(&self, diff_id: &str, data: EntryData) -> std::result::Result<Pending, Pending> {
+    pub(crate) fn start(
+        &self,
+        diff_id: &str,
+        data: EntryData,
+        clock: &Arc<PhaseClock>,
+    ) -> std::result::Result<Pending, Pending> {
         let Ok(mut pending) = self.pending.lock() else {
-            return Ok(self.spawn(diff_id, data));
+            return Ok(self.spawn(diff_id, data, clock.clone()));
         };
         if let Some(job) = pending.get(diff_id) {
             return Err(job.clone());
         }
-        let job = self.spawn(diff_id, data);
+        let job = self.spawn(diff_id, data, clock.clone());
         pending.insert(diff_id.to_string(), job.clone());
         Ok(job)
     }
@@ -183,7 +211,7 @@ impl Compressor {
     /// Compresses `data`, which must hash to `diff_id`: the bytes are read again from the
     /// archive (or its spool), which may have changed since they were checked, and a blob
     /// is recorded as `diff_id`'s only when it was made from exactly those bytes.
-    fn spawn(&self, diff_id: &str, data: EntryData) -> Pending {
+    fn spawn(&self, diff_id: &str, data: EntryData, clock: Arc<PhaseClock>) -> Pending {
         let (slots, work, compression, cancel) =
             (self.slots.clone(), self.work.path().to_path_buf(), self.compression, self.cancel.clone());
         let diff_id = diff_id.to_string();
@@ -194,10 +222,10 @@ impl Compressor {
                 // holds may have changed since it was checked, so its bytes are hashed again.
                 let recheck = !data.spooled();
                 let reader = Cancellable { inner: data.reader()?, cancel };
-                let compressed = compress(reader, compression, &work, recheck)?;
+                let compressed = compress(reader, compression, &work, recheck, &clock)?;
                 if recheck && compressed.input_digest != diff_id {
                     bail!(
-                        "its bytes changed since they were checked: they now hash to {}, not {diff_id} (was the archive rewritten during the push? push again)",
+                        "its bytes hash to {}, not to the diff_id {diff_id} the config names (the archive is corrupt, or was rewritten during the push; rebuild it)",
                         compressed.input_digest
                     );
                 }
@@ -238,10 +266,11 @@ mod tests {
     #[test]
     fn same_input_same_blob() {
         let dir = tempfile::tempdir().unwrap();
+        let clock = PhaseClock::default();
         let data = b"layer bytes ".repeat(10_000);
         for compression in [Compression::Gzip, Compression::Zstd] {
-            let a = compress(&data[..], compression, dir.path(), true).unwrap();
-            let b = compress(&data[..], compression, dir.path(), true).unwrap();
+            let a = compress(&data[..], compression, dir.path(), true, &clock).unwrap();
+            let b = compress(&data[..], compression, dir.path(), true, &clock).unwrap();
             assert_eq!(a.digest, b.digest);
             assert_eq!(a.input_digest, crate::archive::sha256_digest(&data));
             let bytes = std::fs::read(a.file.path()).unwrap();
@@ -259,11 +288,11 @@ mod tests {
         }
         // Several members, and an empty input still makes a valid (empty) gzip file.
         let big: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8).collect();
-        let c = compress(&big[..], Compression::Gzip, dir.path(), true).unwrap();
+        let c = compress(&big[..], Compression::Gzip, dir.path(), true, &clock).unwrap();
         let mut back = Vec::new();
         flate2::read::MultiGzDecoder::new(std::fs::File::open(c.file.path()).unwrap()).read_to_end(&mut back).unwrap();
         assert_eq!(back, big);
-        let c = compress(&b""[..], Compression::Gzip, dir.path(), true).unwrap();
+        let c = compress(&b""[..], Compression::Gzip, dir.path(), true, &clock).unwrap();
         let mut back = Vec::new();
         flate2::read::MultiGzDecoder::new(std::fs::File::open(c.file.path()).unwrap()).read_to_end(&mut back).unwrap();
         assert!(back.is_empty());

@@ -31,6 +31,7 @@ use super::blobs::{Compressor, Pending};
 use super::cache::{BlobCache, CachedBlob};
 use super::client::Client;
 use super::manifest::{image_manifest, Compression, ManifestFormat};
+use super::phases::{Phase, PhaseClock, PushPhases};
 use super::upload::{UploadBody, UploadPolicy, UploadStats};
 use super::Target;
 use super::{is_digest, plural, short, Reference, RegistryConfig};
@@ -67,6 +68,14 @@ pub struct PushOutcome {
     pub already: Vec<String>,
     /// What the uploads took: bytes sent, requests, chunks, resumes.
     pub uploads: UploadStats,
+    /// Layers whose bytes this push read (hashed, and compressed unless the registry had
+    /// them): with a blob cache, only those the registry lacked, or all of a compressed
+    /// archive, which can only be read whole.
+    pub read_layers: usize,
+    /// Layers in the image (in all images, for an index).
+    pub total_layers: usize,
+    /// Where the time went.
+    pub phases: PushPhases,
 }
 
 impl PushOutcome {
@@ -86,6 +95,9 @@ impl PushOutcome {
             tags: Vec::new(),
             already: Vec::new(),
             uploads: UploadStats::default(),
+            read_layers: 0,
+            total_layers: 0,
+            phases: PushPhases::default(),
         }
     }
 
@@ -126,10 +138,10 @@ enum LayerResult {
     Missing,
 }
 
-/// A layer's step of a push: done as (digest, size) of its blob, or not possible without
-/// reading the archive again.
+/// A layer's step of a push: done as (digest, size) of its blob (and whether its bytes were
+/// read for it), or not possible without reading the archive again.
 enum LayerStep {
-    Done((String, u64), LayerResult),
+    Done((String, u64), LayerResult, bool),
     NeedsFullRead,
 }
 
@@ -238,7 +250,7 @@ impl PushSession {
     pub async fn push_to(&self, archive: &Path, destination: &Destination, progress: &Progress) -> Result<PushOutcome> {
         let reference = destination.reference();
         self.check_host(reference)?;
-        let started = Started { compressor: &self.compressor, diff_ids: Mutex::default() };
+        let started = Started::new(&self.compressor);
         let result = async {
             let states = self.tag_states(destination).await?;
             if states.iter().any(|s| s.digest.is_some()) && destination.existing() == ExistingTags::MustMatch {
@@ -252,19 +264,19 @@ impl PushSession {
         }
         .await;
         self.save_cache(progress);
-        result
+        result.map(|outcome| started.finish(outcome, progress))
     }
 
     /// Pushes `archive` by digest only, untagged (an image of an index).
     async fn push_untagged(&self, archive: &Path, reference: &Reference, progress: &Progress) -> Result<PushOutcome> {
-        let started = Started { compressor: &self.compressor, diff_ids: Mutex::default() };
+        let started = Started::new(&self.compressor);
         let result = async {
             let image = self.prepare(archive, reference, Mode::Push, progress, &started).await?;
             self.put_image(image, reference, &[], &[], progress).await
         }
         .await;
         self.save_cache(progress);
-        result
+        result.map(|outcome| started.finish(outcome, progress))
     }
 
     fn save_cache(&self, progress: &Progress) {
@@ -302,7 +314,11 @@ impl PushSession {
         started: &Started<'_>,
     ) -> Result<Prepared> {
         progress.info(format!("reading {}", path.display()));
-        if let Some(recalled) = self.recall(path, progress).await {
+        let recalled = {
+            let _in = started.clock.enter(Phase::Read);
+            self.recall(path, progress).await
+        };
+        if let Some(recalled) = recalled {
             progress.debug(format!("{} is unchanged since nixctr last checked it", path.display()));
             self.login_for(reference).await?;
             match self.settle_blobs(&recalled, reference, mode, progress, started).await? {
@@ -310,14 +326,43 @@ impl PushSession {
                 Attempt::NeedsFullRead => progress.debug("a layer needs compressing: reading the whole archive"),
             }
         }
-        // Logs in while the archive is read; what is wrong with the archive is said first.
+        // A plain archive: its headers say where everything is, and only the layers the
+        // registry lacks are read. Logs in meanwhile; what is wrong with the archive is said first.
+        let (indexed, login) = tokio::join!(self.index(path, progress, started), self.login_for(reference));
+        if let Some(archive) = indexed? {
+            login?;
+            return match self.settle_blobs(&archive, reference, mode, progress, started).await? {
+                Attempt::Done(image) => Ok(*image),
+                Attempt::NeedsFullRead => bail!("{}: a layer has no bytes in a plain archive", path.display()),
+            };
+        }
+        // A compressed archive is read whole, compressing layers as they come by.
         let (archive, login) = tokio::join!(self.read(path, progress, started), self.login_for(reference));
         let archive = archive?;
         login?;
         match self.settle_blobs(&archive, reference, mode, progress, started).await? {
-            Attempt::Done(image) => Ok(*image),
+            Attempt::Done(mut image) => {
+                image.outcome.read_layers = archive.layers.len();
+                Ok(*image)
+            }
             Attempt::NeedsFullRead => bail!("{}: a layer has no bytes even after a full read", path.display()),
         }
+    }
+
+    /// A plain archive's index ([`Archive::index`]), remembered for the next push; `None` for
+    /// a compressed one.
+    async fn index(&self, path: &Path, progress: &Progress, started: &Started<'_>) -> Result<Option<Archive>> {
+        let _in = started.clock.enter(Phase::Read);
+        let owned = path.to_path_buf();
+        let indexed = tokio::task::spawn_blocking(move || Archive::index(&owned))
+            .await
+            .map_err(|e| anyhow!("reading the archive stopped: {e}"))??;
+        if let (Some(archive), Some(memory)) = (&indexed, &self.memory) {
+            if let Err(e) = archive.remember(memory) {
+                progress.debug(format!("could not remember the archive's check: {e:#}"));
+            }
+        }
+        Ok(indexed)
     }
 
     /// The archive as its last full read found it, if unchanged since. A recalled archive
@@ -351,6 +396,7 @@ impl PushSession {
     /// Reads and checks the archive, compressing what looks like a layer as soon as it has
     /// been read, unless the blob cache says the registry has it already.
     async fn read(&self, path: &Path, progress: &Progress, started: &Started<'_>) -> Result<Archive> {
+        let _in = started.clock.enter(Phase::Read);
         let cancel = Arc::new(AtomicBool::new(false));
         let _guard = CancelOnDrop(cancel.clone());
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SeenEntry>();
@@ -409,7 +455,10 @@ impl PushSession {
         let mut outcome = PushOutcome::new(reference, self.format);
         while let Some(step) = steps.next().await {
             let (blob, result) = match step? {
-                LayerStep::Done(blob, result) => (blob, result),
+                LayerStep::Done(blob, result, read) => {
+                    outcome.read_layers += usize::from(read);
+                    (blob, result)
+                }
                 // Dropping `steps` stops the other layers; what they finished is in the cache.
                 LayerStep::NeedsFullRead => return Ok(Attempt::NeedsFullRead),
             };
@@ -426,11 +475,13 @@ impl PushSession {
             layers.push(blob);
         }
         drop(steps);
+        outcome.total_layers = total;
 
         let layer_bytes = outcome.pushed_bytes;
         let config = (archive.config_digest.clone(), archive.config.len() as u64);
         if mode == Mode::Push {
             let _transfer = self.transfers.acquire().await.context("the push session closed")?;
+            let _in = started.clock.enter(Phase::Upload);
             if !self.client().await?.blob_exists(repo, (&config.0, config.1)).await? {
                 let body = UploadBody::Bytes(archive.config.clone());
                 let stats =
@@ -456,6 +507,7 @@ impl PushSession {
         let Prepared { config, layers, layer_bytes, mut outcome } = image;
         let repo = reference.repository();
         let mut format = self.format;
+        let putting = std::time::Instant::now();
         outcome.digest = loop {
             let (media_type, body) = image_manifest(format, self.compression, (&config.0, config.1), &layers)?;
             outcome.manifest_size = body.len() as u64;
@@ -479,17 +531,20 @@ impl PushSession {
                 Err(rejected) => return Err(rejected.into()),
             }
         };
+        outcome.phases.manifest += putting.elapsed();
         outcome.format = format;
         outcome.tags = tags.to_vec();
         if outcome.uploads.requests > 0 {
             progress.info(format!("sent {}", outcome.uploads.describe()));
         }
         progress.info(format!(
-            "pushed {} ({}), {} already there, {} mounted",
+            "pushed {} ({}), {} already there, {} mounted; read {} of {}",
             plural(outcome.pushed_layers, "layer"),
             human_bytes(layer_bytes),
             outcome.skipped_layers,
-            outcome.mounted_layers
+            outcome.mounted_layers,
+            outcome.read_layers,
+            plural(outcome.total_layers, "layer"),
         ));
         Ok(outcome)
     }
@@ -509,6 +564,7 @@ impl PushSession {
         if let Some(known) = self.cached(&layer.diff_id) {
             let reused = {
                 let _transfer = self.transfers.acquire().await.context("the push session closed")?;
+                let _in = started.clock.enter(Phase::Upload);
                 match mode {
                     Mode::Push => self.reuse(repo, &known).await?,
                     Mode::Check => {
@@ -521,7 +577,7 @@ impl PushSession {
                 Some(result) => {
                     report(progress, mode, &label, &result);
                     self.record(&layer.diff_id, (&known.digest, known.size), repo);
-                    return Ok(LayerStep::Done((known.digest, known.size), result));
+                    return Ok(LayerStep::Done((known.digest, known.size), result, false));
                 }
                 // A check sends nothing, so the blob may still be mounted later: keep it.
                 None if mode == Mode::Check => {}
@@ -544,10 +600,11 @@ impl PushSession {
         };
         let compressed = job
             .await
-            .map_err(|e| anyhow!("cannot compress layer {} of {}: {e:#}", index + 1, archive.path().display()))?;
+            .map_err(|e| anyhow!("{}: layer {} ({:?}): {e:#}", archive.path().display(), index + 1, layer.name))?;
         let blob = (compressed.digest.as_str(), compressed.size);
         let result = {
             let _transfer = self.transfers.acquire().await.context("the push session closed")?;
+            let _in = started.clock.enter(Phase::Upload);
             if self.client().await?.blob_exists(repo, blob).await? {
                 LayerResult::Skipped
             } else if mode == Mode::Check {
@@ -564,7 +621,7 @@ impl PushSession {
         if !matches!(result, LayerResult::Missing) {
             self.record(&layer.diff_id, blob, repo);
         }
-        Ok(LayerStep::Done((blob.0.to_string(), blob.1), result))
+        Ok(LayerStep::Done((blob.0.to_string(), blob.1), result, true))
     }
 
     /// A cached blob: still in this repository, or mountable from another one? `None`: neither.
@@ -610,11 +667,26 @@ impl Drop for CancelOnDrop {
 struct Started<'a> {
     compressor: &'a Compressor,
     diff_ids: Mutex<Vec<String>>,
+    /// The push's time per phase.
+    clock: Arc<PhaseClock>,
 }
 
-impl Started<'_> {
+impl<'a> Started<'a> {
+    fn new(compressor: &'a Compressor) -> Started<'a> {
+        Started { compressor, diff_ids: Mutex::default(), clock: Arc::default() }
+    }
+
+    /// The push's outcome with its phases' times, printed with `-v`.
+    fn finish(&self, mut outcome: PushOutcome, progress: &Progress) -> PushOutcome {
+        let manifest = outcome.phases.manifest;
+        outcome.phases = self.clock.phases();
+        outcome.phases.manifest += manifest;
+        progress.debug(format!("push phases: {} (they overlap)", outcome.phases.describe()));
+        outcome
+    }
+
     fn start(&self, diff_id: &str, data: EntryData) -> Pending {
-        match self.compressor.start(diff_id, data) {
+        match self.compressor.start(diff_id, data, &self.clock) {
             Ok(job) => {
                 if let Ok(mut mine) = self.diff_ids.lock() {
                     mine.push(diff_id.to_string());
