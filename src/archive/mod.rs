@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 mod io_readers;
 mod platform;
+mod stream;
 
 pub(crate) use platform::platform_of;
 

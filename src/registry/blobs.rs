@@ -200,6 +200,23 @@ impl Compressor {
         Ok(job)
     }
 
+    /// Where compressed files go.
+    pub(crate) fn work_dir(&self) -> &Path {
+        self.work.path()
+    }
+
+    /// A compression done elsewhere (from a stream), made from bytes hashing to `diff_id`.
+    /// `false` when one for `diff_id` is known already (this one is dropped, with its file).
+    pub(crate) fn adopt(&self, diff_id: &str, compressed: Compressed) -> bool {
+        let Ok(mut pending) = self.pending.lock() else { return false };
+        if pending.contains_key(diff_id) {
+            return false;
+        }
+        let done: Pending = futures::future::ready(Ok(Arc::new(compressed))).boxed().shared();
+        pending.insert(diff_id.to_string(), done);
+        true
+    }
+
     pub(crate) fn forget(&self, diff_ids: &[String]) {
         if let Ok(mut pending) = self.pending.lock() {
             for diff_id in diff_ids {

@@ -696,6 +696,69 @@ fn tag_exists_sees_pushed_tags() {
     assert_eq!(registry.skopeo_inspect("lib/app:1", false).expect("inspect")["Digest"], outcome.digest);
 }
 
+/// `push_reader`, as publish calls it for a streamed image: a docker-archive read once through
+/// a pipe, layers first and manifest.json last, comes out as the file archive would (skopeo
+/// reads it back); a stream whose layer does not match its diff_id leaves no tag.
+#[test]
+fn pushes_a_stream_read_once_through_a_pipe() {
+    use nixctr::registry::{Compression, Destination, ManifestFormat, PushSession, Reference, RegistryConfig};
+    let (registry, home) = (Registry::plain(), home());
+    let image = TestImage::new(4, 400_000, 51);
+    let bytes = image.archive_bytes(None);
+    let names: Vec<String> = tar::Archive::new(&bytes[..])
+        .entries()
+        .expect("entries")
+        .map(|e| e.expect("entry").path().expect("path").display().to_string())
+        .collect();
+    assert!(names[0].ends_with("/layer.tar") && names.last().map(String::as_str) == Some("manifest.json"), "{names:?}");
+    let path = write_archive(home.path(), "img", &bytes, false);
+    let config = RegistryConfig {
+        format: ManifestFormat::Oci,
+        compression: Compression::Gzip,
+        jobs: 2,
+        blob_cache: Some(home.path().join("cache/blobs.json")),
+        ..Default::default()
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let progress = nixctr::progress::Progress::new(true, false);
+    let stream = |path: &Path| -> (std::process::Child, Box<dyn Read + Send>) {
+        let mut cat =
+            std::process::Command::new("cat").arg(path).stdout(std::process::Stdio::piped()).spawn().expect("cat");
+        let pipe = cat.stdout.take().expect("pipe");
+        (cat, Box::new(pipe))
+    };
+    let reference = Reference::parse(&format!("{}/stream/app:1", registry.host())).expect("reference");
+    let session = runtime.block_on(PushSession::connect(&config, reference.registry(), &progress)).expect("connect");
+    let (mut cat, pipe) = stream(&path);
+    let outcome = runtime
+        .block_on(session.push_reader(pipe, &Destination::new(reference.clone()), &progress))
+        .expect("push_reader");
+    cat.wait().expect("cat");
+    assert_eq!((outcome.pushed_layers, outcome.read_layers, outcome.total_layers), (4, 4, 4), "{outcome:?}");
+    check_with_skopeo(&registry, "stream/app:1", &outcome.digest, &image, OCI_GZIP, home.path());
+    // The same image from its file: the same manifest.
+    let again = push(&home, &[path.to_str().expect("path"), &format!("{}/stream/app:2", registry.host())]);
+    assert_eq!(again.success().digest(&format!("{}/stream/app:2", registry.host())), outcome.digest);
+
+    let tampered = TestImage::new(4, 400_000, 51).with_changed_layer(1, "tampered");
+    let bad = write_archive(home.path(), "bad", &tampered.archive_bytes(Some(image.diff_ids())), false);
+    let (mut cat, pipe) = stream(&bad);
+    let bad_ref = Reference::parse(&format!("{}/stream/app:bad", registry.host())).expect("reference");
+    let err = runtime
+        .block_on(session.push_reader(pipe, &Destination::new(bad_ref), &progress))
+        .expect_err("a layer that does not match its diff_id");
+    cat.wait().expect("cat");
+    let err = format!("{err:#}");
+    assert!(err.contains("layer 2") && err.contains("diff_id"), "{err}");
+    assert!(registry.skopeo_inspect("stream/app:bad", false).is_none(), "a failed push left a tag");
+
+    // The command line's `-`: standard input, with the time per phase under -v.
+    let reference = format!("{}/stream/app:3", registry.host());
+    let run = home.nixctr().args(["push", "-v", "-", &reference]).stdin(bytes.clone()).run();
+    run.success().stderr_has("push phases: read/hash ");
+    assert_eq!(run.digest(&reference), outcome.digest);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Cache files are hints; untrusted input is bounded
 

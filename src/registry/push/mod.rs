@@ -27,7 +27,7 @@ use futures::StreamExt;
 use tokio::sync::Semaphore;
 
 use super::api::manifest_type_refused;
-use super::blobs::{Compressor, Pending};
+use super::blobs::{compress, Compressed, Compressor, Pending};
 use super::cache::{BlobCache, CachedBlob};
 use super::client::Client;
 use super::manifest::{image_manifest, Compression, ManifestFormat};
@@ -35,7 +35,7 @@ use super::phases::{Phase, PhaseClock, PushPhases};
 use super::upload::{UploadBody, UploadPolicy, UploadStats};
 use super::Target;
 use super::{is_digest, plural, short, Reference, RegistryConfig};
-use crate::archive::{Archive, EntryData, SeenEntry};
+use crate::archive::{Archive, Cancellable, EntryData, SeenEntry};
 use crate::progress::{human_bytes, Progress};
 
 /// What one push did.
@@ -265,6 +265,81 @@ impl PushSession {
         .await;
         self.save_cache(progress);
         result.map(|outcome| started.finish(outcome, progress))
+    }
+
+    /// Pushes the uncompressed docker-archive that `reader` yields (entries in any order, as
+    /// nixpkgs' `streamLayeredImage` writes them: layers first, manifest last) under each tag
+    /// of `destination`. The stream is read once: each layer is hashed and compressed into a
+    /// temporary file as it passes (nothing uncompressed is written), the layers are checked
+    /// against the config's diff_ids at the end, and then the image goes up as a file
+    /// archive's would, tags that must match compared first.
+    pub async fn push_reader(
+        &self,
+        reader: Box<dyn std::io::Read + Send>,
+        destination: &Destination,
+        progress: &Progress,
+    ) -> Result<PushOutcome> {
+        let reference = destination.reference();
+        self.check_host(reference)?;
+        let started = Started::new(&self.compressor);
+        let result = async {
+            progress.info("reading the image stream");
+            let login = async {
+                self.login_for(reference).await?;
+                self.tag_states(destination).await
+            };
+            let (archive, states) = tokio::join!(self.read_stream(reader, &started), login);
+            let archive = archive?;
+            let states = states?;
+            let check = states.iter().any(|s| s.digest.is_some()) && destination.existing() == ExistingTags::MustMatch;
+            let mode = if check { Mode::Check } else { Mode::Push };
+            let mut image = match self.settle_blobs(&archive, reference, mode, progress, &started).await? {
+                Attempt::Done(image) => *image,
+                Attempt::NeedsFullRead => bail!("a layer of the image stream was not kept"),
+            };
+            image.outcome.read_layers = archive.layers.len();
+            if check {
+                let candidates = self.manifest_candidates(&image)?;
+                return self.publish_unless_there(destination, &states, candidates, image.outcome, progress).await;
+            }
+            let existing: Vec<String> = states.into_iter().filter(|s| s.digest.is_some()).map(|s| s.tag).collect();
+            self.put_image(image, reference, destination.tags(), &existing, progress).await
+        }
+        .await;
+        self.save_cache(progress);
+        result.map(|outcome| started.finish(outcome, progress))
+    }
+
+    /// Reads a docker-archive stream, compressing every layer as it passes; the compressions
+    /// go to the compressor, where each layer's step finds them.
+    async fn read_stream(&self, reader: Box<dyn std::io::Read + Send>, started: &Started<'_>) -> Result<Archive> {
+        let _in = started.clock.enter(Phase::Read);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let _guard = CancelOnDrop(cancel.clone());
+        let (compression, dir, clock) =
+            (self.compression, self.compressor.work_dir().to_path_buf(), started.clock.clone());
+        let (archive, kept) = tokio::task::spawn_blocking(move || -> Result<(Archive, Vec<Compressed>)> {
+            let mut kept = Vec::new();
+            let reader = Cancellable { inner: reader, cancel };
+            let archive = Archive::from_stream(reader, "the image stream", &mut |name, layer| {
+                let compressed = compress(layer, compression, &dir, true, &clock)
+                    .with_context(|| format!("the image stream: cannot compress {name:?}"))?;
+                let digest = compressed.input_digest.clone();
+                kept.push(compressed);
+                Ok(digest)
+            })?;
+            Ok((archive, kept))
+        })
+        .await
+        .map_err(|e| anyhow!("reading the image stream stopped: {e}"))??;
+        for compressed in kept {
+            // Entries that are not layers of the image go now, with their files.
+            let diff_id = compressed.input_digest.clone();
+            if archive.layers.iter().any(|l| l.diff_id == diff_id) {
+                started.adopt(&diff_id, compressed);
+            }
+        }
+        Ok(archive)
     }
 
     /// Pushes `archive` by digest only, untagged (an image of an index).
@@ -683,6 +758,15 @@ impl<'a> Started<'a> {
         outcome.phases.manifest += manifest;
         progress.debug(format!("push phases: {} (they overlap)", outcome.phases.describe()));
         outcome
+    }
+
+    /// A compression made from a stream, removed with the push's others.
+    fn adopt(&self, diff_id: &str, compressed: Compressed) {
+        if self.compressor.adopt(diff_id, compressed) {
+            if let Ok(mut mine) = self.diff_ids.lock() {
+                mine.push(diff_id.to_string());
+            }
+        }
     }
 
     fn start(&self, diff_id: &str, data: EntryData) -> Pending {
