@@ -5,8 +5,8 @@
 //! Each layer is compressed on every core by [`crate::compress`]: gzip as libdeflate members
 //! of 2 MiB (about twice zlib's speed at the same ratio), zstd on the library's workers.
 //!
-//! [`Compressor`] runs compressions for a push session on all cores, each once per diff_id
-//! however many pushes want it.
+//! [`Compressor`] runs compressions for a push session, each once per diff_id however many
+//! pushes want it.
 
 use std::collections::HashMap;
 use std::io::{self, BufWriter, Read, Write};
@@ -65,7 +65,7 @@ pub(crate) fn compress(
             gz.inner.finish()?
         }
         Compression::Zstd => {
-            let mut encoder = Timed { clock, inner: compress::zstd_writer(sink, ZSTD_LEVEL, threads)? };
+            let mut encoder = Timed { clock, inner: compress::ZstdWriter::new(sink, ZSTD_LEVEL, threads)? };
             copy(&mut reader, &mut encoder)?;
             let _in = clock.enter(Phase::Compress);
             encoder.inner.finish()?
@@ -148,8 +148,8 @@ impl<W: Write> Write for Hashing<W> {
 /// session) can wait for it.
 pub(crate) type Pending = Shared<BoxFuture<'static, std::result::Result<Arc<Compressed>, Arc<anyhow::Error>>>>;
 
-/// Runs compressions on all cores, into temporary files of its own directory; stops them,
-/// and removes the files, when dropped.
+/// Runs compressions one at a time, each on every core, into temporary files of its own
+/// directory; stops them, and removes the files, when dropped.
 pub(crate) struct Compressor {
     slots: Arc<Semaphore>,
     work: tempfile::TempDir,
@@ -166,9 +166,10 @@ impl Compressor {
             .prefix("nixctr-push-")
             .tempdir()
             .context("cannot create a temporary directory (is TMPDIR writable?)")?;
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Compressor {
-            slots: Arc::new(Semaphore::new(cores)),
+            // One layer at a time, each on every core: more would share the cores, not add
+            // to them, and hold more memory.
+            slots: Arc::new(Semaphore::new(1)),
             work,
             compression,
             cancel: Arc::default(),
