@@ -4,13 +4,19 @@
 //! is kept in memory, and the layers are matched with the config's `rootfs.diff_ids` at the end.
 
 use std::collections::HashMap;
-use std::io::{self, Read};
+use std::fs::File;
+use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
-use super::io_readers::Counted;
-use super::{normalize, read_up_to, sha256_digest, Archive, ConfigRootfs, Layer, ManifestEntry, GZIP_MAGIC};
+use super::io_readers::{Counted, Pipelined};
+use super::{
+    describe_read_error, normalize, read_up_to, sha256_digest, Archive, Cancellable, ConfigRootfs, Identity, Layer,
+    ManifestEntry, Refusal, SpoolBound, GZIP_MAGIC, TAR_TAIL,
+};
 
 /// JSON entries are held in memory up to this size.
 const JSON_LIMIT: u64 = 64 << 20;
@@ -20,6 +26,70 @@ enum Seen {
     /// A layer's sha256 (uncompressed) and size.
     Layer(String, u64),
     Link(String),
+}
+
+/// Reads every entry; I/O errors come back as `io::Error`s (for the callers to word).
+fn read_entries(
+    reader: impl Read,
+    bound: Option<&SpoolBound>,
+    on_layer: &mut dyn FnMut(&str, &mut dyn Read) -> Result<String>,
+) -> Result<HashMap<String, Seen>> {
+    let mut tar = tar::Archive::new(reader);
+    let mut seen: HashMap<String, Seen> = HashMap::new();
+    for entry in tar.entries()? {
+        let mut entry = entry?;
+        let name = normalize(&entry.path()?);
+        let kind = entry.header().entry_type();
+        if kind.is_symlink() || kind.is_hard_link() {
+            if let Some(target) = entry.link_name()? {
+                let target = if kind.is_symlink() {
+                    normalize(&Path::new(&name).parent().unwrap_or(Path::new("")).join(&target))
+                } else {
+                    normalize(&target)
+                };
+                seen.insert(name, Seen::Link(target));
+            }
+            continue;
+        }
+        if !kind.is_file() {
+            continue;
+        }
+        let size = entry.size();
+        if let Some(bound) = bound {
+            bound.check(entry.raw_file_position().saturating_add(size))?;
+        }
+        if name.ends_with(".json") || name == "repositories" {
+            if size > JSON_LIMIT {
+                bail!("{name:?} is {size} bytes, too big for JSON");
+            }
+            let mut bytes = Vec::with_capacity(size as usize);
+            entry.read_to_end(&mut bytes)?;
+            if bytes.len() as u64 != size {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("entry {name:?} is cut short")).into());
+            }
+            seen.insert(name, Seen::Json(bytes));
+            continue;
+        }
+        let mut head = [0u8; 2];
+        let got = read_up_to(&mut entry, &mut head)?;
+        let raw = io::Cursor::new(head).take(got as u64).chain(&mut entry);
+        let mut counted = Counted { inner: raw, count: 0 };
+        let layer = if got == 2 && head == GZIP_MAGIC {
+            let mut plain = Counted { inner: flate2::read::MultiGzDecoder::new(&mut counted), count: 0 };
+            let digest = on_layer(&name, &mut plain)?;
+            let size = plain.count;
+            io::copy(&mut counted, &mut io::sink())?;
+            Seen::Layer(digest, size)
+        } else {
+            let digest = on_layer(&name, &mut counted)?;
+            Seen::Layer(digest, counted.count)
+        };
+        if counted.count != size {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("entry {name:?} is cut short")).into());
+        }
+        seen.insert(name, layer);
+    }
+    Ok(seen)
 }
 
 impl Archive {
@@ -32,57 +102,41 @@ impl Archive {
         shown: &str,
         on_layer: &mut dyn FnMut(&str, &mut dyn Read) -> Result<String>,
     ) -> Result<Archive> {
-        let mut tar = tar::Archive::new(reader);
-        let mut seen: HashMap<String, Seen> = HashMap::new();
-        let broken = |e: io::Error| anyhow::anyhow!("{shown} is not a docker-archive stream (or was cut short): {e}");
-        for entry in tar.entries().map_err(broken)? {
-            let mut entry = entry.map_err(broken)?;
-            let name = normalize(&entry.path().map_err(broken)?);
-            let kind = entry.header().entry_type();
-            if kind.is_symlink() || kind.is_hard_link() {
-                if let Some(target) = entry.link_name().map_err(broken)? {
-                    let target = if kind.is_symlink() {
-                        normalize(&Path::new(&name).parent().unwrap_or(Path::new("")).join(&target))
-                    } else {
-                        normalize(&target)
-                    };
-                    seen.insert(name, Seen::Link(target));
-                }
-                continue;
-            }
-            if !kind.is_file() {
-                continue;
-            }
-            if name.ends_with(".json") || name == "repositories" {
-                if entry.size() > JSON_LIMIT {
-                    bail!("{shown}: {name:?} is {} bytes, too big for JSON", entry.size());
-                }
-                let mut bytes = Vec::with_capacity(entry.size() as usize);
-                entry.read_to_end(&mut bytes).map_err(broken)?;
-                seen.insert(name, Seen::Json(bytes));
-                continue;
-            }
-            let size = entry.size();
-            let mut head = [0u8; 2];
-            let got = read_up_to(&mut entry, &mut head).map_err(broken)?;
-            let raw = io::Cursor::new(head).take(got as u64).chain(&mut entry);
-            let mut counted = Counted { inner: raw, count: 0 };
-            let layer = if got == 2 && head == GZIP_MAGIC {
-                let mut plain = Counted { inner: flate2::read::MultiGzDecoder::new(&mut counted), count: 0 };
-                let digest = on_layer(&name, &mut plain)?;
-                let size = plain.count;
-                io::copy(&mut counted, &mut io::sink()).map_err(broken)?;
-                Seen::Layer(digest, size)
-            } else {
-                let digest = on_layer(&name, &mut counted)?;
-                Seen::Layer(digest, counted.count)
-            };
-            if counted.count != size {
-                bail!("{shown} was cut short in {name:?}");
-            }
-            seen.insert(name, layer);
-        }
+        let seen = read_entries(reader, None, on_layer).map_err(|e| match e.downcast::<io::Error>() {
+            Ok(io) => anyhow::anyhow!("{shown} is not a docker-archive stream (or was cut short): {io}"),
+            Err(other) => other,
+        })?;
         Archive::from_seen(&seen, shown)
+    }
+
+    /// A gzip-compressed archive file read as a stream ([`Archive::from_stream`]): inflated
+    /// on a thread of its own while `on_layer` hashes and compresses, with no uncompressed
+    /// copy on disk. Bounded as [`Archive::open_with`] bounds its spool: a declared size the
+    /// file cannot hold, or more than padding after the tar's end, is refused as a bomb.
+    pub(crate) fn stream_gzip_file(
+        path: &Path,
+        cancel: Arc<AtomicBool>,
+        on_layer: &mut dyn FnMut(&str, &mut dyn Read) -> Result<String>,
+    ) -> Result<Archive> {
+        let opened_as = Identity::of(path);
+        let file = File::open(path).with_context(|| format!("cannot open archive {}", path.display()))?;
+        let compressed = file.metadata().with_context(|| format!("cannot read archive {}", path.display()))?.len();
+        let bound = SpoolBound::for_file(compressed, &std::env::temp_dir().join("nixctr"));
+        let decoder = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 20, file));
+        let decoded = Pipelined::spawn(Cancellable { inner: decoder, cancel });
+        let mut counted = Counted { inner: decoded, count: 0 };
+        let seen = read_entries(&mut counted, Some(&bound), on_layer).map_err(|e| describe_read_error(path, e))?;
+        let end = counted.count;
+        let tail = io::copy(&mut (&mut counted).take(TAR_TAIL + 1), &mut io::sink())
+            .map_err(|e| describe_read_error(path, e.into()))?;
+        if tail > TAR_TAIL {
+            return Err(describe_read_error(path, io::Error::other(Refusal::BeyondEnd { end }).into()));
+        }
+        let mut archive = Archive::from_seen(&seen, &path.display().to_string())?;
+        archive.path = path.to_path_buf();
+        archive.gzipped = true;
+        archive.opened_as = opened_as;
+        Ok(archive)
     }
 
     fn from_seen(seen: &HashMap<String, Seen>, shown: &str) -> Result<Archive> {

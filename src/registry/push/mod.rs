@@ -38,6 +38,10 @@ use super::{is_digest, plural, short, Reference, RegistryConfig};
 use crate::archive::{Archive, Cancellable, EntryData, SeenEntry};
 use crate::progress::{human_bytes, Progress};
 
+/// Called with each layer of an archive read once: hashes and compresses it, giving back its
+/// sha256.
+type OnLayer<'a> = dyn FnMut(&str, &mut dyn std::io::Read) -> Result<String> + 'a;
+
 /// What one push did.
 // pub: used by tests/it/push.rs
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -288,7 +292,10 @@ impl PushSession {
                 self.login_for(reference).await?;
                 self.tag_states(destination).await
             };
-            let (archive, states) = tokio::join!(self.read_stream(reader, &started), login);
+            let read = move |cancel: Arc<AtomicBool>, on_layer: &mut OnLayer<'_>| {
+                Archive::from_stream(Cancellable { inner: reader, cancel }, "the image stream", on_layer)
+            };
+            let (archive, states) = tokio::join!(self.read_stream(read, &started), login);
             let archive = archive?;
             let states = states?;
             let check = states.iter().any(|s| s.digest.is_some()) && destination.existing() == ExistingTags::MustMatch;
@@ -310,9 +317,12 @@ impl PushSession {
         result.map(|outcome| started.finish(outcome, progress))
     }
 
-    /// Reads a docker-archive stream, compressing every layer as it passes; the compressions
-    /// go to the compressor, where each layer's step finds them.
-    async fn read_stream(&self, reader: Box<dyn std::io::Read + Send>, started: &Started<'_>) -> Result<Archive> {
+    /// Reads a docker-archive once with `read`, compressing every layer as it passes; the
+    /// compressions go to the compressor, where each layer's step finds them.
+    async fn read_stream<F>(&self, read: F, started: &Started<'_>) -> Result<Archive>
+    where
+        F: FnOnce(Arc<AtomicBool>, &mut OnLayer<'_>) -> Result<Archive> + Send + 'static,
+    {
         let _in = started.clock.enter(Phase::Read);
         let cancel = Arc::new(AtomicBool::new(false));
         let _guard = CancelOnDrop(cancel.clone());
@@ -320,10 +330,9 @@ impl PushSession {
             (self.compression, self.compressor.work_dir().to_path_buf(), started.clock.clone());
         let (archive, kept) = tokio::task::spawn_blocking(move || -> Result<(Archive, Vec<Compressed>)> {
             let mut kept = Vec::new();
-            let reader = Cancellable { inner: reader, cancel };
-            let archive = Archive::from_stream(reader, "the image stream", &mut |name, layer| {
+            let archive = read(cancel, &mut |name, layer| {
                 let compressed = compress(layer, compression, &dir, true, &clock)
-                    .with_context(|| format!("the image stream: cannot compress {name:?}"))?;
+                    .with_context(|| format!("cannot compress {name:?}"))?;
                 let digest = compressed.input_digest.clone();
                 kept.push(compressed);
                 Ok(digest)
@@ -411,7 +420,31 @@ impl PushSession {
                 Attempt::NeedsFullRead => bail!("{}: a layer has no bytes in a plain archive", path.display()),
             };
         }
-        // A compressed archive is read whole, compressing layers as they come by.
+        // A compressed archive for a registry nothing was sent to yet (as far as the blob cache
+        // knows): its layers will all be sent, so each is compressed as it is inflated, with
+        // no uncompressed copy on disk.
+        if !self.cache.lock().is_ok_and(|c| c.knows_any(&self.registry, self.compression.name())) {
+            let owned = path.to_path_buf();
+            let read = move |cancel: Arc<AtomicBool>, on_layer: &mut OnLayer<'_>| {
+                Archive::stream_gzip_file(&owned, cancel, on_layer)
+            };
+            let (archive, login) = tokio::join!(self.read_stream(read, started), self.login_for(reference));
+            let archive = archive?;
+            login?;
+            if let Some(memory) = &self.memory {
+                if let Err(e) = archive.remember(memory) {
+                    progress.debug(format!("could not remember the archive's check: {e:#}"));
+                }
+            }
+            return match self.settle_blobs(&archive, reference, mode, progress, started).await? {
+                Attempt::Done(mut image) => {
+                    image.outcome.read_layers = archive.layers.len();
+                    Ok(*image)
+                }
+                Attempt::NeedsFullRead => bail!("{}: a layer was not kept", path.display()),
+            };
+        }
+        // Else it is read whole, compressing the layers the cache does not know as they come by.
         let (archive, login) = tokio::join!(self.read(path, progress, started), self.login_for(reference));
         let archive = archive?;
         login?;
