@@ -208,12 +208,12 @@ impl Compressor {
 
     /// A compression done elsewhere (from a stream), made from bytes hashing to `diff_id`.
     /// `false` when one for `diff_id` is known already (this one is dropped, with its file).
-    pub(crate) fn adopt(&self, diff_id: &str, compressed: Compressed) -> bool {
+    pub(crate) fn adopt(&self, diff_id: &str, compressed: Arc<Compressed>) -> bool {
         let Ok(mut pending) = self.pending.lock() else { return false };
         if pending.contains_key(diff_id) {
             return false;
         }
-        let done: Pending = futures::future::ready(Ok(Arc::new(compressed))).boxed().shared();
+        let done: Pending = futures::future::ready(Ok(compressed)).boxed().shared();
         pending.insert(diff_id.to_string(), done);
         true
     }

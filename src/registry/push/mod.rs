@@ -18,6 +18,7 @@ mod tags;
 
 pub use tags::{Destination, ExistingTags};
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -288,18 +289,16 @@ impl PushSession {
         let started = Started::new(&self.compressor);
         let result = async {
             progress.info("reading the image stream");
-            let login = async {
-                self.login_for(reference).await?;
-                self.tag_states(destination).await
-            };
+            // The tags first (a few requests): whether blobs go up while the stream is read.
+            self.login_for(reference).await?;
+            let states = self.tag_states(destination).await?;
+            let check = states.iter().any(|s| s.digest.is_some()) && destination.existing() == ExistingTags::MustMatch;
+            let mode = if check { Mode::Check } else { Mode::Push };
             let read = move |cancel: Arc<AtomicBool>, on_layer: &mut OnLayer<'_>| {
                 Archive::from_stream(Cancellable { inner: reader, cancel }, "the image stream", on_layer)
             };
-            let (archive, states) = tokio::join!(self.read_stream(read, &started), login);
-            let archive = archive?;
-            let states = states?;
-            let check = states.iter().any(|s| s.digest.is_some()) && destination.existing() == ExistingTags::MustMatch;
-            let mode = if check { Mode::Check } else { Mode::Push };
+            let early = (mode == Mode::Push).then(|| reference.repository());
+            let archive = self.read_stream(read, early, progress, &started).await?;
             let mut image = match self.settle_blobs(&archive, reference, mode, progress, &started).await? {
                 Attempt::Done(image) => *image,
                 Attempt::NeedsFullRead => bail!("a layer of the image stream was not kept"),
@@ -318,8 +317,17 @@ impl PushSession {
     }
 
     /// Reads a docker-archive once with `read`, compressing every layer as it passes; the
-    /// compressions go to the compressor, where each layer's step finds them.
-    async fn read_stream<F>(&self, read: F, started: &Started<'_>) -> Result<Archive>
+    /// compressions go to the compressor, where each layer's step finds them. With `early`
+    /// (a repository), each compressed blob goes up to it at once, while the rest is read:
+    /// a blob is content-addressed, and nothing names it until the manifest, put only once
+    /// the whole archive checked out.
+    async fn read_stream<F>(
+        &self,
+        read: F,
+        early: Option<&str>,
+        progress: &Progress,
+        started: &Started<'_>,
+    ) -> Result<Archive>
     where
         F: FnOnce(Arc<AtomicBool>, &mut OnLayer<'_>) -> Result<Archive> + Send + 'static,
     {
@@ -328,19 +336,33 @@ impl PushSession {
         let _guard = CancelOnDrop(cancel.clone());
         let (compression, dir, clock) =
             (self.compression, self.compressor.work_dir().to_path_buf(), started.clock.clone());
-        let (archive, kept) = tokio::task::spawn_blocking(move || -> Result<(Archive, Vec<Compressed>)> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Arc<Compressed>>();
+        let reading = tokio::task::spawn_blocking(move || -> Result<(Archive, Vec<Arc<Compressed>>)> {
             let mut kept = Vec::new();
             let archive = read(cancel, &mut |name, layer| {
-                let compressed = compress(layer, compression, &dir, true, &clock)
-                    .with_context(|| format!("cannot compress {name:?}"))?;
+                let compressed = Arc::new(
+                    compress(layer, compression, &dir, true, &clock)
+                        .with_context(|| format!("cannot compress {name:?}"))?,
+                );
                 let digest = compressed.input_digest.clone();
+                let _ = tx.send(compressed.clone());
                 kept.push(compressed);
                 Ok(digest)
             })?;
             Ok((archive, kept))
-        })
-        .await
-        .map_err(|e| anyhow!("reading the image stream stopped: {e}"))??;
+        });
+        let uploads = async {
+            let Some(repo) = early else { return };
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
+                .for_each_concurrent(self.jobs, |blob| async move {
+                    if let Err(e) = self.upload_early(repo, &blob, started).await {
+                        progress.debug(format!("an early upload failed (the layer's step sends it again): {e:#}"));
+                    }
+                })
+                .await;
+        };
+        let (read, ()) = tokio::join!(reading, uploads);
+        let (archive, kept) = read.map_err(|e| anyhow!("reading the image stream stopped: {e}"))??;
         for compressed in kept {
             // Entries that are not layers of the image go now, with their files.
             let diff_id = compressed.input_digest.clone();
@@ -349,6 +371,24 @@ impl PushSession {
             }
         }
         Ok(archive)
+    }
+
+    /// Sends a blob compressed from a stream unless the repository has it, noting what was
+    /// sent for the layer's step to count. The blob cache learns the link (proven: the blob
+    /// was made from bytes hashing to its diff_id) only in that step, for layers of the image.
+    async fn upload_early(&self, repo: &str, blob: &Compressed, started: &Started<'_>) -> Result<()> {
+        let _transfer = self.transfers.acquire().await.context("the push session closed")?;
+        let _in = started.clock.enter(Phase::Upload);
+        let key = (blob.digest.as_str(), blob.size);
+        if self.client().await?.blob_exists(repo, key).await? {
+            return Ok(());
+        }
+        let body = UploadBody::File(blob.file.path());
+        let stats = self.client().await?.upload_blob(&self.uploads, repo, key, body, None).await?;
+        if let Ok(mut sent) = started.sent_early.lock() {
+            sent.insert(blob.digest.clone(), stats);
+        }
+        Ok(())
     }
 
     /// Pushes `archive` by digest only, untagged (an image of an index).
@@ -428,7 +468,10 @@ impl PushSession {
             let read = move |cancel: Arc<AtomicBool>, on_layer: &mut OnLayer<'_>| {
                 Archive::stream_gzip_file(&owned, cancel, on_layer)
             };
-            let (archive, login) = tokio::join!(self.read_stream(read, started), self.login_for(reference));
+            // Nothing is sent before the whole file checked out: a bad archive on disk leaves
+            // the registry as it was.
+            let (archive, login) =
+                tokio::join!(self.read_stream(read, None, progress, started), self.login_for(reference));
             let archive = archive?;
             login?;
             if let Some(memory) = &self.memory {
@@ -713,7 +756,14 @@ impl PushSession {
         let result = {
             let _transfer = self.transfers.acquire().await.context("the push session closed")?;
             let _in = started.clock.enter(Phase::Upload);
-            if self.client().await?.blob_exists(repo, blob).await? {
+            let early = started.sent_early.lock().ok().and_then(|mut sent| sent.remove(blob.0));
+            if let Some(stats) = early.filter(|_| mode == Mode::Push) {
+                // Sent while the archive was read; confirmed here like any other.
+                if !self.client().await?.blob_exists(repo, blob).await? {
+                    bail!("registry {} lost blob {} just sent", self.registry, blob.0);
+                }
+                LayerResult::Pushed(blob.1, stats)
+            } else if self.client().await?.blob_exists(repo, blob).await? {
                 LayerResult::Skipped
             } else if mode == Mode::Check {
                 LayerResult::Missing
@@ -777,11 +827,13 @@ struct Started<'a> {
     diff_ids: Mutex<Vec<String>>,
     /// The push's time per phase.
     clock: Arc<PhaseClock>,
+    /// Blobs sent while a stream was read, by digest, with what sending them took.
+    sent_early: Mutex<HashMap<String, UploadStats>>,
 }
 
 impl<'a> Started<'a> {
     fn new(compressor: &'a Compressor) -> Started<'a> {
-        Started { compressor, diff_ids: Mutex::default(), clock: Arc::default() }
+        Started { compressor, diff_ids: Mutex::default(), clock: Arc::default(), sent_early: Mutex::default() }
     }
 
     /// The push's outcome with its phases' times, printed with `-v`.
@@ -794,7 +846,7 @@ impl<'a> Started<'a> {
     }
 
     /// A compression made from a stream, removed with the push's others.
-    fn adopt(&self, diff_id: &str, compressed: Compressed) {
+    fn adopt(&self, diff_id: &str, compressed: Arc<Compressed>) {
         if self.compressor.adopt(diff_id, compressed) {
             if let Ok(mut mine) = self.diff_ids.lock() {
                 mine.push(diff_id.to_string());
