@@ -20,6 +20,7 @@ work=${1:-/tmp/nixctr-bench}
 # shellcheck source=bench/lib.sh
 . "$here/lib.sh"
 cd "$work"
+rm -f "$work"/nixctr-*.time
 
 if [ ! -f big.tar ]; then
   echo "generating big.tar in $work" >&2

@@ -1,10 +1,13 @@
 //! Docker-archive files (`docker save`, nix's `dockerTools`): a tar, plain or gzip-compressed,
 //! holding `manifest.json`, the image config and one tar per layer.
 //!
-//! [`Archive::open`] reads the whole file once and hashes every entry, so a truncated archive,
-//! or a layer that does not match the config's `rootfs.diff_ids`, is an error before any of it
-//! is used. A compressed archive is copied uncompressed to a temporary file during that pass,
-//! so layers can later be read at their offsets, several at once.
+//! Three ways in. [`Archive::index`] reads a plain tar's headers, manifest and config only:
+//! its layers' diff_ids are the config's word until their bytes are read (and hashed then).
+//! [`Archive::open_with`] reads the whole file once and hashes every entry, so a truncated
+//! archive, or a layer that does not match the config's `rootfs.diff_ids`, is an error before
+//! any of it is used; a compressed archive is copied uncompressed to a temporary file during
+//! that pass, so layers can later be read at their offsets. `stream.rs` reads an archive once
+//! from a stream, handing each layer to the caller as it passes.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -119,7 +122,7 @@ struct Rootfs {
     diff_ids: Vec<String>,
 }
 
-/// A full read's findings, stored by [`Archive::remember`].
+/// A read's findings (an index's, for a plain archive), stored by [`Archive::remember`].
 ///
 /// The memory is a hint, like the blob cache: being wrong about an archive would push
 /// another image than the one named, so a recalled entry must show it is this file's. Its

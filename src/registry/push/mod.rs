@@ -2,16 +2,31 @@
 //! compressor and the compressions under way, shared by every push to that host (pushes to
 //! different repositories may run at once; blob transfers stay within `jobs` in all).
 //!
-//! Order of work for one push: read and check the archive, compressing each layer the blob
-//! cache does not know into a temporary file as soon as it has been read (on all cores).
-//! Once the whole archive checks out, per layer: skip it when the registry has it, mount it
-//! from another repository when the cache knows one, else upload it; then the config; the
-//! manifest last, so a failed push leaves no tag. An archive unchanged since its last check
-//! (same inode, size, mtime, ctime and content sample, its config agreeing) is not read
-//! again, unless a layer turns out to need compressing and the recalled archive cannot supply
-//! its bytes. Both cache files are hints: a layer goes into a manifest only as a blob whose
-//! link to its diff_id nixctr proved (compressed it from bytes hashing to that diff_id, then
-//! or in a signed cache entry), at the size the registry's HEAD confirms.
+//! How an archive is read depends on what it is, so that only what changed is read:
+//! - A plain `.tar` is indexed from its tar headers (manifest.json and the config read, layer
+//!   data seeked over). A layer whose diff_id the blob cache maps to a blob the registry
+//!   confirms (HEAD, digest and size) is skipped without reading its bytes; the others are
+//!   read, hashed, checked against their diff_id and compressed, one at a time on every
+//!   core, and uploaded as each is done.
+//! - A `.tar.gz` is read whole (its bytes cannot be reached otherwise). For a registry the
+//!   cache knows nothing of, every layer is compressed as it is inflated (a pipeline: inflate
+//!   on one thread, hash and compress on the others); else it is inflated to a temporary
+//!   file and only the layers the cache does not know are compressed.
+//! - A stream ([`PushSession::push_reader`]) is read once: every layer is hashed and
+//!   compressed as it passes and its blob sent at once; the layers are matched with the
+//!   config's diff_ids when the stream ends.
+//!
+//! An archive unchanged since its last check (same inode, size, mtime, ctime and content
+//! sample, its config agreeing) is not indexed or read again, unless a layer turns out to need
+//! compressing and the recalled archive cannot supply its bytes. Then the config; the manifest
+//! last, so a failed push leaves no tag (a `.tar.gz` that does not check out sends nothing at
+//! all; a plain archive or a stream may have sent blobs by then, which nothing names). Both
+//! cache files are hints: a layer goes into a manifest only as a blob whose link to its
+//! diff_id nixctr proved (compressed it from bytes hashing to that diff_id, then or in a
+//! signed cache entry), at the size the registry's HEAD confirms. A layer whose bytes do not
+//! hash to the config's diff_id is refused whenever it must be sent; where it need not be,
+//! its bytes are never read, and the manifest names the diff_id's proven blob, consistent
+//! with the config.
 
 mod index;
 mod tags;
