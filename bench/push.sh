@@ -3,12 +3,16 @@
 # docker-registry on 127.0.0.1, and prints time, peak RSS and stored blob bytes, with ratios:
 #   cold push            nixctr .tar      vs skopeo .tar      (target time ratio <= 0.6)
 #   re-push, new tag     nixctr (cache)   vs skopeo (its blob-info cache)   (<= 1.0)
-#   one layer changed    nixctr sends exactly one layer
-#   compressed archive   nixctr .tar.gz   vs skopeo .tar      (<= 0.8)
+#   one layer changed    nixctr vs skopeo, each re-pushing to its registry   (<= 0.8);
+#                        nixctr reads and sends exactly one layer
+#   compressed archive   nixctr .tar.gz   vs skopeo .tar      (<= 0.6)
+#   zstd                 nixctr --compression zstd vs nixctr gzip, both cold   (<= 1.0)
+#   stream               nixctr push - < big.tar (cold), next to the .tar push
+#   peak RSS of every nixctr push <= 100 MB (summed up at the end)
 #   body-capped proxy    nixctr through nginx at 8 MiB vs nixctr direct   (<= 1.3)
 #   one cut connection   nixctr cut at half its largest layer vs undisturbed   (<= 1.2)
 # usage: bench/push.sh [WORKDIR]   (NIXCTR=path/to/nixctr, default target-push release build;
-#        SECTIONS=uploads runs only the last two)
+#        SECTIONS=uploads runs only the last two, SECTIONS=issue17 all but those)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -16,12 +20,13 @@ work=${1:-/tmp/nixctr-bench}
 # shellcheck source=bench/lib.sh
 . "$here/lib.sh"
 cd "$work"
+rm -f "$work"/nixctr-*.time
 
 if [ ! -f big.tar ]; then
   echo "generating big.tar in $work" >&2
   python3 "$here/gen-image.py" big --layers 60 --size-mb 900 >&2
 fi
-if [ "${SECTIONS:-all}" = all ] && [ ! -f changed.tar ]; then
+if [ "${SECTIONS:-all}" != uploads ] && [ ! -f changed.tar ]; then
   python3 "$here/gen-image.py" changed --layers 60 --size-mb 900 --change-layer 30 >&2
 fi
 
@@ -31,7 +36,7 @@ export XDG_CACHE_HOME="$work/nixctr-cache"
 rm -rf "$XDG_CACHE_HOME"
 skopeo_copy() { echo skopeo copy --quiet --dest-tls-verify=false "docker-archive:$1" "docker://$2"; }
 
-if [ "${SECTIONS:-all}" = all ]; then
+if [ "${SECTIONS:-all}" != uploads ]; then
 echo "== cold push (.tar)"
 start_registry nixctr; a=$host; start_registry skopeo; b=$host
 measure nixctr-cold "$nixctr" push big.tar "$a/bench/app:1"; n_secs=$secs; n_rss=$rss_mb
@@ -47,19 +52,45 @@ measure skopeo-retag $(skopeo_copy big.tar "$b/bench/app:2"); s_secs=$secs
 echo "re-push time ratio nixctr/skopeo: $(ratio "$n_secs" "$s_secs")   (target <= 1.0)"
 
 echo "== re-push with one layer changed"
-measure nixctr-changed "$nixctr" push changed.tar "$a/bench/app:3"
+measure nixctr-changed "$nixctr" push changed.tar "$a/bench/app:3"; n_secs=$secs
 summary=$(grep '^pushed ' "$work/nixctr-changed.err")
 echo "nixctr: $summary"
-measure skopeo-changed $(skopeo_copy changed.tar "$b/bench/app:3")
-case $summary in "pushed 1 layer "*) echo "one layer sent: yes" ;; *) echo "one layer sent: NO" ;; esac
+measure skopeo-changed $(skopeo_copy changed.tar "$b/bench/app:3"); s_secs=$secs
+case $summary in "pushed 1 layer "*"; read 1 of "*) echo "one layer read and sent: yes" ;; *) echo "one layer read and sent: NO" ;; esac
+echo "one-changed-layer time ratio nixctr/skopeo: $(ratio "$n_secs" "$s_secs")   (target <= 0.8)"
 
 echo "== compressed archive: nixctr .tar.gz vs skopeo .tar (both cold)"
 rm -rf "$XDG_CACHE_HOME"
 start_registry nixctr-gz; c=$host; start_registry skopeo-2; d=$host
 measure nixctr-cold-gz "$nixctr" push big.tar.gz "$c/bench/app:1"; n_secs=$secs; n_rss=$rss_mb
 measure skopeo-cold-2 $(skopeo_copy big.tar "$d/bench/app:1"); s_secs=$secs
-echo ".tar.gz time ratio nixctr/skopeo(.tar): $(ratio "$n_secs" "$s_secs")   (target <= 0.8); nixctr peak RSS $n_rss MB"
+echo ".tar.gz time ratio nixctr/skopeo(.tar): $(ratio "$n_secs" "$s_secs")   (target <= 0.6); nixctr peak RSS $n_rss MB"
+
+echo "== zstd vs gzip (nixctr, both cold, .tar)"
+rm -rf "$XDG_CACHE_HOME"
+start_registry gzip; e=$host; start_registry zstd; f=$host
+measure nixctr-gzip "$nixctr" -v push big.tar "$e/bench/app:1"; g_secs=$secs
+rm -rf "$XDG_CACHE_HOME"
+measure nixctr-zstd "$nixctr" -v push --compression zstd big.tar "$f/bench/app:1"; z_secs=$secs
+echo "gzip:  $(grep -m1 '^push phases' "$work/nixctr-gzip.err")"
+echo "zstd:  $(grep -m1 '^push phases' "$work/nixctr-zstd.err")"
+echo "stored blob bytes: gzip $(blob_bytes gzip), zstd $(blob_bytes zstd)"
+echo "zstd/gzip time ratio: $(ratio "$z_secs" "$g_secs")   (target <= 1.0)"
+
+echo "== stream: nixctr push - < big.tar (cold), next to the .tar push above"
+rm -rf "$XDG_CACHE_HOME"
+start_registry stream; g=$host
+measure nixctr-stream sh -c "\"\$0\" -v push - \"\$1\" < big.tar" "$nixctr" "$g/bench/app:1"; t_secs=$secs
+echo "stream: $(grep -m1 '^push phases' "$work/nixctr-stream.err")"
+echo "stream/.tar time ratio: $(ratio "$t_secs" "$g_secs")"
+
+echo "== peak RSS of every nixctr push (target <= 100 MB)"
+for f in "$work"/nixctr-*.time; do
+  printf '%-24s %5s MB\n' "$(basename "$f" .time)" "$(awk -F': ' '/Maximum resident set size/ {printf "%.0f", $2/1024}' "$f")"
+done
 fi
+
+[ "${SECTIONS:-all}" = issue17 ] && exit 0
 
 # start_nginx NAME UPSTREAM_PORT BODY_LIMIT -> sets $host: nginx as a reverse proxy, as
 # registries are often run, with client_max_body_size BODY_LIMIT.

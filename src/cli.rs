@@ -445,8 +445,9 @@ pub struct RegistryArgs {
 
 #[derive(Debug, Args)]
 pub struct PushArgs {
-    /// docker-archives to push (.tar or .tar.gz); several become one image index, each
-    /// entry's platform read from its config
+    /// docker-archives to push (.tar or .tar.gz; `-`: one uncompressed docker-archive on
+    /// standard input, entries in any order); several become one image index, each entry's
+    /// platform read from its config
     #[arg(value_name = "ARCHIVE", required = true, num_args = 1..)]
     pub archives: Vec<PathBuf>,
 

@@ -13,6 +13,7 @@ mod build;
 // pub: the binary parses the command line.
 pub mod cli;
 mod commands;
+mod compress;
 mod context;
 mod doctor;
 mod engine;

@@ -17,16 +17,13 @@ use futures::Stream;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
+use crate::compress::{cores, ParallelGzip, GZIP_LEVEL};
 use crate::platform::Platform;
 
 /// Chunks of the program's stdout in flight between the exec and the reader.
 const DEPTH: usize = 16;
 /// A tar entry bigger than this is not an image config.
 const SMALL: u64 = 4 << 20;
-/// Input bytes per gzip member of a `.tar.gz` written from a stream.
-const MEMBER: usize = 2 << 20;
-/// libdeflate level of that gzip (as the registry blobs').
-const GZIP_LEVEL: i32 = 1;
 
 /// What a container's store output is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,31 +155,33 @@ impl std::fmt::Debug for HandOver {
     }
 }
 
-/// Compresses `reader` into `writer` as gzip: deterministic (libdeflate, one member per
-/// 2 MiB, no timestamp), so the same image always makes the same `.tar.gz`. Returns the bytes
-/// written. (Single-threaded for now; the place to put a parallel encoder.)
+/// Compresses `reader` into `writer` as gzip on every core, deterministic (the push's own
+/// encoder: libdeflate, one member per 2 MiB, no timestamp), so the same image always makes
+/// the same `.tar.gz`. Returns the bytes written.
 pub(crate) fn gzip(reader: &mut dyn Read, writer: &mut dyn Write) -> Result<u64> {
-    let level = libdeflater::CompressionLvl::new(GZIP_LEVEL).map_err(|e| anyhow!("gzip level: {e:?}"))?;
-    let mut compressor = libdeflater::Compressor::new(level);
-    let mut input = vec![0u8; MEMBER];
-    let mut output = vec![0u8; compressor.gzip_compress_bound(MEMBER)];
-    let mut written = 0u64;
-    loop {
-        let n = crate::archive::read_up_to(&mut &mut *reader, &mut input)?;
-        if n == 0 && written > 0 {
-            break;
-        }
-        let size = compressor
-            .gzip_compress(&input[..n], &mut output)
-            .map_err(|e| anyhow!("gzip compression failed: {e:?}"))?;
-        writer.write_all(&output[..size])?;
-        written += size as u64;
-        if n < MEMBER {
-            break;
-        }
+    let mut counted = Counting { inner: writer, written: 0 };
+    let mut gzip = ParallelGzip::new(&mut counted, GZIP_LEVEL, cores())?;
+    std::io::copy(reader, &mut gzip)?;
+    gzip.finish()?;
+    Ok(counted.written)
+}
+
+/// A writer that counts what passes.
+struct Counting<'a> {
+    inner: &'a mut dyn Write,
+    written: u64,
+}
+
+impl Write for Counting<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
     }
-    writer.flush()?;
-    Ok(written)
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 #[derive(Deserialize)]

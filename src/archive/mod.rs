@@ -1,10 +1,13 @@
 //! Docker-archive files (`docker save`, nix's `dockerTools`): a tar, plain or gzip-compressed,
 //! holding `manifest.json`, the image config and one tar per layer.
 //!
-//! [`Archive::open`] reads the whole file once and hashes every entry, so a truncated archive,
-//! or a layer that does not match the config's `rootfs.diff_ids`, is an error before any of it
-//! is used. A compressed archive is copied uncompressed to a temporary file during that pass,
-//! so layers can later be read at their offsets, several at once.
+//! Three ways in. [`Archive::index`] reads a plain tar's headers, manifest and config only:
+//! its layers' diff_ids are the config's word until their bytes are read (and hashed then).
+//! [`Archive::open_with`] reads the whole file once and hashes every entry, so a truncated
+//! archive, or a layer that does not match the config's `rootfs.diff_ids`, is an error before
+//! any of it is used; a compressed archive is copied uncompressed to a temporary file during
+//! that pass, so layers can later be read at their offsets. `stream.rs` reads an archive once
+//! from a stream, handing each layer to the caller as it passes.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -18,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 mod io_readers;
 mod platform;
+mod stream;
 
 pub(crate) use platform::platform_of;
 
@@ -118,7 +122,7 @@ struct Rootfs {
     diff_ids: Vec<String>,
 }
 
-/// A full read's findings, stored by [`Archive::remember`].
+/// A read's findings (an index's, for a plain archive), stored by [`Archive::remember`].
 ///
 /// The memory is a hint, like the blob cache: being wrong about an archive would push
 /// another image than the one named, so a recalled entry must show it is this file's. Its
@@ -217,7 +221,12 @@ fn fingerprint(path: &Path) -> io::Result<String> {
 /// What the first pass learned about one tar entry.
 #[derive(Debug, Clone)]
 enum Entry {
-    File { sha256: String, content_size: u64, data: EntryData },
+    /// `sha256`: `None` when only the headers were read ([`Archive::index`]).
+    File {
+        sha256: Option<String>,
+        content_size: u64,
+        data: EntryData,
+    },
     Link(String),
 }
 
@@ -287,6 +296,39 @@ impl Archive {
         };
         archive.check(&entries)?;
         Ok(archive)
+    }
+
+    /// A plain (not gzip-compressed) archive's manifest, config and layer places, from its tar
+    /// headers alone: no layer is read. Its layers' `diff_id`s are the config's, not yet
+    /// checked: a layer's bytes must be hashed as they are read ([`EntryData::spooled`] is
+    /// false), and a layer never read is used only through a blob already proven to hold
+    /// its diff_id. `None` for a gzip-compressed archive, which must be read whole
+    /// ([`Archive::open_with`]).
+    pub(crate) fn index(path: &Path) -> Result<Option<Archive>> {
+        let shown = path.display();
+        let opened_as = Identity::of(path);
+        let mut file = File::open(path).with_context(|| format!("cannot open archive {shown}"))?;
+        let mut magic = [0u8; 2];
+        let n = read_up_to(&mut file, &mut magic).with_context(|| format!("cannot read archive {shown}"))?;
+        if n == 2 && magic == GZIP_MAGIC {
+            return Ok(None);
+        }
+        file.seek(SeekFrom::Start(0))?;
+        let length = file.metadata().with_context(|| format!("cannot read archive {shown}"))?.len();
+        let entries = walk_headers(file, path, length).map_err(|e| describe_read_error(path, e))?;
+        let mut archive = Archive {
+            path: path.to_path_buf(),
+            _spool: None,
+            config: Vec::new(),
+            config_digest: String::new(),
+            repo_tags: Vec::new(),
+            layers: Vec::new(),
+            gzipped: false,
+            config_data: None,
+            opened_as,
+        };
+        archive.check(&entries)?;
+        Ok(Some(archive))
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -451,13 +493,18 @@ impl Archive {
             let Some(Entry::File { sha256, content_size, data }) = resolve(entries, name) else {
                 bail!("{shown}: layer {} ({name:?}) is missing (the archive may be truncated)", index + 1);
             };
-            if &sha256 != want {
-                bail!(
+            match sha256 {
+                Some(sha256) if &sha256 != want => bail!(
                     "{shown}: layer {} ({name:?}) has diff_id {sha256} but the config says {want} (the archive is corrupt; rebuild it)",
                     index + 1
-                );
+                ),
+                // Not read yet: checked when (and if) its bytes are.
+                _ if !is_digest(want) => {
+                    bail!("{shown}: the config's diff_id {want:?} of layer {} is not a sha256 digest", index + 1)
+                }
+                _ => {}
             }
-            self.layers.push(Layer { name: name.clone(), diff_id: sha256, size: content_size, data: Some(data) });
+            self.layers.push(Layer { name: name.clone(), diff_id: want.clone(), size: content_size, data: Some(data) });
         }
         Ok(())
     }
@@ -616,7 +663,44 @@ fn scan(
         if !name.ends_with(".json") && name != "repositories" {
             on_entry(&SeenEntry { sha256: sha256.clone(), data: data.clone() });
         }
-        entries.insert(name, Entry::File { sha256, content_size, data });
+        entries.insert(name, Entry::File { sha256: Some(sha256), content_size, data });
+    }
+    Ok(entries)
+}
+
+/// Reads a plain tar's headers only, seeking over entry data; each entry's first bytes tell
+/// whether it is itself gzip-compressed.
+fn walk_headers(file: File, source: &Path, length: u64) -> Result<HashMap<String, Entry>> {
+    let mut tar = tar::Archive::new(BufReader::with_capacity(64 << 10, file));
+    let mut entries = HashMap::new();
+    for entry in tar.entries_with_seek()? {
+        let mut entry = entry?;
+        let name = normalize(&entry.path()?);
+        let kind = entry.header().entry_type();
+        if kind.is_symlink() || kind.is_hard_link() {
+            if let Some(target) = entry.link_name()? {
+                let target = if kind.is_symlink() {
+                    let parent = Path::new(&name).parent().unwrap_or(Path::new(""));
+                    normalize(&parent.join(&target))
+                } else {
+                    normalize(&target)
+                };
+                entries.insert(name, Entry::Link(target));
+            }
+            continue;
+        }
+        if !kind.is_file() {
+            continue;
+        }
+        let offset = entry.raw_file_position();
+        let size = entry.size();
+        if offset.saturating_add(size) > length {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("entry {name:?} is cut short")).into());
+        }
+        let mut head = [0u8; 2];
+        let gzipped = read_up_to(&mut entry, &mut head)? == 2 && head == GZIP_MAGIC;
+        let data = EntryData { path: source.to_path_buf(), offset, size, gzipped, spooled: false };
+        entries.insert(name, Entry::File { sha256: None, content_size: size, data });
     }
     Ok(entries)
 }
@@ -760,6 +844,30 @@ mod tests {
         let mut back = Vec::new();
         archive.layer_reader(0).unwrap().read_to_end(&mut back).unwrap();
         assert_eq!(back, layer);
+    }
+
+    #[test]
+    fn index_reads_only_headers_manifest_and_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer_a = tar_with(&[("a", &[3u8; 70_000])]);
+        let layer_b = tar_with(&[("b", b"world")]);
+        // The config names another diff_id for layer 2: the index cannot tell, a read can.
+        let wrong = sha256_digest(b"other");
+        let bytes = image(&[&layer_a, &layer_b], Some(vec![sha256_digest(&layer_a), wrong.clone()]));
+        let path = write(&dir, "i.tar", &bytes);
+        let archive = Archive::index(&path).unwrap().unwrap();
+        assert_eq!(archive.layers[1].diff_id, wrong);
+        assert!(archive.layers.iter().all(|l| l.data.as_ref().is_some_and(|d| !d.spooled())));
+        let mut back = Vec::new();
+        archive.layer_reader(0).unwrap().read_to_end(&mut back).unwrap();
+        assert_eq!(back, layer_a);
+        assert!(Archive::open(&path, None).unwrap_err().to_string().contains("diff_id"));
+        assert!(Archive::index(&write(&dir, "i.tar.gz", &gzip(&bytes))).unwrap().is_none());
+        // Cut inside the first layer: its header says more than the file holds.
+        let err = Archive::index(&write(&dir, "cut.tar", &bytes[..20_000])).unwrap_err().to_string();
+        assert!(err.contains("truncated"), "{err}");
+        let err = Archive::index(&write(&dir, "n.tar", &tar_with(&[("x", b"y")]))).unwrap_err().to_string();
+        assert!(err.contains("no manifest.json"), "{err}");
     }
 
     #[test]

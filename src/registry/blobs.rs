@@ -2,12 +2,11 @@
 //! the digest and size of what was written. Output is deterministic (no gzip timestamp), so
 //! the same layer always becomes the same blob and a registry that has it is found by digest.
 //!
-//! gzip is libdeflate, one gzip member per 2 MiB of input: about twice zlib's speed at the
-//! same ratio. A gzip file may hold several members (RFC 1952 2.2); Go's readers, and so
-//! Docker, containerd, Podman and skopeo, read them all.
+//! Each layer is compressed on every core by [`crate::compress`]: gzip as libdeflate members
+//! of 2 MiB (about twice zlib's speed at the same ratio), zstd on the library's workers.
 //!
-//! [`Compressor`] runs compressions for a push session on all cores, each once per diff_id
-//! however many pushes want it.
+//! [`Compressor`] runs compressions for a push session, each once per diff_id however many
+//! pushes want it.
 
 use std::collections::HashMap;
 use std::io::{self, BufWriter, Read, Write};
@@ -22,17 +21,11 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use super::manifest::Compression;
+use super::phases::{Phase, PhaseClock};
 use crate::archive::{Cancellable, EntryData};
+use crate::compress;
 
-/// libdeflate level: 1 is within 5% of zlib -6's size at almost three times its speed.
-pub(crate) const GZIP_LEVEL: i32 = 1;
-/// Input bytes per gzip member.
-const MEMBER: usize = 2 << 20;
-/// zstd level: the library default, fast with a better ratio than gzip -9.
-pub(crate) const ZSTD_LEVEL: i32 = 3;
-
-/// Input and output buffers of finished compressions, for the next ones.
-static SPARE: std::sync::Mutex<Vec<(Vec<u8>, Vec<u8>)>> = std::sync::Mutex::new(Vec::new());
+use crate::compress::{GZIP_LEVEL, ZSTD_LEVEL};
 
 /// A compressed layer waiting to be uploaded; the file goes when this is dropped.
 pub(crate) struct Compressed {
@@ -50,8 +43,9 @@ pub(crate) fn compress(
     compression: Compression,
     dir: &Path,
     hash_input: bool,
+    clock: &PhaseClock,
 ) -> Result<Compressed> {
-    let mut reader = HashingReader { inner: reader, hasher: hash_input.then(Sha256::new) };
+    let mut reader = HashingReader { inner: reader, hasher: hash_input.then(Sha256::new), clock };
     let file = tempfile::Builder::new()
         .prefix("layer-")
         .tempfile_in(dir)
@@ -61,44 +55,20 @@ pub(crate) fn compress(
         hasher: Sha256::new(),
         size: 0,
     };
+    // Time in writes to the encoder (and its finish) is compressing; in reads, reading.
+    let threads = compress::cores();
     let sink = match compression {
         Compression::Gzip => {
-            let mut sink = sink;
-            let level =
-                libdeflater::CompressionLvl::new(GZIP_LEVEL).map_err(|e| anyhow::anyhow!("gzip level: {e:?}"))?;
-            let mut compressor = libdeflater::Compressor::new(level);
-            // Buffers are reused across layers: zeroing fresh megabytes for every layer cost
-            // more system time than the copying did.
-            let mut buffers = SPARE.lock().ok().and_then(|mut spare| spare.pop()).unwrap_or_default();
-            let result = (|| -> Result<()> {
-                let (input, output) = &mut buffers;
-                input.resize(MEMBER, 0);
-                output.resize(compressor.gzip_compress_bound(MEMBER), 0);
-                loop {
-                    let n = crate::archive::read_up_to(&mut reader, input)?;
-                    if n == 0 && sink.size > 0 {
-                        break;
-                    }
-                    let written = compressor
-                        .gzip_compress(&input[..n], output)
-                        .map_err(|e| anyhow::anyhow!("gzip compression failed: {e:?}"))?;
-                    sink.write_all(&output[..written])?;
-                    if n < MEMBER {
-                        break;
-                    }
-                }
-                Ok(())
-            })();
-            if let Ok(mut spare) = SPARE.lock() {
-                spare.push(buffers);
-            }
-            result?;
-            sink
+            let mut gz = Timed { clock, inner: compress::ParallelGzip::new(sink, GZIP_LEVEL, threads)? };
+            copy(&mut reader, &mut gz)?;
+            let _in = clock.enter(Phase::Compress);
+            gz.inner.finish()?
         }
         Compression::Zstd => {
-            let mut encoder = zstd::stream::write::Encoder::new(sink, ZSTD_LEVEL)?;
+            let mut encoder = Timed { clock, inner: compress::ZstdWriter::new(sink, ZSTD_LEVEL, threads)? };
             copy(&mut reader, &mut encoder)?;
-            encoder.finish()?
+            let _in = clock.enter(Phase::Compress);
+            encoder.inner.finish()?
         }
     };
     let Hashing { mut inner, hasher, size } = sink;
@@ -108,13 +78,15 @@ pub(crate) fn compress(
 }
 
 /// Hashes what is read through it (when it has a hasher).
-struct HashingReader<R> {
+struct HashingReader<'a, R> {
     inner: R,
     hasher: Option<Sha256>,
+    clock: &'a PhaseClock,
 }
 
-impl<R: Read> Read for HashingReader<R> {
+impl<R: Read> Read for HashingReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let _in = self.clock.enter(Phase::Read);
         let n = self.inner.read(buf)?;
         if let Some(hasher) = &mut self.hasher {
             hasher.update(&buf[..n]);
@@ -135,6 +107,22 @@ fn copy(reader: &mut impl Read, writer: &mut impl Write) -> io::Result<u64> {
         };
         writer.write_all(&buf[..n])?;
         total += n as u64;
+    }
+}
+
+/// An encoder whose writes count as compressing.
+struct Timed<'a, W> {
+    clock: &'a PhaseClock,
+    inner: W,
+}
+
+impl<W: Write> Write for Timed<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let _in = self.clock.enter(Phase::Compress);
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -160,8 +148,8 @@ impl<W: Write> Write for Hashing<W> {
 /// session) can wait for it.
 pub(crate) type Pending = Shared<BoxFuture<'static, std::result::Result<Arc<Compressed>, Arc<anyhow::Error>>>>;
 
-/// Runs compressions on all cores, into temporary files of its own directory; stops them,
-/// and removes the files, when dropped.
+/// Runs compressions one at a time, each on every core, into temporary files of its own
+/// directory; stops them, and removes the files, when dropped.
 pub(crate) struct Compressor {
     slots: Arc<Semaphore>,
     work: tempfile::TempDir,
@@ -178,9 +166,10 @@ impl Compressor {
             .prefix("nixctr-push-")
             .tempdir()
             .context("cannot create a temporary directory (is TMPDIR writable?)")?;
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Compressor {
-            slots: Arc::new(Semaphore::new(cores)),
+            // One layer at a time, each on every core: more would share the cores, not add
+            // to them, and hold more memory.
+            slots: Arc::new(Semaphore::new(1)),
             work,
             compression,
             cancel: Arc::default(),
@@ -195,16 +184,38 @@ impl Compressor {
 
     /// The compression of `diff_id`, started now from `data` unless one is under way.
     /// `Ok(job)` when started now, `Err(job)` when it was under way already.
-    pub(crate) fn start(&self, diff_id: &str, data: EntryData) -> std::result::Result<Pending, Pending> {
+    pub(crate) fn start(
+        &self,
+        diff_id: &str,
+        data: EntryData,
+        clock: &Arc<PhaseClock>,
+    ) -> std::result::Result<Pending, Pending> {
         let Ok(mut pending) = self.pending.lock() else {
-            return Ok(self.spawn(diff_id, data));
+            return Ok(self.spawn(diff_id, data, clock.clone()));
         };
         if let Some(job) = pending.get(diff_id) {
             return Err(job.clone());
         }
-        let job = self.spawn(diff_id, data);
+        let job = self.spawn(diff_id, data, clock.clone());
         pending.insert(diff_id.to_string(), job.clone());
         Ok(job)
+    }
+
+    /// Where compressed files go.
+    pub(crate) fn work_dir(&self) -> &Path {
+        self.work.path()
+    }
+
+    /// A compression done elsewhere (from a stream), made from bytes hashing to `diff_id`.
+    /// `false` when one for `diff_id` is known already (this one is dropped, with its file).
+    pub(crate) fn adopt(&self, diff_id: &str, compressed: Arc<Compressed>) -> bool {
+        let Ok(mut pending) = self.pending.lock() else { return false };
+        if pending.contains_key(diff_id) {
+            return false;
+        }
+        let done: Pending = futures::future::ready(Ok(compressed)).boxed().shared();
+        pending.insert(diff_id.to_string(), done);
+        true
     }
 
     pub(crate) fn forget(&self, diff_ids: &[String]) {
@@ -218,7 +229,7 @@ impl Compressor {
     /// Compresses `data`, which must hash to `diff_id`: the bytes are read again from the
     /// archive (or its spool), which may have changed since they were checked, and a blob
     /// is recorded as `diff_id`'s only when it was made from exactly those bytes.
-    fn spawn(&self, diff_id: &str, data: EntryData) -> Pending {
+    fn spawn(&self, diff_id: &str, data: EntryData, clock: Arc<PhaseClock>) -> Pending {
         let (slots, work, compression, cancel) =
             (self.slots.clone(), self.work.path().to_path_buf(), self.compression, self.cancel.clone());
         let diff_id = diff_id.to_string();
@@ -229,10 +240,10 @@ impl Compressor {
                 // holds may have changed since it was checked, so its bytes are hashed again.
                 let recheck = !data.spooled();
                 let reader = Cancellable { inner: data.reader()?, cancel };
-                let compressed = compress(reader, compression, &work, recheck)?;
+                let compressed = compress(reader, compression, &work, recheck, &clock)?;
                 if recheck && compressed.input_digest != diff_id {
                     bail!(
-                        "its bytes changed since they were checked: they now hash to {}, not {diff_id} (was the archive rewritten during the push? push again)",
+                        "its bytes hash to {}, not to the diff_id {diff_id} the config names (the archive is corrupt, or was rewritten during the push; rebuild it)",
                         compressed.input_digest
                     );
                 }
@@ -273,10 +284,11 @@ mod tests {
     #[test]
     fn same_input_same_blob() {
         let dir = tempfile::tempdir().unwrap();
+        let clock = PhaseClock::default();
         let data = b"layer bytes ".repeat(10_000);
         for compression in [Compression::Gzip, Compression::Zstd] {
-            let a = compress(&data[..], compression, dir.path(), true).unwrap();
-            let b = compress(&data[..], compression, dir.path(), true).unwrap();
+            let a = compress(&data[..], compression, dir.path(), true, &clock).unwrap();
+            let b = compress(&data[..], compression, dir.path(), true, &clock).unwrap();
             assert_eq!(a.digest, b.digest);
             assert_eq!(a.input_digest, crate::archive::sha256_digest(&data));
             let bytes = std::fs::read(a.file.path()).unwrap();
@@ -294,11 +306,11 @@ mod tests {
         }
         // Several members, and an empty input still makes a valid (empty) gzip file.
         let big: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8).collect();
-        let c = compress(&big[..], Compression::Gzip, dir.path(), true).unwrap();
+        let c = compress(&big[..], Compression::Gzip, dir.path(), true, &clock).unwrap();
         let mut back = Vec::new();
         flate2::read::MultiGzDecoder::new(std::fs::File::open(c.file.path()).unwrap()).read_to_end(&mut back).unwrap();
         assert_eq!(back, big);
-        let c = compress(&b""[..], Compression::Gzip, dir.path(), true).unwrap();
+        let c = compress(&b""[..], Compression::Gzip, dir.path(), true, &clock).unwrap();
         let mut back = Vec::new();
         flate2::read::MultiGzDecoder::new(std::fs::File::open(c.file.path()).unwrap()).read_to_end(&mut back).unwrap();
         assert!(back.is_empty());

@@ -139,6 +139,12 @@ impl BlobCache {
         dropped
     }
 
+    /// Whether any blob of `compression` is known for `registry`.
+    pub fn knows_any(&self, registry: &str, compression: &str) -> bool {
+        let prefix = format!("{compression}:");
+        self.registries.get(registry).is_some_and(|blobs| blobs.keys().any(|k| k.starts_with(&prefix)))
+    }
+
     pub fn get(&self, registry: &str, compression: &str, diff_id: &str) -> Option<&CachedBlob> {
         self.registries.get(registry)?.get(&key(compression, diff_id))
     }

@@ -22,6 +22,7 @@ mod blobs;
 pub(crate) mod cache;
 mod client;
 mod manifest;
+mod phases;
 mod probe;
 mod push;
 pub(crate) mod reference;
@@ -35,6 +36,7 @@ use anyhow::{bail, Result};
 // pub: used by tests/it/push.rs
 pub use auth::{Credentials, Secret};
 pub use manifest::{Compression, ManifestFormat};
+pub use phases::PushPhases;
 pub(crate) use push::referrers;
 pub use push::{Destination, ExistingTags, PushOutcome, PushSession};
 pub use reference::Reference;

@@ -21,6 +21,7 @@ trait PushOutput {
     fn failure(&self) -> &Self;
     fn digest(&self, reference: &str) -> String;
     fn counts(&self) -> (usize, usize, usize);
+    fn reads(&self) -> (usize, usize);
 }
 
 impl PushOutput for Output {
@@ -53,6 +54,7 @@ impl PushOutput for Output {
             .lines()
             .find(|l| l.starts_with("pushed ") && l.contains("already there"))
             .unwrap_or_else(|| panic!("no summary line in {stderr}"));
+        let line = line.split(';').next().unwrap_or(line);
         let numbers: Vec<usize> = line
             .split(|c: char| !c.is_ascii_digit() && c != '.')
             .filter(|s| !s.is_empty() && !s.contains('.'))
@@ -62,6 +64,20 @@ impl PushOutput for Output {
         let pushed = numbers[0];
         let n = numbers.len();
         (pushed, numbers[n - 2], numbers[n - 1])
+    }
+
+    /// (layers read, layers in the image) from the summary line's `; read N of M layers`.
+    #[track_caller]
+    fn reads(&self) -> (usize, usize) {
+        let stderr = self.stderr();
+        let part = stderr
+            .lines()
+            .find(|l| l.starts_with("pushed ") && l.contains("already there"))
+            .and_then(|l| l.split_once("; read "))
+            .map(|(_, r)| r.to_string())
+            .unwrap_or_else(|| panic!("no read count in {stderr}"));
+        let numbers: Vec<usize> = part.split(|c: char| !c.is_ascii_digit()).filter_map(|s| s.parse().ok()).collect();
+        (numbers[0], numbers[1])
     }
 }
 
@@ -208,9 +224,46 @@ fn repush_skips_and_one_changed_layer_sends_one() {
     let run = push(&home, &[archive.to_str().expect("path"), &third]);
     run.success();
     assert_eq!(run.counts(), (1, 4, 0), "{}", run.stderr());
+    // Only the changed layer was read: the others are known blobs the registry confirmed.
+    assert_eq!(run.reads(), (1, 5), "{}", run.stderr());
     let grown = registry.blob_bytes() - before;
     assert!(grown < 300_000, "one ~160 kB layer and a config should be new, got {grown} bytes");
     check_with_skopeo(&registry, "app:3", &run.digest(&third), &changed, OCI_GZIP, home.path());
+}
+
+/// A layer whose bytes do not match the config's diff_id: never read, and so harmless, where
+/// the registry has the diff_id's proven blob (the manifest names that blob, consistent with
+/// the config); refused, with nothing tagged, wherever it must be sent.
+#[test]
+fn a_tampered_layer_is_refused_whenever_it_must_be_sent() {
+    let (registry, other, home) = (Registry::plain(), Registry::plain(), home());
+    let image = TestImage::new(5, 200_000, 31);
+    let archive = image.write(home.path(), "img", false);
+    push(&home, &[archive.to_str().expect("path"), &format!("{}/app:1", registry.host())]).success();
+
+    // Layer 3's bytes changed, the config still naming the old ones.
+    let tampered = TestImage::new(5, 200_000, 31).with_changed_layer(2, "tampered");
+    let bytes = tampered.archive_bytes(Some(image.diff_ids()));
+    let plain = write_archive(home.path(), "tampered", &bytes, false);
+    let plain = plain.to_str().expect("path");
+
+    let reference = format!("{}/app:2", registry.host());
+    let run = push(&home, &[plain, &reference]);
+    run.success();
+    assert_eq!(run.counts(), (0, 5, 0), "{}", run.stderr());
+    assert_eq!(run.reads(), (0, 5), "{}", run.stderr());
+    check_with_skopeo(&registry, "app:2", &run.digest(&reference), &image, OCI_GZIP, home.path());
+
+    // Another registry has none of the blobs: layer 3 must be sent, and is refused.
+    let run = push(&home, &[plain, &format!("{}/app:1", other.host())]);
+    run.failure().stderr_has("layer 3").stderr_has(&format!("not to the diff_id {}", image.diff_ids()[2]));
+    assert!(other.skopeo_inspect("app:1", false).is_none(), "a failed push left a tag");
+
+    // A compressed archive is read whole: refused before anything is sent.
+    let gz = write_archive(home.path(), "tampered", &bytes, true);
+    let run = push(&home, &[gz.to_str().expect("path"), &format!("{}/app:3", registry.host())]);
+    run.failure().stderr_has("layer 3").stderr_has("diff_id");
+    assert!(registry.skopeo_inspect("app:3", false).is_none(), "a failed push left a tag");
 }
 
 #[test]
@@ -641,6 +694,69 @@ fn tag_exists_sees_pushed_tags() {
     let other = Reference::parse(&format!("{}/lib/app:2", registry.host())).expect("reference");
     assert!(!runtime.block_on(session.tag_exists(&other)).expect("tag_exists"));
     assert_eq!(registry.skopeo_inspect("lib/app:1", false).expect("inspect")["Digest"], outcome.digest);
+}
+
+/// `push_reader`, as publish calls it for a streamed image: a docker-archive read once through
+/// a pipe, layers first and manifest.json last, comes out as the file archive would (skopeo
+/// reads it back); a stream whose layer does not match its diff_id leaves no tag.
+#[test]
+fn pushes_a_stream_read_once_through_a_pipe() {
+    use nixctr::registry::{Compression, Destination, ManifestFormat, PushSession, Reference, RegistryConfig};
+    let (registry, home) = (Registry::plain(), home());
+    let image = TestImage::new(4, 400_000, 51);
+    let bytes = image.archive_bytes(None);
+    let names: Vec<String> = tar::Archive::new(&bytes[..])
+        .entries()
+        .expect("entries")
+        .map(|e| e.expect("entry").path().expect("path").display().to_string())
+        .collect();
+    assert!(names[0].ends_with("/layer.tar") && names.last().map(String::as_str) == Some("manifest.json"), "{names:?}");
+    let path = write_archive(home.path(), "img", &bytes, false);
+    let config = RegistryConfig {
+        format: ManifestFormat::Oci,
+        compression: Compression::Gzip,
+        jobs: 2,
+        blob_cache: Some(home.path().join("cache/blobs.json")),
+        ..Default::default()
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let progress = nixctr::progress::Progress::new(true, false);
+    let stream = |path: &Path| -> (std::process::Child, Box<dyn Read + Send>) {
+        let mut cat =
+            std::process::Command::new("cat").arg(path).stdout(std::process::Stdio::piped()).spawn().expect("cat");
+        let pipe = cat.stdout.take().expect("pipe");
+        (cat, Box::new(pipe))
+    };
+    let reference = Reference::parse(&format!("{}/stream/app:1", registry.host())).expect("reference");
+    let session = runtime.block_on(PushSession::connect(&config, reference.registry(), &progress)).expect("connect");
+    let (mut cat, pipe) = stream(&path);
+    let outcome = runtime
+        .block_on(session.push_reader(pipe, &Destination::new(reference.clone()), &progress))
+        .expect("push_reader");
+    cat.wait().expect("cat");
+    assert_eq!((outcome.pushed_layers, outcome.read_layers, outcome.total_layers), (4, 4, 4), "{outcome:?}");
+    check_with_skopeo(&registry, "stream/app:1", &outcome.digest, &image, OCI_GZIP, home.path());
+    // The same image from its file: the same manifest.
+    let again = push(&home, &[path.to_str().expect("path"), &format!("{}/stream/app:2", registry.host())]);
+    assert_eq!(again.success().digest(&format!("{}/stream/app:2", registry.host())), outcome.digest);
+
+    let tampered = TestImage::new(4, 400_000, 51).with_changed_layer(1, "tampered");
+    let bad = write_archive(home.path(), "bad", &tampered.archive_bytes(Some(image.diff_ids())), false);
+    let (mut cat, pipe) = stream(&bad);
+    let bad_ref = Reference::parse(&format!("{}/stream/app:bad", registry.host())).expect("reference");
+    let err = runtime
+        .block_on(session.push_reader(pipe, &Destination::new(bad_ref), &progress))
+        .expect_err("a layer that does not match its diff_id");
+    cat.wait().expect("cat");
+    let err = format!("{err:#}");
+    assert!(err.contains("layer 2") && err.contains("diff_id"), "{err}");
+    assert!(registry.skopeo_inspect("stream/app:bad", false).is_none(), "a failed push left a tag");
+
+    // The command line's `-`: standard input, with the time per phase under -v.
+    let reference = format!("{}/stream/app:3", registry.host());
+    let run = home.nixctr().args(["push", "-v", "-", &reference]).stdin(bytes.clone()).run();
+    run.success().stderr_has("push phases: read/hash ");
+    assert_eq!(run.digest(&reference), outcome.digest);
 }
 
 // ---------------------------------------------------------------------------------------------

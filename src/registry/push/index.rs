@@ -6,8 +6,6 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Result};
 
-use std::sync::Mutex;
-
 use super::tags::Candidate;
 use super::{Destination, ExistingTags, Mode, PushOutcome, PushSession, Started};
 use crate::archive;
@@ -61,6 +59,9 @@ impl PushSession {
             total.pushed_layers += one.pushed_layers;
             total.skipped_layers += one.skipped_layers;
             total.mounted_layers += one.mounted_layers;
+            total.read_layers += one.read_layers;
+            total.total_layers += one.total_layers;
+            total.phases.add(&one.phases);
             total.uploads.add(&one.uploads);
             total.platforms.push((platform.to_string(), one.digest.clone()));
             entries.push((
@@ -99,7 +100,7 @@ impl PushSession {
         annotations: &BTreeMap<String, String>,
         progress: &Progress,
     ) -> Result<(Vec<Candidate>, PushOutcome)> {
-        let started = Started { compressor: &self.compressor, diff_ids: Mutex::default() };
+        let started = Started::new(&self.compressor);
         let mut images = Vec::new();
         let mut total = PushOutcome::new(reference, self.format);
         for (path, platform) in archives.iter().zip(platforms) {

@@ -2,25 +2,39 @@
 //! compressor and the compressions under way, shared by every push to that host (pushes to
 //! different repositories may run at once; blob transfers stay within `jobs` in all).
 //!
-//! Order of work for one push: read and check the archive, compressing each layer the blob
-//! cache does not know into a temporary file as soon as it has been read (on all cores).
-//! Once the whole archive checks out, per layer: skip it when the registry has it, mount it
-//! from another repository when the cache knows one, else upload it; then the config; the
-//! manifest last, so a failed push leaves no tag. An archive unchanged since its last check
-//! (same inode, size, mtime, ctime and content sample, its config agreeing) is not read
-//! again, unless a layer turns out to need compressing and the recalled archive cannot supply
-//! its bytes. Both cache files are hints: a layer goes into a manifest only as a blob whose
-//! link to its diff_id nixctr proved (compressed it from bytes hashing to that diff_id, then
-//! or in a signed cache entry), at the size the registry's HEAD confirms.
+//! How an archive is read depends on what it is, so that only what changed is read:
+//! - A plain `.tar` is indexed from its tar headers (manifest.json and the config read, layer
+//!   data seeked over). A layer whose diff_id the blob cache maps to a blob the registry
+//!   confirms (HEAD, digest and size) is skipped without reading its bytes; the others are
+//!   read, hashed, checked against their diff_id and compressed, one at a time on every
+//!   core, and uploaded as each is done.
+//! - A `.tar.gz` is read whole (its bytes cannot be reached otherwise). For a registry the
+//!   cache knows nothing of, every layer is compressed as it is inflated (a pipeline: inflate
+//!   on one thread, hash and compress on the others); else it is inflated to a temporary
+//!   file and only the layers the cache does not know are compressed.
+//! - A stream ([`PushSession::push_reader`]) is read once: every layer is hashed and
+//!   compressed as it passes and its blob sent at once; the layers are matched with the
+//!   config's diff_ids when the stream ends.
+//!
+//! An archive unchanged since its last check (same inode, size, mtime, ctime and content
+//! sample, its config agreeing) is not indexed or read again, unless a layer turns out to need
+//! compressing and the recalled archive cannot supply its bytes. Then the config; the manifest
+//! last, so a failed push leaves no tag (a `.tar.gz` that does not check out sends nothing at
+//! all; a plain archive or a stream may have sent blobs by then, which nothing names). Both
+//! cache files are hints: a layer goes into a manifest only as a blob whose link to its
+//! diff_id nixctr proved (compressed it from bytes hashing to that diff_id, then or in a
+//! signed cache entry), at the size the registry's HEAD confirms. A layer whose bytes do not
+//! hash to the config's diff_id is refused whenever it must be sent; where it need not be,
+//! its bytes are never read, and the manifest names the diff_id's proven blob, consistent
+//! with the config.
 
 mod index;
 pub(crate) mod referrers;
-// TEMPORARY (stream branch): replaced by the real push_reader at merge.
-mod reader_shim;
 mod tags;
 
 pub use tags::{Destination, ExistingTags};
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,15 +44,20 @@ use futures::StreamExt;
 use tokio::sync::Semaphore;
 
 use super::api::manifest_type_refused;
-use super::blobs::{Compressor, Pending};
+use super::blobs::{compress, Compressed, Compressor, Pending};
 use super::cache::{BlobCache, CachedBlob};
 use super::client::Client;
 use super::manifest::{image_manifest, Compression, ManifestFormat};
+use super::phases::{Phase, PhaseClock, PushPhases};
 use super::upload::{UploadBody, UploadPolicy, UploadStats};
 use super::Target;
 use super::{is_digest, plural, short, Reference, RegistryConfig};
-use crate::archive::{Archive, EntryData, SeenEntry};
+use crate::archive::{Archive, Cancellable, EntryData, SeenEntry};
 use crate::progress::{human_bytes, Progress};
+
+/// Called with each layer of an archive read once: hashes and compresses it, giving back its
+/// sha256.
+type OnLayer<'a> = dyn FnMut(&str, &mut dyn std::io::Read) -> Result<String> + 'a;
 
 /// What one push did.
 // pub: used by tests/it/push.rs
@@ -70,6 +89,14 @@ pub struct PushOutcome {
     pub already: Vec<String>,
     /// What the uploads took: bytes sent, requests, chunks, resumes.
     pub uploads: UploadStats,
+    /// Layers whose bytes this push read (hashed, and compressed unless the registry had
+    /// them): with a blob cache, only those the registry lacked, or all of a compressed
+    /// archive, which can only be read whole.
+    pub read_layers: usize,
+    /// Layers in the image (in all images, for an index).
+    pub total_layers: usize,
+    /// Where the time went.
+    pub phases: PushPhases,
 }
 
 impl PushOutcome {
@@ -89,6 +116,9 @@ impl PushOutcome {
             tags: Vec::new(),
             already: Vec::new(),
             uploads: UploadStats::default(),
+            read_layers: 0,
+            total_layers: 0,
+            phases: PushPhases::default(),
         }
     }
 
@@ -129,10 +159,10 @@ enum LayerResult {
     Missing,
 }
 
-/// A layer's step of a push: done as (digest, size) of its blob, or not possible without
-/// reading the archive again.
+/// A layer's step of a push: done as (digest, size) of its blob (and whether its bytes were
+/// read for it), or not possible without reading the archive again.
 enum LayerStep {
-    Done((String, u64), LayerResult),
+    Done((String, u64), LayerResult, bool),
     NeedsFullRead,
 }
 
@@ -241,7 +271,7 @@ impl PushSession {
     pub async fn push_to(&self, archive: &Path, destination: &Destination, progress: &Progress) -> Result<PushOutcome> {
         let reference = destination.reference();
         self.check_host(reference)?;
-        let started = Started { compressor: &self.compressor, diff_ids: Mutex::default() };
+        let started = Started::new(&self.compressor);
         let result = async {
             let states = self.tag_states(destination).await?;
             if states.iter().any(|s| s.digest.is_some()) && destination.existing() == ExistingTags::MustMatch {
@@ -255,19 +285,138 @@ impl PushSession {
         }
         .await;
         self.save_cache(progress);
-        result
+        result.map(|outcome| started.finish(outcome, progress))
+    }
+
+    /// Pushes the uncompressed docker-archive that `reader` yields (entries in any order, as
+    /// nixpkgs' `streamLayeredImage` writes them: layers first, manifest last) under each tag
+    /// of `destination`. The stream is read once: each layer is hashed and compressed into a
+    /// temporary file as it passes (nothing uncompressed is written), the layers are checked
+    /// against the config's diff_ids at the end, and then the image goes up as a file
+    /// archive's would, tags that must match compared first.
+    pub async fn push_reader(
+        &self,
+        reader: Box<dyn std::io::Read + Send>,
+        destination: &Destination,
+        progress: &Progress,
+    ) -> Result<PushOutcome> {
+        let reference = destination.reference();
+        self.check_host(reference)?;
+        let started = Started::new(&self.compressor);
+        let result = async {
+            progress.info("reading the image stream");
+            // The tags first (a few requests): whether blobs go up while the stream is read.
+            self.login_for(reference).await?;
+            let states = self.tag_states(destination).await?;
+            let check = states.iter().any(|s| s.digest.is_some()) && destination.existing() == ExistingTags::MustMatch;
+            let mode = if check { Mode::Check } else { Mode::Push };
+            let read = move |cancel: Arc<AtomicBool>, on_layer: &mut OnLayer<'_>| {
+                Archive::from_stream(Cancellable { inner: reader, cancel }, "the image stream", on_layer)
+            };
+            let early = (mode == Mode::Push).then(|| reference.repository());
+            let archive = self.read_stream(read, early, progress, &started).await?;
+            let mut image = match self.settle_blobs(&archive, reference, mode, progress, &started).await? {
+                Attempt::Done(image) => *image,
+                Attempt::NeedsFullRead => bail!("a layer of the image stream was not kept"),
+            };
+            image.outcome.read_layers = archive.layers.len();
+            if check {
+                let candidates = self.manifest_candidates(&image)?;
+                return self.publish_unless_there(destination, &states, candidates, image.outcome, progress).await;
+            }
+            let existing: Vec<String> = states.into_iter().filter(|s| s.digest.is_some()).map(|s| s.tag).collect();
+            self.put_image(image, reference, destination.tags(), &existing, progress).await
+        }
+        .await;
+        self.save_cache(progress);
+        result.map(|outcome| started.finish(outcome, progress))
+    }
+
+    /// Reads a docker-archive once with `read`, compressing every layer as it passes; the
+    /// compressions go to the compressor, where each layer's step finds them. With `early`
+    /// (a repository), each compressed blob goes up to it at once, while the rest is read:
+    /// a blob is content-addressed, and nothing names it until the manifest, put only once
+    /// the whole archive checked out.
+    async fn read_stream<F>(
+        &self,
+        read: F,
+        early: Option<&str>,
+        progress: &Progress,
+        started: &Started<'_>,
+    ) -> Result<Archive>
+    where
+        F: FnOnce(Arc<AtomicBool>, &mut OnLayer<'_>) -> Result<Archive> + Send + 'static,
+    {
+        let _in = started.clock.enter(Phase::Read);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let _guard = CancelOnDrop(cancel.clone());
+        let (compression, dir, clock) =
+            (self.compression, self.compressor.work_dir().to_path_buf(), started.clock.clone());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Arc<Compressed>>();
+        let reading = tokio::task::spawn_blocking(move || -> Result<(Archive, Vec<Arc<Compressed>>)> {
+            let mut kept = Vec::new();
+            let archive = read(cancel, &mut |name, layer| {
+                let compressed = Arc::new(
+                    compress(layer, compression, &dir, true, &clock)
+                        .with_context(|| format!("cannot compress {name:?}"))?,
+                );
+                let digest = compressed.input_digest.clone();
+                let _ = tx.send(compressed.clone());
+                kept.push(compressed);
+                Ok(digest)
+            })?;
+            Ok((archive, kept))
+        });
+        let uploads = async {
+            let Some(repo) = early else { return };
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
+                .for_each_concurrent(self.jobs, |blob| async move {
+                    if let Err(e) = self.upload_early(repo, &blob, started).await {
+                        progress.debug(format!("an early upload failed (the layer's step sends it again): {e:#}"));
+                    }
+                })
+                .await;
+        };
+        let (read, ()) = tokio::join!(reading, uploads);
+        let (archive, kept) = read.map_err(|e| anyhow!("reading the image stream stopped: {e}"))??;
+        for compressed in kept {
+            // Entries that are not layers of the image go now, with their files.
+            let diff_id = compressed.input_digest.clone();
+            if archive.layers.iter().any(|l| l.diff_id == diff_id) {
+                started.adopt(&diff_id, compressed);
+            }
+        }
+        Ok(archive)
+    }
+
+    /// Sends a blob compressed from a stream unless the repository has it, noting what was
+    /// sent for the layer's step to count. The blob cache learns the link (proven: the blob
+    /// was made from bytes hashing to its diff_id) only in that step, for layers of the image.
+    async fn upload_early(&self, repo: &str, blob: &Compressed, started: &Started<'_>) -> Result<()> {
+        let _transfer = self.transfers.acquire().await.context("the push session closed")?;
+        let _in = started.clock.enter(Phase::Upload);
+        let key = (blob.digest.as_str(), blob.size);
+        if self.client().await?.blob_exists(repo, key).await? {
+            return Ok(());
+        }
+        let body = UploadBody::File(blob.file.path());
+        let stats = self.client().await?.upload_blob(&self.uploads, repo, key, body, None).await?;
+        if let Ok(mut sent) = started.sent_early.lock() {
+            sent.insert(blob.digest.clone(), stats);
+        }
+        Ok(())
     }
 
     /// Pushes `archive` by digest only, untagged (an image of an index).
     async fn push_untagged(&self, archive: &Path, reference: &Reference, progress: &Progress) -> Result<PushOutcome> {
-        let started = Started { compressor: &self.compressor, diff_ids: Mutex::default() };
+        let started = Started::new(&self.compressor);
         let result = async {
             let image = self.prepare(archive, reference, Mode::Push, progress, &started).await?;
             self.put_image(image, reference, &[], &[], progress).await
         }
         .await;
         self.save_cache(progress);
-        result
+        result.map(|outcome| started.finish(outcome, progress))
     }
 
     fn save_cache(&self, progress: &Progress) {
@@ -305,7 +454,11 @@ impl PushSession {
         started: &Started<'_>,
     ) -> Result<Prepared> {
         progress.info(format!("reading {}", path.display()));
-        if let Some(recalled) = self.recall(path, progress).await {
+        let recalled = {
+            let _in = started.clock.enter(Phase::Read);
+            self.recall(path, progress).await
+        };
+        if let Some(recalled) = recalled {
             progress.debug(format!("{} is unchanged since nixctr last checked it", path.display()));
             self.login_for(reference).await?;
             match self.settle_blobs(&recalled, reference, mode, progress, started).await? {
@@ -313,14 +466,70 @@ impl PushSession {
                 Attempt::NeedsFullRead => progress.debug("a layer needs compressing: reading the whole archive"),
             }
         }
-        // Logs in while the archive is read; what is wrong with the archive is said first.
+        // A plain archive: its headers say where everything is, and only the layers the
+        // registry lacks are read. Logs in meanwhile; what is wrong with the archive is said first.
+        let (indexed, login) = tokio::join!(self.index(path, progress, started), self.login_for(reference));
+        if let Some(archive) = indexed? {
+            login?;
+            return match self.settle_blobs(&archive, reference, mode, progress, started).await? {
+                Attempt::Done(image) => Ok(*image),
+                Attempt::NeedsFullRead => bail!("{}: a layer has no bytes in a plain archive", path.display()),
+            };
+        }
+        // A compressed archive for a registry nothing was sent to yet (as far as the blob cache
+        // knows): its layers will all be sent, so each is compressed as it is inflated, with
+        // no uncompressed copy on disk.
+        if !self.cache.lock().is_ok_and(|c| c.knows_any(&self.registry, self.compression.name())) {
+            let owned = path.to_path_buf();
+            let read = move |cancel: Arc<AtomicBool>, on_layer: &mut OnLayer<'_>| {
+                Archive::stream_gzip_file(&owned, cancel, on_layer)
+            };
+            // Nothing is sent before the whole file checked out: a bad archive on disk leaves
+            // the registry as it was.
+            let (archive, login) =
+                tokio::join!(self.read_stream(read, None, progress, started), self.login_for(reference));
+            let archive = archive?;
+            login?;
+            if let Some(memory) = &self.memory {
+                if let Err(e) = archive.remember(memory) {
+                    progress.debug(format!("could not remember the archive's check: {e:#}"));
+                }
+            }
+            return match self.settle_blobs(&archive, reference, mode, progress, started).await? {
+                Attempt::Done(mut image) => {
+                    image.outcome.read_layers = archive.layers.len();
+                    Ok(*image)
+                }
+                Attempt::NeedsFullRead => bail!("{}: a layer was not kept", path.display()),
+            };
+        }
+        // Else it is read whole, compressing the layers the cache does not know as they come by.
         let (archive, login) = tokio::join!(self.read(path, progress, started), self.login_for(reference));
         let archive = archive?;
         login?;
         match self.settle_blobs(&archive, reference, mode, progress, started).await? {
-            Attempt::Done(image) => Ok(*image),
+            Attempt::Done(mut image) => {
+                image.outcome.read_layers = archive.layers.len();
+                Ok(*image)
+            }
             Attempt::NeedsFullRead => bail!("{}: a layer has no bytes even after a full read", path.display()),
         }
+    }
+
+    /// A plain archive's index ([`Archive::index`]), remembered for the next push; `None` for
+    /// a compressed one.
+    async fn index(&self, path: &Path, progress: &Progress, started: &Started<'_>) -> Result<Option<Archive>> {
+        let _in = started.clock.enter(Phase::Read);
+        let owned = path.to_path_buf();
+        let indexed = tokio::task::spawn_blocking(move || Archive::index(&owned))
+            .await
+            .map_err(|e| anyhow!("reading the archive stopped: {e}"))??;
+        if let (Some(archive), Some(memory)) = (&indexed, &self.memory) {
+            if let Err(e) = archive.remember(memory) {
+                progress.debug(format!("could not remember the archive's check: {e:#}"));
+            }
+        }
+        Ok(indexed)
     }
 
     /// The archive as its last full read found it, if unchanged since. A recalled archive
@@ -354,6 +563,7 @@ impl PushSession {
     /// Reads and checks the archive, compressing what looks like a layer as soon as it has
     /// been read, unless the blob cache says the registry has it already.
     async fn read(&self, path: &Path, progress: &Progress, started: &Started<'_>) -> Result<Archive> {
+        let _in = started.clock.enter(Phase::Read);
         let cancel = Arc::new(AtomicBool::new(false));
         let _guard = CancelOnDrop(cancel.clone());
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SeenEntry>();
@@ -412,7 +622,10 @@ impl PushSession {
         let mut outcome = PushOutcome::new(reference, self.format);
         while let Some(step) = steps.next().await {
             let (blob, result) = match step? {
-                LayerStep::Done(blob, result) => (blob, result),
+                LayerStep::Done(blob, result, read) => {
+                    outcome.read_layers += usize::from(read);
+                    (blob, result)
+                }
                 // Dropping `steps` stops the other layers; what they finished is in the cache.
                 LayerStep::NeedsFullRead => return Ok(Attempt::NeedsFullRead),
             };
@@ -429,11 +642,13 @@ impl PushSession {
             layers.push(blob);
         }
         drop(steps);
+        outcome.total_layers = total;
 
         let layer_bytes = outcome.pushed_bytes;
         let config = (archive.config_digest.clone(), archive.config.len() as u64);
         if mode == Mode::Push {
             let _transfer = self.transfers.acquire().await.context("the push session closed")?;
+            let _in = started.clock.enter(Phase::Upload);
             if !self.client().await?.blob_exists(repo, (&config.0, config.1)).await? {
                 let body = UploadBody::Bytes(archive.config.clone());
                 let stats =
@@ -459,6 +674,7 @@ impl PushSession {
         let Prepared { config, layers, layer_bytes, mut outcome } = image;
         let repo = reference.repository();
         let mut format = self.format;
+        let putting = std::time::Instant::now();
         outcome.digest = loop {
             let (media_type, body) = image_manifest(format, self.compression, (&config.0, config.1), &layers)?;
             outcome.manifest_size = body.len() as u64;
@@ -482,17 +698,20 @@ impl PushSession {
                 Err(rejected) => return Err(rejected.into()),
             }
         };
+        outcome.phases.manifest += putting.elapsed();
         outcome.format = format;
         outcome.tags = tags.to_vec();
         if outcome.uploads.requests > 0 {
             progress.info(format!("sent {}", outcome.uploads.describe()));
         }
         progress.info(format!(
-            "pushed {} ({}), {} already there, {} mounted",
+            "pushed {} ({}), {} already there, {} mounted; read {} of {}",
             plural(outcome.pushed_layers, "layer"),
             human_bytes(layer_bytes),
             outcome.skipped_layers,
-            outcome.mounted_layers
+            outcome.mounted_layers,
+            outcome.read_layers,
+            plural(outcome.total_layers, "layer"),
         ));
         Ok(outcome)
     }
@@ -512,6 +731,7 @@ impl PushSession {
         if let Some(known) = self.cached(&layer.diff_id) {
             let reused = {
                 let _transfer = self.transfers.acquire().await.context("the push session closed")?;
+                let _in = started.clock.enter(Phase::Upload);
                 match mode {
                     Mode::Push => self.reuse(repo, &known).await?,
                     Mode::Check => {
@@ -524,7 +744,7 @@ impl PushSession {
                 Some(result) => {
                     report(progress, mode, &label, &result);
                     self.record(&layer.diff_id, (&known.digest, known.size), repo);
-                    return Ok(LayerStep::Done((known.digest, known.size), result));
+                    return Ok(LayerStep::Done((known.digest, known.size), result, false));
                 }
                 // A check sends nothing, so the blob may still be mounted later: keep it.
                 None if mode == Mode::Check => {}
@@ -547,11 +767,19 @@ impl PushSession {
         };
         let compressed = job
             .await
-            .map_err(|e| anyhow!("cannot compress layer {} of {}: {e:#}", index + 1, archive.path().display()))?;
+            .map_err(|e| anyhow!("{}: layer {} ({:?}): {e:#}", archive.path().display(), index + 1, layer.name))?;
         let blob = (compressed.digest.as_str(), compressed.size);
         let result = {
             let _transfer = self.transfers.acquire().await.context("the push session closed")?;
-            if self.client().await?.blob_exists(repo, blob).await? {
+            let _in = started.clock.enter(Phase::Upload);
+            let early = started.sent_early.lock().ok().and_then(|mut sent| sent.remove(blob.0));
+            if let Some(stats) = early.filter(|_| mode == Mode::Push) {
+                // Sent while the archive was read; confirmed here like any other.
+                if !self.client().await?.blob_exists(repo, blob).await? {
+                    bail!("registry {} lost blob {} just sent", self.registry, blob.0);
+                }
+                LayerResult::Pushed(blob.1, stats)
+            } else if self.client().await?.blob_exists(repo, blob).await? {
                 LayerResult::Skipped
             } else if mode == Mode::Check {
                 LayerResult::Missing
@@ -567,7 +795,7 @@ impl PushSession {
         if !matches!(result, LayerResult::Missing) {
             self.record(&layer.diff_id, blob, repo);
         }
-        Ok(LayerStep::Done((blob.0.to_string(), blob.1), result))
+        Ok(LayerStep::Done((blob.0.to_string(), blob.1), result, true))
     }
 
     /// A cached blob: still in this repository, or mountable from another one? `None`: neither.
@@ -613,11 +841,37 @@ impl Drop for CancelOnDrop {
 struct Started<'a> {
     compressor: &'a Compressor,
     diff_ids: Mutex<Vec<String>>,
+    /// The push's time per phase.
+    clock: Arc<PhaseClock>,
+    /// Blobs sent while a stream was read, by digest, with what sending them took.
+    sent_early: Mutex<HashMap<String, UploadStats>>,
 }
 
-impl Started<'_> {
+impl<'a> Started<'a> {
+    fn new(compressor: &'a Compressor) -> Started<'a> {
+        Started { compressor, diff_ids: Mutex::default(), clock: Arc::default(), sent_early: Mutex::default() }
+    }
+
+    /// The push's outcome with its phases' times, printed with `-v`.
+    fn finish(&self, mut outcome: PushOutcome, progress: &Progress) -> PushOutcome {
+        let manifest = outcome.phases.manifest;
+        outcome.phases = self.clock.phases();
+        outcome.phases.manifest += manifest;
+        progress.debug(format!("push phases: {} (they overlap)", outcome.phases.describe()));
+        outcome
+    }
+
+    /// A compression made from a stream, removed with the push's others.
+    fn adopt(&self, diff_id: &str, compressed: Arc<Compressed>) {
+        if self.compressor.adopt(diff_id, compressed) {
+            if let Ok(mut mine) = self.diff_ids.lock() {
+                mine.push(diff_id.to_string());
+            }
+        }
+    }
+
     fn start(&self, diff_id: &str, data: EntryData) -> Pending {
-        match self.compressor.start(diff_id, data) {
+        match self.compressor.start(diff_id, data, &self.clock) {
             Ok(job) => {
                 if let Ok(mut mine) = self.diff_ids.lock() {
                     mine.push(diff_id.to_string());
