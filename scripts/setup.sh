@@ -894,7 +894,9 @@ step_builders() {
   done
   cp "$IMAGE_STAMP" "$BUILDERS_STAMP"
   log "builders: ${BUILDERS[*]%% *} answer through ssh-ng://root@127.0.0.1:$SSH_PORT (keys in $BUILDER_DIR; made in $(( $(date +%s) - t0 ))s)"
-# ---------------------------------------------------------------- 9. SBOM validators
+}
+
+# ---------------------------------------------------------------- 10. SBOM validators
 # The SBOM tests validate nixctr's output with tools of the formats' own projects:
 # cyclonedx-python-lib (its JSON validator: the CycloneDX 1.6 schema) and spdx-tools
 # (`pyspdxtools`: SPDX 2.3). They live in a venv of their own; PyPI must be reachable.
