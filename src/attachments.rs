@@ -47,10 +47,9 @@ impl Options {
 }
 
 /// The SBOM of a built image, from the closure its build read (`Target::sbom`).
-fn sbom_for(built: &Built, run: &Run<'_>) -> Result<Sbom> {
+async fn sbom_for(built: &Built, run: &Run<'_>) -> Result<Sbom> {
     let closure = match &built.closure {
-        Some(Ok(closure)) => (**closure).clone(),
-        Some(Err(e)) => anyhow::bail!("the image's closure could not be read: {e}"),
+        Some(slot) => *slot.get().await.map_err(|e| anyhow::anyhow!("the image's closure could not be read: {e}"))?,
         None => anyhow::bail!("the build did not read the image's closure"),
     };
     let meta = sbom::Metadata {
@@ -142,6 +141,7 @@ pub(crate) async fn attach(
         if options.sbom {
             let artifact = match build {
                 Some(build) => sbom_for(build, run)
+                    .await
                     .and_then(|sbom| sbom_artifact(&name, &subject.digest, sbom, options.signer.as_deref())),
                 None => Err(anyhow::anyhow!("no build of this image to describe")),
             };

@@ -101,9 +101,8 @@ pub(crate) struct Built {
     pub builders: Option<BTreeMap<String, usize>>,
     /// What it was built from, for provenance.
     pub origin: Box<Origin>,
-    /// For a target with `sbom`: the image's closure, or why it could not be read (in the
-    /// outcome `build` returns; not yet in what `done` hears).
-    pub closure: Option<std::result::Result<Box<crate::sbom::Closure>, String>>,
+    /// For a target with `sbom`: the image's closure, read once every build is done.
+    pub closure: Option<ClosureSlot>,
 }
 
 /// What a build was made from: its derivation, nixpkgs and the nix image.
@@ -112,6 +111,26 @@ pub(crate) struct Origin {
     pub drv: String,
     pub nixpkgs: crate::nix::ResolvedNixpkgs,
     pub nix_image: crate::nix::NixImage,
+}
+
+/// The closure an image's SBOM is made from, read once every build of its container is done
+/// (the licences are evaluated then, with the build's secrets gone). Clones share it, so
+/// what `done` hears early gets it too, and a push need not wait for it.
+#[derive(Debug, Clone)]
+pub(crate) struct ClosureSlot(tokio::sync::watch::Receiver<Option<ClosureRead>>);
+
+type ClosureRead = std::result::Result<Box<crate::sbom::Closure>, String>;
+
+impl ClosureSlot {
+    /// Waits for the closure, or why it could not be read.
+    pub(crate) async fn get(&self) -> ClosureRead {
+        let mut slot = self.0.clone();
+        let read = slot.wait_for(Option::is_some).await;
+        match read.as_deref() {
+            Ok(Some(read)) => read.clone(),
+            _ => Err("the build ended before the image's closure was read".to_string()),
+        }
+    }
 }
 
 /// What became of one target.
@@ -305,6 +324,9 @@ async fn build_in(
         .collect()
         .await;
     let mut building = Vec::new(); // (target index, drv)
+                                   // Dropped unfilled on any early return: whoever waits on a slot then hears so.
+    let slots: Vec<Option<tokio::sync::watch::Sender<Option<ClosureRead>>>> =
+        targets.iter().map(|t| t.sbom.then(|| tokio::sync::watch::channel(None).0)).collect();
     let mut phases: Vec<Phases> = vec![Phases::default(); targets.len()];
     for (i, (result, seconds)) in evaluated.into_iter().enumerate() {
         phases[i].evaluate = seconds;
@@ -352,8 +374,9 @@ async fn build_in(
                 let origin = Box::new(Origin { drv, nixpkgs: nix.nixpkgs.clone(), nix_image: nix.image.clone() });
                 let phases = Phases { build: build_started.elapsed().as_secs_f64(), ..phases[i] };
                 let (target, progress) = (&targets[i], item(&targets[i].name));
-                let result =
-                    copy_out((engine, nix), target, &out, (started, phases, origin), &progress, done.as_ref()).await;
+                let slot = slots[i].as_ref().map(|tx| ClosureSlot(tx.subscribe()));
+                let how = (started, phases, origin, slot);
+                let result = copy_out((engine, nix), target, &out, how, &progress, done.as_ref()).await;
                 copied.lock().await.push((i, result));
             }
             if last || pending.lock().await.is_empty() {
@@ -377,12 +400,15 @@ async fn build_in(
     polled?;
     for (i, result) in copied.into_inner() {
         outcomes[i] = Some(match result {
-            Ok(mut built) => {
+            Ok(built) => {
                 // Only now: the licences are evaluated, which must not happen while the
                 // build's secrets are in the container (see `nix::cache`).
-                if let (true, Some(path)) = (targets[i].sbom, &built.path) {
-                    let closure = crate::sbom::closure(nix, path, &built.name, &item(&built.name)).await;
-                    built.closure = Some(closure.map(Box::new).map_err(|e| format!("{e:#}")));
+                if let Some(slot) = &slots[i] {
+                    let read = match &built.path {
+                        Some(path) => crate::sbom::closure(nix, path, &built.name, &item(&built.name)).await,
+                        None => Err(anyhow::anyhow!("the SBOM needs the image in a file, and it was streamed")),
+                    };
+                    slot.send_replace(Some(read.map(Box::new).map_err(|e| format!("{e:#}"))));
                 }
                 Outcome::Built(built)
             }
@@ -479,7 +505,7 @@ async fn copy_out(
     (engine, nix): (&Engine, &NixContainer),
     target: &Target,
     out: &str,
-    (started, mut phases, origin): (Instant, Phases, Box<Origin>),
+    (started, mut phases, origin, closure): (Instant, Phases, Box<Origin>, Option<ClosureSlot>),
     progress: &Progress,
     done: Option<&tokio::sync::mpsc::UnboundedSender<Built>>,
 ) -> Result<Built> {
@@ -489,11 +515,13 @@ async fn copy_out(
         OutputKind::Archive => copy_archive(nix, target, out, started, progress).await,
         OutputKind::Stream => {
             phases.streamed = true;
-            run_stream((engine, nix), target, out, (started, phases, &origin), progress, done).await
+            let how = (started, phases, &*origin, closure.clone());
+            run_stream((engine, nix), target, out, how, progress, done).await
         }
     };
     let mut built = built?;
     built.origin = origin;
+    built.closure = closure;
     phases.copy_out = began.elapsed().as_secs_f64();
     built.phases = phases;
     built.seconds = started.elapsed().as_secs_f64();
@@ -531,7 +559,7 @@ async fn run_stream(
     (engine, nix): (&Engine, &NixContainer),
     target: &Target,
     out: &str,
-    (started, phases, origin): (Instant, Phases, &Origin),
+    (started, phases, origin, closure): (Instant, Phases, &Origin, Option<ClosureSlot>),
     progress: &Progress,
     done: Option<&tokio::sync::mpsc::UnboundedSender<Built>>,
 ) -> Result<Built> {
@@ -544,6 +572,7 @@ async fn run_stream(
             stream: Some(HandOver::new(image)),
             phases,
             origin: Box::new(origin.clone()),
+            closure,
             ..built(target, nix, None, 0, started)
         };
         let _ = done.send(handed);

@@ -354,8 +354,7 @@ async fn build_and_push<'p>(
     let mut targets = build::plan(options.root, &names, options.platforms, None, false)?;
     // Unless the binary-cache upload must succeed first, build hands each archive over as
     // soon as it is written; else only what the build kept is pushed, once it is done.
-    // With `--sbom` too: the closure an SBOM is made from is read after the builds.
-    let early = !options.cache_first && !request.attach.sbom;
+    let early = !options.cache_first;
     for target in &mut targets {
         target.sbom = request.attach.sbom;
         if let Output::File(path) = &mut target.output {
@@ -363,7 +362,8 @@ async fn build_and_push<'p>(
             *path = workdir.path().join(path.with_extension(""));
         }
         // One image per container: a streamed one goes to the registry as it comes.
-        target.hand_over = early && options.platforms.len() <= 1;
+        // (Not with `--sbom`: the SBOM's closure is read from the image's file.)
+        target.hand_over = early && options.platforms.len() <= 1 && !request.attach.sbom;
     }
     let engines = Engines::connect(options.engines, options.platforms, progress).await?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Built>();

@@ -35,9 +35,9 @@ pub(crate) async fn generate(
     // Grouped by (engine, platform): one container each, for those without a closure.
     let mut groups: Vec<(&str, &crate::platform::Platform, Vec<usize>)> = Vec::new();
     for (i, (built, meta)) in images.iter().enumerate() {
-        if let Some(closure) = &built.closure {
-            let rendered = match closure {
-                Ok(closure) => Document::new(meta.clone(), (**closure).clone()).render(format),
+        if let Some(slot) = &built.closure {
+            let rendered = match slot.get().await {
+                Ok(closure) => Document::new(meta.clone(), *closure).render(format),
                 Err(e) => Err(anyhow!("{e}")),
             };
             results[i] = Some(rendered.with_context(|| format!("no SBOM for {}", built.name)));
