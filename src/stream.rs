@@ -304,18 +304,6 @@ impl ConfigCheck {
 mod tests {
     use super::*;
 
-    fn tar_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut builder = tar::Builder::new(Vec::new());
-        for (name, data) in entries {
-            let mut header = tar::Header::new_gnu();
-            header.set_size(data.len() as u64);
-            header.set_mode(0o644);
-            header.set_cksum();
-            builder.append_data(&mut header, name, *data).unwrap();
-        }
-        builder.into_inner().unwrap()
-    }
-
     const CONFIG: &[u8] = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
 
     fn checked(bytes: &[u8], chunk: usize, platform: &str) -> io::Result<()> {
@@ -329,7 +317,7 @@ mod tests {
     #[test]
     fn the_config_is_found_in_any_order_and_chunking() {
         let layer = vec![7u8; 5000];
-        let stream = tar_of(&[("a/layer.tar", &layer), ("c.json", CONFIG), ("manifest.json", b"[]")]);
+        let stream = crate::archive::tar_with(&[("a/layer.tar", &layer), ("c.json", CONFIG), ("manifest.json", b"[]")]);
         for chunk in [1, 100, 511, 512, 513, 4096, stream.len()] {
             checked(&stream, chunk, "linux/amd64").unwrap();
         }
@@ -337,12 +325,14 @@ mod tests {
         assert!(e.contains("says linux/amd64, not linux/arm64"), "{e}");
         // A long name (GNU long-name entry) hides nothing.
         let long = format!("{}.json", "x".repeat(150));
-        checked(&tar_of(&[(&long, CONFIG)]), 300, "linux/amd64").unwrap();
+        checked(&crate::archive::tar_with(&[(&long, CONFIG)]), 300, "linux/amd64").unwrap();
     }
 
     #[test]
     fn a_stream_without_a_config_is_refused() {
-        let e = checked(&tar_of(&[("a/layer.tar", b"x"), ("manifest.json", b"[]")]), 64, "linux/amd64").unwrap_err();
+        let e =
+            checked(&crate::archive::tar_with(&[("a/layer.tar", b"x"), ("manifest.json", b"[]")]), 64, "linux/amd64")
+                .unwrap_err();
         assert!(e.to_string().contains("without an image config"), "{e}");
         // Bytes that are not tar headers.
         assert!(checked(&[1u8; 2048], 512, "linux/amd64").is_err());
@@ -377,7 +367,7 @@ mod tests {
     async fn a_failed_program_ends_the_reader_in_its_error() {
         let platform = Platform::parse("linux/amd64").unwrap();
         let (tx, stream) = channel(&platform);
-        let bytes = tar_of(&[("c.json", CONFIG)]);
+        let bytes = crate::archive::tar_with(&[("c.json", CONFIG)]);
         tx.send(Ok(Bytes::from(bytes[..600].to_vec()))).await.unwrap();
         tx.send(Err(io::Error::other("stream-hello exited with code 3"))).await.unwrap();
         drop(tx);

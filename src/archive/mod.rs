@@ -621,21 +621,13 @@ fn scan(
     for entry in tar.entries()? {
         let mut entry = entry?;
         let name = normalize(&entry.path()?);
-        let kind = entry.header().entry_type();
-        if kind.is_symlink() || kind.is_hard_link() {
-            if let Some(target) = entry.link_name()? {
-                let target = if kind.is_symlink() {
-                    let parent = Path::new(&name).parent().unwrap_or(Path::new(""));
-                    normalize(&parent.join(&target))
-                } else {
-                    normalize(&target)
-                };
+        match kind_of(&entry, &name)? {
+            Kind::Link(target) => {
                 entries.insert(name, Entry::Link(target));
+                continue;
             }
-            continue;
-        }
-        if !kind.is_file() {
-            continue;
+            Kind::Other => continue,
+            Kind::File => {}
         }
         let offset = entry.raw_file_position();
         let size = entry.size();
@@ -676,21 +668,13 @@ fn walk_headers(file: File, source: &Path, length: u64) -> Result<HashMap<String
     for entry in tar.entries_with_seek()? {
         let mut entry = entry?;
         let name = normalize(&entry.path()?);
-        let kind = entry.header().entry_type();
-        if kind.is_symlink() || kind.is_hard_link() {
-            if let Some(target) = entry.link_name()? {
-                let target = if kind.is_symlink() {
-                    let parent = Path::new(&name).parent().unwrap_or(Path::new(""));
-                    normalize(&parent.join(&target))
-                } else {
-                    normalize(&target)
-                };
+        match kind_of(&entry, &name)? {
+            Kind::Link(target) => {
                 entries.insert(name, Entry::Link(target));
+                continue;
             }
-            continue;
-        }
-        if !kind.is_file() {
-            continue;
+            Kind::Other => continue,
+            Kind::File => {}
         }
         let offset = entry.raw_file_position();
         let size = entry.size();
@@ -724,6 +708,28 @@ fn resolve(entries: &HashMap<String, Entry>, name: &str) -> Option<Entry> {
 }
 
 /// `./a/../b/layer.tar` -> `b/layer.tar`.
+/// What a tar entry is to the archive readers: a link (to its target, a symlink's resolved
+/// against the entry's directory), a file, or something else to pass over.
+pub(super) enum Kind {
+    Link(String),
+    File,
+    Other,
+}
+
+pub(super) fn kind_of<R: Read>(entry: &tar::Entry<'_, R>, name: &str) -> io::Result<Kind> {
+    let kind = entry.header().entry_type();
+    if kind.is_symlink() || kind.is_hard_link() {
+        return Ok(match entry.link_name()? {
+            Some(target) if kind.is_symlink() => {
+                Kind::Link(normalize(&Path::new(name).parent().unwrap_or(Path::new("")).join(&target)))
+            }
+            Some(target) => Kind::Link(normalize(&target)),
+            None => Kind::Other,
+        });
+    }
+    Ok(if kind.is_file() { Kind::File } else { Kind::Other })
+}
+
 fn normalize(path: &Path) -> String {
     let mut parts: Vec<String> = Vec::new();
     for part in path.components() {
@@ -775,21 +781,23 @@ fn describe_read_error(path: &Path, err: anyhow::Error) -> anyhow::Error {
     anyhow!("{shown:?} is not a docker-archive (not a tar or gzip-compressed tar): {err}")
 }
 
+/// A tar of `entries` (name, bytes), for tests of the readers of tars.
+#[cfg(test)]
+pub(crate) fn tar_with(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, data) in entries {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder.append_data(&mut header, name, *data).unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tar_with(entries: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut builder = tar::Builder::new(Vec::new());
-        for (name, data) in entries {
-            let mut header = tar::Header::new_gnu();
-            header.set_size(data.len() as u64);
-            header.set_mode(0o644);
-            header.set_cksum();
-            builder.append_data(&mut header, name, *data).unwrap();
-        }
-        builder.into_inner().unwrap()
-    }
 
     fn image(layers: &[&[u8]], diff_ids: Option<Vec<String>>) -> Vec<u8> {
         let ids = diff_ids.unwrap_or_else(|| layers.iter().map(|l| sha256_digest(l)).collect());

@@ -14,8 +14,8 @@ use anyhow::{bail, Context, Result};
 
 use super::io_readers::{Counted, Pipelined};
 use super::{
-    describe_read_error, normalize, read_up_to, sha256_digest, Archive, Cancellable, ConfigRootfs, Identity, Layer,
-    ManifestEntry, Refusal, SpoolBound, GZIP_MAGIC, TAR_TAIL,
+    describe_read_error, kind_of, normalize, read_up_to, sha256_digest, Archive, Cancellable, ConfigRootfs, Identity,
+    Kind, Layer, ManifestEntry, Refusal, SpoolBound, GZIP_MAGIC, TAR_TAIL,
 };
 
 /// JSON entries are held in memory up to this size.
@@ -39,20 +39,13 @@ fn read_entries(
     for entry in tar.entries()? {
         let mut entry = entry?;
         let name = normalize(&entry.path()?);
-        let kind = entry.header().entry_type();
-        if kind.is_symlink() || kind.is_hard_link() {
-            if let Some(target) = entry.link_name()? {
-                let target = if kind.is_symlink() {
-                    normalize(&Path::new(&name).parent().unwrap_or(Path::new("")).join(&target))
-                } else {
-                    normalize(&target)
-                };
+        match kind_of(&entry, &name)? {
+            Kind::Link(target) => {
                 seen.insert(name, Seen::Link(target));
+                continue;
             }
-            continue;
-        }
-        if !kind.is_file() {
-            continue;
+            Kind::Other => continue,
+            Kind::File => {}
         }
         let size = entry.size();
         if let Some(bound) = bound {
@@ -203,19 +196,8 @@ impl Archive {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tar_with;
     use super::*;
-
-    fn tar_with(entries: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut builder = tar::Builder::new(Vec::new());
-        for (name, data) in entries {
-            let mut header = tar::Header::new_gnu();
-            header.set_size(data.len() as u64);
-            header.set_mode(0o644);
-            header.set_cksum();
-            builder.append_data(&mut header, name, *data).unwrap();
-        }
-        builder.into_inner().unwrap()
-    }
 
     /// Layers first, manifest last, as streamLayeredImage writes them.
     fn stream(layers: &[&[u8]], ids: Vec<String>) -> Vec<u8> {

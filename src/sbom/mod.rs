@@ -10,7 +10,7 @@
 mod cyclonedx;
 pub(crate) mod generate;
 mod layers;
-mod names;
+pub(crate) mod names;
 mod spdx;
 
 use std::collections::{BTreeMap, BTreeSet};
