@@ -14,10 +14,19 @@ fresh=1
 # shellcheck source=bench/lib.sh
 . "$here/lib.sh"
 export DOCKER_HOST=${DOCKER_HOST:-unix:///var/run/docker.sock}
-cp -r "$here/../fixtures/project" "$here/../fixtures/nixpkgs" "$work/"
-git -C "$work/project" init -q -b main
-git -C "$work/project" -c user.name=b -c user.email=b@nixctr.invalid add -A
-git -C "$work/project" -c user.name=b -c user.email=b@nixctr.invalid commit -qm one
+# PROJECT=DIR CONTAINER=NAME: another project's container (a git checkout), e.g. the big
+# image bench/publish.sh leaves in /tmp/nixctr-bench-publish/project (app-layered).
+container=${CONTAINER:-ntfy}
+# VERSION=V for a container whose version nixctr cannot find.
+version=(); [ -n "${VERSION:-}" ] && version=(--version "$VERSION")
+if [ -n "${PROJECT:-}" ]; then
+  cp -r "$PROJECT" "$work/project"
+else
+  cp -r "$here/../fixtures/project" "$here/../fixtures/nixpkgs" "$work/"
+  git -C "$work/project" init -q -b main
+  git -C "$work/project" -c user.name=b -c user.email=b@nixctr.invalid add -A
+  git -C "$work/project" -c user.name=b -c user.email=b@nixctr.invalid commit -qm one
+fi
 openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$work/cosign.key" 2>/dev/null
 chmod 600 "$work/cosign.key"
 cd "$work/project"
@@ -29,17 +38,17 @@ attached=(--sign-key "$work/cosign.key" --provenance)
 echo "attested side: publish ${attached[*]}"
 
 start_registry warm
-measure warm-up "$nixctr" publish ntfy --registry "$host"
+measure warm-up "$nixctr" publish "$container" "${version[@]}" --registry "$host"
 plain=(); attest=()
 rounds=${ROUNDS:-5}
 for i in $(seq "$rounds"); do
   start_registry "plain-$i"; a=$host; start_registry "attest-$i"; b=$host
   if [ $((i % 2)) = 1 ]; then
-    measure "plain-$i" "$nixctr" publish ntfy --registry "$a"; plain+=("$secs")
-    measure "attest-$i" "$nixctr" publish ntfy --registry "$b" "${attached[@]}"; attest+=("$secs")
+    measure "plain-$i" "$nixctr" publish "$container" "${version[@]}" --registry "$a"; plain+=("$secs")
+    measure "attest-$i" "$nixctr" publish "$container" "${version[@]}" --registry "$b" "${attached[@]}"; attest+=("$secs")
   else
-    measure "attest-$i" "$nixctr" publish ntfy --registry "$b" "${attached[@]}"; attest+=("$secs")
-    measure "plain-$i" "$nixctr" publish ntfy --registry "$a"; plain+=("$secs")
+    measure "attest-$i" "$nixctr" publish "$container" "${version[@]}" --registry "$b" "${attached[@]}"; attest+=("$secs")
+    measure "plain-$i" "$nixctr" publish "$container" "${version[@]}" --registry "$a"; plain+=("$secs")
   fi
   grep -q '^signed ' "$work/attest-$i.err" || { echo "attest-$i did not sign" >&2; exit 1; }
 done
