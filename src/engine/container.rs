@@ -47,6 +47,14 @@ pub(crate) struct ExecOutput {
 }
 
 const STDERR_TAIL_LINES: usize = 25;
+/// Who runs an exec (the image's user unless said) and where its stdout goes (collected
+/// unless a sink takes it as it comes).
+#[derive(Default)]
+struct Run<'a> {
+    user: Option<&'a str>,
+    sink: Option<&'a tokio::sync::mpsc::Sender<std::io::Result<Bytes>>>,
+}
+
 /// How long the engine may take to record an exec's exit code once its output has ended.
 const EXIT_CODE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 /// The most a probe of a quiet exec waits for the engine (less when the stall interval is).
@@ -235,20 +243,21 @@ impl ContainerGuard {
         mode: OutputMode,
         keep: usize,
     ) -> Result<ExecOutput> {
-        self.exec_into(cmd, env, workdir, mode, keep, None).await
+        self.exec_into(cmd, env, workdir, mode, keep, Run::default()).await
     }
 
-    /// [`ContainerGuard::exec`], its stdout sent into `stdout` chunk by chunk as it comes
-    /// (waiting while the receiver is behind) instead of collected. The receiver closing is
-    /// an error: the process is left to the container's removal.
+    /// [`ContainerGuard::exec`] as `user` (`UID:GID`), its stdout sent into `stdout` chunk by
+    /// chunk as it comes (waiting while the receiver is behind) instead of collected. The
+    /// receiver closing is an error: the process is left to the container's removal.
     pub(crate) async fn exec_streaming(
         &self,
         cmd: &[String],
-        env: &[String],
+        user: &str,
         workdir: Option<&str>,
         stdout: &tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
     ) -> Result<ExecOutput> {
-        self.exec_into(cmd, env, workdir, OutputMode::Captured, STDERR_TAIL_LINES, Some(stdout)).await
+        let run = Run { user: Some(user), sink: Some(stdout) };
+        self.exec_into(cmd, &[], workdir, OutputMode::Captured, STDERR_TAIL_LINES, run).await
     }
 
     async fn exec_into(
@@ -258,13 +267,14 @@ impl ContainerGuard {
         workdir: Option<&str>,
         mode: OutputMode,
         keep: usize,
-        sink: Option<&tokio::sync::mpsc::Sender<std::io::Result<Bytes>>>,
+        Run { user, sink }: Run<'_>,
     ) -> Result<ExecOutput> {
         let docker = self.engine.client();
         let options = CreateExecOptions::<String> {
             cmd: Some(cmd.to_vec()),
             env: Some(env.to_vec()),
             working_dir: workdir.map(str::to_string),
+            user: user.map(str::to_string),
             attach_stdout: Some(true),
             attach_stderr: Some(true),
             ..Default::default()

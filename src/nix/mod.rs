@@ -26,6 +26,9 @@ use text::{failed_builder, nix_cmd, store_paths, strings};
 
 /// Where the project lands in the container.
 pub(crate) const WORKSPACE: &str = "/workspace";
+/// The user a built program of the project runs as (the nix image has `nobody`, and /tmp
+/// is world-writable there).
+const NOBODY: &str = "65534:65534";
 /// Where a local nixpkgs directory lands.
 pub(crate) const NIXPKGS_DIR: &str = "/nixctr/nixpkgs";
 /// nix's download cache lives in the store volume, so a warm build fetches nothing.
@@ -469,10 +472,12 @@ impl NixContainer {
     /// Runs the stream program at `store_path` (built, so evaluation is over) and sends its
     /// stdout, the image, into `tx`; if it fails, its error goes last into `tx` too, so the
     /// reader does not take what came before as the whole image. Runs with no environment
-    /// of ours (no secret) in /tmp.
+    /// of ours (no secret), as `nobody`, in /tmp.
     pub(crate) async fn run_stream(&self, store_path: &str, tx: StreamSender) -> Result<()> {
         let cmd = vec![store_path.to_string()];
-        let result = match self.guard.exec_streaming(&cmd, &[], Some("/tmp"), &tx).await {
+        // The program is the project's (its default.nix made it): never root, which could read
+        // what a concurrent realise has staged (see `cache::Phase`).
+        let result = match self.guard.exec_streaming(&cmd, NOBODY, Some("/tmp"), &tx).await {
             Ok(out) if out.exit_code == 0 => Ok(()),
             Ok(out) => Err(anyhow!(
                 "{store_path} failed (exit code {}) while writing the image:\n{}",
