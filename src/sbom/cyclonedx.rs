@@ -93,7 +93,7 @@ fn property(name: &str, value: impl Into<String>) -> Property {
 const IMAGE_REF: &str = "nixctr:image";
 
 pub(crate) fn render(doc: &Document, stamp: &Stamp) -> serde_json::Result<Vec<u8>> {
-    let mut image_properties = vec![property("nixctr:platform", &doc.platform)];
+    let mut image_properties = vec![property("nixctr:platform", &doc.closure.platform)];
     if let Some(commit) = &doc.meta.commit {
         image_properties.push(property("nixctr:git:commit", commit));
     }
@@ -108,6 +108,7 @@ pub(crate) fn render(doc: &Document, stamp: &Stamp) -> serde_json::Result<Vec<u8
         properties: image_properties,
     };
     let components = doc
+        .closure
         .components
         .iter()
         .map(|c| {
@@ -132,9 +133,10 @@ pub(crate) fn render(doc: &Document, stamp: &Stamp) -> serde_json::Result<Vec<u8
         })
         .collect();
     let mut dependencies =
-        vec![Dependency { reference: IMAGE_REF, depends_on: doc.roots.iter().map(String::as_str).collect() }];
+        vec![Dependency { reference: IMAGE_REF, depends_on: doc.closure.roots.iter().map(String::as_str).collect() }];
     dependencies.extend(
-        doc.components
+        doc.closure
+            .components
             .iter()
             .map(|c| Dependency { reference: &c.path, depends_on: c.references.iter().map(String::as_str).collect() }),
     );

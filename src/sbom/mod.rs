@@ -105,35 +105,28 @@ impl Component {
     }
 }
 
-/// Everything one SBOM says, whatever its format. Components are sorted by store path.
+/// Everything one SBOM says, whatever its format: the store's answers and the container's
+/// metadata.
 #[derive(Debug, Clone)]
 pub(crate) struct Document {
     pub meta: Metadata,
     pub tool_version: &'static str,
-    /// The image's platform (`linux/amd64`).
-    pub platform: String,
-    /// The image's config digest (`sha256:…`), its image ID.
-    pub image_digest: String,
-    pub nixpkgs: ResolvedNixpkgs,
-    pub nix_image: NixImage,
-    pub components: Vec<Component>,
-    /// The store paths no other path of the image refers to: what the image's contents are.
-    pub roots: Vec<String>,
+    pub closure: Closure,
 }
 
 impl Document {
     fn image_sha256(&self) -> Option<String> {
-        self.image_digest.strip_prefix("sha256:").map(str::to_string)
+        self.closure.image_digest.strip_prefix("sha256:").map(str::to_string)
     }
 
     /// nixctr's facts about the build, as `(name, value)` pairs, in a fixed order.
     fn facts(&self) -> Vec<(&'static str, String)> {
-        let n = &self.nixpkgs;
+        let n = &self.closure.nixpkgs;
         let mut facts = vec![("nixctr:container", self.meta.name.clone())];
         if let Some(v) = &self.meta.app_version {
             facts.push(("nixctr:app_version", v.clone()));
         }
-        facts.push(("nixctr:image_digest", self.image_digest.clone()));
+        facts.push(("nixctr:image_digest", self.closure.image_digest.clone()));
         facts.push(("nixctr:nixpkgs:ref", n.reference.clone()));
         facts.push(("nixctr:nixpkgs:store_path", n.path.clone()));
         if let Some(h) = &n.nar_hash {
@@ -142,9 +135,9 @@ impl Document {
         if let Some(r) = &n.revision {
             facts.push(("nixctr:nixpkgs:revision", r.clone()));
         }
-        facts.push(("nixctr:nix_image", self.nix_image.name.clone()));
-        facts.push(("nixctr:nix_image:id", self.nix_image.id.clone()));
-        for digest in &self.nix_image.digests {
+        facts.push(("nixctr:nix_image", self.closure.nix_image.name.clone()));
+        facts.push(("nixctr:nix_image:id", self.closure.nix_image.id.clone()));
+        for digest in &self.closure.nix_image.digests {
             facts.push(("nixctr:nix_image:digest", digest.clone()));
         }
         facts
@@ -289,14 +282,17 @@ pub(crate) async fn query(
 }
 
 /// What the store says of one built image, before its metadata and format: everything of
-/// its SBOM that needs the nix container.
+/// its SBOM that needs the nix container. Components are sorted by store path.
 #[derive(Debug, Clone)]
 pub(crate) struct Closure {
+    /// The image's platform (`linux/amd64`).
     pub platform: String,
+    /// The image's config digest (`sha256:…`), its image ID.
     pub image_digest: String,
     pub nixpkgs: ResolvedNixpkgs,
     pub nix_image: NixImage,
     pub components: Vec<Component>,
+    /// The store paths no other path of the image refers to: what the image's contents are.
     pub roots: Vec<String>,
 }
 
@@ -332,16 +328,7 @@ pub(crate) async fn closure(nix: &NixContainer, archive: &Path, name: &str, prog
 
 impl Document {
     pub(crate) fn new(meta: Metadata, closure: Closure) -> Document {
-        Document {
-            meta,
-            tool_version: env!("CARGO_PKG_VERSION"),
-            platform: closure.platform,
-            image_digest: closure.image_digest,
-            nixpkgs: closure.nixpkgs,
-            nix_image: closure.nix_image,
-            components: closure.components,
-            roots: closure.roots,
-        }
+        Document { meta, tool_version: env!("CARGO_PKG_VERSION"), closure }
     }
 }
 

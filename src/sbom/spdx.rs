@@ -102,7 +102,7 @@ pub(crate) fn render(doc: &Document, stamp: &Stamp) -> serde_json::Result<Vec<u8
         .facts()
         .into_iter()
         .chain(doc.meta.commit.as_deref().map(|c| ("nixctr:git:commit", c.to_string())))
-        .chain([("nixctr:platform", doc.platform.clone())])
+        .chain([("nixctr:platform", doc.closure.platform.clone())])
         .map(|(name, value)| Annotation {
             annotation_date: stamp.timestamp.clone(),
             annotation_type: "OTHER",
@@ -125,10 +125,10 @@ pub(crate) fn render(doc: &Document, stamp: &Stamp) -> serde_json::Result<Vec<u8
             .map(|value| vec![Checksum { algorithm: "SHA256", checksum_value: value }])
             .unwrap_or_default(),
         external_refs: Vec::new(),
-        comment: Some(format!("image config digest {}", doc.image_digest)),
+        comment: Some(format!("image config digest {}", doc.closure.image_digest)),
         annotations,
     }];
-    packages.extend(doc.components.iter().map(|c| Package {
+    packages.extend(doc.closure.components.iter().map(|c| Package {
         name: &c.name,
         spdx_id: package_id(&c.path),
         version_info: c.version.as_deref(),
@@ -148,9 +148,10 @@ pub(crate) fn render(doc: &Document, stamp: &Stamp) -> serde_json::Result<Vec<u8
         annotations: Vec::new(),
     }));
     let mut relationships = vec![relationship("SPDXRef-DOCUMENT", "DESCRIBES", IMAGE_ID)];
-    relationships.extend(doc.components.iter().map(|c| relationship(IMAGE_ID, "CONTAINS", &package_id(&c.path))));
-    relationships.extend(doc.roots.iter().map(|r| relationship(IMAGE_ID, "DEPENDS_ON", &package_id(r))));
-    for c in &doc.components {
+    relationships
+        .extend(doc.closure.components.iter().map(|c| relationship(IMAGE_ID, "CONTAINS", &package_id(&c.path))));
+    relationships.extend(doc.closure.roots.iter().map(|r| relationship(IMAGE_ID, "DEPENDS_ON", &package_id(r))));
+    for c in &doc.closure.components {
         let from = package_id(&c.path);
         relationships.extend(c.references.iter().map(|r| relationship(&from, "DEPENDS_ON", &package_id(r))));
     }

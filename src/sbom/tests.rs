@@ -52,21 +52,23 @@ fn document() -> Document {
     Document {
         meta: Metadata { name: "hello".into(), app_version: Some("2.12.1".into()), commit: Some("a".repeat(40)) },
         tool_version: "0.0.0-test",
-        platform: "linux/amd64".into(),
-        image_digest: format!("sha256:{}", "c".repeat(64)),
-        nixpkgs: ResolvedNixpkgs {
-            reference: "github:NixOS/nixpkgs/nixos-25.05".into(),
-            path: "/nix/store/s-source".into(),
-            nar_hash: Some("sha256-AAAA".into()),
-            revision: Some("0123".into()),
+        closure: Closure {
+            platform: "linux/amd64".into(),
+            image_digest: format!("sha256:{}", "c".repeat(64)),
+            nixpkgs: ResolvedNixpkgs {
+                reference: "github:NixOS/nixpkgs/nixos-25.05".into(),
+                path: "/nix/store/s-source".into(),
+                nar_hash: Some("sha256-AAAA".into()),
+                revision: Some("0123".into()),
+            },
+            nix_image: NixImage {
+                name: "nixos/nix:2.33.3".into(),
+                id: format!("sha256:{}", "d".repeat(64)),
+                digests: vec![format!("nixos/nix@sha256:{}", "e".repeat(64))],
+            },
+            components,
+            roots,
         },
-        nix_image: NixImage {
-            name: "nixos/nix:2.33.3".into(),
-            id: format!("sha256:{}", "d".repeat(64)),
-            digests: vec![format!("nixos/nix@sha256:{}", "e".repeat(64))],
-        },
-        components,
-        roots,
     }
 }
 
