@@ -2,10 +2,12 @@
 # Whole `publish` against the CI steps it replaces, run by hand in the same engine: a nix
 # container on nixctr's store volume, `nix-build` of the buildLayeredImage archive, `docker cp`
 # of it out, gunzip (skopeo reads only plain docker-archives) and `skopeo copy` to the
-# registry. Warm store, a fresh docker-registry on 127.0.0.1 for every run. Prints times,
+# registry, at nixctr's gzip level (1; skopeo's default, 6, would flatter nixctr). Warm store, a fresh docker-registry on 127.0.0.1 for every run. Prints times,
 # peak RSS of nixctr, each run's `-v` phase lines, and the ratios (targets from issue 17):
 #   publish of a streamLayeredImage   vs the hand-run steps   (target <= 0.5)
 #   publish of a buildLayeredImage    vs the hand-run steps   (target <= 0.7)
+# and the floor of a streamed publish: the same container steps and the image program alone,
+# its output thrown away.
 # The image: busybox and two app paths built from the nix image's own /usr (binaries,
 # libraries, text; the second rot13-ed so the two do not compress alike), ~BENCH_MB in all.
 # usage: bench/publish.sh [WORKDIR]   (NIXCTR=path/to/nixctr; ROUNDS=1; BENCH_MB=350)
@@ -93,15 +95,32 @@ np=$(docker exec "$ctr" nix --extra-experimental-features 'nix-command flakes' f
 out=$(docker exec -w /workspace -e NIX_PATH="nixpkgs=$np" "$ctr" nix-build containers/app-layered/default.nix --no-out-link 2>/dev/null)
 docker cp "$ctr:$out" - | tar -xO > "$out_dir/app.tar.gz"
 gunzip -f "$out_dir/app.tar.gz"
-skopeo copy --quiet --dest-tls-verify=false "docker-archive:$out_dir/app.tar" "docker://$dest"
+skopeo copy --quiet --dest-tls-verify=false --dest-compress-level 1 "docker-archive:$out_dir/app.tar" "docker://$dest"
 rm -f "$out_dir/app.tar"
 SH
 
-hand=(); stream=(); layered=(); s_rss=0; l_rss=0
+# The floor of a streamed publish: the same container steps, then the image program alone,
+# its output thrown away (what any consumer of the stream waits for at least).
+cat > "$work/stream-only.sh" <<'SH'
+set -euo pipefail
+vol=$1 image=$2 proj=$3 nixpkgs=$4
+ctr=$(docker create -v "$vol:/nix" -e XDG_CACHE_HOME=/nix/var/nixctr/cache "$image" sleep 600)
+trap 'docker rm -f "$ctr" >/dev/null 2>&1 || true' EXIT
+docker start "$ctr" >/dev/null
+tar -c -C "$(dirname "$proj")" --exclude=.git --transform 's,^project,workspace,' project | docker cp - "$ctr:/"
+tar -c -C "$(dirname "$nixpkgs")" --transform 's,^nixpkgs,nixctr/nixpkgs,' nixpkgs | docker cp - "$ctr:/"
+np=$(docker exec "$ctr" nix --extra-experimental-features 'nix-command flakes' flake metadata path:/nixctr/nixpkgs --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["path"])')
+out=$(docker exec -w /workspace -e NIX_PATH="nixpkgs=$np" "$ctr" nix-build containers/app-stream/default.nix --no-out-link 2>/dev/null)
+docker exec "$ctr" "$out" 2>/dev/null | wc -c >/dev/null
+SH
+
+hand=(); floor=(); stream=(); layered=(); s_rss=0; l_rss=0
 for r in $(seq "$ROUNDS"); do
   start_registry "hand-$r"
   measure "by-hand-$r" bash "$work/by-hand.sh" "$vol" "$IMAGE" "$proj" "$(cd "$here/../fixtures/nixpkgs" && pwd)" "$host/bench/app:1" "$work"
   hand+=("$secs")
+  measure "stream-only-$r" bash "$work/stream-only.sh" "$vol" "$IMAGE" "$proj" "$(cd "$here/../fixtures/nixpkgs" && pwd)"
+  floor+=("$secs")
   start_registry "stream-$r"; rm -rf "$XDG_CACHE_HOME"
   measure "publish-stream-$r" "$nixctr" -v -C "$proj" publish app-stream --registry "$host" --tag v1
   stream+=("$secs"); [ "$rss_mb" -gt "$s_rss" ] && s_rss=$rss_mb
@@ -111,6 +130,7 @@ for r in $(seq "$ROUNDS"); do
   layered+=("$secs"); [ "$rss_mb" -gt "$l_rss" ] && l_rss=$rss_mb
   grep -E '^app-layered: evaluate|^pushed ' "$work/publish-layered-$r.err" | sed 's/^/    /'
 done
-h=$(median "${hand[@]}"); s=$(median "${stream[@]}"); l=$(median "${layered[@]}")
+h=$(median "${hand[@]}"); f=$(median "${floor[@]}"); s=$(median "${stream[@]}"); l=$(median "${layered[@]}")
+echo "the image program alone (stream to nowhere): ${f}s -> the floor of a streamed publish is $(ratio "$f" "$h") of by hand"
 echo "publish streamLayeredImage: ${s}s vs by hand ${h}s -> ratio $(ratio "$s" "$h") (target <= 0.5); peak RSS $s_rss MB"
 echo "publish buildLayeredImage:  ${l}s vs by hand ${h}s -> ratio $(ratio "$l" "$h") (target <= 0.7); peak RSS $l_rss MB"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Pushes a ~900 MB, ~60-layer image with nixctr and with skopeo, side by side, each to a fresh
-# docker-registry on 127.0.0.1, and prints time, peak RSS and stored blob bytes, with ratios:
+# docker-registry on 127.0.0.1, both at gzip level 1, and prints time, peak RSS and stored blob
+# bytes, with ratios:
 #   cold push            nixctr .tar      vs skopeo .tar      (target time ratio <= 0.6)
 #   re-push, new tag     nixctr (cache)   vs skopeo (its blob-info cache)   (<= 1.0)
 #   one layer changed    nixctr vs skopeo, each re-pushing to its registry   (<= 0.8);
@@ -34,7 +35,9 @@ blob_bytes() { find "$work/reg-$1/storage" -path '*/blobs/*' -name data -printf 
 
 export XDG_CACHE_HOME="$work/nixctr-cache"
 rm -rf "$XDG_CACHE_HOME"
-skopeo_copy() { echo skopeo copy --quiet --dest-tls-verify=false "docker-archive:$1" "docker://$2"; }
+# Both compress gzip at level 1 (nixctr's level, src/compress.rs GZIP_LEVEL): skopeo's
+# default is 6, which would flatter nixctr.
+skopeo_copy() { echo skopeo copy --quiet --dest-tls-verify=false --dest-compress-level 1 "docker-archive:$1" "docker://$2"; }
 
 if [ "${SECTIONS:-all}" != uploads ]; then
 echo "== cold push (.tar)"

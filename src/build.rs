@@ -47,8 +47,8 @@ pub(crate) struct Target {
     pub sbom: bool,
     /// `--load`: a streamed image goes into the engine that built it and to no file.
     pub load: bool,
-    /// A streamed image is handed over as it comes (in [`Built::stream`], through `done`)
-    /// rather than written to `output`.
+    /// The image is handed over as it comes (in [`Built::stream`], through `done`) rather
+    /// than written to `output`: a stream's, and a plain or gzip archive's as it is copied out.
     pub hand_over: bool,
 }
 
@@ -512,7 +512,13 @@ async fn copy_out(
     let began = Instant::now();
     let kind = nix.output_kind(out).await?;
     let built = match kind {
-        OutputKind::Archive => copy_archive(nix, target, out, started, progress).await,
+        OutputKind::Archive => match (target.hand_over, done, stream::Packing::by_name(out)) {
+            (true, Some(done), Some(packing)) => {
+                let how = (started, phases, &*origin, closure.clone());
+                hand_over_archive(nix, target, out, packing, how, progress, done).await
+            }
+            _ => copy_archive(nix, target, out, started, progress).await,
+        },
         OutputKind::Stream => {
             phases.streamed = true;
             let how = (started, phases, &*origin, closure.clone());
@@ -526,7 +532,7 @@ async fn copy_out(
     built.phases = phases;
     built.seconds = started.elapsed().as_secs_f64();
     if let (Some(done), None) = (done, &built.stream) {
-        if !(target.hand_over && kind == OutputKind::Stream) {
+        if !target.hand_over || built.path.is_some() {
             let _ = done.send(built.clone());
         }
     }
@@ -568,14 +574,7 @@ async fn run_stream(
     progress.info(format!("streaming the image of containers/{name}/default.nix"));
     let first = |ran: Result<()>, taken: Result<Built>| ran.and(taken);
     if let (true, Some(done)) = (target.hand_over, done) {
-        let handed = Built {
-            stream: Some(HandOver::new(image)),
-            phases,
-            origin: Box::new(origin.clone()),
-            closure,
-            ..built(target, nix, None, 0, started)
-        };
-        let _ = done.send(handed);
+        hand_over(done, target, nix, image, (started, phases, origin, closure));
         nix.run_stream(out, tx).await?;
         return Ok(built(target, nix, None, 0, started));
     }
@@ -622,6 +621,56 @@ fn write_image(image: ImageStream, file: std::fs::File, compress: bool) -> Resul
         if compress { stream::gzip(&mut reader, &mut writer)? } else { std::io::copy(&mut reader, &mut writer)? };
     writer.flush()?;
     Ok(size)
+}
+
+/// Sends `image` to its taker before it is written (its reader must be there first).
+fn hand_over(
+    done: &tokio::sync::mpsc::UnboundedSender<Built>,
+    target: &Target,
+    nix: &NixContainer,
+    image: ImageStream,
+    (started, phases, origin, closure): (Instant, Phases, &Origin, Option<ClosureSlot>),
+) {
+    let handed = Built {
+        stream: Some(HandOver::new(image)),
+        phases,
+        origin: Box::new(origin.clone()),
+        closure,
+        ..built(target, nix, None, 0, started)
+    };
+    let _ = done.send(handed);
+}
+
+/// Hands an archive over (see [`Target::hand_over`]) as it is copied out: unpacked on a
+/// thread of its own while the taker reads it, with no file and no second pass for its
+/// platform (the stream checks it on the way).
+async fn hand_over_archive(
+    nix: &NixContainer,
+    target: &Target,
+    out: &str,
+    packing: stream::Packing,
+    (started, phases, origin, closure): (Instant, Phases, &Origin, Option<ClosureSlot>),
+    progress: &Progress,
+    done: &tokio::sync::mpsc::UnboundedSender<Built>,
+) -> Result<Built> {
+    let (tx, image) = stream::channel(nix.platform());
+    progress.info(format!("handing the image of containers/{}/default.nix over as it is copied out", target.name));
+    hand_over(done, target, nix, image, (started, phases, origin, closure));
+    let (mut writer, reader) = tokio::io::duplex(1 << 20);
+    let unpacking = stream::unpack(reader, packing, tx.clone());
+    let copying = async {
+        let copied = nix.copy_out(out, &mut writer).await;
+        drop(writer);
+        copied
+    };
+    let (copied, unpacked) = tokio::join!(copying, unpacking);
+    // The copy's own error first: what the unpacking saw then follows from it.
+    let failed = match (copied, unpacked) {
+        (Err(e), _) | (Ok(_), Err(e)) => e,
+        (Ok(size), Ok(())) => return Ok(built(target, nix, None, size, started)),
+    };
+    let _ = tx.send(Err(std::io::Error::other(format!("{failed:#}")))).await;
+    Err(failed)
 }
 
 async fn copy_archive(

@@ -361,7 +361,7 @@ async fn build_and_push<'p>(
             // `.tar`: a streamed image lands uncompressed (the push compresses its layers).
             *path = workdir.path().join(path.with_extension(""));
         }
-        // One image per container: a streamed one goes to the registry as it comes.
+        // One image per container: it goes to the registry as it comes (streamed or copied out).
         // (Not with `--sbom`: the SBOM's closure is read from the image's file.)
         target.hand_over = early && options.platforms.len() <= 1 && !request.attach.sbom;
     }

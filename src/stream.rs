@@ -134,6 +134,54 @@ impl Read for ImageStream {
     }
 }
 
+/// How an archive file's bytes are packed, by its name: only those a hand-over unpacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Packing {
+    Plain,
+    Gzip,
+}
+
+impl Packing {
+    pub(crate) fn by_name(store_path: &str) -> Option<Packing> {
+        if store_path.ends_with(".tar") {
+            Some(Packing::Plain)
+        } else if store_path.ends_with(".tar.gz") || store_path.ends_with(".tgz") {
+            Some(Packing::Gzip)
+        } else {
+            None
+        }
+    }
+}
+
+/// Unpacks an archive file's bytes from `reader` (as copied out) into `tx`, in chunks, on a
+/// blocking thread: the inflate runs beside whatever reads the stream.
+pub(crate) async fn unpack(
+    reader: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+    packing: Packing,
+    tx: StreamSender,
+) -> Result<()> {
+    let unpacking = tokio::task::spawn_blocking(move || -> Result<()> {
+        let raw = std::io::BufReader::with_capacity(1 << 20, tokio_util::io::SyncIoBridge::new(reader));
+        let mut from: Box<dyn Read> = match packing {
+            Packing::Plain => Box::new(raw),
+            Packing::Gzip => Box::new(flate2::read::MultiGzDecoder::new(raw)),
+        };
+        loop {
+            let mut chunk = vec![0u8; 1 << 20];
+            let n = crate::archive::read_up_to(&mut from, &mut chunk)?;
+            if n == 0 {
+                return Ok(());
+            }
+            chunk.truncate(n);
+            if tx.blocking_send(Ok(Bytes::from(chunk))).is_err() {
+                // The reader is gone (it failed, or was stopped): its error is the one to tell.
+                return Ok(());
+            }
+        }
+    });
+    unpacking.await.map_err(|e| anyhow!("unpacking the archive stopped: {e}"))?
+}
+
 /// An [`ImageStream`] handed from the build to whoever consumes it (`publish`), once.
 #[derive(Clone)]
 pub(crate) struct HandOver(Arc<Mutex<Option<ImageStream>>>);

@@ -254,28 +254,11 @@ impl Archive {
         let cancel = cancel.unwrap_or_default();
 
         let (entries, spool) = if gzipped {
-            let spool = tempfile::Builder::new()
-                .prefix("nixctr-archive-")
-                .tempfile()
-                .context("cannot create a temporary file for the uncompressed archive (is TMPDIR writable?)")?;
             let compressed = file.metadata().with_context(|| format!("cannot read archive {shown}"))?.len();
-            let bound = SpoolBound::for_file(compressed, spool.path());
-            // Unbuffered, so an entry's bytes are in the file by the time `on_entry` hears of it.
-            let writer = Spool { file: spool.as_file().try_clone()?, written: 0, bound: bound.clone() };
             let decoder = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 20, file));
             let decoded = Pipelined::spawn(Cancellable { inner: decoder, cancel: cancel.clone() });
-            let mut tee = Tee { inner: decoded, copy: writer };
-            let entries =
-                scan(&mut tee, spool.path(), Some(&bound), on_entry).map_err(|e| describe_read_error(path, e))?;
-            // Read what follows the end-of-archive blocks too, so a truncated gzip stream shows;
-            // but only the little padding tar writers add, not a bomb's endless zeros.
-            let end = tee.copy.written;
-            let tail = io::copy(&mut (&mut tee).take(TAR_TAIL + 1), &mut io::sink())
-                .map_err(|e| describe_read_error(path, e.into()))?;
-            if tail > TAR_TAIL {
-                return Err(describe_read_error(path, io::Error::other(Refusal::BeyondEnd { end }).into()));
-            }
-            tee.copy.file.flush().context("cannot write the uncompressed archive to TMPDIR")?;
+            let (entries, spool) =
+                spool_entries(decoded, Some(compressed), on_entry).map_err(|e| describe_read_error(path, e))?;
             (entries, Some(spool))
         } else {
             let reader = Cancellable { inner: BufReader::with_capacity(1 << 20, file), cancel };
@@ -293,6 +276,34 @@ impl Archive {
             gzipped,
             config_data: None,
             opened_as,
+        };
+        archive.check(&entries)?;
+        Ok(archive)
+    }
+
+    /// An uncompressed docker-archive stream (an image program's stdout), copied to a spool
+    /// of this process's own as it is read and hashed: `on_entry` hears of each file entry
+    /// that may be a layer once its bytes are in the spool, so the caller compresses only
+    /// the layers it needs, from there. Bounded by TMPDIR's free space.
+    pub(crate) fn spool_stream(
+        reader: impl Read,
+        shown: &str,
+        on_entry: &mut dyn FnMut(&SeenEntry),
+    ) -> Result<Archive> {
+        let (entries, spool) = spool_entries(reader, None, on_entry).map_err(|e| match e.downcast::<io::Error>() {
+            Ok(io) => anyhow!("{shown} is not a docker-archive stream (or was cut short): {io}"),
+            Err(other) => other,
+        })?;
+        let mut archive = Archive {
+            path: PathBuf::from(shown),
+            _spool: Some(spool),
+            config: Vec::new(),
+            config_digest: String::new(),
+            repo_tags: Vec::new(),
+            layers: Vec::new(),
+            gzipped: false,
+            config_data: None,
+            opened_as: None,
         };
         archive.check(&entries)?;
         Ok(archive)
@@ -557,6 +568,11 @@ impl SpoolBound {
         SpoolBound { ceiling: compressed.saturating_mul(DEFLATE_MAX_RATIO).saturating_add(TAR_TAIL), compressed, room }
     }
 
+    /// An uncompressed stream: only TMPDIR's room bounds it.
+    fn for_stream(spool: &Path) -> SpoolBound {
+        SpoolBound { ceiling: u64::MAX, compressed: u64::MAX, ..SpoolBound::for_file(0, spool) }
+    }
+
     /// Whether the stream may grow to `end` bytes.
     fn check(&self, end: u64) -> io::Result<()> {
         if end > self.ceiling {
@@ -604,6 +620,36 @@ impl Write for Spool {
     fn flush(&mut self) -> io::Result<()> {
         self.file.flush()
     }
+}
+
+/// Reads a tar stream whole into a new spool file, scanning its entries on the way (see
+/// [`scan`]); `compressed`: the size of the gzip file it is inflated from, which bounds it.
+fn spool_entries(
+    reader: impl Read,
+    compressed: Option<u64>,
+    on_entry: &mut dyn FnMut(&SeenEntry),
+) -> Result<(HashMap<String, Entry>, tempfile::NamedTempFile)> {
+    let spool = tempfile::Builder::new()
+        .prefix("nixctr-archive-")
+        .tempfile()
+        .context("cannot create a temporary file for the uncompressed archive (is TMPDIR writable?)")?;
+    let bound = match compressed {
+        Some(compressed) => SpoolBound::for_file(compressed, spool.path()),
+        None => SpoolBound::for_stream(spool.path()),
+    };
+    // Unbuffered, so an entry's bytes are in the file by the time `on_entry` hears of it.
+    let writer = Spool { file: spool.as_file().try_clone()?, written: 0, bound: bound.clone() };
+    let mut tee = Tee { inner: reader, copy: writer };
+    let entries = scan(&mut tee, spool.path(), Some(&bound), on_entry)?;
+    // Read what follows the end-of-archive blocks too, so a truncated stream shows; but only
+    // the little padding tar writers add, not a bomb's endless zeros.
+    let end = tee.copy.written;
+    let tail = io::copy(&mut (&mut tee).take(TAR_TAIL + 1), &mut io::sink())?;
+    if tail > TAR_TAIL {
+        return Err(io::Error::other(Refusal::BeyondEnd { end }).into());
+    }
+    tee.copy.file.flush().context("cannot write the uncompressed archive to TMPDIR")?;
+    Ok((entries, spool))
 }
 
 /// Reads every entry of a tar stream, hashing file contents (after gunzip when an entry is

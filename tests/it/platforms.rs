@@ -113,6 +113,14 @@ fn an_archive_of_another_platform_is_refused() {
             .collect();
         assert!(left.is_empty(), "temporary files left: {left:?}");
         assert_no_containers_left(&engine, &out);
+        // Handed to the push as it is copied out, it is refused on the way: no tag.
+        fx.git_commit_all();
+        let registry = Registry::plain();
+        let out =
+            fx.nixctr(Some(&engine)).args(["publish", "hello", "--registry", &registry.host(), "--tag", "v1"]).run();
+        out.assert_exit(1).stderr_has("config says linux/s390x, not linux/amd64");
+        assert!(registry.skopeo_inspect("hello:v1", false).is_none(), "{}: a tag was pushed", engine.name);
+        assert_no_containers_left(&engine, &out);
     }
 }
 

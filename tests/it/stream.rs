@@ -168,3 +168,55 @@ fn a_broken_stream_leaves_nothing_behind() {
         assert_no_containers_left(&engine, &out);
     }
 }
+
+/// A streamed image whose customisation layer holds `marker`.
+fn marked_stream(marker: &str) -> String {
+    format!(
+        "{{ pkgs ? import <nixpkgs> {{ }} }}:\npkgs.dockerTools.streamLayeredImage {{\n  \
+         name = \"marked\"; tag = \"latest\"; contents = [ pkgs.busybox pkgs.hello ];\n  \
+         extraCommands = \"echo {marker} > marker\";\n  config.Cmd = [ \"/bin/hello\" ];\n}}\n"
+    )
+}
+
+/// Re-publishing a streamed image after a one-file change, to a registry it was sent to:
+/// the stream is hashed whole but only the changed layer is compressed and sent, and the
+/// image reads back whole.
+#[test]
+fn a_republished_stream_compresses_only_the_changed_layer() {
+    let engines = engines();
+    let engine = engines.by_name("docker");
+    let fx = Fixture::new();
+    let registry = Registry::plain();
+    for (marker, tag) in [("one", "v1"), ("two", "v2")] {
+        fx.write("containers/marked/default.nix", &marked_stream(marker));
+        fx.git_commit_all();
+        let out = fx
+            .nixctr(Some(engine))
+            .args(["publish", "marked", "--registry", &registry.host(), "--tag", tag, "-v"])
+            .run();
+        out.success();
+        if tag == "v1" {
+            out.stderr_has("pushed 3 layers").stderr_has("read 3 of 3 layers");
+        } else {
+            out.stderr_has("pushed 1 layer (")
+                .stderr_has("2 already there")
+                .stderr_has("read 3 of 3 layers, compressed 1");
+        }
+        assert_no_containers_left(engine, &out);
+    }
+    let first = registry.skopeo_inspect("marked:v1", false).expect("v1 reads back");
+    let second = registry.skopeo_inspect("marked:v2", false).expect("v2 reads back");
+    let layers = |v: &serde_json::Value| v["Layers"].as_array().unwrap().clone();
+    assert_eq!(layers(&first)[..2], layers(&second)[..2], "the unchanged layers are the same blobs");
+    assert_ne!(layers(&first)[2], layers(&second)[2]);
+    // The registry holds what a build writes.
+    fx.nixctr(Some(engine)).args(["build", "marked", "-q"]).run().success();
+    let config = Cmd::tool("skopeo")
+        .args(["inspect", "--config"])
+        .args(registry.skopeo_flags())
+        .arg(format!("docker://{}/marked:v2", registry.host()))
+        .run();
+    config.success();
+    let config: serde_json::Value = serde_json::from_slice(&config.stdout).unwrap();
+    assert_eq!(diff_ids(&config), diff_ids(&archive_config(&fx.project().join("marked.tar.gz"))));
+}

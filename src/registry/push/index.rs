@@ -60,6 +60,7 @@ impl PushSession {
             total.skipped_layers += one.skipped_layers;
             total.mounted_layers += one.mounted_layers;
             total.read_layers += one.read_layers;
+            total.compressed_layers += one.compressed_layers;
             total.total_layers += one.total_layers;
             total.phases.add(&one.phases);
             total.uploads.add(&one.uploads);

@@ -93,6 +93,9 @@ pub struct PushOutcome {
     /// them): with a blob cache, only those the registry lacked, or all of a compressed
     /// archive, which can only be read whole.
     pub read_layers: usize,
+    /// Layers this push compressed (of those read, the ones the registry lacked, or all
+    /// when they were compressed as they were read).
+    pub compressed_layers: usize,
     /// Layers in the image (in all images, for an index).
     pub total_layers: usize,
     /// Where the time went.
@@ -117,6 +120,7 @@ impl PushOutcome {
             already: Vec::new(),
             uploads: UploadStats::default(),
             read_layers: 0,
+            compressed_layers: 0,
             total_layers: 0,
             phases: PushPhases::default(),
         }
@@ -310,16 +314,27 @@ impl PushSession {
             let states = self.tag_states(destination).await?;
             let check = states.iter().any(|s| s.digest.is_some()) && destination.existing() == ExistingTags::MustMatch;
             let mode = if check { Mode::Check } else { Mode::Push };
-            let read = move |cancel: Arc<AtomicBool>, on_layer: &mut OnLayer<'_>| {
-                Archive::from_stream(Cancellable { inner: reader, cancel }, "the image stream", on_layer)
+            // A registry this cache has sent to likely has most layers already: the stream is
+            // spooled and hashed, and only the layers it lacks are compressed. Else every layer
+            // is compressed as it passes and sent at once.
+            let warm = self.cache.lock().is_ok_and(|c| c.knows_any(&self.registry, self.compression.name()));
+            let archive = if warm {
+                self.read_spooled(reader, progress, &started).await?
+            } else {
+                let read = move |cancel: Arc<AtomicBool>, on_layer: &mut OnLayer<'_>| {
+                    Archive::from_stream(Cancellable { inner: reader, cancel }, "the image stream", on_layer)
+                };
+                let early = (mode == Mode::Push).then(|| reference.repository());
+                self.read_stream(read, early, progress, &started).await?
             };
-            let early = (mode == Mode::Push).then(|| reference.repository());
-            let archive = self.read_stream(read, early, progress, &started).await?;
             let mut image = match self.settle_blobs(&archive, reference, mode, progress, &started).await? {
                 Attempt::Done(image) => *image,
                 Attempt::NeedsFullRead => bail!("a layer of the image stream was not kept"),
             };
             image.outcome.read_layers = archive.layers.len();
+            if !warm {
+                image.outcome.compressed_layers = archive.layers.len();
+            }
             if check {
                 let candidates = self.manifest_candidates(&image)?;
                 return self.publish_unless_there(destination, &states, candidates, image.outcome, progress).await;
@@ -498,6 +513,7 @@ impl PushSession {
             return match self.settle_blobs(&archive, reference, mode, progress, started).await? {
                 Attempt::Done(mut image) => {
                     image.outcome.read_layers = archive.layers.len();
+                    image.outcome.compressed_layers = archive.layers.len();
                     Ok(*image)
                 }
                 Attempt::NeedsFullRead => bail!("{}: a layer was not kept", path.display()),
@@ -588,6 +604,32 @@ impl PushSession {
         Ok(archive)
     }
 
+    /// An image stream read into a spool ([`Archive::spool_stream`]), each layer the blob
+    /// cache does not know compressed from there as soon as it is in.
+    async fn read_spooled(
+        &self,
+        reader: Box<dyn std::io::Read + Send>,
+        progress: &Progress,
+        started: &Started<'_>,
+    ) -> Result<Archive> {
+        let _in = started.clock.enter(Phase::Read);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let _guard = CancelOnDrop(cancel.clone());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SeenEntry>();
+        let reading = tokio::task::spawn_blocking(move || {
+            Archive::spool_stream(Cancellable { inner: reader, cancel }, "the image stream", &mut |entry| {
+                let _ = tx.send(entry.clone());
+            })
+        });
+        while let Some(entry) = rx.recv().await {
+            if self.cached(&entry.sha256).is_none() {
+                progress.debug(format!("layer {}: not in the blob cache, compressing", short(&entry.sha256)));
+                drop(started.start(&entry.sha256, entry.data));
+            }
+        }
+        reading.await.map_err(|e| anyhow!("reading the image stream stopped: {e}"))?
+    }
+
     fn cached(&self, diff_id: &str) -> Option<CachedBlob> {
         self.cache.lock().ok()?.get(&self.registry, self.compression.name(), diff_id).cloned()
     }
@@ -624,6 +666,7 @@ impl PushSession {
             let (blob, result) = match step? {
                 LayerStep::Done(blob, result, read) => {
                     outcome.read_layers += usize::from(read);
+                    outcome.compressed_layers += usize::from(read);
                     (blob, result)
                 }
                 // Dropping `steps` stops the other layers; what they finished is in the cache.
@@ -704,8 +747,13 @@ impl PushSession {
         if outcome.uploads.requests > 0 {
             progress.info(format!("sent {}", outcome.uploads.describe()));
         }
+        let compressed = if outcome.compressed_layers == outcome.read_layers {
+            String::new()
+        } else {
+            format!(", compressed {}", outcome.compressed_layers)
+        };
         progress.info(format!(
-            "pushed {} ({}), {} already there, {} mounted; read {} of {}",
+            "pushed {} ({}), {} already there, {} mounted; read {} of {}{compressed}",
             plural(outcome.pushed_layers, "layer"),
             human_bytes(layer_bytes),
             outcome.skipped_layers,
