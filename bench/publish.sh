@@ -7,7 +7,9 @@
 #   publish of a streamLayeredImage   vs the hand-run steps   (target <= 0.5)
 #   publish of a buildLayeredImage    vs the hand-run steps   (target <= 0.7)
 # and the floor of a streamed publish: the same container steps and the image program alone,
-# its output thrown away.
+# its output thrown away. Last, a re-publish of the streamed image after a one-file change,
+# to the registry it went to: with the blob cache (the stream spooled and hashed, only the
+# changed layer compressed) against without it (every layer compressed as it passes).
 # The image: busybox and two app paths built from the nix image's own /usr (binaries,
 # libraries, text; the second rot13-ed so the two do not compress alike), ~BENCH_MB in all.
 # usage: bench/publish.sh [WORKDIR]   (NIXCTR=path/to/nixctr; ROUNDS=1; BENCH_MB=350)
@@ -134,3 +136,16 @@ h=$(median "${hand[@]}"); f=$(median "${floor[@]}"); s=$(median "${stream[@]}");
 echo "the image program alone (stream to nowhere): ${f}s -> the floor of a streamed publish is $(ratio "$f" "$h") of by hand"
 echo "publish streamLayeredImage: ${s}s vs by hand ${h}s -> ratio $(ratio "$s" "$h") (target <= 0.5); peak RSS $s_rss MB"
 echo "publish buildLayeredImage:  ${l}s vs by hand ${h}s -> ratio $(ratio "$l" "$h") (target <= 0.7); peak RSS $l_rss MB"
+
+# --- re-publish of the streamed image after a one-file change ---------------------------
+start_registry republish; rm -rf "$XDG_CACHE_HOME"
+"$nixctr" -q -C "$proj" publish app-stream --registry "$host" --tag v1 >/dev/null
+sed -i 's|config.Cmd|extraCommands = "echo changed > marker";\n  config.Cmd|' "$proj/containers/app-stream/default.nix"
+(cd "$proj" && git commit -qam change)
+"$nixctr" -q -C "$proj" build app-stream -o "$work/warm.tar" >/dev/null; rm -f "$work/warm.tar"
+measure republish-cache "$nixctr" -v -C "$proj" publish app-stream --registry "$host" --tag v2; warm=$secs
+grep -E '^pushed ' "$work/republish-cache.err" | sed 's/^/    /'
+rm -rf "$XDG_CACHE_HOME"
+measure republish-no-cache "$nixctr" -v -C "$proj" publish app-stream --registry "$host" --tag v3
+grep -E '^pushed ' "$work/republish-no-cache.err" | sed 's/^/    /'
+echo "re-publish of the stream after a one-file change, blob cache vs none: ${warm}s vs ${secs}s -> ratio $(ratio "$warm" "$secs")"

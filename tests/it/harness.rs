@@ -237,6 +237,8 @@ impl TestEngine {
         let context = dir.join(format!("derived-{}-{tag}", self.name));
         std::fs::create_dir_all(&context).unwrap();
         std::fs::write(context.join("Dockerfile"), format!("FROM {NIX_IMAGE}\nLABEL dev.nixctr.test={tag}\n")).unwrap();
+        // An arm64 test may have left the tag naming the arm64 image: FROM takes the native one.
+        self.cli().args(["pull", "-q", NIX_IMAGE]).run().success();
         self.cli().args(["build", "-t", &name]).arg(&context).run().success();
         name
     }
