@@ -84,44 +84,37 @@ size=$(du -m "$work/size.tar" | cut -f1); rm -f "$work/size.tar"
 echo "image: $size MB uncompressed, 4 layers (busybox, app-lib, app-data, customisation)"
 
 # The hand-run CI steps, one script: nix container on the store volume, project in,
-# nix-build, copy out, gunzip, skopeo copy, container removed.
+# nix-build, copy out, gunzip, skopeo copy, container removed. With `stream-only`, the floor
+# of a streamed publish instead: the same container steps, then the image program alone, its
+# output thrown away (what any consumer of the stream waits for at least).
 cat > "$work/by-hand.sh" <<'SH'
 set -euo pipefail
-vol=$1 image=$2 proj=$3 nixpkgs=$4 dest=$5 out_dir=$6
+mode=$1 vol=$2 image=$3 proj=$4 nixpkgs=$5 dest=${6:-} out_dir=${7:-}
 ctr=$(docker create -v "$vol:/nix" -e XDG_CACHE_HOME=/nix/var/nixctr/cache "$image" sleep 600)
 trap 'docker rm -f "$ctr" >/dev/null 2>&1 || true' EXIT
 docker start "$ctr" >/dev/null
 tar -c -C "$(dirname "$proj")" --exclude=.git --transform 's,^project,workspace,' project | docker cp - "$ctr:/"
 tar -c -C "$(dirname "$nixpkgs")" --transform 's,^nixpkgs,nixctr/nixpkgs,' nixpkgs | docker cp - "$ctr:/"
 np=$(docker exec "$ctr" nix --extra-experimental-features 'nix-command flakes' flake metadata path:/nixctr/nixpkgs --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["path"])')
-out=$(docker exec -w /workspace -e NIX_PATH="nixpkgs=$np" "$ctr" nix-build containers/app-layered/default.nix --no-out-link 2>/dev/null)
+container=$([ "$mode" = stream-only ] && echo app-stream || echo app-layered)
+out=$(docker exec -w /workspace -e NIX_PATH="nixpkgs=$np" "$ctr" nix-build "containers/$container/default.nix" --no-out-link 2>/dev/null)
+if [ "$mode" = stream-only ]; then
+  docker exec "$ctr" "$out" 2>/dev/null | wc -c >/dev/null
+  exit 0
+fi
 docker cp "$ctr:$out" - | tar -xO > "$out_dir/app.tar.gz"
 gunzip -f "$out_dir/app.tar.gz"
 skopeo copy --quiet --dest-tls-verify=false --dest-compress-level 1 "docker-archive:$out_dir/app.tar" "docker://$dest"
 rm -f "$out_dir/app.tar"
 SH
 
-# The floor of a streamed publish: the same container steps, then the image program alone,
-# its output thrown away (what any consumer of the stream waits for at least).
-cat > "$work/stream-only.sh" <<'SH'
-set -euo pipefail
-vol=$1 image=$2 proj=$3 nixpkgs=$4
-ctr=$(docker create -v "$vol:/nix" -e XDG_CACHE_HOME=/nix/var/nixctr/cache "$image" sleep 600)
-trap 'docker rm -f "$ctr" >/dev/null 2>&1 || true' EXIT
-docker start "$ctr" >/dev/null
-tar -c -C "$(dirname "$proj")" --exclude=.git --transform 's,^project,workspace,' project | docker cp - "$ctr:/"
-tar -c -C "$(dirname "$nixpkgs")" --transform 's,^nixpkgs,nixctr/nixpkgs,' nixpkgs | docker cp - "$ctr:/"
-np=$(docker exec "$ctr" nix --extra-experimental-features 'nix-command flakes' flake metadata path:/nixctr/nixpkgs --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["path"])')
-out=$(docker exec -w /workspace -e NIX_PATH="nixpkgs=$np" "$ctr" nix-build containers/app-stream/default.nix --no-out-link 2>/dev/null)
-docker exec "$ctr" "$out" 2>/dev/null | wc -c >/dev/null
-SH
-
+nixpkgs=$(cd "$here/../fixtures/nixpkgs" && pwd)
 hand=(); floor=(); stream=(); layered=(); s_rss=0; l_rss=0
 for r in $(seq "$ROUNDS"); do
   start_registry "hand-$r"
-  measure "by-hand-$r" bash "$work/by-hand.sh" "$vol" "$IMAGE" "$proj" "$(cd "$here/../fixtures/nixpkgs" && pwd)" "$host/bench/app:1" "$work"
+  measure "by-hand-$r" bash "$work/by-hand.sh" by-hand "$vol" "$IMAGE" "$proj" "$nixpkgs" "$host/bench/app:1" "$work"
   hand+=("$secs")
-  measure "stream-only-$r" bash "$work/stream-only.sh" "$vol" "$IMAGE" "$proj" "$(cd "$here/../fixtures/nixpkgs" && pwd)"
+  measure "stream-only-$r" bash "$work/by-hand.sh" stream-only "$vol" "$IMAGE" "$proj" "$nixpkgs"
   floor+=("$secs")
   start_registry "stream-$r"; rm -rf "$XDG_CACHE_HOME"
   measure "publish-stream-$r" "$nixctr" -v -C "$proj" publish app-stream --registry "$host" --tag v1

@@ -669,7 +669,7 @@ async fn hand_over_archive(
         (Err(e), _) | (Ok(_), Err(e)) => e,
         (Ok(size), Ok(())) => return Ok(built(target, nix, None, size, started)),
     };
-    let _ = tx.send(Err(std::io::Error::other(format!("{failed:#}")))).await;
+    let _ = tx.send(Err(archive::SourceError::io(format!("{failed:#}")))).await;
     Err(failed)
 }
 

@@ -17,6 +17,7 @@ use futures::Stream;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
+use crate::archive::SourceError;
 use crate::compress::{cores, ParallelGzip, GZIP_LEVEL};
 use crate::platform::Platform;
 
@@ -305,7 +306,7 @@ impl ConfigCheck {
             return Ok(());
         }
         let header = tar::Header::from_byte_slice(&block);
-        let bad = || io::Error::other("the image stream is not a tar archive (a header does not parse)");
+        let bad = || SourceError::io("the image stream is not a tar archive (a header does not parse)");
         let size = header.entry_size().map_err(|_| bad())?;
         let named_before = std::mem::replace(&mut self.named_before, false);
         match header.entry_type() {
@@ -331,7 +332,7 @@ impl ConfigCheck {
         let (Some(arch), Some(_)) = (config.architecture, config.rootfs) else { return Ok(()) };
         let says = Platform::new(config.os.as_deref().unwrap_or("linux"), &arch, config.variant.as_deref());
         if !crate::engine::same_platform(&says, &self.expected) {
-            return Err(io::Error::other(format!(
+            return Err(SourceError::io(format!(
                 "the image stream's config says {says}, not {} (was it built for another system?)",
                 self.expected
             )));
@@ -342,7 +343,7 @@ impl ConfigCheck {
 
     fn finish(&self) -> io::Result<()> {
         if !self.found {
-            return Err(io::Error::other("the image stream ended without an image config: it is not a docker-archive"));
+            return Err(SourceError::io("the image stream ended without an image config: it is not a docker-archive"));
         }
         Ok(())
     }
@@ -426,5 +427,36 @@ mod tests {
         .await
         .unwrap();
         assert!(read.unwrap_err().to_string().contains("exited with code 3"));
+    }
+
+    #[tokio::test]
+    async fn an_archive_is_unpacked_into_the_stream_as_it_comes() {
+        assert_eq!(Packing::by_name("/nix/store/x-hello.tar.gz"), Some(Packing::Gzip));
+        assert_eq!(Packing::by_name("/nix/store/x-hello.tar"), Some(Packing::Plain));
+        assert_eq!(Packing::by_name("/nix/store/x-hello.tar.zst"), None);
+        let platform = Platform::parse("linux/amd64").unwrap();
+        let image = crate::archive::tar_with(&[("a/layer.tar", &vec![9u8; 3 << 20]), ("c.json", CONFIG)]);
+        for packing in [Packing::Plain, Packing::Gzip] {
+            let packed = match packing {
+                Packing::Plain => image.clone(),
+                Packing::Gzip => {
+                    let mut out = Vec::new();
+                    gzip(&mut &image[..], &mut out).unwrap();
+                    out
+                }
+            };
+            let (tx, stream) = channel(&platform);
+            let (mut writer, reader) = tokio::io::duplex(64 << 10);
+            let writing = async move {
+                tokio::io::AsyncWriteExt::write_all(&mut writer, &packed).await.unwrap();
+            };
+            let reading = tokio::task::spawn_blocking(move || {
+                let mut out = Vec::new();
+                stream.into_reader().read_to_end(&mut out).map(|_| out)
+            });
+            let ((), unpacked, read) = tokio::join!(writing, unpack(reader, packing, tx), reading);
+            unpacked.unwrap();
+            assert!(read.unwrap().unwrap() == image, "{packing:?}");
+        }
     }
 }

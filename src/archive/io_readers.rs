@@ -24,6 +24,23 @@ pub(super) fn hash_reader(reader: &mut impl Read) -> io::Result<(String, u64)> {
     Ok((format!("sha256:{}", hex::encode(hasher.finalize())), total))
 }
 
+/// An error the source of a stream reported itself (its program failed, its config names
+/// another platform): told as it is, not as a malformed archive.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct SourceError(pub(crate) String);
+
+impl SourceError {
+    pub(crate) fn io(message: impl Into<String>) -> io::Error {
+        io::Error::other(SourceError(message.into()))
+    }
+
+    /// The message of the [`SourceError`] `error` carries, if it carries one.
+    pub(crate) fn within(error: &io::Error) -> Option<&str> {
+        error.get_ref()?.downcast_ref::<SourceError>().map(|e| e.0.as_str())
+    }
+}
+
 /// Fills `buf` unless the input ends first; returns how much was read.
 pub(crate) fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut filled = 0;

@@ -26,7 +26,7 @@ mod stream;
 pub(crate) use platform::platform_of;
 
 use io_readers::{hash_reader, Counted, Pipelined, Tee};
-pub(crate) use io_readers::{read_up_to, sha256_digest, Cancellable, Cancelled};
+pub(crate) use io_readers::{read_up_to, sha256_digest, Cancellable, Cancelled, SourceError};
 
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
@@ -231,6 +231,26 @@ enum Entry {
 }
 
 impl Archive {
+    /// An archive with nothing read yet, for [`Archive::check`] to fill in.
+    fn unchecked(
+        path: PathBuf,
+        spool: Option<tempfile::NamedTempFile>,
+        gzipped: bool,
+        opened_as: Option<Identity>,
+    ) -> Archive {
+        Archive {
+            path,
+            _spool: spool,
+            config: Vec::new(),
+            config_digest: String::new(),
+            repo_tags: Vec::new(),
+            layers: Vec::new(),
+            gzipped,
+            config_data: None,
+            opened_as,
+        }
+    }
+
     /// Opens and checks `path`. `cancel` stops the read early (Ctrl-C) with an error.
     #[cfg(test)]
     pub(crate) fn open(path: &Path, cancel: Option<Arc<AtomicBool>>) -> Result<Archive> {
@@ -266,17 +286,7 @@ impl Archive {
             (entries, None)
         };
 
-        let mut archive = Archive {
-            path: path.to_path_buf(),
-            _spool: spool,
-            config: Vec::new(),
-            config_digest: String::new(),
-            repo_tags: Vec::new(),
-            layers: Vec::new(),
-            gzipped,
-            config_data: None,
-            opened_as,
-        };
+        let mut archive = Archive::unchecked(path.to_path_buf(), spool, gzipped, opened_as);
         archive.check(&entries)?;
         Ok(archive)
     }
@@ -290,21 +300,8 @@ impl Archive {
         shown: &str,
         on_entry: &mut dyn FnMut(&SeenEntry),
     ) -> Result<Archive> {
-        let (entries, spool) = spool_entries(reader, None, on_entry).map_err(|e| match e.downcast::<io::Error>() {
-            Ok(io) => anyhow!("{shown} is not a docker-archive stream (or was cut short): {io}"),
-            Err(other) => other,
-        })?;
-        let mut archive = Archive {
-            path: PathBuf::from(shown),
-            _spool: Some(spool),
-            config: Vec::new(),
-            config_digest: String::new(),
-            repo_tags: Vec::new(),
-            layers: Vec::new(),
-            gzipped: false,
-            config_data: None,
-            opened_as: None,
-        };
+        let (entries, spool) = spool_entries(reader, None, on_entry).map_err(|e| stream_error(e, shown))?;
+        let mut archive = Archive::unchecked(PathBuf::from(shown), Some(spool), false, None);
         archive.check(&entries)?;
         Ok(archive)
     }
@@ -327,17 +324,7 @@ impl Archive {
         file.seek(SeekFrom::Start(0))?;
         let length = file.metadata().with_context(|| format!("cannot read archive {shown}"))?.len();
         let entries = walk_headers(file, path, length).map_err(|e| describe_read_error(path, e))?;
-        let mut archive = Archive {
-            path: path.to_path_buf(),
-            _spool: None,
-            config: Vec::new(),
-            config_digest: String::new(),
-            repo_tags: Vec::new(),
-            layers: Vec::new(),
-            gzipped: false,
-            config_data: None,
-            opened_as,
-        };
+        let mut archive = Archive::unchecked(path.to_path_buf(), None, false, opened_as);
         archive.check(&entries)?;
         Ok(Some(archive))
     }
@@ -619,6 +606,18 @@ impl Write for Spool {
     }
     fn flush(&mut self) -> io::Result<()> {
         self.file.flush()
+    }
+}
+
+/// What went wrong reading a stream: the source's own error as it is, anything else as a
+/// stream that is no docker-archive.
+pub(crate) fn stream_error(error: anyhow::Error, shown: &str) -> anyhow::Error {
+    match error.downcast::<io::Error>() {
+        Ok(io) => match SourceError::within(&io) {
+            Some(own) => anyhow!("{own}"),
+            None => anyhow!("{shown} is not a docker-archive stream (or was cut short): {io}"),
+        },
+        Err(other) => other,
     }
 }
 
@@ -922,6 +921,53 @@ mod tests {
         assert!(err.contains("truncated"), "{err}");
         let err = Archive::index(&write(&dir, "n.tar", &tar_with(&[("x", b"y")]))).unwrap_err().to_string();
         assert!(err.contains("no manifest.json"), "{err}");
+    }
+
+    /// A reader that gives `bytes`, then fails with `error`.
+    struct FailingAfter {
+        bytes: io::Cursor<Vec<u8>>,
+        error: Option<io::Error>,
+    }
+
+    impl Read for FailingAfter {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            match self.bytes.read(buf)? {
+                0 => Err(self.error.take().unwrap_or_else(|| io::Error::other("read again"))),
+                n => Ok(n),
+            }
+        }
+    }
+
+    #[test]
+    fn a_spooled_stream_is_checked_and_its_layers_kept() {
+        let layer = tar_with(&[("a", &[5u8; 50_000])]);
+        let bytes = image(&[&layer], None);
+        let mut seen = Vec::new();
+        let archive = Archive::spool_stream(&bytes[..], "the stream", &mut |e| seen.push(e.sha256.clone())).unwrap();
+        assert_eq!(seen, vec![sha256_digest(&layer)]);
+        let data = archive.layers[0].data.as_ref().expect("the layer is in the spool");
+        assert!(data.spooled());
+        let mut back = Vec::new();
+        data.reader().unwrap().read_to_end(&mut back).unwrap();
+        assert_eq!(back, layer);
+        // A wrong diff_id is caught as in a file.
+        let wrong = image(&[&layer], Some(vec![sha256_digest(b"other")]));
+        let err = Archive::spool_stream(&wrong[..], "the stream", &mut |_| {}).unwrap_err().to_string();
+        assert!(err.contains("diff_id"), "{err}");
+    }
+
+    #[test]
+    fn a_stream_source_error_is_told_as_it_is() {
+        let bytes = image(&[&tar_with(&[("a", &[5u8; 50_000])])], None);
+        let failing =
+            |error: io::Error| FailingAfter { bytes: io::Cursor::new(bytes[..30_000].to_vec()), error: Some(error) };
+        let own = SourceError::io("stream-app failed (exit code 3): disk full");
+        let err = Archive::spool_stream(failing(own), "the stream", &mut |_| {}).unwrap_err().to_string();
+        assert_eq!(err, "stream-app failed (exit code 3): disk full");
+        let other = io::Error::other("connection reset");
+        let err = Archive::spool_stream(failing(other), "the stream", &mut |_| {}).unwrap_err().to_string();
+        assert!(err.starts_with("the stream is not a docker-archive stream (or was cut short)"), "{err}");
+        assert!(err.contains("connection reset"), "{err}");
     }
 
     #[test]

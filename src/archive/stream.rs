@@ -95,10 +95,7 @@ impl Archive {
         shown: &str,
         on_layer: &mut dyn FnMut(&str, &mut dyn Read) -> Result<String>,
     ) -> Result<Archive> {
-        let seen = read_entries(reader, None, on_layer).map_err(|e| match e.downcast::<io::Error>() {
-            Ok(io) => anyhow::anyhow!("{shown} is not a docker-archive stream (or was cut short): {io}"),
-            Err(other) => other,
-        })?;
+        let seen = read_entries(reader, None, on_layer).map_err(|e| super::stream_error(e, shown))?;
         Archive::from_seen(&seen, shown)
     }
 

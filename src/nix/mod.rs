@@ -487,7 +487,7 @@ impl NixContainer {
             Err(e) => Err(e),
         };
         if let Err(e) = &result {
-            let _ = tx.send(Err(std::io::Error::other(format!("{e:#}")))).await;
+            let _ = tx.send(Err(crate::archive::SourceError::io(format!("{e:#}")))).await;
         }
         result
     }

@@ -188,6 +188,17 @@ impl Registry {
         out.status.success().then(|| serde_json::from_slice(&out.stdout).expect("skopeo printed JSON"))
     }
 
+    /// The image config of `repo:tag`, read by `skopeo inspect --config`; it must be there.
+    pub fn skopeo_config(&self, image: &str) -> serde_json::Value {
+        let out = Cmd::tool("skopeo")
+            .args(["inspect", "--config"])
+            .args(self.skopeo_flags())
+            .arg(format!("docker://{}/{image}", self.host()))
+            .run();
+        out.success();
+        serde_json::from_slice(&out.stdout).expect("skopeo printed JSON")
+    }
+
     /// `skopeo copy` to a `dir:` layout, returning the directory.
     pub fn skopeo_copy_to_dir(&self, image: &str, into: &Path) -> PathBuf {
         let dest = into.join(format!("copy-{}", image.replace(['/', ':'], "-")));

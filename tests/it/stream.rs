@@ -120,13 +120,7 @@ fn a_streamed_image_is_published_and_reads_back() {
         assert_eq!(reference, format!("{}/streamed:v1", registry.host()));
         let inspected = registry.skopeo_inspect("streamed:v1", false).expect("skopeo reads the pushed image");
         assert_eq!(inspected["Digest"], digest, "{}", engine.name);
-        let config = Cmd::tool("skopeo")
-            .args(["inspect", "--config"])
-            .args(registry.skopeo_flags())
-            .arg(format!("docker://{}/streamed:v1", registry.host()))
-            .run();
-        config.success();
-        let config: serde_json::Value = serde_json::from_slice(&config.stdout).unwrap();
+        let config = registry.skopeo_config("streamed:v1");
         assert_eq!(config["config"]["Cmd"][0], "/bin/hello");
         assert_eq!(diff_ids(&config).len(), 3, "{config}");
         // What was pushed is what a build writes.
@@ -211,12 +205,6 @@ fn a_republished_stream_compresses_only_the_changed_layer() {
     assert_ne!(layers(&first)[2], layers(&second)[2]);
     // The registry holds what a build writes.
     fx.nixctr(Some(engine)).args(["build", "marked", "-q"]).run().success();
-    let config = Cmd::tool("skopeo")
-        .args(["inspect", "--config"])
-        .args(registry.skopeo_flags())
-        .arg(format!("docker://{}/marked:v2", registry.host()))
-        .run();
-    config.success();
-    let config: serde_json::Value = serde_json::from_slice(&config.stdout).unwrap();
+    let config = registry.skopeo_config("marked:v2");
     assert_eq!(diff_ids(&config), diff_ids(&archive_config(&fx.project().join("marked.tar.gz"))));
 }
