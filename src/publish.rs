@@ -480,6 +480,19 @@ fn record_pushes(pushes: Vec<(&Planned, Result<Published>)>, records: &mut Recor
                 if !attached.done.is_empty() {
                     record.attached = Some(attached.done.clone());
                 }
+                // A build that failed after its image was handed over stays failed (the
+                // stream is read to its end, so this takes a copy-out error the push missed).
+                if let Some(failed) = records.take(&plan.name).filter(|r| r.status == Status::Failed) {
+                    record.error = Some(format!(
+                        "{} (its image went up as {}@{} all the same)",
+                        failed.error.unwrap_or_default(),
+                        record.reference.as_deref().unwrap_or_default(),
+                        record.digest.as_deref().unwrap_or_default()
+                    ));
+                    record.status = Status::Failed;
+                    records.settle(record);
+                    continue;
+                }
                 if !attached.failed.is_empty() {
                     let pushed = if record.status == Status::Pushed { "pushed" } else { "already published" };
                     let mut error = format!(

@@ -89,13 +89,23 @@ impl Archive {
     /// Reads a docker-archive from `reader` in one pass. `on_layer` gets each entry that is not
     /// JSON, uncompressed (a gzip-compressed entry is inflated on the way), and returns the
     /// sha256 of what it read, all of it. `shown` names the stream in errors. The layers of
-    /// the archive returned have no bytes to read again ([`Layer::data`] is `None`).
+    /// the archive returned have no bytes to read again ([`Layer::data`] is `None`). The
+    /// stream is read to its end, past the tar's end blocks (only padding may follow): a
+    /// program's stream ends with its exit status, which must be known before the archive
+    /// is taken as whole.
     pub(crate) fn from_stream(
-        reader: impl Read,
+        mut reader: impl Read,
         shown: &str,
         on_layer: &mut dyn FnMut(&str, &mut dyn Read) -> Result<String>,
     ) -> Result<Archive> {
-        let seen = read_entries(reader, None, on_layer).map_err(|e| super::stream_error(e, shown))?;
+        let mut counted = Counted { inner: &mut reader, count: 0 };
+        let seen = read_entries(&mut counted, None, on_layer).map_err(|e| super::stream_error(e, shown))?;
+        let end = counted.count;
+        let tail = io::copy(&mut (&mut counted).take(TAR_TAIL + 1), &mut io::sink())
+            .map_err(|e| super::stream_error(e.into(), shown))?;
+        if tail > TAR_TAIL {
+            bail!("{shown} goes on after its tar ends (at {end} bytes): more than {} MiB follow", TAR_TAIL >> 20);
+        }
         Archive::from_seen(&seen, shown)
     }
 
@@ -240,5 +250,31 @@ mod tests {
             let err = Archive::from_stream(&bytes[..cut], "the stream", &mut hash_all).unwrap_err().to_string();
             assert!(err.contains("cut short") || err.contains("no manifest.json"), "{err}");
         }
+    }
+
+    /// The stream's end, after its tar's: its source's last word (an error) still counts,
+    /// and more than padding is refused.
+    #[test]
+    fn a_stream_is_read_past_its_tar_to_its_end() {
+        struct ThenFail(io::Cursor<Vec<u8>>);
+        impl Read for ThenFail {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                match self.0.read(buf)? {
+                    0 => Err(super::super::SourceError::io("stream-app exited with code 3")),
+                    n => Ok(n),
+                }
+            }
+        }
+        let a = tar_with(&[("a", &[1u8; 30_000])]);
+        let bytes = stream(&[&a], vec![sha256_digest(&a)]);
+        Archive::from_stream(&bytes[..], "the stream", &mut hash_all).unwrap();
+        let err = Archive::from_stream(ThenFail(io::Cursor::new(bytes.clone())), "the stream", &mut hash_all)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "stream-app exited with code 3");
+        let mut long = bytes.clone();
+        long.resize(bytes.len() + (TAR_TAIL as usize) + 4096, 0);
+        let err = Archive::from_stream(&long[..], "the stream", &mut hash_all).unwrap_err().to_string();
+        assert!(err.contains("goes on after its tar ends"), "{err}");
     }
 }

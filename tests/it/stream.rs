@@ -19,6 +19,13 @@ let image = pkgs.dockerTools.streamLayeredImage {\n  \
 in pkgs.writeScript \"stream-broken-stream\" ''\n  #!/bin/sh\n  ${image} | head -c 100000\n  \
   echo \"broken-stream: the disk is full (uid $(id -u))\" >&2\n  exit 3\n''\n";
 
+/// A stream program that writes a whole image, then fails (exit code 3).
+const LATE_FAILING_STREAM: &str = "{ pkgs ? import <nixpkgs> { } }:\n\
+let image = pkgs.dockerTools.streamLayeredImage {\n  \
+  name = \"late-failure\"; tag = \"latest\"; contents = [ pkgs.busybox pkgs.hello ];\n};\n\
+in pkgs.writeScript \"stream-late-failure\" ''\n  #!/bin/sh\n  ${image}\n  \
+  echo \"late-failure: could not clean up\" >&2\n  exit 3\n''\n";
+
 /// The config of a docker-archive file, read by skopeo (a gzip one unpacked by gzip first:
 /// skopeo reads only plain ones).
 fn archive_config(path: &Path) -> serde_json::Value {
@@ -207,4 +214,21 @@ fn a_republished_stream_compresses_only_the_changed_layer() {
     fx.nixctr(Some(engine)).args(["build", "marked", "-q"]).run().success();
     let config = registry.skopeo_config("marked:v2");
     assert_eq!(diff_ids(&config), diff_ids(&archive_config(&fx.project().join("marked.tar.gz"))));
+}
+
+/// A program that writes its whole image and then fails: publish waits for its exit status
+/// before the tag, so nothing is tagged and the failure is the error.
+#[test]
+fn a_stream_that_fails_after_its_image_gets_no_tag() {
+    let engines = engines();
+    let engine = engines.by_name("docker");
+    let fx = Fixture::new();
+    fx.write("containers/late-failure/default.nix", LATE_FAILING_STREAM);
+    fx.git_commit_all();
+    let registry = Registry::plain();
+    let out =
+        fx.nixctr(Some(engine)).args(["publish", "late-failure", "--registry", &registry.host(), "--tag", "v1"]).run();
+    out.assert_exit(1).stderr_has("exit code 3").stderr_has("could not clean up");
+    assert!(registry.skopeo_inspect("late-failure:v1", false).is_none(), "a tag was pushed");
+    assert_no_containers_left(engine, &out);
 }
