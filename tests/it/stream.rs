@@ -216,8 +216,9 @@ fn a_republished_stream_compresses_only_the_changed_layer() {
     assert_eq!(diff_ids(&config), diff_ids(&archive_config(&fx.project().join("marked.tar.gz"))));
 }
 
-/// A program that writes its whole image and then fails: publish waits for its exit status
-/// before the tag, so nothing is tagged and the failure is the error.
+/// A program that writes its whole image and then fails: its exit status is waited for
+/// before the file is kept, the image loaded or the tag pushed, so none of them happens and
+/// the failure is the error.
 #[test]
 fn a_stream_that_fails_after_its_image_gets_no_tag() {
     let engines = engines();
@@ -225,6 +226,12 @@ fn a_stream_that_fails_after_its_image_gets_no_tag() {
     let fx = Fixture::new();
     fx.write("containers/late-failure/default.nix", LATE_FAILING_STREAM);
     fx.git_commit_all();
+    let out = fx.nixctr(Some(engine)).args(["build", "late-failure"]).run();
+    out.assert_exit(1).stderr_has("exit code 3");
+    assert!(!fx.project().join("late-failure.tar.gz").exists(), "a file was written");
+    let out = fx.nixctr(Some(engine)).args(["build", "late-failure", "--load"]).run();
+    out.assert_exit(1).stderr_has("exit code 3");
+    assert!(engine.image_id("late-failure:latest").is_none(), "an image was loaded");
     let registry = Registry::plain();
     let out =
         fx.nixctr(Some(engine)).args(["publish", "late-failure", "--registry", &registry.host(), "--tag", "v1"]).run();
