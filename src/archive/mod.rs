@@ -542,6 +542,8 @@ struct SpoolBound {
 enum Refusal {
     #[error("decompresses to more than it says (its tar ends at {end} bytes, and more than {} MiB of something else follows): refusing a possible gzip bomb", TAR_TAIL >> 20)]
     BeyondEnd { end: u64 },
+    #[error("goes on after its tar ends (at {end} bytes): more than {} MiB follow", TAR_TAIL >> 20)]
+    GoesOn { end: u64 },
     #[error("decompresses to more than it says (its tar headers declare {declared}+ bytes, more than {compressed} bytes of gzip can hold): refusing a possible gzip bomb")]
     Impossible { declared: u64, compressed: u64 },
     #[error("decompresses to {needed}+ bytes, more than {} has free ({room} bytes after a reserve; point TMPDIR at a roomier place)", .dir.display())]
@@ -621,6 +623,17 @@ pub(crate) fn stream_error(error: anyhow::Error, shown: &str) -> anyhow::Error {
     }
 }
 
+/// Reads what follows a tar's end blocks (at `end`), to the end of the input, so a cut or
+/// failing source still shows; but only the little padding tar writers add: more (an
+/// `inflated` bomb's endless zeros, a stream that goes on) is refused.
+fn past_the_end(reader: &mut impl Read, end: u64, inflated: bool) -> io::Result<()> {
+    let tail = io::copy(&mut reader.take(TAR_TAIL + 1), &mut io::sink())?;
+    if tail <= TAR_TAIL {
+        return Ok(());
+    }
+    Err(io::Error::other(if inflated { Refusal::BeyondEnd { end } } else { Refusal::GoesOn { end } }))
+}
+
 /// Reads a tar stream whole into a new spool file, scanning its entries on the way (see
 /// [`scan`]); `compressed`: the size of the gzip file it is inflated from, which bounds it.
 fn spool_entries(
@@ -640,13 +653,8 @@ fn spool_entries(
     let writer = Spool { file: spool.as_file().try_clone()?, written: 0, bound: bound.clone() };
     let mut tee = Tee { inner: reader, copy: writer };
     let entries = scan(&mut tee, spool.path(), Some(&bound), on_entry)?;
-    // Read what follows the end-of-archive blocks too, so a truncated stream shows; but only
-    // the little padding tar writers add, not a bomb's endless zeros.
     let end = tee.copy.written;
-    let tail = io::copy(&mut (&mut tee).take(TAR_TAIL + 1), &mut io::sink())?;
-    if tail > TAR_TAIL {
-        return Err(io::Error::other(Refusal::BeyondEnd { end }).into());
-    }
+    past_the_end(&mut tee, end, compressed.is_some())?;
     tee.copy.file.flush().context("cannot write the uncompressed archive to TMPDIR")?;
     Ok((entries, spool))
 }

@@ -14,8 +14,8 @@ use anyhow::{bail, Context, Result};
 
 use super::io_readers::{Counted, Pipelined};
 use super::{
-    describe_read_error, kind_of, normalize, read_up_to, sha256_digest, Archive, Cancellable, ConfigRootfs, Identity,
-    Kind, Layer, ManifestEntry, Refusal, SpoolBound, GZIP_MAGIC, TAR_TAIL,
+    describe_read_error, kind_of, normalize, past_the_end, read_up_to, sha256_digest, Archive, Cancellable,
+    ConfigRootfs, Identity, Kind, Layer, ManifestEntry, SpoolBound, GZIP_MAGIC,
 };
 
 /// JSON entries are held in memory up to this size.
@@ -101,11 +101,7 @@ impl Archive {
         let mut counted = Counted { inner: &mut reader, count: 0 };
         let seen = read_entries(&mut counted, None, on_layer).map_err(|e| super::stream_error(e, shown))?;
         let end = counted.count;
-        let tail = io::copy(&mut (&mut counted).take(TAR_TAIL + 1), &mut io::sink())
-            .map_err(|e| super::stream_error(e.into(), shown))?;
-        if tail > TAR_TAIL {
-            bail!("{shown} goes on after its tar ends (at {end} bytes): more than {} MiB follow", TAR_TAIL >> 20);
-        }
+        past_the_end(&mut counted, end, false).map_err(|e| super::stream_error(e.into(), shown))?;
         Archive::from_seen(&seen, shown)
     }
 
@@ -127,11 +123,7 @@ impl Archive {
         let mut counted = Counted { inner: decoded, count: 0 };
         let seen = read_entries(&mut counted, Some(&bound), on_layer).map_err(|e| describe_read_error(path, e))?;
         let end = counted.count;
-        let tail = io::copy(&mut (&mut counted).take(TAR_TAIL + 1), &mut io::sink())
-            .map_err(|e| describe_read_error(path, e.into()))?;
-        if tail > TAR_TAIL {
-            return Err(describe_read_error(path, io::Error::other(Refusal::BeyondEnd { end }).into()));
-        }
+        past_the_end(&mut counted, end, true).map_err(|e| describe_read_error(path, e.into()))?;
         let mut archive = Archive::from_seen(&seen, &path.display().to_string())?;
         archive.path = path.to_path_buf();
         archive.gzipped = true;
@@ -273,7 +265,7 @@ mod tests {
             .to_string();
         assert_eq!(err, "stream-app exited with code 3");
         let mut long = bytes.clone();
-        long.resize(bytes.len() + (TAR_TAIL as usize) + 4096, 0);
+        long.resize(bytes.len() + (super::super::TAR_TAIL as usize) + 4096, 0);
         let err = Archive::from_stream(&long[..], "the stream", &mut hash_all).unwrap_err().to_string();
         assert!(err.contains("goes on after its tar ends"), "{err}");
     }

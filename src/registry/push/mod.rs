@@ -579,23 +579,11 @@ impl PushSession {
     /// Reads and checks the archive, compressing what looks like a layer as soon as it has
     /// been read, unless the blob cache says the registry has it already.
     async fn read(&self, path: &Path, progress: &Progress, started: &Started<'_>) -> Result<Archive> {
-        let _in = started.clock.enter(Phase::Read);
-        let cancel = Arc::new(AtomicBool::new(false));
-        let _guard = CancelOnDrop(cancel.clone());
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SeenEntry>();
         let owned = path.to_path_buf();
-        let open = tokio::task::spawn_blocking(move || {
-            Archive::open_with(&owned, Some(cancel), &mut |entry| {
-                let _ = tx.send(entry.clone());
-            })
-        });
-        while let Some(entry) = rx.recv().await {
-            if self.cached(&entry.sha256).is_none() {
-                // The task runs on its own; the layer's step finds it in the compressor.
-                drop(started.start(&entry.sha256, entry.data));
-            }
-        }
-        let archive = open.await.map_err(|e| anyhow!("reading the archive stopped: {e}"))??;
+        let open = move |cancel: Arc<AtomicBool>, on_entry: &mut dyn FnMut(&SeenEntry)| {
+            Archive::open_with(&owned, Some(cancel), on_entry)
+        };
+        let archive = self.compress_unknown("the archive", open, progress, started).await?;
         if let Some(memory) = &self.memory {
             if let Err(e) = archive.remember(memory) {
                 progress.debug(format!("could not remember the archive's check: {e:#}"));
@@ -612,12 +600,31 @@ impl PushSession {
         progress: &Progress,
         started: &Started<'_>,
     ) -> Result<Archive> {
+        let open = move |cancel: Arc<AtomicBool>, on_entry: &mut dyn FnMut(&SeenEntry)| {
+            Archive::spool_stream(Cancellable { inner: reader, cancel }, "the image stream", on_entry)
+        };
+        self.compress_unknown("the image stream", open, progress, started).await
+    }
+
+    /// Reads an archive with `open` on a blocking thread; each layer entry the blob cache
+    /// does not know starts compressing (from where `open` left its bytes) as soon as it is
+    /// read: the layer's step finds it in the compressor.
+    async fn compress_unknown<F>(
+        &self,
+        shown: &str,
+        open: F,
+        progress: &Progress,
+        started: &Started<'_>,
+    ) -> Result<Archive>
+    where
+        F: FnOnce(Arc<AtomicBool>, &mut dyn FnMut(&SeenEntry)) -> Result<Archive> + Send + 'static,
+    {
         let _in = started.clock.enter(Phase::Read);
         let cancel = Arc::new(AtomicBool::new(false));
         let _guard = CancelOnDrop(cancel.clone());
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SeenEntry>();
         let reading = tokio::task::spawn_blocking(move || {
-            Archive::spool_stream(Cancellable { inner: reader, cancel }, "the image stream", &mut |entry| {
+            open(cancel, &mut |entry| {
                 let _ = tx.send(entry.clone());
             })
         });
@@ -627,7 +634,7 @@ impl PushSession {
                 drop(started.start(&entry.sha256, entry.data));
             }
         }
-        reading.await.map_err(|e| anyhow!("reading the image stream stopped: {e}"))?
+        reading.await.map_err(|e| anyhow!("reading {shown} stopped: {e}"))?
     }
 
     fn cached(&self, diff_id: &str) -> Option<CachedBlob> {
